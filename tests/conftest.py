@@ -1,0 +1,233 @@
+"""Shared fixtures: every test talks HTTP to a real relay process.
+
+`relay` starts `agent_relay.py serve` on port 0 with a temporary database and
+stops it afterwards; `relay_factory` starts more (with other variables or
+flags) and `Relay.restart(kill=True)` simulates a crash with SIGKILL.
+"""
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELAY_PY = os.path.join(ROOT, "agent_relay.py")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(tool_ok, why):
+    """Skip a test for a missing tool locally; fail it under CI, where .ci/run installs everything."""
+    if tool_ok:
+        return
+    if IN_CI:
+        pytest.fail("missing under CI: " + why)
+    pytest.skip(why)
+
+
+class Resp:
+    def __init__(self, status, body, headers):
+        self.status = status
+        self.body = body
+        self.headers = headers
+        try:
+            self.json = json.loads(body.decode("utf-8")) if body else None
+        except ValueError:
+            self.json = None
+
+    @property
+    def code(self):
+        """The error code of an error envelope, or None."""
+        if isinstance(self.json, dict) and isinstance(self.json.get("error"), dict):
+            return self.json["error"].get("code")
+        return None
+
+    def __repr__(self):
+        return "<Resp %s %r>" % (self.status, self.body[:300])
+
+
+class Relay:
+    """One relay process plus a small HTTP client for it."""
+
+    def __init__(self, tmpdir, env=None, args=None, db_path=None, cwd=None, script=None):
+        self.tmpdir = tmpdir
+        self.db_path = db_path or os.path.join(tmpdir, "relay.db")
+        self.extra_env = dict(env or {})
+        self.args = list(args or [])
+        self.cwd = cwd or tmpdir
+        self.script = script or RELAY_PY
+        self.proc = None
+        self.port = None
+        self.output = []
+        self.token = self.extra_env.get("AGENT_RELAY_TOKEN")
+        self._local = threading.local()
+
+    # -- process -----------------------------------------------------------
+    def start(self, port=0, timeout=15):
+        env = dict(os.environ)
+        for k in list(env):
+            if k.startswith("AGENT_RELAY_") or k in ("HOST", "PORT", "STALE_TTL_MS", "OFFLINE_PRUNE_MS", "RETENTION_DAYS"):
+                del env[k]
+        env.update(self.extra_env)
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [sys.executable, self.script, "serve", "--port", str(port), "--db", self.db_path] + self.args
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
+        self.output = []
+        found = threading.Event()
+
+        def pump():
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self.output.append(line)
+                m = re.search(r"listening on http://[^\s:]+:(\d+)", line)
+                if m and not found.is_set():
+                    self.port = int(m.group(1))
+                    found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.time() + timeout
+        while not found.wait(0.05):
+            if self.proc.poll() is not None or time.time() > deadline:
+                time.sleep(0.2)
+                raise RuntimeError("relay did not start:\n" + "\n".join(self.output))
+        self._local = threading.local()
+        return self
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def kill(self):
+        return self.stop(signal.SIGKILL)
+
+    def restart(self, kill=False, same_port=False):
+        port = self.port if same_port else 0
+        self.kill() if kill else self.stop()
+        return self.start(port=port)
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def log(self):
+        return "\n".join(self.output)
+
+    # -- HTTP --------------------------------------------------------------
+    def _conn(self, timeout):
+        c = getattr(self._local, "conn", None)
+        if c is None or getattr(self._local, "port", None) != self.port:
+            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            self._local.conn = c
+            self._local.port = self.port
+        c.timeout = timeout
+        if c.sock is not None:
+            c.sock.settimeout(timeout)
+        return c
+
+    def request(self, method, path, body=None, headers=None, raw=None, timeout=30, token=True, query=None):
+        hdrs = {}
+        if token and self.token:
+            hdrs["Authorization"] = "Bearer " + self.token
+        if raw is not None:
+            data = raw if isinstance(raw, bytes) else raw.encode("utf-8")
+            hdrs["Content-Type"] = "application/json"
+        elif body is not None:
+            data = json.dumps(body).encode("utf-8")
+            hdrs["Content-Type"] = "application/json"
+        else:
+            data = None
+        hdrs.update(headers or {})
+        hdrs = {k: v for k, v in hdrs.items() if v is not None}
+        if query:
+            path = path + ("&" if "?" in path else "?") + urllib.parse.urlencode(query)
+        for attempt in (1, 2):
+            c = self._conn(timeout)
+            try:
+                c.request(method, path, body=data, headers=hdrs)
+                r = c.getresponse()
+                payload = r.read()
+                if r.getheader("Connection", "").lower() == "close":
+                    c.close()
+                    self._local.conn = None
+                return Resp(r.status, payload, dict((k.lower(), v) for k, v in r.getheaders()))
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest):
+                c.close()
+                self._local.conn = None
+                if attempt == 2:
+                    raise
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return self.request("POST", path, body=body, **kw)
+
+    def patch(self, path, body=None, **kw):
+        return self.request("PATCH", path, body=body, **kw)
+
+    def delete(self, path, **kw):
+        return self.request("DELETE", path, **kw)
+
+    # -- conveniences ------------------------------------------------------
+    def register(self, agent_id, **fields):
+        fields["id"] = agent_id
+        r = self.post("/api/agents", fields)
+        assert r.status in (200, 201), r
+        return r.json
+
+    def send(self, frm, to, body, **fields):
+        fields.update({"from": frm, "to": to, "body": body})
+        r = self.post("/api/messages", fields)
+        assert r.status in (200, 201), r
+        return r.json["message"]
+
+    def inbox(self, agent_id, **query):
+        q = urllib.parse.urlencode(query)
+        r = self.get("/api/agents/%s/inbox%s" % (agent_id, "?" + q if q else ""))
+        assert r.status == 200, r
+        return r.json
+
+    def sql(self, query, params=()):
+        """Read the stored state straight from the database file."""
+        import sqlite3
+
+        con = sqlite3.connect("file:%s?mode=ro" % self.db_path, uri=True, timeout=10)
+        try:
+            con.row_factory = sqlite3.Row
+            return [dict(r) for r in con.execute(query, params)]
+        finally:
+            con.close()
+
+
+@pytest.fixture
+def relay_factory(tmp_path):
+    started = []
+
+    def make(env=None, args=None, start=True, **kw):
+        d = tempfile.mkdtemp(dir=str(tmp_path))
+        r = Relay(d, env=env, args=args, **kw)
+        started.append(r)
+        return r.start() if start else r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+@pytest.fixture
+def relay(relay_factory):
+    return relay_factory()
