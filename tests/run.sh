@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# THE test command: `bash tests/run.sh [pytest args...]`.
+#
+# On a fresh Debian machine it installs what the tests need (Python packages
+# from tests/requirements.txt; Debian's chromium and shellcheck when running
+# as root or under CI), checks that agent_relay.py stays Python 3.8 compatible
+# (vermin), then runs pytest. Already-installed things are skipped, so a second
+# run starts testing within a few seconds. Exits with pytest's exit code; the
+# last line of output is pytest's summary line.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+PYTHON=${PYTHON:-python3}
+IN_CI=0
+case "${CI:-}" in 1 | true | TRUE | True | yes) IN_CI=1 ;; esac
+
+say() { printf 'run.sh: %s\n' "$*"; }
+die() {
+    printf 'run.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# Debian packages are installed as root, or under CI with passwordless sudo.
+SUDO=()
+CAN_APT=0
+if [ "$(id -u)" = 0 ]; then
+    CAN_APT=1
+elif [ "$IN_CI" = 1 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO=(sudo -n)
+    CAN_APT=1
+fi
+command -v apt-get >/dev/null 2>&1 || CAN_APT=0
+LOG_DIR=${TMPDIR:-/tmp}
+
+APT_UPDATED=0
+# apt_install PACKAGE...: installs Debian packages when we may, else says why not.
+apt_install() {
+    if [ "$CAN_APT" = 0 ]; then
+        say "cannot install $* (Debian package): not root or no apt-get; tests that need it will be skipped"
+        return 0
+    fi
+    if [ "$APT_UPDATED" = 0 ]; then
+        say "updating Debian package lists (apt-get update)..."
+        ${SUDO[@]+"${SUDO[@]}"} apt-get update -q >"$LOG_DIR/agent-relay-apt-update.log" 2>&1 \
+            || { cat "$LOG_DIR/agent-relay-apt-update.log" >&2; die "apt-get update failed"; }
+        APT_UPDATED=1
+    fi
+    ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" \
+        >"$LOG_DIR/agent-relay-apt-install.log" 2>&1 \
+        || { tail -n 30 "$LOG_DIR/agent-relay-apt-install.log" >&2; die "apt-get install $* failed"; }
+}
+
+# --- Python ------------------------------------------------------------------
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: the tests need Python 3.8 or newer"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' \
+    || die "$PYTHON is $("$PYTHON" -V 2>&1): the tests need Python 3.8 or newer"
+
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    say "installing python3-pip (Debian package)..."
+    apt_install python3-pip
+    "$PYTHON" -m pip --version >/dev/null 2>&1 || die "$PYTHON -m pip is not available; install pip for $PYTHON"
+fi
+
+# Where pip may write: a virtualenv as is; a Debian "externally managed" system
+# Python needs --break-system-packages; a site-packages we cannot write needs --user.
+PIP_EXTRA=()
+IN_VENV=1 EXT_MANAGED=0 SITE_WRITABLE=1
+read -r IN_VENV EXT_MANAGED SITE_WRITABLE < <("$PYTHON" - <<'EOF'
+import os, sys, sysconfig
+venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
+marker = os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")
+purelib = sysconfig.get_paths()["purelib"]
+print(int(venv), int(os.path.exists(marker)), int(os.access(purelib, os.W_OK)))
+EOF
+) || true
+if [ "$IN_VENV" = 0 ]; then
+    if [ "$EXT_MANAGED" = 1 ]; then PIP_EXTRA+=(--break-system-packages); fi
+    if [ "$SITE_WRITABLE" = 0 ]; then PIP_EXTRA+=(--user); fi
+fi
+
+# pip is quick (about a second) when everything is already installed.
+say "installing Python test packages (pip install -r tests/requirements.txt; quick when already there)..."
+PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check \
+    ${PIP_EXTRA[@]+"${PIP_EXTRA[@]}"} -r "$ROOT/tests/requirements.txt" \
+    || die "pip install -r tests/requirements.txt failed"
+
+# --- Debian packages -----------------------------------------------------------
+# Chromium for the dashboard tests (driven by Playwright through executable_path,
+# never `playwright install`), shellcheck for the installer test.
+if [ -x /usr/bin/chromium ]; then
+    say "chromium already installed"
+else
+    say "installing chromium (Debian package)..."
+    apt_install chromium
+fi
+if command -v shellcheck >/dev/null 2>&1; then
+    say "shellcheck already installed"
+else
+    say "installing shellcheck (Debian package)..."
+    apt_install shellcheck
+fi
+
+# --- static check: agent_relay.py must run on Python 3.8 -----------------------
+# --eval-annotations: without `from __future__ import annotations`, 3.8 evaluates
+# annotations at definition time, so `list[int]` in a signature breaks it.
+run_vermin() {
+    local scripts user_scripts
+    scripts=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["scripts"])')
+    user_scripts=$("$PYTHON" -c 'import site, os; print(os.path.join(site.getuserbase(), "bin"))')
+    if [ -x "$scripts/vermin" ]; then
+        "$scripts/vermin" "$@"
+    elif [ -x "$user_scripts/vermin" ]; then
+        "$user_scripts/vermin" "$@"
+    else
+        "$PYTHON" -c 'import sys, vermin; sys.argv[0] = "vermin"; sys.exit(vermin.main())' "$@"
+    fi
+}
+[ -f "$ROOT/agent_relay.py" ] || die "agent_relay.py is missing from $ROOT"
+say "vermin: checking agent_relay.py against Python 3.8..."
+if ! vermin_out=$(run_vermin -t=3.8- --no-tips --violations -vvv --eval-annotations --no-config-file agent_relay.py 2>&1); then
+    printf '%s\n' "$vermin_out" >&2
+    die "vermin: agent_relay.py uses something newer than Python 3.8 (see above)"
+fi
+
+# --- tests ----------------------------------------------------------------------
+if [ $# -eq 0 ]; then
+    set -- tests
+fi
+say "running: $PYTHON -m pytest -q $*"
+status=0
+"$PYTHON" -m pytest -q "$@" || status=$?
+if [ "$status" = 5 ]; then
+    echo "run.sh: error: pytest collected no tests (exit code 5); treating that as a failure" >&2
+    exit 1
+fi
+exit "$status"
