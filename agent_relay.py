@@ -99,6 +99,19 @@ def say(*parts):
     print(*parts, flush=True)
 
 
+# Subcommands register here (defined this early so that any section can use @command);
+# the command line at the end of the file builds its parser from COMMANDS.
+COMMANDS = {}  # name -> (function, configure parser, help)
+
+
+def command(name, help_text):
+    def register(fn):
+        COMMANDS[name] = (fn, getattr(fn, "configure", None), help_text)
+        return fn
+
+    return register
+
+
 # ============================================================================
 # Errors
 # ============================================================================
@@ -764,6 +777,8 @@ def parse_target(to, field="to"):
 
 def agent_targets(agent):
     """The `to` values that address this agent, by its current id, tags, capabilities and label."""
+    if agent.get("system"):
+        return [agent["id"]]  # built-in agents get direct messages only, as fanout_reaches says
     out = [agent["id"], "broadcast"]
     out.extend("tag:" + t for t in agent["tags"])
     out.extend("cap:" + c for c in agent["capabilities"])
@@ -2152,12 +2167,14 @@ class Relay:
     def sweep_interval(self):
         return min(max(self.config.stale_ttl_ms / 4000.0, 0.1), 5.0)
 
+    RETENTION_EVERY_S = 600  # rows expire after days: a pass every ten minutes keeps each one small
+
     def sweep_loop(self):
-        last_retention = 0.0
+        next_retention = 0.0  # the first retention pass runs with the first sweep, seconds after start
         while not self.stopping.wait(self.sweep_interval()):
             self.sweep_presence()
-            if time.monotonic() - last_retention > 60:
-                last_retention = time.monotonic()
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + self.RETENTION_EVERY_S
                 self.apply_retention()
 
     def flush_presence(self):
@@ -2191,12 +2208,13 @@ class Relay:
                     self._set_agent(t, current, {"status": "offline", "offlineSince": now}, event="agent.offline")
             elif agent["status"] == "offline" and now - (agent["offlineSince"] or agent["lastSeen"]) > prune:
                 with self.tx() as t:
-                    if agent["id"] not in self.agents:
-                        continue
+                    current = self.agents.get(agent["id"])
+                    if current is None or current["status"] != "offline":
+                        continue  # gone already, or back online since the snapshot above
                     t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
                     t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
                     self._uncache(agent["id"])
-                    t.emit("agent.removed", {"agent": self.card(agent)}, agent_id=agent["id"])
+                    t.emit("agent.removed", {"agent": self.card(current)}, agent_id=agent["id"])
 
     RETENTION_BATCH = 500
 
@@ -2235,6 +2253,7 @@ class Relay:
                 counts[name] += len(ids)
                 if len(ids) < self.RETENTION_BATCH:
                     break
+                self.stopping.wait(0.01)  # let waiting requests take the write lock between batches
         return counts
 
     # -- health and stats --------------------------------------------------
@@ -2755,8 +2774,13 @@ class Handler(BaseHTTPRequestHandler):
         pass  # no access log: request lines are not worth a write per request (and must never show a token)
 
     def handle_one_request(self):
+        th = threading.current_thread()
         try:
-            self.raw_requestline = self.rfile.readline(65537)
+            th.relay_idle = True  # waiting for a request on a kept-alive connection: nothing to finish at stop
+            try:
+                self.raw_requestline = self.rfile.readline(65537)
+            finally:
+                th.relay_idle = False
             if len(self.raw_requestline) > 65536:
                 self.requestline = ""
                 self.request_version = "HTTP/1.1"
@@ -2867,6 +2891,9 @@ class Handler(BaseHTTPRequestHandler):
         method = self.command
         split = urllib.parse.urlsplit(self.path)
         path = split.path
+        # a body still on the wire when the request is refused (host, token, origin) must not be read as the next request
+        self._body_read = self.headers.get("Content-Length") in (None, "", "0") and "chunked" not in (
+            self.headers.get("Transfer-Encoding") or "").lower()
         try:
             try:
                 self.check_host()
@@ -3060,7 +3087,7 @@ class RelayServer(ThreadingHTTPServer):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.active_lock:
-                threads = list(self.active)
+                threads = [t for t in self.active if not getattr(t, "relay_idle", False)]
             if not threads:
                 return True
             threads[0].join(max(0.0, min(0.2, deadline - time.monotonic())))
@@ -3095,206 +3122,207 @@ def dashboard_assets():
 
 # BEGIN EMBEDDED DASHBOARD
 DASHBOARD_GZIP_B64 = [
-    "H4sIAAAAAAACA8V9y5LbSJLgXV8BZc80gGoSyXxJKqYytSqValrTqqpepXpm11SaNpAMJtFJAiwAzFS2Js3q1Jc9rNnMmvVl99q/",
-    "MPfZP6kvWX/FCwRIplRmWzbTSsbDw8PDw8PD3cPx9OGkGNe3SxXM6sX8/MFT/CeYp/nl2Z7K97BApRP4Z6HqNBjP0rJS9dneqp72",
-    "n+zp4jxdqLO960zdLIuy3gvGRV6rHJrdZJN6djZR19lY9elHL8jyrM7Seb8ap3N1dtAAMi7mRQl1M7VQDqB5djmrg0laXjXal2qq",
-    "ylKVTtu86JtSaFxn9VydP7+EuuCNmqe3T/e56MHTeZZfBaWan+1l0HsvmEG/s71JWqfDHnat6ltst/9F0If/ghqRoj8/9b/gi/0H",
-    "w7Io6uDjgwAgjS6Hwa+mJ9NH0yen8HOZ5mqOJfSfKekfYtmX03Q6wrJafaih4GB8eHg0wILFqlYTKHn06PHgyckpQy7KiSqhUB2q",
-    "E5Vis3Q8BhpA0dHJo6Pxl7aoXxVTLFdPlOIhJrD+1Hs8OPrycMQguVA3nk7UmOEWV4gNdD5W/NPAO5meqDGW3aRlDgXpk0ejwUAX",
-    "WEjTI3UgaK+qWyh6nJ4cjh+fSoFpOFBCgmI6hd9P0i8PvhzLbzOomg6mRwytTCfZqhoGB4PlB2xWzdJJcTMMBsHB8kNwCP9fXo7S",
-    "6OBRLzg87gXHg16QDE5i7rwo8mIYrDL6o1qmY9ULLr75Fn7036jL1Twte8G3Kp8XveBFkVfFPK16wd7rbKTKtM6KPMCme73AdD99",
-    "cPfgvyzUJEuDaEkcWvVddh8Sf8fEGpZJDJscHB88Phi7bAIcMDh87LPJ4eHh46MDh01gVR7zImg2+fJJejgiCnmMcqiOjo8HHqM8",
-    "VunhdLDOKIfHR4Pj1GOU6eBJ+lhpoD6rHKWHx4eHhlVOpuPpk7HPKgeToyOeirCKejIaHE+brHKUHg0OBwZ1ZpbRky9TxtJllkN1",
-    "+Jins4FZDmF+R080PM0eeZHTTO5gwb4IPgaj4kO/yv6c5bAMTC6gGjDU3QMUlj0om9xCs0VaXmaA+wBruAyAjNLx1WVZrHIg/XVa",
-    "Rria8WlAC69LcKmgDMSR6s8Uijrg2eSYtvK0wKU4OF5+2MeioLqtarXor7Je0E+Xy7nqcwnw3oW6LFTwh1fAdG+KUVEDZ+79Vs2v",
-    "VZ2N0+A7tVJQ87wE4dsLqjSv+pUqsykOUlyrcjovbvofhsEsm0xUjsw6WtV1kaPEXq5q6KLmagz/IrZpqVKYMiOX5TMAVJtJmd93",
-    "D94xtPfQdpJVS5C+TN7gYbbAsyLNqVlCvAmNPLJQYcz1sIlkvP40XWTzW9MIaqAN1cAiwS46OExOlrQ8yU2ZLqGbmR7+HgZpfnsD",
-    "GIK0uoHV7I9gLsCX9E8fS7CrEfp4/Knys6U+g0nqYklcsSyqDIXEMKhgca5uTwOoIdb5cz/LJwrW4eS0hXdoo5OAMowIa7QYkkAD",
-    "GZRNNJNRNRBmmU4mxLkoBIODR0AZWFpEpF8WN+66TOcKqJbCUZv3M+AoEJy46VV5Glwi2ViKYiuhI/7vKbD9Bz7aocXJgNqYnRCk",
-    "q7qglRiVaT7RK3gjPP7oZOCv3CPbu19yG4ZwMwOM+iRGkYF4ZAALx3buziHLaRNtmwqN08IyhlhHSCuci6W0Pky+/PJLbLq+Nlqu",
-    "NHe3ZuNNcxgOR2palIq2AOkxw2BvD/owYZ/giFoy0I8GUieDv+9AKTZjvEPFpl/Vaa1QobpWe7gtWzpdtU6juNoIyplBG8iOvqXC",
-    "IhArQPW993D8rrVw61thm/OhiTBW7DSsRn3b8BunuGE0YOFZB/LOQdlEn6s2gtyIkNsfe1Xre31tL9vNsWFXA//RruSDjmDvtgVH",
-    "KRwhUCfjdOy4QGskXSJtfUs+ad+QohW1nw732qI0x1HzfJJj2wV+bAQLNMngdOvnqwUchuNhUKcjVBqxoDJAE7gDlS2gm4u3qvqj",
-    "tCQlo3NdHjnrsm3CDnxz0sHqFav6s0+6RZrlicBy2OKyzOBgxf8Fui2gDAgNKK0WOSzgIsthYhHo3wdTxIrPm0cegxxs40t72mgt",
-    "G8CaxgNsHBMFXfy2InQCCDk/HxN+d7wp5x1bapKVKDPweGeI3owcrGgHAf2/S0s8jKtxqRQOjxoS9+zheQDqS8V3imlWVnWCZDZz",
-    "tAShk4nvD03k5FAhxgvgIrZclsV1OkeZoHcbzupX4wLUskrZ4kMqXqiqSi+V0/yIylO8VTulx1QKOtSVLTs5JUW6YooktClbBZbo",
-    "Nlv3f3P3cy3/EunwwejyXMm/PG3ouG0pGLs+Kmv30YyedChGpMcYDW0gSqkzxuxQq0SyV088hj5tUZeI8VZ53eh42CnTNsnF+4ta",
-    "0X4MHQc8eRRTvMB9BaxcdsqzFsFk968FBhuyvu26D7gwjjxsUAQSjWZHSbUaNWh05I6GFIMBH3XSzSf9wAE7pF3YH8+y+cTc+/pa",
-    "gXckarVI53PAroQ98hkSNVlm83nLETuaF+MrnxwHDT0WF7ZNX5RlbDvvWu+s23Rbj1gnwqeIdlL1C8IWlCv5PSm8Xwr1x1JNbBFL",
-    "J7oP3ls7FRDZZO6MUSxVbn/BDySOLbhcpUAcB4GZmk8+VdcUEGiKsADH8zRbdEzIGC2aMLHCgzlNs7mLJq2/WwA32AmS+9Yt+hPs",
-    "S2hkoIzhap6N0QagS/SO/WT1VOAgEYCwn6ylz7Llp3H5IHjcwuOPdlUmNwhIK5vgvKD/B9buNCfIJHbRtDsUY7wp1znZnLYdglvO",
-    "T0OGxx6pjp2L7XhVVrgQyyLjw2xNWDI6wxnO2CDV99aPLYOxaQsTT0dz4vUC5EpWAw2SE1AC9GgTNU1X81p3SJZlBlS+beUaA3zj",
-    "yFL6K7KZC9TLolizJ7GMCKh+lE426dzYhLwDdiXIKujhyCXtOBmCHzLfIFSyo71DZ8vZHt4d8MLrllUqLcezZukyrSq0SmG5Nb3B",
-    "8lnN9u+bmsx9VajHa6fol2L76OQymc5wWoxXlcVM/yZeoL/711mVjUgcg8ZaI3P4Fcgpqxr5n6nlImzoKS3wIKpUTTNDHObpSM2T",
-    "acYC+z66+NGaCahTE2hqieZ8F/X3c29MiVGjd7stlWqp0jrC205/CqK3p+8nh0ews/kOFXtGuzsZYyfB0tAUfH1isO2q7RELOOg+",
-    "a3Li4tonW+nuSnjr3UpAEZusWR9Rp0OodPnxe24S8ZqLUX6ITEPuX6PcceOMOtS6rd4FRqx2yD19Xjp9EqDFWM2K+USVG9VjPcnj",
-    "gbEGoDMTTtUaSDh2aMNW4F0tJI3lcKypO55wHSuEWCQobp36k0dCsXlWwe0VNJsOia65OwFNZrebBwM2G9ncbz9zI8NuBIb81J1c",
-    "m418cLK2kZ84pvG1K+VUqfvKP33TWlSXny0Vnljb3a6SQYZOgALz243mAPd69cgi3acggB1Nmsf6GtTBlLtyvzt0cjMrNlkEPTGz",
-    "SZ5YiHWxyVnlNq3hOmGvnnM13eopwa5wd8XbQKsgdMlMZ+M2PMTr6Y23LFWfR7y3y605PhwdaNoy7tBHauFAvR1a1xIikxKLtyje",
-    "rkXbDnDcKrHQLTajOxRyZUbmLuF7pvDhFiebNDsYtI7nyBttZvtcxcGa65ryxt3i0qrp7/tFJZMdxvUP45bXK/iYhG6peJvBQtIt",
-    "1ENwSkEPn+2RbEJMiDvxZDCnPTQhycPX1Zbtv+1M3nrJesI8fD8b4qY9Ny3KxT2Ma0c7wSuuWo/UtovgeKbGV52OHrvPWqfYAtBs",
-    "BjIX/zqwNulP3Q005iceg9j3/8c5eE8N+dhBt09hbK3CfNO6U9dW13/32SkbbcdTstu2YcY+D2BP5ptOuzVtgf1fWpoct1O5a528",
-    "3WBiXNxBHhlZIpbogWVmmMHU8rLgch5kLgnFTGXOq0G7R941l2iO77CsWMuYbrjlmHuyXQ+3c7BRjcWVyoNFMQFEPuswIhB9nDLg",
-    "ZwNcptkHBedMltO9feAThePv0O933AsOMf7u+GT9ltE2Bdg4f1pVdTa97ZuICT27hs/QhNQcit5Jc/0lXVB8obDD0kq49hnRZqTo",
-    "iJmr7czWLvAPbrAiRu7g1Z7JBVTi/0sOT2JnQuRMavqO3MAa03LZ3fBoo+5LK9zJhGvrQbyo8oY+8nRf4mqf7ktsMaqSEmkMx/R4",
-    "nlbV2R4oTnvnQLenk+zaKUPxQeV+DcUX7flhvlAtDUnYZBMO5+izQ30voICKWgHSzRoBimXSbD0cJCiLORrtuMu5rfn5p7/BFGFE",
-    "GZzD6Gh4DNsgb0RjcKdcz6eGv9kAyP3hF4r7s70LVWMkMsYtp7e8e/fO3+I/T/e5KVFNz56IhGNQDEhjXCmTMeUXBi6wxeRsjygZ",
-    "YEWGgWrVnktQp5vB7jmbstjnE+wDfnU63zt/OjI49NnaJW6hFoQaDc5//unfYWbn+y0wGHo3CBldIGh7HQP21mhtPh7GbH+gRV8f",
-    "ylaacUzRPcbQJoj+4fGsbRiv3oxkDBdQeo/B6rS6qtoYsVlrBsJfAVVsHsaOgU40Ooj8obG4bVAqN8Phr3vMBy4Sc5TmxrnXNsJ6",
-    "IzOcqQqkatdJWpjsnGuZcLPJZtSkjcGMf1t02vc1hwe1QNYVDva6iMUXxR/tiUJ0LtBZMKvy/MGDpxguo7tz1MyaVIbjwsgF1lp1",
-    "DZ2nTC6j3jdFny7vS19XAMHUR7dum5kM5CNgIyqA9HAM+nChz3P9A2Z2eO4tKAVTNFDsc+H5QOjuHCUw8NJQ0414aIKQQkPYZRvi",
-    "pNI0e6L06CQSVTYQcgBS3MQaKlzYAZFrz78r6hnehrMquEkzPMdALyjNrSxxj9N9mTnwx7ZVJ4nbHJuF84b15gb3WGzTgc+fzcvM",
-    "jT99jbn/Tgus5+/0a1tep2a3tRUUuERQ+K7QB1ypLvEEKtUkuFX1Jy4dXssbeGLRhmWj6t0XTTf/Z/iXF8yb+ezIrMFqBBoOnj1B",
-    "15rykbW2pLOjnVaUe993x3KvluV0KnZaTRm+uZhUnGwkyguMKyFflFEEuig01k03k6l9qk7nlvk2a3eatNNpbebjtWl18LA5Dz/l",
-    "RBIb4do9gC2H3WyuW+zO6U6PC9AvgrQKZqtFmrdwPVrl7CwEQRcGNuhAmavQZIslc4UXlmI63QtylOAZ9FF6HB9nbQr1R7KlraPZ",
-    "alk4A9q/cDmt62ITLKg9d/UuASXXJ/8uZG9J+GrqqgVx0KnysZpvGlA3Oed/Ayp0L1GCgbtATT4zlvU9D2l2OEsrCk/AO5rTAtpQ",
-    "/ETghIN4k+ikFVbgNkO5UV6qGhR1uo/vBY5vWI4IgNgDOXI5/NADHXeJ/xBm+MeoLNLJOMXdXC2Bucm+C8iCTqD8yexTn63zezFL",
-    "c4ztjRihdB7fZ75j7t0xaVPrzVEll0kwgVUrbqt7z6K5rG1TuhCHWeuUtkxInG1d4kVqXXyaCLZh9C0LRBcN429x4aNJpWNorvII",
-    "+c8lCPsg1eL255/+FkQv6nL+m5doUAsqEFpVjLtTj7UJ7Zb9gW6YDRuEFg3AuwSlslHxocEl+mTo4hNTf+6cIhG5GPA8i9uY2bvf",
-    "katouyCC9VtktSeIJJCtwQVAus4TBi1WeCDcS+ZYP5A/khS1DiV1G658nSMVDeHaYTzzKz3TWOtIT/cRuj1AUwxLqWrRhzy5hh2l",
-    "ur09R5B0Nr+HzqvVjcb0jO2lWykwTXbXCtwusq03X1xMh41XF3cBORxlb4tMoTtTl2CToERCgOGxca1BIr+Kzyd/XXyJU+HpNLoN",
-    "4IqpwwDrAuTOZjG+m4y8IJTvMaEf2yfzYwNnFH5Blgc6jAJwJ1naid/ud0qztDtdQjDcp9GvRS3363ZSyi0aTZV8V0X86T4ajNBw",
-    "5IxgPUN71gxOhW12cLfiKstRIJCR29EzPTVZ2pv+LRqyU86iaZKl8+JS9jEBgFHKlWozRmBfsm636dZCCW2HsG3P31j7PO3qB8IE",
-    "pt0sw038dpZVYsvPYVkrOIWpTxK8qtEYc6WWxHQ1tgOd7aZSZVgF82KczoOqLkpYlcTwicfpJnLYwY0puU4cqfD5ncvWN2Q3HdYW",
-    "XZxFVihuUecdXFsVeLfm/AX92zw973dQE8AqvVZtA1H5+QX8rz+ItcLKMaavoU+rcZkta8wZ8yD4InDcUQC9mo2KtJwMyX2zhHVj",
-    "e80fafWT5S3oWeU1XOHTOtjb30sQwD+leTafp8E/XvTgFoe6LqgLKh9nqsIcDgvVL8rsEtgDYdTZtQr+8OY1eThuqf835O5W6XgW",
-    "6FNvDmp/Fdxk9Sz4h5dvg/10me0nSXJqf6lrsiJFF4hO2b+g0+GL4CUV9wKMkOL+U1WPZ1EcVAVNiT3JdQnkmlfIs6lkT4iDGlio",
-    "ClYw7iwlYKjQX+LbFUwLcIPerD5BI0DpdEqPVjTOgMtEjeDQG0PZwWAQLKqYpvdmhSGtaX7LtssagGNsFdBwWhYL4+8pA3zgcMl5",
-    "WaqANhyQEe1jcBVHsY7AIvzjBfsu0XOF0j4vJqqKgfYKQ3Wh8W/ffvuahr7QqIGkQBqv6mye1bQuz3//KvgN7pEZEmtaqgqoDxto",
-    "AtiWcAPDZapqIOOih5DE7Unet57g3DMCt6eDxXoUKNOzcTKYeKSoEZn9B+GqIpjZuA5Pybd/1v6fxbOzBYAbw8Tq4O+CsyDKJnFw",
-    "dh5MivFqAZgloJm9nCv886vbVxOspvG+CL5a4XM4UFwUVyfBBeADq0Lv5IDgQClcG4ewp8Dq0AZ2FnJ9CTNQtab1EjNNTQzJEasp",
-    "MACxsJpHcKntwUYulvjWIEmuMrig0KsIRj0H1A3KYyB1rQRr7BlzYpUyiLj1OyDr9fugmAbf08meQLsSSBTRAMG//mvw8S6OJR1P",
-    "Ng2iayBekK/mc6zDH2cBScaYHtpm+Uoy4WDbK6oOSf6EcZAn9Nd3sHcBx2tuB/tFuY2RRNTWZckzIWh0Hbf3QvkFvdyJTWBmk9ap",
-    "XccIH7sA0aHdewt/sj4APkIv6+qfYddHYZHDKL/+NQlYAMzzD/XqEN7pZELi4jV5QlWJEObZWEWHsJk88HkC4z/XbBDhShA8PI2D",
-    "Z0EYBkM775jT8niLN8bJ4fonUxCB0at8ihnGbr31GrvrNe5erxxDbUA0QIcMYOPxAsC/A14FVMaASYOn3sLyYG0kGI5ji2Kp6lWZ",
-    "B5RJhzGF/Yk76po2lMNDLbPkDnTDsT2elyWcE1lF/2LhM6DVMHj33nRYpvXs1cR2gZMCsPvDm1cvUIbkyP6AhDsE39FeIEvabmHV",
-    "D0GCcdOkLl4XN6p8AYwSxRQ2CTpCtP/uX9L+nwf9L/vv92Erhv0QBYHZonAevc0WKqplW+IqPARZjGxTBQ9h6oNYkyikHR+emt2L",
-    "M/gayJvkxQ0cL/3gu9ViBExU8/tugpVV3+A6q2gSW0A///TvDpgUwHwLFEnSUQXN4MDUBRT0E6Ug5TEvAAGdY1iFhl4FT4MTCxYD",
-    "WzCWOnTrH8EEcHUqoFRYUZXZL1h/9GggLWjI6bwoSqjYp47QZbHe5cmj444+DAx6zWyvlmYCANpNqJ1MYBKcA72BXWqsgiOmQH4L",
-    "4YTGZa6RQ1GCPw+eYlz5OZ+jdKJn4yuQxVdKLfFIxYMswrW61UKe9QBWnOBM9qQ0wnoJkppeh6FS5QroAmQWcwLvAeALs6J2tWNn",
-    "EiD0QwQZ9mRjh46+Fg5ljJ4urqAIBnmmt5UDFOce9ggG2sQRqLTN1Q0xntsa+P/VxfcCBfsivtybNP3NXV+jnq5aet/1zB6h/rab",
-    "NMLJ37nUHF9h6ypiMjoSsEYJaCTTjytYnwvK1VWUz+dAtXdCkfehEYrc8RrXAE90K38N9URG140jSOMsQj/EmeP6DfUEjJB2cJ9X",
-    "/6DqCFPbgVjHRwOypHSJuZA7DKDxqlYLbAZCOgzxYc84RZUwUrHtwxUe8AsEjseKgU9ndOzDrzR8OoB4C3kNSrUorpXg0BwdNCq5",
-    "bAGxp8DnPhLVDCQV6jQ90L2xPf6d8IUVqPawyE+95qrGo0N60KsR3ccnN4pgeVTiDPHwoZQ5IFVZEkgyIDj04ojxZwSJ/k5Es0Qx",
-    "ISVjPuDCIEJ54JSBtIhJVIS8abwRtUoeTfMeauQwJgtRPXQEillKB8pHuH6ptETOKVagggHqNDsggxRF1G6acx+CB4PheHJOzUEG",
-    "4QmFA0FL3G6/Bx0/g0MpKqnIgVYSgHizJmzV9O2q8Nvvf/fyuz/+7uV/BxRCUtHpUkdhd6E+S59//e2rlkbPJ4ss91vyoBgmy+FG",
-    "IhYwoBJmVGGaxo98nRqyogJqP0KRXyw8+GH/9pYYzqHKChUFoCgr6/rmhuFKS5DwJPFZ8a5naGTAFyBVMcfr6McCtgzrCT0S9T1m",
-    "kbskeI4+eQoTkcsfsMXx4ABOIkIC/j7q4UGC+gCpndBgrOiYSKvbfBwYZoJ7Z7RQ9awACY5aDGdV7Ek/7+jg+1JF9Hs+HqtlDayJ",
-    "qRCzMV3w9v9UgRaKU9U9GLczkUNmLWOhlakxC2jUDOoZ6yGT57BucOH+MyfjgVX+CrgaaEbHKDa1Y+JRRijqWQkMdMTBXRBQzos+",
-    "ihQ80ECbBEGBaXGB8KFzr5dpICoMh1SnEK7qoRblAvddKFKj/xbU8vA98WCTKPZWQhOPbef/1idbRZ84tk8s22eeRUjUWjrDvBJ6",
-    "+3UW/OPF998lFZ1t2fQ2olK+LGklGAUCMBL+1JIfFy5FnhQm5NVGsE2hyyq5qi+I9yLW2BkLkTAfA8woKnzPLDrEyGhK4St7inh1",
-    "SM9cJkR2VeNFOjRXbCh7Uazg7poXiGwqRgi2yoQo5/VsLC54OzFqI44WsB5jJ6qPZj1ZmDjJ9gjD27lDDTKXSEh3XZCKcvI3zx4X",
-    "PuGBC4jwiqvYpwSiZQmBTVr2LQ/i7g+8idIg9lKHPxM+O+igL+j2GGILW+VA4JYBHiOa0nTi0DkSO7TmUnMG3QXO0szqevlH3Esu",
-    "5qanLcSDjpSE3759+/vA72A3zENPdliqSTucFsgqXcv1TQlB243FB4zHK5lWV7QzQB2lDULnMckJsxpd0sywDfCTVf3XkDpidZh2",
-    "4UukrJzqbbhamUW4skBrwZUqCFfe+vfC1b/Stu66DmbD5XB0hpZJNVQVVjzYolCUI9KgiO32Ce/9LEFFv6HKyIOWL4ILUJIcWyQ/",
-    "d4gwnVqK90FU9eGW8kYfbdgSbbwTbt9DUyHotDd4YrGRea4m/q3GUBRdE3i4Vm/kJLYXXTzeEzna9ZppajtVCYKgqdIfz/zKJWs3",
-    "wbC1OMFTVbSmDSgZQWzQMirGO2z93rCBKFOJHPtRGBr5JkV2t2vUztrUsI+6Pd4WYGEIjDsFOhUZVQHUM10coaSPZkMkYWFs8XfA",
-    "z8ZVFMbajCUEpS5uM7qnQTNft+YBQO0llmQOIGXX8dx4o6HDZg1K5JAbgb01TzMmGR8pKekozGt43k+0g0dr1r+R45j4hEBkVcCO",
-    "E/EJkVHcYgntybFwpW7Zbgp3jk3+oh/WHEYhjTWUse7pfmoBF3vkJsrFyXU6XyEXhERFur80Fs6RMs3OlCImsvYeUVhglYH2OTcO",
-    "XfuA8JInbsbzolKotEWEi6tF4mXC5cpuFK3eQYgs9ZZp4WutAtD9044YyCV1mTSZGZbb3hqG9poBd1TqzvK3sXEZDOplhBptcT5N",
-    "Pm5ujsS2KqCLjVBdpPlXaRmFz4XXYN2RM4htA3Qz1IZlkuAP8Pvnn/43iZ+ff/o/2ITe4AWgJIZG+CyNVLGzckkkS3Kjl0RuLEm1",
-    "JJvxADOz4nvll6CbRdGUr4pRHJ/6ZgbUIWmxmep6IdFDBwy1ZpIO2TUIZ2Kk2O7J5FPXIGTJB/Y1p6qKZBms0aSV0xPQNha6rVgg",
-    "HAZkani8zkdMK25jmDnqqCzhLRiQF3GbBFyHAMJhUtzk7vQIK5geVPGyv6zGKVwWYn+A0waa+PZnI5J8l4scGvosmOgLmOHXYE0/",
-    "XteqXH2f7mLIKQ6DIqLarYZ2rpiyC6Cf4oKca1HM2vJdrA2c5tynAz61DM46QLRCj9PoVkQ1wgjSKXJzarUBkjPLumHrxPm+YJdm",
-    "5Gg0Lcejx+DLVTWLytjqL3x6TOhTAMEKfZSEDF/ThoHcXWAjFysMmUHnKdkS8GiqCCU8sKHZ17D0luAGT3uDWS2tvrJaooIlvcgS",
-    "1QDQJLvWKB5yz4etXUnauD1fpHnLFYvMReUtP5wMm3vadtdWMm07A+60z5noKNE2sU1GnzV/7Cbbz/5+8NJ1nc/SilLzogtdlYkB",
-    "Aku+SMuryvqrJ1lZ39LylKuczu8FQmPfdYCpNkA1SgWQGF645Q1IPFRW0VAC5zyCLBCM+nGlUEYC56DzWxxEhTGF3GnbEg/Nqhke",
-    "OsbVA/BzOaaaVellSrqWU4F8NJ0Df6JNrTRnm10YPfckSfBTPOLnoT+trM7ZeYwoofyA3/YgtdBjfyTHkEflPaSbbw339j0yhYON",
-    "ODpROYqEQLFvKyWo2o6+PkfjRMa5QOk7AEpTeM/pGnAyZM9kYe9PGaj8mgYlhBtWLlMZYSe7AWVpEmAwrsE50aIw1bBIm1V59+ke",
-    "ttpYHlieyszfYeX7qM2erZmnVPglDuTRrAxw69LdqiIbtzPSRGG0jx2MbhSEolsTN+eIVNi0IZ1oiC1b8eLipY4KABk9w81FCdTE",
-    "ljkMsskQbp14RA3FBNQLwmGIARToGakS64el0dBgnVb1q4k2FY3rcq7/xmg1+nLMAG9UV8paTRjIxds3L59/+8dXX79++cdvLwDY",
-    "45MBpt4ARPMCEMSQhgjFHSIEWx19aP0UZ8seetKi5gXafs3XCB54HgLSc+nduau3jln9cJ6rs541Npcg6kK+A/iXq/wry0ciOij/",
-    "+E9IGcbl6TqUee/Yw17gfioBqt2f3ADPn6FokKIphsHdOxr9PVoiBI871znsHdNmG/DCJLgMceD8SNIRcKi9DEgVLotphz+itj3H",
-    "9a+LYul6zk5PfVcYoASantFGuNP36N1wNBDdiPR3un8Yg8x2debhw6ZxSSBr57gcbt71RkNz1QsWAPifTF1YFcYenFp0nLAGbr/W",
-    "ulHwjL3JcC2JGjVfBIc9Src/QBMl/MtgDbIuU2jHISPeah9wVoxtBL7nZm3waJA8PoFbMrvuYd8XyDRfBIPkJDbKatAAq0X5XRdH",
-    "8OK6Ows4Tc7A58hvuGHKAnQ+kfMOQ0Iz/Od0s08Cdx0H0/W5705Oic9xPTibgyWb9q87lv7XUNEnRb7/6muy7ns9Tnez2odOpCB6",
-    "5K17o8ou8xTEKG1c/nFvn0fc5fyloyn0reBr9lzvHMQWaNBMWINvPQkBSfyKCjl19Ui0AR1Nl+3tKM8eapC/1FDupNq3tNlpJLFZ",
-    "61j3RTQuQ3AS3ShQTPGshDOWr2ISeIlXoAwvEDfp7QMrA0kbPbMTuVT1GyrkHSAKpkITbSlbBXXxr7nEbaSuaS+gN4GiLcQl8+49",
-    "fkdMWfekZrfRakqWoh5/4kKuD70AE7mvKWZpiad31OZaxvYwd+m25mB2T5Ne4wwnhzPadEq5xdPakmhpHBkaj49spYHJ4a3gzvH1",
-    "0P0A/4k8IY/tYk57qIvNaPgfUuE3Z5rCCf8bySBacLKbx4g9hsxUg7sYgIjlpg9/JvjFzhcA5HkdgfDGPTL4MFVTaMMUxzYcmXeA",
-    "ed+E9nLr0+fM2vSNk1NDoDcV0f67H8of8vf7BjPGLQueBgPcOYjRu+w9H6A/lGTWz+gXApmr/BKusv3gINY0Ih4Gig6JjUf4RA1t",
-    "QnWA4zRwoSuzOyFQ3DIHk+Z8M7S7tiBERVB3oIvJSncIB99B7ICDzfQaRoz42wbq2lTdWZdJc/MT48EeLEpzk5+UxXIJRaJst/Cy",
-    "9Si6mtBGyWKNoiHGOWMsmHt3amJu9C8mIcX1END9YDRP86uAc3Njticc0qhD6jrBvRzDXZVVOTpVsJg+KIsOOnHQhDgOKajJnwrQ",
-    "L5Compi6OdmJdTO8db2nXziCbzmy1tc7B+93A1mvYWgMtDgDUf6DfUcD95Rp7JxQgrDvpxH2tnKG84rDWU8M/IxZbMg9DI+NjZ9E",
-    "27t1c4rqdBqPkat846fBOgCsdX+2Jppd+UDvcEIGG9OxCx0s6aiLF0/oNJe44I9mDcjsJKZYh8ZssLnrgJJNaHswcoZePwwA8lMM",
-    "5vT1DoOSw3g+myDmcL1Ib5j/Oh3pUggNfXc59byHwxzH88KYyYeSYEycsR5wGSo0ZFuSq5WhBhMbiSF8TSI+lA2YSwYVMk/gh5zk",
-    "uQbajPjRBN/MZId6UD3ENHAbrmcR1M8CEEXzEqCBr2bfhePWp3WXzvZCs8CqhesHgHtL6BKEklCIJX8DytisQUru2Qs8lLuo6gHT",
-    "2ZC6ADaB2CamZrPNwX1xsT32i5pdyKX6I6Wm+gauNFhSWauAe3PHqghjUSkk8e/wkUTjCt7ygIBiKSmC2Y0FR/5tXF/QbkODe7eX",
-    "0l49l1lEEUJAKtLSHXqxKmsUWRIHrj9LZoz7LWEvPm6kSn+hgIJ7esRYVWJSjkgpRfQltEq6aDyiMptei8pFoyUqhesZ39CmkPCf",
-    "cWdTyuxGLemvloYmCRu1Mr9aWrqp1TAsiGQY/N3S1KZGg4Z1gn+0tFrLNIbXnZGJCNjUgfN9cXv+W7tiuvONhTG/KUHHDJDj8pIk",
-    "Gb7yBjgSlmvBBefBwIPpEz9G8QoF8lwm4SSzZxxxLWn99OMAs0wUVv6f/8Fqt60lBUbX4eeMnDr6upGug6tOEzCXeIg6xN+MJeaq",
-    "06BkkfRI+ktMtlpKLJ78VSWnhZTE7nWf9IJFQn88NO84pGAIt/BmVaWr6DrO9gQtVxJPpgRnBF9vVxcO+b9/CwVU2jCJS03OUsFn",
-    "MGwOzJB79DQZ+nZhoFwzzmbRKoJiq1Dldlaq4v7k6yF+6oJsjTbACIPszX2xRRpy0q9dxaGc8b48bHiW3Bxf6FtyIgRxQEF/GEi8",
-    "NHUrE4nS8i31m6AyEg4tEnnyg/9ELILxiOa/RApL0AM6B99SpoTv+YV95JjlLUAhJzsUbDFR1eh8Bl/UmCcFzRPUfSgc4Ys+2lD8",
-    "0h7BFaVBQFO+Yd51q2hR2oY2Kj2v2Kj4IJ51mw0t1N9z1M+OXshbQgoTb5AtWaRLnvqLtJxYN7mT7m0tekfO2TVQfBeNvaAQJ+ca",
-    "Ll5HH75j+wTBj4Lh3mKdu/U9zLVedG7SfPiCeR7IzEb7FM30+J2xsNf+CAajvq81Ps/gT6RM9IGfhHVBC7EXCrwPMT2RaW1IyYCp",
-    "JWgq/ytsvFExxI9Sd27aQCeiXX7i9XCVX+UYo+CI1gWF/0lTreF+i4XYgYW/bc1MeeYhyxqwIOx+/0d/RCekiKuEC+WaFrpP32lv",
-    "+oR1AcnbIYAleaXDATpKChRTIT8TR+2AHweFLzBIggJjYHhye1sgd6SaCB48ZfpFry3SyUSaxl6grUx3kl17SwM1YRfaLHF6kkHB",
-    "MyDJRRgWrQMuQeiEjB2NdU9EDDrUtAKAEb53PXnu2QEcv5ER6lYBz1n/aOVC+h4mn8/m9WLEf3eunPjKmMmpZbwNrbK4cdBq3w9F",
-    "XtAjik4CZROzsYgesYaXktscpbv8ReG70ARYoXWsjcMgBGcg8cW6j9VwxOq2wu8cPNsiBUJuF5qnaJ9BqY595CjnAsrR0XFTmm8+",
-    "cZSkZTHTaq0LcjW1ppMltJzHk/fa/vzX/2khUaef//o/+Hw3pXHbhIg8eLmnLU4vHFO6MFwoDCA2cqICllMorHbms/ZFueIV0ZKw",
-    "HanNO2PBIfjtK2EA4zDU8hfBt04vKxSj5uiDixoUGQJx/S8y1DhdNoeCIhDOOh+DEVXLX2xITke3NqwU2yFNOz1sWTpSl4wexpOB",
-    "58NrlH1RKmn6eqY9f+ewOwKPIG1suVM4IIZuhnjQuqWBth2uRUXysGyNvnNVFjwVdNAdn38//+Xf+KuWpwHnlMPkSfNVSaF3VRD9",
-    "/vnbF78NPhL26P7jyEQJu6sa6R8soZDKQqyXTK6XcycOv00PdoJ316udIFn9jAvz6fDJSH8TO4hbi9I0bFQV+rpPaPMKYRNCn/wq",
-    "5spL1kg6MFmPx44mhNq2YP3ArPTLuVaNyXZGvZz+bhQ1FVT0MDiyb5eKvEUXxxQKFb5QlMhOXCQnutO6siwxAw3KBhmLZitTcCa0",
-    "FimL8I1xmQ7C5oSdpy8Ex3xm1h2w4/JHvNW4/u0j3TldgiV9jyKCMD+mYOL72PQ90cHLGMqcWxpX4CQwgBNISQ8DvEqBf2ouh8S4",
-    "fCE0Xje2bTYaMOPgOUUxq103UCfsQ7NJ4/GDM4dna9T21c9TD866pcDVnHvBwyaf6iVz+VSA6ViR1o3ouHyam5mukPHaHZS9Qx0X",
-    "4zu7CXaSjq6bqyEhO+Uh7xvxyAv9jZ27NfB6MyAJgTZhzN0TQFlqwsVdNEzw89eSFBE/oaO/1EZUqjDJT8V5YjlNrM4S6ySJjSmY",
-    "ld6h0NMTTpFHPRuh0K0L4NwGoQd592jAyg06pcEbJYRI5YemeskPUkx+0LyLu0/+SKU29jPME0PuL6uQC3tbJSW28as10RMLKdKS",
-    "7IFxo4urbDhdxxxwADMyXcemKyMmm43naFrpcvN8wpGjRLrQrEpIyY8o9w2tRxRlNGrGz4QpybTWGKEhBrLiXN4nFXmR2S7Ac0SN",
-    "bUjBRHFPt0Xk/bY8KVS5qO3Yh80T8XvMuQczFPaZx+/FMuPn+QzjNiMPgtVLL6aR9wz42pgzGAAdzNQEpCvsFt8AtHkUpODOQDcb",
-    "QI1XZKsJdFFdtto/P4DSOUHR7m4Mky1dP+O3wcxKTf4r5vyIMBfLN5zys/nSCUH94c1rzoz5+7RMF1WEgy4wtiI8GAxCLV+AMdfg",
-    "mLibSz48gKhuvs/GA5he8KPX5sfOBzLUOw6WmJsjMoYGLrWtfjQtfoTaH5sJlvhU12R/Ruc6HE065UpLRChacHXCVU80McKkVDx8",
-    "GG2eJWrJ3XN0lPxWS7RdNC2ku23Rfm7QNmu0bnFfe3QLZLY1adbcbI7W3R2DtCUrlu3v04MWCnQhSAtOpFSLZxwd43ikIDXCSshf",
-    "JaKapnNUrzxUbCwEL5R9O7baTGU+SOnbhAh0lVDOHZrWykxr1ZgW5dZiohks7EbEAedzI3gXJDnEoW5aOaQx32oQczmeyd+A0kQU",
-    "gP0J14c+x19xYuO8xqyKGDcA64oea1R16XdQ4ldNIzgDUeei97gK8+nGvUB/uFYqCF4jKxODjOwsLf/jx/DMAfwtyMPmYbvAw9bv",
-    "KXy7aKZS4w6k8JB6uZBv677y/WWmcAg/somz7R8yNvQmAsDADUAKUBRAQY8Tn2FzqbjkipgP+EXj/CzoHvfu/VruPwS1qChHHgPS",
-    "E1tUfJLhfXxEyyu+MDZsmrRkI0eNkD2PC4S8C+yRTzRzMBkooSK++QZMUYgsqneD99wZUGTcPwaEFYIxazpkcD634TGPrUhTwhuo",
-    "ycMEYKG9jal779wtkSg4VmN2o4RhQPNU/nQv9dCjxc3TKkjJiWk4zd3B+lD2khO3H8o1n8kM5uU8Xuu60aXjjdrmz/FzHYeUc+hy",
-    "J3eOxiiqvZST7LgQsFib8PrZd4yU4Ek/0zCcjzm4YLlN3HciC66R9o5gcsU5UlFrC7RNCI7HiOxUazN2+V+6brFirDXQzoOHhAMG",
-    "fBhMSXcSnjTzX8jrbn9rUKBZY4rei1C6VArSxpliTC6mRM9DfwKkewYM0dhgNMUwPxxOpM1wrG2susFvs4nS+xAb5uhByok3Dihx",
-    "Fn06hP1IupmeNg+/9YmvH1mcFzff80qj81M+V6uDhE0J6inS0rVTSFHcwiV4xxAu4YvpehN5zeXykpmEv9M0kp9KoAZwLw9oY616",
-    "7mCN5dLWDvmXNpmXBC8K3W/E40tmTvLJ47rdpAIovJbGE6o9IeDxeVa9wfl5AQhY8IuwMeIu5EPbM42kMx/An1s5i4y01Au2aNOx",
-    "nOJn2Gl3OE6t6pJcpDKrxvq1OEedhkKWvm1vQ4C1B0dKtJtwsd1NiCRYqDrd5o67mRUdBMR80MY/tkjwZ9zp3/n5L/+2xc9Sd40D",
-    "FXaUurBjLLR3YKP3rR2o9OT1/5W2GBuIa44+iei0sZ1kDYDWddg1OjqOOkZHCM6k8GfLiPZrK8/4tvpVOrlUeCj4LTvdqGuzc52l",
-    "4mlbSN7dyfO6J/TGjKC63SLRn2Z41slG0qJjrrrWTldKGjPugo6vZjpAU5WFSw+I4s3QtMTifH8oYBpxJR6dP9qdvdBRbV/dSlKZ",
-    "bm9h1Ze2XczHtf2RyB8dQTey0XzOcHEsmWU2DSjxk52jcZCGGYx++jPHVB9iovAUz8sCY551YkqRf+vB0yDCDk9MFGTjlr8uT7UT",
-    "57JodPlxe/PN1iJtid1qLDIN6TEcsMLboi322BX1Qhbql0gfClrMJu4rRCqidPln1mYoPgESYcHQFZpCAPs1MifRT100arXgij1H",
-    "lhVcJreh2biYTcIBoPejANC6cHcLGGL/X0o11HnCmpv4WWNbc76nocPKukYrAM5Y8pm6tSsHn8n0BYIi8CUYRZUSdW2xoaO+ijQ/",
-    "qddMjOR+uctNjeSKAnKU8tJ3rbx+V7HLjMJt+OlbzfrrWtCg5FIYuY+L8O+O1DoOK7ayljEsSt7JdZKY9y+Odcv7+JU2brU10M/o",
-    "jfmL32MXDTvcOrwXswL3ZCqOFPwSReB/d+/nn/7GLhX6g43g+HU19H5rIz4mSvIsdDQ8vb8UY+I2PBqfbxOzTxOssTqTEEEmHOrt",
-    "DsgWQl3nhbLek2cb9ptZGq3dnG3Y/44BmLy+eg8CTokdTP7SrbSsoFZ2FPlLt3IHtWdGQp+tQTshdTYqinUa0wiNnWKcRdjJbp9G",
-    "Mydytc4bNIItIKGrdd7mqm53U39/YYOUnUczgEUbLOMe7bIbr/HJFsOwzb0vll55xFGxSJhow6h9xCEchS+vCCWyp0I7Loid2/3m",
-    "XYdfmLFys9KBEHAFMcDoEvKf/2EGw8b6b2onTxOsbVGyWZsaFMTyXMFNaR13CFk/ed3GA2etSQsHejEWrqx2H25H7W+lGnrPCx7F",
-    "Zjlzv/+6OdGZI5vjtpNgl4xkDvYdpPtc9zoqAViMD15/p24lHgnvf78jO3DjhDk1Ob42aVrohBjyN5XRcbn+4eStKhhCsA47gjQU",
-    "Pzb8+fw6zeYIUWfhNU91htacbtPHPH/x9tU/vSRIqA1TmhlRoofBQU+/QhkGhx1vHuh72Ls+eSAMn5G77wydfY23YEjv0s+jcIxU",
-    "b5SdmCgcQ4rEn7sftdFoZazvnjhwvr3tnMA2joNm2fXwt03sNQE2fGWybjs4yjZMUsvxrfNYJ0G7K41qtc/se0xXe3lZqktkNuQj",
-    "clhohpJnpPiBGnQGFVPKSUZZ3PEVpo3pxsd3DQTso4AOTjFcK9xygtxCOZpNzl9XRRjd4go1PUZ0qI5oaZof6qHpQ52ev/xpnwh6",
-    "3+15OO5wK8lNYkyzeuW5jRgldhthIgH+WfE3IozLSIrJZSQOo7FR+S3R7MvFM+niPr4xvNnu4bMqcVHW3Fp/Dkfu6XUlz7zjpi/G",
-    "c7vjG0zzbiLLtfB4FgwCFha40qPOBl7KdADWxw6wvY37arWcsFEFS0fWxoI/B46jK/Vbps2WVhKvRQM1hRV5iCxdmmwqfq6vimKu",
-    "0tyc0bzJtruMoJnjMOJeG71FdeW6iOx2ZtdQo0+nYACl47uCJUxCOgZNjjL0UiJg07DI3Syq3l3LG7gXGMTaHFHLsgApUVUv55GT",
-    "zXHpvi1emnwO2pDtpKiVXO/SJqdFDr1P8SwbX4xZjs1XhxbpB0x/YHJGwbnSA1DnwHMAYRk8Jcv/MviCsh4Og2Xs5+7f+EoAqdDX",
-    "06P45lt6TIM5KIBkw4wUuf50rj6cXsL16tHyw2k6zy7zPn7luRqOFWsSm83FmDhSh3pnIWdY4XFuskk9o3AlmHFSF99kH9Qk4k8r",
-    "/T3GysDStNU03Qb3mCTZu/QvPqAaC6Rz8D9rfnhhqW00y7hpIRT5dbFa4CcvQfK63+OCX/QOHP41zsYGm1innfOxEvzCgsJEGiVq",
-    "KAM0BuDTYvjTJvTBFxAv5asArCA3jwLGJcjfjUVyYS6qyP3J4uc3IMH4SHHVkVBeStMhkpjRYm9gPiNspXvRWWLCAWjT+C5eHhsn",
-    "+zv8KiBJ42sJZuMPBXIRXShwla78iH7SD3N5bY0iQSMKeqBJFQ3F+mk4yglDzfD0PrxjTifHucIY3Jn3Z5YcQE02GPKeCB0FNezd",
-    "86EVfrmhxySUjC7AvE3mq9Kp+kM5j1ZOBq/9f8GPPFTPhj/s/7DvGulWxji3ctJ6OE53kum+y31Fmdj0MLCGH2Dd8nQOv5p+rqZ5",
-    "HcVEm8sY819YYrJ2MZR34BQhrr93wEXylGyz9wrH2uUxWSu1zRjtyPrv2hyUrOsEdB/gray+3egGaBlXunWOLPXu2LpL0+ujv26W",
-    "FOPxqoTTGs5tPI/xUflBE6/W0WzHynlc6ZaSAP2/f3Ue/jfGuqcrCoe1Vona80d5XfWhARL2Msv7czWth/iF5JC3IX8Fz1edas+R",
-    "RRMUT1a8hY/4WwYdS8KVdj3o91aQ3awpztA1+dA+OBlB3dGpIHZZ0fiJGmvedCzxeKMNos/3SnmpHNALtcsLZhAt4vlyN0uxKseq",
-    "BT2p2IkU3NbdGFQQr7Ggo8HVif5hsGme3i33ErrBWP40XVE08hxSTs9YqukQS3vGWB3+kbJ7UY7XOeVmREsEpqMuoDHcZFXZxWcU",
-    "qUA0pAiZn//y17Djs4XrNyOS3xgZitvLWF/o678zzD6cVpKKmPYfZWqnD7rgL46MrKwmbW+7pPe5kVE2UrMRNfcw6lTg27IhceEy",
-    "vSXzgftDLp/GXsx3X8SjeZvDVwIO5x8AreheBXevlnL3auYFGtr3Cmh0M/PbcCESbHSuspNB7MRqbZQKLUuPZOtL3W6xHNuFju/D",
-    "7n1ieMCa1HIcbaSnkRAzXSku4/4y3I8+IGr4Qnt7BIIjwreFGGwJMmhGEsRtjLHxzsu80RIZ6QAw91C3sXMV3ZgKRqcn22Rabcvm",
-    "ovvtat00sf+Y0OYMbXO/ZuPV4Zqps5nmRQ/VbS+k9DufGmDfBj9czyO0Jby+LcacunC6oW8ABXcZdQjyTdUW70wh3JQ9yHtFxXkb",
-    "jIXOQo4JElvI9HQ46M08Gnw1cR7bmBl3CyUEuN5+I68SDm1JWSyBNac6TQ2j6szIXQmX2rIr2eHcDCceBfTsHTbtzs+B3hmTiGPt",
-    "ybDA3Z6pg1veM0D2sigmnaOqPjRh8cpbT7ksyt8Zvd9wo7RtNIZkB+OvZoV+ZuGMgqjl2THHP7mflWH8XDcoQ21/D7y7m9V9Dmzi",
-    "NqiQcejZ3CYm0NQTKjthpj+mYt/0bnXKBn5r4x5xUla6WSA7ci1yXmNBcVu8KK+CBqxCHTNKs9m1cymLu8s93OyqDRtji8rRs6vz",
-    "i93EK86aRrxKf8WfF8PYUFG6LzhGGLQHrWp1ZstFxEBZC0n99FusrwHZEXa7umqVj6jJyQ92IgMH5lGyJH3c7BbveQ9t654BnQa3",
-    "e0Z12jk5oZ2y0fQ3nb1UIZtVrBG9M+rWruQTL4lkOrWpQ09NlU7Y5yTSs5XWOe49mrQNjFdTe6QdwFb989W60wcP7JfaTh94oZz8",
-    "00Q4nD7Ar7ajKR86RjUIGsyNXeFFhr4IBNfI35fFSAX4ZJXcoPo7SRQCBatS6M98oaG95q808ucO+Tte/EVqBOT4U9GKdWu/+pTV",
-    "lJEAP2ydynccMV8Tcn3ywH7uRgtc99OcH9fS8psc//xFkoTyFutI1fYPaiAbwP8/3a/GZbasz+Ev5DP8d1Yv5ucP/h+xNoimxdEA",
-    "AA==",
+    "H4sIAAAAAAACA8V9y5LbSJLgXV8Ryp5pANUkkvmSVExlalUq1bSmVVW9SvXMrqk0bSAJJtFJAiwAzFS2Js3q1Jc9rNnMmvVl99q/",
+    "MPfZP6kvWX/FCwRIplRmK+uuJOLh4eHh4eHh7hHx9OGkGNe3y1TN6sX8/MFT/KPmSX55tpfme5iQJhP4s0jrRI1nSVml9dneqp72",
+    "n+zp5DxZpGd711l6syzKek+Ni7xOcyh2k03q2dkkvc7GaZ8+eirLszpL5v1qnMzTs4MGkHExL0rIm6WL1AE0zy5ntZok5VWjfJlO",
+    "07JMS6dsXvRNKhSus3qenj+/hDz1Jp0nt0/3OenB03mWX6kynZ/tZVB7T82g3tneJKmTYQ+rVvUtltv/QvXhn6oRKfr5qf/UF/sP",
+    "hmVR1OrjAwWQRpdD9avpyfTR9MkpfC6TPJ1jCv0zKf1DTPtymkxHmFanH2pIOBgfHh4NMGGxqtMJpDx69Hjw5OSUIRflJC0hMT1M",
+    "T9IEiyXjMdAAko5OHh2Nv7RJ/aqYYnr6JE25iQmMP9UeD46+PBwxSE7UhaeTdMxwiyvEBiofp/xp4J1MT9Ixpt0kZQ4JyZNHo8FA",
+    "J1hI06P0QNBeVbeQ9Dg5ORw/PpUEU3CQCgmK6RS+nyRfHnw5lm/TaDodTI8YWplMslU1VAeD5QcsVs2SSXEzVAN1sPygDuH/5eUo",
+    "CQ8e9dThcU8dD3oqHpxEXHlR5MVQrTL6US2TcdpTF998Cx/9N+nlap6UPfVtms+LnnpR5FUxT6qe2nudjdIyqbMiV1h0r6dM9dMH",
+    "dw/+yyKdZIkKl8ShVd9l9yHxd0SsYZnEsMnB8cHjg7HLJsABg8PHPpscHh4+Pjpw2ARG5TEPgmaTL58khyOikMcoh+nR8fHAY5TH",
+    "aXI4HawzyuHx0eA48RhlOniSPE41UJ9VjpLD48NDwyon0/H0ydhnlYPJ0RF3RVglfTIaHE+brHKUHA0OBwZ1ZpbRky8TxtJllsP0",
+    "8DF3ZwOzHEL/jp5oeJo98iKnntzBgH2hPqpR8aFfZX/OchgGJhdQDRjq7gEKyx6kTW6h2CIpLzPAfYA5nAZARsn46rIsVjmQ/jop",
+    "QxzN6FTRwOsUHCpIA3GU9mcpijrg2fiYpvK0wKE4OF5+2MckVd1Wdbror7Ke6ifL5Tztcwrw3kV6WaTqD6+A6d4Uo6IGztz7bTq/",
+    "TutsnKjv0lUKOc9LEL49VSV51a/SMptiI8V1Wk7nxU3/w1DNsskkzZFZR6u6LnKU2MtVDVXSeTqGv4htUqYJdJmRy/IZAKpNp8z3",
+    "3YN3DO09lJ1k1RKkL5NXPcwWuFYkORWLiTehkEcWSow4HyaRtNefJotsfmsKQQ6UoRwYJJhFB4fxyZKGJ74pkyVUM93D76FK8tsb",
+    "wBCk1Q2MZn8EfQG+pD99TMGqRujj8peWny31GUxcF0viimVRZSgkhqqCwbm6PVWQQ6zz536WT1IYh5PTFt6hiU4CyjAijNFiSAIN",
+    "ZFA20UxG2UCYZTKZEOeiEFQHj4AyMLSISL8sbtxxmc5ToFoCS23ez4CjQHDipE/LU3WJZGMpiqWEjvjfU2D7D7y0Q4mTAZUxM0El",
+    "q7qgkRiVST7RI3gjPP7oZOCP3CNbu19yGYZwMwOM+iRGkYG4ZQALy3bu9iHLaRJt6wq108IyhlhHSCvsi6W0Xky+/PJLLLo+Nlqu",
+    "NGe3ZuNNfRgOR+m0KFOaAqTHDNXeHtRhwj7BFrVkoI8GUieDv+9AKTJtvEPFpl/VSZ2iQnWd7uG0bKl01dqN4mojKKcHbSA76pYp",
+    "JoFYAarvvYfld62Em98K26wPTYQxY6dmNerbmt/YxQ2tAQvPOpB3Fsom+py1EeRGhNz6WKtan+trc9lOjg2zGviPZiUvdAR7tyk4",
+    "SmAJgTxpp2PGKa2RdIm09Sn5pH1CilbUvjrca4pSH0fN9UmWbRf4sREsUCSD1a2frxawGI6Hqk5GqDRiQmWAxrAHKltANwdvVfVH",
+    "SUlKRue4PHLGZVuHHfhmpYPRK1b1Z690iyTLY4HlsMVlmcHCiv8Fui0gDQgNKK0WOQzgIsuhYyHo3wdTxIrXm0cegxxs40u72mgt",
+    "G8CawgMsHBEFXfy2InQCCDmfjwm/O56U844pNclKlBm4vDNEr0cOVjSDgP7fJSUuxtW4TFNsHjUkrtnD9QDUl4r3FNOsrOoYyWz6",
+    "aAlCKxPvH5rIyaJCjKdgI7ZclsV1MkeZoGcb9upX4wLUsiq1yYeUvEirKrlMneJHlJ7grtpJPaZU0KGubNrJKSnSFVMkpknZKrBE",
+    "t9k6/5uzn3P5S6TDB6PLcyZ/edrQcdtQMHZ9VNbuoxk96VCMSI8xGtpAlFKnjdmhVolkrp54DH3aoi4R463yulHxsFOmbZKL9xe1",
+    "ov0YOg648yimeID7KbBy2SnPWgSTnb8WGEzI+rZrP+DCOPKwQRFINJodxdVq1KDRkdsaUgwafNRJN5/0AwfskGZhfzzL5hOz7+tr",
+    "Bd6RqNUimc8BuxLmyGdI1HiZzectS+xoXoyvfHIcNPRYHNg2fVGGsW29a92zbtNtPWKdCJ8i2nHVLwhbUK7ke1J4Xynqj2U6sUks",
+    "nWg/eG/tVEBkk7nTRrFMc/sFH0gcm3C5SoA4DgKzdD75VF1TQKApwgIcz5Ns0dEhY7RowsQMD+Y0yeYumjT+bgLsYCdI7ls36U8w",
+    "L6GQgTKGrXk2RhuATtEz9pPVU4GDRADCfrKWPsuWn8blA/W4hccf7apMbhCQVjbBekH/B9buNCdIJ3bRtDsUY9wp1znZnLYtglvW",
+    "T0OGxx6pjp2N7XhVVjgQyyLjxWxNWDI6wxn22CDV98aPLYORKQsdT0Zz4vUC5EpWAw3iE1ACdGuTdJqs5rWuEC/LDKh828o1BvjG",
+    "liX1V2QzF6iXRbFmT2IZoSh/lEw26dxYhLwDdiTIKujhyCntOBmCHzLfIFSyo71DZ8vZHu4dcMPrplVpUo5nzdRlUlVolcJ0a3qD",
+    "4bOa7d83NZn7qlCP11bRL8X20cll0p3htBivKouZ/iZeoN/966zKRiSOQWOtkTn8DOSUVY38z9RyETb0lBK4EFVpTT1DHObJKJ3H",
+    "04wF9n108aM1E1CnJtDUEs36Lurv5+6YYqNG77ZbKtNlmtQh7nb6UxC9Pb0/OTyCmc17qMgz2t1JGzsJloam4OsTg21bbY9YwEH3",
+    "GZMTF9c+2Up3V8Jb91YCithkzfqIOh1Cpc2PX3OTiNdcjPJDZBpy/xrljhtr1KHWbfUsMGK1Q+7p9dKpEwMtxumsmE/ScqN6rDt5",
+    "PDDWAHRmwqpaAwnHDm3YCryrhaQxHI41dccVrmOEEIsYxa2Tf/JIKDbPKti9gmbTIdE1d8egyey282DAZiKb/e1nTmSYjcCQnzqT",
+    "azORD07WJvITxzS+tqWcpul95Z/eaS2qy8+WCk+s7W5XySBNx0CB+e1Gc4C7vXpkke5TEMCOJs1jvQ3qYMpdud9tOr6ZFZssgp6Y",
+    "2SRPLMS62OSscovWsJ2wW895Ot3qKcGqsHfF3UCrIHTJTGvjNjzE6+m1tyzTPrd4b5dbs31YOtC0Zdyhj9KFA/V2aF1LiExCLN6i",
+    "eLsWbdvAcavEQrfYjPZQyJUZmbuE75nCh1ucbFLsYNDaniNvtJntcxUHa65ryht3ikuppr/vF5VMthnXP4xTXo/gYxK6ZcrTDAaS",
+    "dqEeglMKevhsj2QTYkzciSuDWe2hCEke3q62TP9ta/LWTdYT5uH72RA3zblpUS7uYVw72glecdW6pLZtBMezdHzV6eix86y1iy0A",
+    "zWQgc/GvlbVJf+psoDY/cRnEuv8/1sF7asjHDrp9CmNrFeabxp2qtrr+u9dOmWg7rpLdtg3T9rmCOZlvWu3WtAX2f2lpctxO5a5x",
+    "8maDiXFxG3lkZIlYogeWmaEHU8vLgsu5ylwSipnKrFeDdo+8ay7RHN9hWbGWMV1wyzL3ZLsebvtgoxqLqzRXi2ICiHzWYkQg+thl",
+    "wM8GuEyzDymsM1lO+/aBTxSOv0O/33FPHWL83fHJ+i6jrQswcf60qupsets3ERO6dw2foQmpORS9k/r6S7qgeENhm6WRcO0zos1I",
+    "0hEzV9uarV3gH9xgRYzcwa09kwuoxP+LD08ip0PkTGr6jtzAGlNy2V3waKPuSyPcyYRr40G8mOYNfeTpvsTVPt2X2GJUJSXSGJbp",
+    "8TypqrM9UJz2zoFuTyfZtZOG4oPS/RyKL9rzw3whWwqSsMkmHM7RZ4f6nqKAijoFpJs5AhTTpNh6OIgqizka7bjKuc35+ae/QReh",
+    "RWmcw+ioeQzbIG9Eo3EnXfenht9sAOT68IXi/mzvIq0xEhnjlpNbnr1752/xz9N9LkpU070nImEbFAPSaFfSpE35wsAFtpic7REl",
+    "FWZkGKhW7bkEdaoZ7J6zKYt9Pmof8KuT+d7505HBoc/WLnELtSDUKHD+80//Dj0732+BwdC7QUjrAkHb6xiwN0Zr/fEwZvsDDfp6",
+    "UzbTtGOS7tGGNkH0D49nbc14+aYlY7iA1Hs0VifVVdXGiM1c0xB+KcrY3IxtA51otBD5TWNyW6OUbprDr3v0BzYSc5TmxrnX1sJ6",
+    "IdOcyVKStWsnLUx2zrV0uFlkM2pSxmDG3xad9nnN4UEtkHWGg71OYvFF8Ud7ohCdC3QWzGl5/uDBUwyX0dU5amZNKsNyYeQCa606",
+    "h9ZTJpdR75uiT6f3pa4rgKDro1u3zEwa8hGwERVAelgGfbhQ57n+gJ4dnnsDSsEUDRT7nHg+ELo7Swk0vDTUdCMemiAk0RB22YY4",
+    "qTTNmig9OolEmQ2EHIAUN7GGCid2QOTc8++Keoa74axSN0mG6xjoBaXZlcXucrovPQf+2DbqJHGbbbNw3jDeXOAeg20q8PqzeZi5",
+    "8KePMdffaYB1/516bcPr5Ow2toICpwgK3xV6gSvTS1yBynSibtP6E4cOt+UNPDFpw7BR9u6Dpov/M/zlAfN6PjsyY7AagYaDa4/q",
+    "GlNestaGdHa004hy7fvOWK7VMpxOxk6jKc03B5OS441EeYFxJeSLMopAF4XGuuhmMrV31anc0t9m7k6ddiqt9Xy81q0OHjbr4aes",
+    "SGIjXNsHsOWwm811id053alxAfqFSio1Wy2SvIXr0SpneyEIujCwQAfKnIUmW0yZp7hhKabTPZWjBM+gTqrb8XHWplC/JZva2prN",
+    "loEzoP0Nl1O6LjbBgtxzV+8SULJ98vdCdpeEp6auWhAHnSofp/NNDeoi5/xXUaK7iRIM3AFq8pmxrO95SLPDWUpReALu0ZwSUIbi",
+    "J5QTDuJ1opNWmIHTDOVGeZnWoKjTfnxPOb5hWSIAYg/kyOXwQw903CX+Iczwx6gsksk4wdlcLYG5yb4LyIJOkPqd2ac6W/v3Ypbk",
+    "GNsbMkLJPLpPf8dcu6PTJtfrYxpfxmoCo1bcVvfuRXNY27p0IQ6z1i5t6ZA427rEi+S6+DQRbMPoWxaILhrG3+LCR5NKR9Oc5RHy",
+    "n0sQ9irR4vbnn/6mwhd1Of/NSzSoqQqEVhXh7NRtbUK7ZX6gG2bDBKFBA/AuQSltVHxocIleGbr4xOSfO6tISC4GXM+iNmb29nfk",
+    "KtouiGD8FlntCSIJZGtwAZCuc4VBixUuCPeSOdYP5LckSa1NSd6GLV9nS0VDuHYYz/xMzzTW2tLTfYRuF9AEw1KqWvQhT65hRclu",
+    "L88RJJ3F76HzanWj0T1je+lWCkyR3bUCt4pM680bF1Nh49bFHUAOR9nbIlNoz9Ql2CQokRBgeGxca5DIz+L1yR8XX+JUuDqNbhVs",
+    "MXUYYF2A3NksxneTkReE8j069GN7Z35s4IzCT2W50mEUgDvJ0k78dt9TmqHdaROC4T6Nei1quZ+3k1Ju0Wiq5Lsq4k/30WCEhiOn",
+    "BesZ2rNmcEpss4O7GVdZjgKBjNyOnumpyVLe1G/RkJ10Fk2TLJkXlzKPCQC0Uq7SNmME1iXrdptuLZTQdghb9vyNtc/TrH4gTGDK",
+    "zTKcxG9nWSW2/ByGtYJVmOrE6lWNxpirdElMV2M50NluqrQMKjUvxslcVXVRwqjEhk88TjeRww5uTMl14kiGz++ctj4hu+mwNuji",
+    "LLJCcYs67+DaqsC7Oecv6G9z9bzfQk0Aq+Q6bWuI0s8v4L9+I9YKK8uY3oY+rcZltqzxzpgH6gvluKMAejUbFUk5GZL7Zgnjxvaa",
+    "P9Lox8tb0LPKa9jCJ7Xa29+LEcA/JXk2nyfqHy96sItDXRfUhTQfZ2mFdzgs0n5RZpfAHgijzq5T9Yc3r8nDcUv1vyF3d5qMZ0qv",
+    "enNQ+yt1k9Uz9Q8v36r9ZJntx3F8ar/Sa7IihReITtm/oNXhC/WSknsKI6S4/jStx7MwUlVBXWJPcl0CueYV8mwitydEqgYWqtQK",
+    "2p0lBAwV+ks8u4LXAtygN6tP0AhQMp3SoRWNM+AySUew6I0h7WAwUIsqou69WWFIa5Lfsu2yBuAYWwU0nJbFwvh7SoUHHC75XpZK",
+    "0YQDMqJ9DLbiKNYRWIg/XrDvEj1XKO3zYpJWEdA+xVBdKPzbt9++pqYvNGogKZDGqzqbZzWNy/Pfv1K/wTkyQ2JNy7QC6sMEmgC2",
+    "JezAcJiqGsi46CEkcXuS960nOPeMwO3pYLEeBcr0bJwMXjxS1IjM/oNgVRHMbFwHp+TbP2v/Z/HsLAHgxtCxWv2dOlNhNonU2bma",
+    "FOPVAjCLQTN7OU/x51e3ryaYTe19ob5a4XE4UFxSzo7VBeADo0Ln5IDgQCkcG4ewp8DqUAZmFnJ9CT1Ia03rJd40NTEkR6ymwADE",
+    "wuk8hE1tDyZyscSzBnF8lcEGhU5FMOo5oG5QHgOp61SwxpoRX6xSqpBLvwOyXr9XxVR9Tyt7DOVKIFFIDah//Vf18S6K5DqebKrC",
+    "ayCeylfzOebhx5kiyRjRQdssX8lNOFj2irIDkj9BpPKYfn0HcxdwvOZyMF9StzCSiMq6LHkmBA2vo/ZaKL+gltuxCfRs0tq16wjh",
+    "YxUgOpR7b+FP1hvAQ+hlXf0zzPowKHJo5de/JgELgLn/gR4dwjuZTEhcvCZPaFoihHk2TsNDmEwe+DyG9p9rNghxJAgersbqmQoC",
+    "NbT9jvhaHm/wxtg5HP94CiIwfJVP8YaxW2+8xu54jbvHK8dQGxANUCED2Li8APDvgFcBlTFg0uCptzA8mBsKhuPIolim9arMFd2k",
+    "w5jC/MQZdU0TyuGhll5yBdrh2BrPyxLWiayiv5j4DGg1VO/emwrLpJ69mtgqsFIAdn948+oFypAc2R+QcJvgPdoLZElbLaj6AUgw",
+    "LhrXxeviJi1fAKOEEYVNgo4Q7r/7l6T/50H/y/77fZiKQT9AQWCmKKxHb7NFGtYyLXEUHoIsRrap1EPo+iDSJApoxgenZvZiD74G",
+    "8sZ5cQPLS199t1qMgIlqPt9NsLLqGxznNJxEFtDPP/27AyYBMN8CReJkVEExWDB1AgX9hAlIebwXgIDOMaxCQ6/UU3ViwWJgC8ZS",
+    "B27+I+gAjk4FlAoqyjLzBfOPHg2kBDU5nRdFCRn7VBGqLNarPHl03FGHgUGtma3VUkwAQLkJlZMOTNQ50BvYpcYsWGIK5LcAVmgc",
+    "5ho5FCX4c/UU48rPeR2lFT0bX4EsvkrTJS6puJCFOFa3WsizHsCKE6zJnpRGWC9BUtPpMFSqXAFdgMxiTuA5AHxhRtSOduR0AoR+",
+    "gCCDnkzswNHXgqG00dPJFSRBI8/0tHKAYt+DHsFAmzgClbJ5ekOM55YG/n918b1AwbqIL9cmTX9z1deop6ctte96Zo5QfVtNCmHn",
+    "71xqjq+wdBUyGR0JWKMENJLpxxWMzwXd1VWUz+dAtXdCkfeBEYpc8RrHAFd0K38N9URG140lSOMsQj/AnuP4DXUHjJB2cJ9X/5DW",
+    "IV5tB2IdDw3IkNIm5kL2MIDGqzpdYDEQ0kGAB3vGCaqEYRrZOpzhAb9A4LisGPi0Rkc+/ErDpwWIp5BXoEwXxXUqODRbB41KNltA",
+    "7CnwuY9ENQNJhTpND3RvLI+/Y96wAtUeFvmpVzytcemQGnRqRNfxyY0iWA6VOE08fChpDsi0LAkkGRAcenHE+DOCRL9j0SxRTEjK",
+    "mBe4QIUoD5w0kBYRiYqAJ43XolbJw2neQ40c2mQhqpsOQTFLaEH5CNuvNCmRc4oVqGCAOvUOyCBJIZWb5lyH4EFj2J6sU3OQQbhC",
+    "YUNQEqfb70HHz2BRCktKcqCVBCDarAlbNX27Kvz2+9+9/O6Pv3v53wGFgFR02tRR2F2g19LnX3/7qqXQ88kiy/2S3CiGyXK4kYgF",
+    "DKiEHlV4TeNH3k4NWVEBtR+hyBcLDz7Yv70khnOkZYWKAlCUlXW9c8NwpSVIeJL4rHjXMzQy4AmQqpjjdvRjAVOG9YQeifoes8hd",
+    "rJ6jT57CRGTzB2xxPDiAlYiQgN9HPVxIUB8gtRMKjFNaJpLqNh8rw0yw7wwXaT0rQIKjFsO3Kvaknrd08H6pIvo9H4/TZQ2siVch",
+    "ZmPa4O3/qQItFLuqazBuZyKHzFhGQiuTYwbQqBlUM9JNxs9h3GDD/We+jAdG+SvgaqAZLaNY1LaJSxmhqHslMNARB3tBQDkv+ihS",
+    "cEEDbRIEBV6LC4QPnH29dANRYTikOgWwVQ+0KBe47wKRGv23oJYH74kHm0SxuxLqeGQr/7c+2Sr6xLF9Ytk+8yxCotJSGfoV09mv",
+    "M/WPF99/F1e0tmXT25BSebOklWAUCMBI+KklPw5cgjwpTMijjWCbQpdV8rS+IN4LWWNnLETCfFR4o6jwPbPoECOj6QpfmVPEq0M6",
+    "5jIhsqc1bqQDs8WGtBfFCvaueYHIJmKEYKtMgHJe98bigrsTozZia4r1GNtRvTTrzkLHSbaHGN7OFWqQuURC2uuCVJSVv7n2uPAJ",
+    "DxxAhFdcRT4lEC1LCCzSMm+5EXd+4E6UGrGbOvyMee2ghb6g3WOAJWyWA4FLKlxGNKVpxaF1JHJozalmDbpTztDM6nr5R5xLLuam",
+    "pk3EhY6UhN++fft75VewE+ahJzss1aQcdgtklc7l/KaEoOnG4gPa45FMqiuaGaCO0gSh9ZjkhBmNLmlm2Ab4yar+a0gdsTpMs/Al",
+    "UlZW9TZcrcwiXFmgteBKGYQrT/174epvaVtnXQez4XA4OkNLpxqqCisebFEoyhFpUMR2+4T3fhajot9QZeRAyxfqApQkxxbJxx1C",
+    "vE4twf0gqvqwS3mjlzYsiTbeCZfvoakQdNobXLHYyDxPJ/6uxlAUXRO4uFZvZCW2G11c3mNZ2vWYaWo7WTGCoK7Sj2d+5pK1GzVs",
+    "TY5xVRWtaQNKRhAbtIyK8Q5LvzdsIMpULMt+GARGvkmSne0atbM2NeyjLo+7BRgYAuN2gVZFRlUA9UwVRyjppdkQSVgYS/wd8LNx",
+    "FQWRNmMJQamKW4z2aVDM1625AVB7iSWZA0jZdTw3XmvosFmDEjrkRmBvzdGMScZLSkI6CvMarvcT7eDRmvVvZDkmPiEQWaXYcSI+",
+    "ITKKWyyhPDkWrtJbtpvCnmOTv+iHNYdRQG0Npa17up9awEUeuYlyUXydzFfIBQFRkfYvjYFzpEyzMl0RE1p7jygsMMpA+5wLB659",
+    "QHjJEzfjeVGlqLSFhIurReJmwuXKbhSt3kGILPWUaeFrrQLQ/tO2qGSTuoybzAzDbXcNQ7vNgD0qVWf525i4DAb1MkKNpjivJh83",
+    "F0diWxXQxUaoLtL8q6QMg+fCazDuyBnEtgrdDLVhmVj9Ab5//ul/k/j5+af/g0XoDJ4CJTEwwmdppIrtlUsiGZIbPSSyY4mrJdmM",
+    "B3gzK55Xfgm6WRhOeasYRtGpb2ZAHZIGm6muBxI9dMBQaybpgF2DsCaGKds9mXzpNQhZ8oF9zVdVhTIM1mjSyukxaBsLXVYsEA4D",
+    "MjU8XuclphW3MfQcdVSW8BYMyIuoTQKuQwDhMClucrd7hBV0D7J42F9W4wQ2C5HfwGkDTTz7sxFJ3suFDg19Foz1Bszwq1rTj9e1",
+    "Klffp70YcorDoIiodquhnSui2wXQT3FBzrUwYm35LtIGTrPu0wKfWAZnHSBcocdpdCuiGmGoZIrcnFhtgOTMsm7YOrG/L9ilGToa",
+    "Tcvy6DH4clXNwjKy+guvHhN6CkCt0EdJyPA2bahk7wITuVhhyAw6T8mWgEtTRSjhgg3FvoahtwQ3eNodzGpp9ZXVEhUsqUWWqAaA",
+    "Jtm1RvGQaz5srUrSxq35IslbtlhkLipv+eBk0JzTtrq2kmnbGXCnPc5ES4m2iW0y+qz5YzfZfvb31UvXdT5LKrqaF13oaRkbIDDk",
+    "i6S8qqy/epKV9S0NT7nKaf1eIDT2XSu8agNUo0QAieGFS96AxENlFQ0lsM4jyALBpD+uUpSRwDno/BYHUWFMIXfatsRNs2qGi45x",
+    "9QD8XJapZlZymZCu5WQgH03nwJ9oUyvN2mYHRvc9jmN8ikf8PPTTyuqcnceIEsoP+LYLqYUe+S05hjxK7yHdfGu4N++RKRxsxNGJ",
+    "ylEoBIp8WylB1Xb09T4aJzL2BVLfAVDqwnu+rgE7Q/ZMFvZ+l4HKr6lRQrhh5TKZIVayE1CGJgYG4xzsEw0KUw2TtFmVZ5+uYbON",
+    "5YHlqfT8HWa+D9vs2Zp5yhRf4kAezUqFU5f2VhXZuJ2WJilG+9jGaEdBKLo5UbOPSIVNE9KJhtgyFS8uXuqoAJDRM5xcdIGa2DKH",
+    "KpsMYdeJS9RQTEA9FQwDDKBAz0gVWz8stYYG66SqX020qWhcl3P9G6PV6OWYAe6orlJrNWEgF2/fvHz+7R9fff365R+/vQBgj08G",
+    "ePUGIJoXgCCGNIQo7hAhmOroQ+sn2Fv20JMWNS/Q9mteI3jgeQhIz6Vz567eOmb1wzmuznrW2GyCqAr5DuAvZ/lblo9EdFD+8U9A",
+    "N4zL0XVI886xBz3lPpUA2e4nF8D1ZygapGiKgbp7R62/R0uE4HHnOoe9ZdpMAx6YGIchUs5HnIyAQ+1mQLJwWEw5/Ajb5hznvy6K",
+    "pes5Oz31XWGAEmh6RhvhSt+jd8PRQHQh0t9p/2EMMtvVmYcPm8Ylgayd47K4edsbDc1VL1gA4D/purAqtD04teg4YQ1cfq10I+EZ",
+    "e5NhWxI2cr5Qhz26bn+AJkr4y2ANsi5TaMchI95qH3BGjG0EvudmrfFwED8+gV0yu+5h3hfINF+oQXwSGWVVNcBqUX7XxRE8uO7M",
+    "Ak6TNfA58htOmLIAnU/kvMOQUAz/nG72SeCs42C6PtfdySnxOa4HZ3KwZNP+dcfS/xoy+qTI9199TdZ9r8bpblb7wIkURI+8dW9U",
+    "2WWegBilicsf9/Z5RF3OX1qaAt8KvmbP9dZBLIEGzZg1+NaVEJDEV1TIqatbognoaLpsb0d59lCD/KWacjvVPqXNTCOJzVrHui+i",
+    "sRmClegmBcUU10pYY3krJoGXuAXKcANxk9w+sDKQtNEz25HLtH5DiTwDRMFM0URbylRBXfxrTnELpdc0F9CbQNEW4pJ59x7fEUut",
+    "e1Kz22g1JUtRj5+4kO1DT+FF7muKWVLi6h22uZaxPPRdqq05mN3VpNdYw8nhjDadUnbxNLYkWhpLhsbjI1tpoHO4K7hzfD20P8A/",
+    "oSfksVzE1x7qZNMa/kMq/OZMUzjmv6E0ogUnu3mM2GPITDXYiwGISHb68DPGFztfAJDndQjCG+fI4MM0nUIZpjiW4ci8A7z3TWgv",
+    "uz69zqx13zg5NQQ6UxHuv/uh/CF/v28wY9wy9VQNcOYgRu+y97yA/lCSWT+jLwQyT/NL2Mr21UGkaUQ8DBQdEhuP8Iga2oRqhe00",
+    "cKEts9shUNwyB5NmfzO0u7YgREmQd6CTyUp3CAvfQeSAg8n0GloM+W2D9Npk3VmXSXPyE+PBHCxKs5OflMVyCUmibLfwsvUouprQ",
+    "RslijaIBxjljLJi7d2pibvQvJiHF9RDQfTWaJ/mV4ru58bYnbNKoQ+l1jHM5gr0qq3K0qmAyPSiLDjpx0ATYDimo8Z8K0C+QqJqY",
+    "ujjZiXUx3HW9py9swbccWevrnYP3u4GM1zAwBlrsgSj/at/RwD1lGivHdEHY99MQa1s5w/eKw1pPDPyMWWzINQyPjY2fRNu7dXGK",
+    "6nQKj5GrfOOnwVoB1ro+WxPNrHygZzghg4Vp2YUKlnRUxYsndIpLXPBHMwZkdhJTrENjNtjcdUDJJjQ9GDlDrx8GAPkpBnP6eodB",
+    "yWE8n00Qc9heJDfMf52OdEmEgr67nGrew2GO7XlhzORDiTEmzlgPOA0VGrItydbKUIOJjcQQviYRH8gEzOUGFTJP4ENOclwDbUZ8",
+    "aIJ3ZjJDPageYhq4DdezCOpjAYiiOQnQwFez78Jx69O4S2W7oVlg1sL1A8C+JXAJQpdQiCV/A8pYrEFKrtlTHspdVPWA6duQugA2",
+    "gdgiJmezzcE9cbE99ouKXcim+iNdTfUNbGkwpbJWAXfnjlkhxqJSSOLf4SGJxha85QABxVJSBLMbC47829i+oN2GGvd2L6Xdei6z",
+    "kCKEgFSkpTv0YlXWKLIkDlx/lvQY51vMXnycSJV+oYCCe3rEWFVsrhyRVIroi2mUdNJ4RGn2ei1KF42WqBSs3/iGNoWYf0adRelm",
+    "NypJv1oKmkvYqJT5ainpXq2GYUEkw+B3S1F7NRoUrGP80VJq7aYx3O6MTETApgp83xeX59/aFdN931gQ8ZkSdMwAOS4vSZLhKW+A",
+    "I2G5Fpw6VwMPpk/8CMUrJMhxmZgvmT3jiGu51k8fDjDDRGHl//kfrHbbXFJgdB4+Z+Tk0etGOg+2Ok3AnOIh6hB/M5Z4V50GJYOk",
+    "W9IvMdlsSbF48qtKTglJidztPukFi5h+PDTnOCRhCLvwZlals2g7zvYELVdiT6aoM4Kvp6sLh/zfv4UESm2YxCUnZ6ngMxgWB2bI",
+    "PXqaG/p2YaBcM85m0SqCYqtQ5XJWquL85O0hPnVBtkYbYIRB9ma/2CIN+dKvXcWhrPG+PGx4ltw7vtC35EQIYoOC/lBJvDRVK2OJ",
+    "0vIt9ZugMhKgpeLhubqPRyaZfiHdD9ST174jcUOyzyyZoxOqOlWgb6TlTUYueXGmBRU/u6hC2JujvwhF2QXqIrS1w1OTeg89n5Py",
+    "WyHiWkvgXyLtI3nOIvyqKGBbwrzjjFssx5MAki4Zcrj3wyQWxPHl2jHeI79WxhSRGA70db6lix++5wsDQsfLYNsU7mD/iE0mJjEq",
+    "rCE/knZS0LDB7gUSR3hAkeQDXxyA4IrSIKAZqWGtdrOIx9qaNjsUpu+o+CCBAvZyt0A/T6lPUb2Qo5EU9d6gbLxIltz1F0k5sV5/",
+    "5/a6tWAkURvWQPHWOvJiXJwr5JAXO+qwycAnCL5xhqKCtxCtx3uuNW9xkeY5Hry2gqyGJHbQ64DPpgW99jM9GMR+rfF5Bj+RMuEH",
+    "PuHWBS3AWii/P0R04qe1IN1tTCVB8fpfQePIjSE+sqztm7Y3ykoln7jbXeVXOYZcOCvFgqIZpahW2L/FRKzAa5ktzUx55iHLCr0g",
+    "7D5npN8ECiiALOZE2XUG7kl+EjU+YV1AchQKYMk12cEA/T4FSt2AT72jssNnnYIXGPNBcT7QPAkeC+SONC3Bg7tMX3R4JJlMpGjk",
+    "xQ1LdyfZtTc0kBN0oc0CtCcXQnj2MNnXw6B1wCUInZCxojFWiohB/6DWZzBg+a4np1c7gOOTH4EupbjP+qOVC+l5T1Y3zGHMkH93",
+    "jpy4/pjJqWS0Da2yuHHQap8PRV7QmZBOAmUTM7GIHpGGl1AUAC4i8ouikaEIsEJrWxubQQhOQ+Jads/eKbOCdDVgpEDA5QJzsu4z",
+    "KNUxj5y9hoBythw4Kc0TVhz0aVnMlFqrglxNpWllCSzncee9sj//9X9aSFTp57/+D1ZXTGrU1iEiD+oHNMXpwGYSa6WhZ+VEBSyX",
+    "orDamc/aB+WKR0RLwnakNs+MBZ8oaB8JAxiboZK/CL51clmhGDVLH+w7IckQiPN/kabGybLZFCSBcNbXSxhRtfzFmuTb9daalWTb",
+    "pCmnmy1LR+qSDcc4ZnB9eI2yL0zk1sGeKc/PNnYHFBKkjSV3im7ESNQAF1o3VWlT6FqQJzfLxvU7V2XBVUHHEPL69/Nf/o0f6TxV",
+    "fEUe3gU1X5UUSQjq+++fv33xW/WRsEdvJgdaShRh1bjNwhIKqSzEesnkejl3jhW06cFOLPJ6thPzq0+l4fVAvDLSb2IH8dLRrRMb",
+    "VYW+rhPYa5KwCKFPbiKzgyfjKi2YrMdjRRMRbkuwfmBG+uVcq8ZkCqRaTn03KJwSKjrnHNqjWEXeoovjjRAVHriUQFUcJCdY1Xrm",
+    "LDGVBmVjpkWzlS44HVoL/EX4xlZOC2Gzw85JHoJjXs11G+zYyxJvNXaz+0h3vv3Bkr5HAU543adg4rsM9bbXwcvY/ZzNIGdgJzAe",
+    "FUhJ5xy8TIF/ava6xLi8vzVORDbVNgow4+A6RSG4XRtqJ4pFs0njLIfTh2dr1PbVz1MPzrrhw9Wce7CXbfCpHjKXTwWYDn1pnYiO",
+    "B6s5mWkLGa3tQdnZ1bExvrOTYCfp6HrtGhKyUx7yvJEAA6G/Mdu3xpFvBiQR3SYqu7sDKEtN9LuLhonl/lrueMQXgfTDc0SlCu8s",
+    "qvjaW771Vl9669x5G1FsLh2roZM0bJugmo3I7tYBcHaDUIOcldRg5cbQUuONFEKk8iNtvbscErzLobkXd08wkkptzIF47Q1586xC",
+    "LuxtlZTIhuPWRE9MpMBRMm9GjSqusuFUHXP8BPTIVB2bqoyYTDbuoyml081pEEeOEukCMyoB3eVEV/mIrSijVjM+9Uw2Ma0xQkGM",
+    "y8W+vI8rcoqzXYD7iBrbkGKjop4ui8j7ZblTqHJR2bEPmzvi15hzDWYorDOP3otlxr+2NIjajDwIVg+9mEbeM+BrY85gALQwUxGQ",
+    "rjBbfAPQ5laQgjsD3WzPNU6erRbdRXXZas79AErnBEW7OzHM5e/6VgIbm52mk/+KV5iEeLXMN3yDafPgFoL6w5vXfNHn75MyWVQh",
+    "NrrAUJHgYDAItHwBxlyDY0ygl7x4AFHd60sb53l66kevzI+d532odqSWeNVIaAwNnGpL/WhK/Ai5Pzbvi+JVXZP9Ga3rsDTpG2Ra",
+    "AlzRIK3vj/VEEyNMSsXDh+HmXqKW3N1HR8lvNazbQdNCutu07l912mZc1yXua15vgcy2Js2a2mLdbvXW1R2DtCWr2OnxfA7F7RCk",
+    "Bd8LVYujH/38uKQgNYJKyF/Fopqywd1DxYZ28EDZo3CrzVTmhZSeWkSgq5iuEKJurUy3Vo1u0VVhTDSDhZ2IDUP+giSHxAeYUg5p",
+    "zNMTYi7HNfkbUJqIAux86HM4Gd/TnNd4SSSGQcC4ogMeVV36ViU+0hrCGog6Fx0vTvF64Kin9Du8kkHwGpdMMcjQ9tLyP77tZxbg",
+    "b0EeNhfbBS62fk3h20XzZjiuQAoPqZcLeSr4le/+M4lD+MgmzrR/yNjQEQ8AAzsASUBRAAk9vscNi0vGJWdEvMAvGutnQfu4d+/X",
+    "rjJEUIuKrvxjQLpji4pXMtyPj2h4xbXHhk1zy9rIUSNkzuMAIe8Ce+QTzRxMBrofEo+wA6YoRBbVu8F7rgwoMu4fFWGFYMyYDhmc",
+    "z224zGMp0pRwB2qulQKwUN6GCL539pZIFGyr0btRzDCgeCI/3U091Ghx87QKUvLJGk5zZ7BelL27ltsX5ZrXZAbzch6tVd3o0vFa",
+    "bfPn+Fc3B3SF0uVO7hyNUVh7N2iy40LAYm7M42ePZdJ9VfrUieF8vFIMhtuEsccy4BppbwkmV5wjFbW2QNOE4HiMyE61NmOX/3B3",
+    "ixVjrYB2HjwkHDB+xWBKupPwpOn/Qg6r+1OD4uYaXfQOuNKmUpA2zhRjcjEpuh/6RZPuHjBEY4PRFMPr7rAjbYZjbWPVBX6bTVI9",
+    "D7Fgjh6knHjjgO4Bo5dQ2I+ki+luc/NbTyz7gdJ5cfM9jzQ6P+X1XR3zbFJQT5GSrp1CkqIWLsE9hnAJb0zXi8jhNJeXTCf8maaR",
+    "/FQCNYB715o2xqrnNtYYLm3tkL80ybw7/cLAffIeD2bznaXcrltNMoDCa7eSQrYnBDw+z6o32D8vngITfhE2RtyFfGh7ppb0RQ7w",
+    "cytnkZGWaoWLtQsiE3xVnmaH49SqLslFKr1qjF+Lc9QpKGTp2/I2oll7cCRFuwkX292ESIJFWifb3HE3s6KDgHi9tfGPLWL8jDr9",
+    "Oz//5d+2+FnqrnYgw7ZSF7aNhfYObPS+tQOVmjz+v9IWYwNxzdEnAao2VJWsAVC6DrpaR8dRR+sIwekUfra0aB+Peca71a+SyWWK",
+    "i4JfstONutY711kqnraFXCM8eV73hN54wakut4j1SxPPOtlISnT0Vefa7kpKo8dd0PEQUAdoyrJw6TxUtBmallh8fSEKmEZciUfn",
+    "j3ZmL3SQ3le3ckdOt7ew6kvZLubj3P5I5I8OCBzZ4ESnuSiSi3I2NSjhoJ2tcZCGaYw+/Z7jzSViovAUz8sCQ7j1PZsi/9ZjwUGE",
+    "HZ6YoM7GLn9dnmonzmXRqPLj9uKbrUXaErvVWGQK0tk+YIW3RVsotSvqhSxUL5Y6FIOZTdxDlZREt/+fWZuh+ARIhKmhKzSFAPZx",
+    "Nefeorpo5GrBFXmOLCu4zFWNZuLi5RgOAD0fBYDWhbtLQBP7/1KmQ33tWXMSP2tMa76+auiwss7RCoDTlry6t7bl4DWZHlQolC/B",
+    "KEiWqGuTDR31VqT5QmDznif3ITL3pidXFJCjlIe+a+T1MZFdehRsw0/vatYPC4MGJZvC0D0rhb87bgpyWLGVtYxhUa7RXCeJOc7j",
+    "WLe8t7y0cautgL4VwJi/+Hh50bDDrcN7MStwTibiSMGHNZT/jODPP/2NXSr0g43g+Fgcer+1ER/vffIsdNQ8HScVY+I2PBqv0YnZ",
+    "pwnWWJ1JiCATDvV0B2QLoa5z4FrPybMN880MjdZuzjbMf8cATF5fPQcBp9g2Jr90KS0rqJRtRX7pUm6jds2I6RUetBNSZaOiWKcx",
+    "tdCYKcZZhJXs9GkUcyJX67xBI5gCErpa522u6nY39fcXNubaOQMEWLTBMu7RLrvxGp9sMQzbpwTE0itnUioWCRNtGLVnUoSj8CAZ",
+    "oUT2VCjHCZGzu9886/DBHCs3Kx0IAVsQA4w2If/5H6YxLKx/Uzk5aWFti3I5t8lBQSynL9wbuqMOIevfxbdxwVkr0sKBXoyFK6vd",
+    "c+hh+9Gvht7zgluxl7a5z9luvrfNkc1R20qwywVrDvYdpPtc9zoqAZiM53d/l95KPBLu/35HduDGCnNqrizbpGmhE2LIT0Sj43L9",
+    "HeitKhhCsA47gjQUPzb8fH6dZHOEqC8VNiePhtacbm/Def7i7at/ekmQUBumW3NEiR6qg54+VDNUhx1HOOh5711PcBCGz8jdd4bO",
+    "vsbRNqR36V8LcYxUb6SdmCgcQ4rY77sftdEoZazvnjhwnhJ3VmAbx0G97DrH3Cb2mgAbvjIZtx0cZRs6qeX41n6sk6DdlUa52mf2",
+    "Pd6+e3lZppfIbMhH5LDQDCWnYvG9HXQGFVO6Yo0upcdDpTamG88SNhCwhwI6OMVwrXDLCXILXTltrjB2VYTRLY5Q02NEi+qIhqb5",
+    "7hB1H/J0/+WnPfHoPUP0cNzhVpKdxJh69cpzGzFK7DbCexH4s+InL4zLSJLJZSQOo7FR+S3R7EHMM6niHr4xvNnu4bMqcVHWXFq/",
+    "7iP79LqSU+tR0xfjud3xSKk5N5HlWng8UwPFwgJHetRZwLsBHoD1sQJMb+O+Wi0nbFTB1JG1seDnwHF0JX7JpFnSSuK1aKCmsCIP",
+    "kaVLk00bB6kiEzGCk2y7ywiKOQ4jrrXRW1RXrovITmd2DTXqdAoGUDq+K1jCxKRjUOfowmG619gULHL3Ulhvr+U13FMGsTZH1LIs",
+    "QEpU1ct56FxOuXSPSi/N9RTakO3cuCtX10uZnAY58F4WWjYewFmOzSNKi+QD3uZgrsCCdaUHoM6B5wDCUj0ly/9SfUGXOA7VMvKf",
+    "Ith4SgCp0Nfdo/jmWzpMg1dqAMmGGSly/ek8/XB6CdurR8sPp8k8u8z7+Gh1NRynrElsNhfjPZg61DsL+MIYbucmm9QzCleCHsd1",
+    "8U32IZ2E/FLU32OsDAxNW07TbXCPTpK9S3/xAtUYIP2kwLPmOxJLbaNZRk0Locivi9UCX/AEyes+LwZfdKwd/hpnY4NNrNPOeXsF",
+    "H4xI8V6QEjWUARoD8KQ0/LT3E+EJiJfyyAEryM2lgHFR+buxSC68Wit0P1n8/AYkGC8prjoSyMFvWkRi01rkNcxrhM10NzpLvD8B",
+    "yjSe+cvNKc7wHT5ySNL4WoLZ+N1DTqINBY7SlR/RT/phLofHUSRoREEPNDdfQ7I+6Y5ywlAzOL0P75jVyXGuMAZ35vyZJQdQkw2G",
+    "PCcCR0ENevc8aIUPUfSYhHJBDTBvk/mqZJr+oZyHK+dCsv1/wTcrqmfDH/Z/2HeNdCtjnFs5t5Q4TneS6b7LfUUXy+lmYAw/wLjl",
+    "yRy+mn6upnkdxUSbyxiv87DEZO1iKMfaKUJcP9/ASXKUbLP3Ctva5TBZK7VNG+3I+ufaHJSs6wR0H+CtrL7d6AZoaVeqdbYs+W7b",
+    "ukrT66Mfa4uL8XhVwmoN6zaux3hG/qCJV2trtmLlHK50U0mA/t+/OvcYNNq6pysKm7VWidrzR3lV9aIBEvYyy/vzdFoP8cHngKch",
+    "P+rnq06158iiDoonK9rCR/w0Q8eQcKYdD/reCrKbNcUZuiYf2hsnI6jbOiVELisaP1FjzJuOJW5vtEH0+V4p72YK9ELtcoIZRIt4",
+    "vtzJUqzKcdqCnmTsRAou604MSojWWNDR4OpYfxhsmqt3y76EdjCWP01VFI3ch4RvmyzT6RBTe8ZYHfyRLiujK2vndNUkWiLwdu0C",
+    "CsNONi27+IwiFYiGFCHz81/+GnS8wri+MyL5jZGhOL2M9YUeM57hZcpJJTcr0/yji+fpfRr84sjIymrSdrdLep8bGWUjNRtRcw/D",
+    "TgW+7XInTlwmt2Q+cD9k82nsxbz3RTyauzk8JeBw/gHQivZVsPdqSXe3Zl6goT2vgEY3078NGyLBRl+9djKInFitjVKhZeiRbH3J",
+    "2y2WY7vQ8X3YvU8MD1iTWo6jjfQ0EmKmKsVl3F+G+9EHRA1faG+PQHBE+LYQgy1BBs1IgqiNMTbueZk3WiIjHQBmH+oWdraiG2+2",
+    "0betbTKttl1Oo+vtat00sf94P88Z2uZ+zcarwzVTZ/PWGt1Ut72QbhP61AD7NvjB+rVIW8Lr22LMqQrfnvQNoOAOow5Bvqna4p0p",
+    "hJsuQ/JOUfG9DcZCZyFHBIktZLo7HPRmDg2+mjiHbUyPu4USAlwvv5FXCYe2S1ksgTWnOkUNo+qLnrvuj2q7LMo2595w4lFA995h",
+    "0+77OdA7Yy7iWDsyLHC339TBJe8ZIHtZFJPOVtM+FGHxylMvdVmUn029X3OjpK01hmQb40fAAv+i5IyCqOXYMcc/ua/kMH6uG5Sh",
+    "tp8H3t3N6h4HNnEblMg49OzdJibQ1BMqO2Gm34axZ3q3OmWVX9q4R5wbON1LLTuujuRrmgXFbfGiPAoacBromFHqza6VSxncXfbh",
+    "ZlZtmBhbVI6eHZ1fbCde8SVwxKv0K/q8GMaGitK9wTHCoD1oVaszWzYiBspaSOqn72J9Dci2sNvWVat8RE2+/GAnMnBgHl2WpJeb",
+    "3eI976Ft3TOg0+B2z6hO2ycntFMmmn6i2rsqZLOKNaJzRt3albxYE8vFrfYm1FOTpe8fdO4FtJnWOe4dmrQFjFdTe6QdwFb989W6",
+    "0wcP7MNzpw+8UE7+NBEOpw/wEXo05UPFsAZBg1d9V7iRoQeOYBv5+7IYpQqPrJIbVD/7RCFQMCqFfrUMDe01PzrJrzfys2T8wDYC",
+    "cvypaMW6tY9YZTXdSIDvdCfyLCXe14RcHz+wr/dogeu+NPpx7ZUB82QBP7AS0zXMOlK1/X0QZAP4/9P9alxmy/ocfiGf4d9ZvZif",
+    "P/h/AEfqZ5TSAAA=",
 ]
 # END EMBEDDED DASHBOARD
 
@@ -3360,15 +3388,7 @@ def cmd_serve(args):
 # Command line: `python3 agent_relay.py [command]`; no command serves the relay
 # ============================================================================
 
-COMMANDS = {}  # name -> (function, configure parser, help)
-
-
-def command(name, help_text):
-    def register(fn):
-        COMMANDS[name] = (fn, getattr(fn, "configure", None), help_text)
-        return fn
-
-    return register
+# COMMANDS and @command live with the small helpers, so that sections above this one can register commands.
 
 
 def build_parser():
