@@ -20,8 +20,9 @@ validated there, goes down to the relay's domain methods, which write through
 `Storage` in one short transaction, then publish an event to the `Hub`, which
 wakes exactly the long-polls and streams the change concerns.
 
-The HTTP contract lives in API.md beside the README; `GET /api/spec` serves
-it as OpenAPI, and tests/test_spec.py keeps that and the router in step.
+The README's API reference lists every route; `GET /api/spec` serves them as
+OpenAPI, built from the route table, and tests/test_spec.py keeps the spec,
+the router and the README in step.
 """
 
 __version__ = "0.1.0"
