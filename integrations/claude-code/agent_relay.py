@@ -79,9 +79,12 @@ def now_ms():
     return int(time.time() * 1000)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # built once: json.dumps with options builds one per call
+
+
 def dumps(obj):
     """Compact JSON; non-ASCII is kept as UTF-8."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(obj)
 
 
 def loads_or(text, default):
@@ -522,6 +525,7 @@ class Storage:
         self.migrate()
         if not self.memory:
             self._writer.execute("PRAGMA busy_timeout = %d" % self.WRITE_BUSY_MS)
+            self._start_checkpointer()
 
     def _connect(self, readonly=False):
         if self.memory:
@@ -559,6 +563,35 @@ class Storage:
                     c.execute("ROLLBACK")
                     raise
 
+    # Checkpoints (copying the WAL into the database file, with two fsyncs) run in a thread of their own,
+    # so that no request waits for the disk: SQLite's automatic checkpoint runs inside the COMMIT of
+    # whichever write crosses its threshold, holding the write lock (and every writer behind it) meanwhile.
+    CHECKPOINT_EVERY = 100  # commits between background checkpoints (a message writes about 10 WAL pages)
+    WRITER_CHECKPOINT_PAGES = 10000  # the writer's own automatic checkpoint: a backstop if the thread falls behind
+
+    def _start_checkpointer(self):
+        self._commits = 0
+        self._checkpoint_due = threading.Event()
+        self._writer.execute("PRAGMA wal_autocheckpoint = %d" % self.WRITER_CHECKPOINT_PAGES)
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="checkpointer", daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self):
+        con = None
+        while True:
+            self._checkpoint_due.wait()
+            self._checkpoint_due.clear()
+            if self._closed:
+                break
+            try:
+                if con is None:
+                    con = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False, isolation_level=None)
+                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                pass  # locked, read-only or full: the writer's own checkpoint remains, and the next round retries
+        if con is not None:
+            con.close()
+
     @contextlib.contextmanager
     def locked(self):
         """This process's write lock, waited for at most WRITE_WAIT_S (re-entrant)."""
@@ -594,6 +627,11 @@ class Storage:
                     raise StorageUnavailable(self.fault)
                 raise
             self.fault = None
+            if not self.memory:
+                self._commits += 1
+                if self._commits >= self.CHECKPOINT_EVERY:
+                    self._commits = 0
+                    self._checkpoint_due.set()
 
     @contextlib.contextmanager
     def read(self):
@@ -641,6 +679,9 @@ class Storage:
     def close(self):
         with self.lock:
             self._closed = True
+            if not self.memory:
+                self._checkpoint_due.set()
+                self._checkpointer.join(5.0)
             while True:
                 try:
                     self._readers.get_nowait().close()
@@ -1556,7 +1597,7 @@ class Relay:
                 "INSERT INTO messages(from_agent, to_target, subject, body, kind, channel, claimable, reply_to, thread_id, "
                 "idempotency_key, payload, meta, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (sender, to, subject, text, kind, channel, int(claimable), reply_to, thread, idem,
-                 dumps(payload or {}), dumps(meta or {}), ts),
+                 dumps(payload) if payload else "{}", dumps(meta) if meta else "{}", ts),
             )
             mid = cur.lastrowid
             msg = {
@@ -2502,6 +2543,19 @@ ROUTES = [
 ]
 
 
+_STATIC_ROUTES = {}
+
+
+def _static_routes():
+    """(method, path) -> route for paths without parameters, found by a dict lookup instead of trying
+    every route's pattern; only where the route table's own first match would be that route."""
+    if not _STATIC_ROUTES:
+        for i, r in enumerate(ROUTES):
+            if not r.regex.groupindex and not any(q.method == r.method and q.regex.match(r.path) for q in ROUTES[:i]):
+                _STATIC_ROUTES.setdefault((r.method, r.path), r)
+    return _STATIC_ROUTES
+
+
 def openapi_spec():
     """The OpenAPI 3 document, built from the route table so the two cannot drift apart."""
     paths = {}
@@ -2836,6 +2890,7 @@ def _finite_float(text):
     return value
 
 
+_BODY_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)  # built once, not per request
 MAX_JSON_DEPTH = 100  # deeper bodies are refused: they would only ever meet Python's recursion limit later
 
 
@@ -2860,7 +2915,7 @@ def parse_json_body(raw):
     except UnicodeDecodeError as e:
         raise ApiError(400, "invalid_json", "The body is not valid UTF-8 (byte %d)." % e.start)
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = _BODY_DECODER.decode(text)
     except RecursionError:
         raise ApiError(400, "invalid_json", "The body's JSON is nested too deeply.")
     except ValueError as e:
@@ -2890,7 +2945,32 @@ def _check_strings(value, depth=0):
             _check_strings(v, depth + 1)
 
 
+class RequestHeaders(http.client.HTTPMessage):
+    """Request headers whose get() is a dict lookup: the stdlib's scans every header on each call,
+    and a request asks for a dozen of them. Same values, first occurrence wins, as Message.get."""
+
+    _index = None
+
+    def get(self, name, failobj=None):
+        index = self._index
+        if index is None:
+            index = {}
+            for k, v in self._headers:
+                index.setdefault(k.lower(), self.policy.header_fetch_parse(k, v))
+            self._index = index
+        return index.get(name.lower(), failobj)
+
+    def __setitem__(self, name, val):
+        self._index = None
+        http.client.HTTPMessage.__setitem__(self, name, val)
+
+    def __delitem__(self, name):
+        self._index = None
+        http.client.HTTPMessage.__delitem__(self, name)
+
+
 class Handler(BaseHTTPRequestHandler):
+    MessageClass = RequestHeaders
     protocol_version = "HTTP/1.1"
     server_version = "agent-relay/" + __version__
     sys_version = ""
@@ -3087,8 +3167,9 @@ class Handler(BaseHTTPRequestHandler):
                 name = name[:end]
         elif ":" in name:
             name = name.rsplit(":", 1)[0]
-        allowed = {"localhost", "127.0.0.1", "[::1]"} | {h.lower() for h in cfg.allowed_hosts}
-        if name not in allowed:
+        if name in ("localhost", "127.0.0.1", "[::1]"):
+            return
+        if name not in {h.lower() for h in cfg.allowed_hosts}:
             raise ApiError(403, "forbidden", "Host %r is not this relay's name (DNS rebinding guard); add it to "
                            "AGENT_RELAY_ALLOWED_HOSTS if it is yours." % host[:100])
 
@@ -3135,8 +3216,8 @@ class Handler(BaseHTTPRequestHandler):
         return Auth(relay, self.headers, is_admin)
 
     def dispatch_api(self, method, path, query_string):
-        route, params, allowed = None, None, []
-        for r in ROUTES:
+        route, params, allowed = _static_routes().get((method, path)), {}, []
+        for r in ROUTES if route is None else ():
             m = r.regex.match(path)
             if m:
                 allowed.append(r.method)
@@ -3151,7 +3232,7 @@ class Handler(BaseHTTPRequestHandler):
                                headers={"Allow": ", ".join(sorted(set(allowed)))})
             raise ApiError(404, "not_found", "No route %s %s; see /api/spec for the routes." % (method, path[:200]))
         query = {}
-        for k, v in urllib.parse.parse_qsl(query_string, keep_blank_values=True):
+        for k, v in urllib.parse.parse_qsl(query_string, keep_blank_values=True) if query_string else ():
             query[k] = v
         if "token" in query or "access_token" in query:
             raise ApiError(400, "invalid_field", "token: tokens are not accepted in URLs (they end up in logs); "
@@ -3268,211 +3349,212 @@ def dashboard_assets():
 
 # BEGIN EMBEDDED DASHBOARD
 DASHBOARD_GZIP_B64 = [
-    "H4sIAAAAAAACA8V925LbyJXgu74iVb4AaJMo1k1Ss1SlVavVY43V3V6VPN4NtcYBkmARLhJgA2CVypqK8JNf9mEjZjbCL7uv8wvz",
-    "Pvsn/SV7bnkDAZIldcQq7C4iLyczT548eW6Z+fThpBjXt8tUzerF/PzBU/yj5kl+ebaX5nuYkCYT+LNI60SNZ0lZpfXZ3qqe9p/s",
-    "6eQ8WaRne9dZerMsynpPjYu8TnModpNN6tnZJL3OxmmfPnoqy7M6S+b9apzM07ODBpBxMS9KyJuli9QBNM8uZ7WaJOVVo3yZTtOy",
-    "TEunbF70TSoUrrN6np4/v4Q89SadJ7dP9znpwdN5ll+pMp2f7WVQe0/NoN7Z3iSpk2EPq1b1LZbb/0L14Z+qsVP081P/qS/2HwzL",
-    "oqjVxwcKII0uh+oX05Ppo+mTU/hcJnk6xxT6Z1L6h5j25TSZjjCtTj/UkHAwPjw8GmDCYlWnE0h59Ojx4MnJKUMuyklaQmJ6mJ6k",
-    "CRZLxmPAASQdnTw6Gn9pk/pVMcX09EmachMTmH+qPR4cfXk4YpCcqAtPJ+mY4RZX2BuofJzyp4F3Mj1Jx5h2k5Q5JCRPHo0GA51g",
-    "IU2P0gPp9qq6haTHycnh+PGpJJiCg1RQUEyn8P0k+fLgy7F8m0bT6WB6xNDKZJKtqqE6GCw/YLFqlkyKm6EaqIPlB3UI/y8vR0l4",
-    "8KinDo976njQU/HgJOLKiyIvhmqV0Y9qmYzTnrr45lv46L9JL1fzpOypb9N8XvTUiyKvinlS9dTe62yUlkmdFbnCons9ZaqfPrh7",
-    "8F8W6SRLVLgkCq36LrkPib4jIg1LJIZMDo4PHh+MXTIBChgcPvbJ5PDw8PHRgUMmMCuPeRI0mXz5JDkcEYY8QjlMj46PBx6hPE6T",
-    "w+lgnVAOj48Gx4lHKNPBk+RxqoH6pHKUHB4fHhpSOZmOp0/GPqkcTI6OeChCKumT0eB42iSVo+RocDgwXWdiGT35MuFeusRymB4+",
-    "5uFsIJZDGN/REw1Pk0de5DSSO5iwL9RHNSo+9KvsL1kO08DoAqwBQd09QGbZg7TJLRRbJOVlBn0fYA6nAZBRMr66LItVDqi/TsoQ",
-    "ZzM6VTTxOgWnCtKAHaX9WYqsDmg2PqalPC1wKg6Olx/2MUlVt1WdLvqrrKf6yXI5T/ucArR3kV4WqfrDKyC6N8WoqIEy936bzq/T",
-    "Ohsn6rt0lULO8xKYb09VSV71q7TMpthIcZ2W03lx0/8wVLNsMklzJNbRqq6LHDn2clVDlXSejuEv9jYp0wSGzJ3L8hkAqs2gzPfd",
-    "g3cM7T2UnWTVErgvo1c9zBa4VyQ5FYuJNqGQhxZKjDgfFpG0158mi2x+awpBDpShHJgkWEUHh/HJkqYnvimTJVQzw8PvoUry2xvo",
-    "IXCrG5jN/gjGAnRJf/qYglUN08ftLy0/m+szmLgulkQVy6LKkEkMVQWTc3V7qiCHSOcv/SyfpDAPJ6cttEMLnRiUIUSYo8WQGBrw",
-    "oGyiiYyyATHLZDIhykUmqA4eAWZgarEj/bK4cedlOk8BawlstXk/A4oCxomLPi1P1SWijbkolhI84n9Pgew/8NYOJR4NqIxZCSpZ",
-    "1QXNxKhM8omewRuh8UcnA3/mHtna/ZLLMISbGfSoT2wUCYhbBrCwbefuGLKcFtG2oVA7LSRjkHWEuMKxWEzrzeTLL7/Eoutzo/lK",
-    "c3VrMt40huFwlE6LMqUlQHLMUO3tQR1G7BNsUXMG+mh06mTwq44uRaaNdyjY9Ks6qVMUqK7TPVyWLZWuWodRXG0E5YygDWRH3TLF",
-    "JGArgPW997D9rpVw81thm/2h2WHM2KlZ3fVtzW8c4obWgIRnHZ13Nspm9zlrI8iNHXLrY61qfa2vrWW7ODasaqA/WpW80RHs3Zbg",
-    "KIEtBPKknY4Vp7RE0sXS1pfkk/YFKVJR++5wryVKYxw19yfZtl3gx4axQJEMdrd+vlrAZjgeqjoZodCICZUBGoMOVLaAbk7equqP",
-    "kpKEjM55eeTMy7YBO/DNTgezV6zqz97pFkmWxwLLIYvLMoONFf8LeFtAGiAaurRa5DCBiyyHgYUgfx9MsVe83zzyCORgG13a3QZG",
-    "9PamUAY8yEllcZ3MQUBPUA+sFG5GsNVfKZDTQa1T83QKggj+gqUG0kLFIrzk0lakwgwqQv8U7pt1cpVWarWk/GoOtBfFOHot4MOI",
-    "TD8H2E+W633kbMXGCWDD+XzMyPFqQWcq3iWxbzh6BWpbMe8nugGGC/2QqiXKuAdOyVGz5KFXUu0rWBE5ppoq443AD/XCh/U+RREn",
-    "KUnM45kBLTvVc4MYTnCXAySOIR0gpYD+23oGc65g0SXqcp7k47QTuYfHn4rcYx+5DVwfb8S1i+eeYLHXQI3GcysqNqD+rgPFR4xC",
-    "2AzmHax8kpW4V6FYyZW8leRgbSCr5LukRGJm1MPQUDLnmj1/IUyzsqr9ObALkSQinoJm50SYqWTIZiGiUC5cXgYM6kCV2mTGwyKt",
-    "KlixTvEjSpdVbFKPKZUWtEk7YXRVjJGYNoPWjVJk6q37TnPX4Vz+kl3pg9EhOZO/PCn8uG0quHd9VBLuI5E/6RDISX42msFAlCGn",
-    "jdmhFsVljzjxGOlpi5hOhLfK60bFw869dNN+fP8tXqRug8cBDx63R57gfgqkXHbuoy0bot03LDBY6fVtlx7qwjjyeoNbL+FodhRX",
-    "q1EDR0dua4gxaPBRJ9581A8csENahf3xLJtPjL2hrxVHZyevFsl8Dr0rYY18xk4eL7P5vEW0G82L8ZWPjoOG/oQT26anyDS2yVmt",
-    "tpJtOpWHrBOhU+x2XPUL6i0I9fI9KbyvFPWWMp3YJOZOZIe4t1YkILLJ3GmjWKa5/YIPRI5NuFwlgBynA7N0PvlUHUdAoAnMAhzP",
-    "k2zRMSBjLGvCxAwP5jTJ5m43af7dhBJ4CqL71k36M6xLKGSgjMsM7VBzW0av2E9WiwQOIgHFhU/VDmfZ8tOofKAet9D4o12VmA0M",
-    "0vIm2C/o/0DanWYsGcQuGl6HQoYWmjonW+e2TXDL/mnQ8NhD1bFjUBmvygonYllkvJmtMUvuznCGIzad6nvzxxbpyJSFgSejOdF6",
-    "AXwlqwEH8QkIAbq1STpNVvNaV4iXZQZYvm2lGgN8Y8uS+gvy1QjUy6JYs2Myj1CUP0omm3Q9LEJeKTsTZI32+sgp7X0yCD9kukGo",
-    "ZL99h06+sz3UWdHQ4qZVaVKOZ83UZVJVaA3FdGvyhemzas2vmpLMfUWox2u76Jdic+ukMhnOcFqMV5Xtmf4mWqDf/eusykbEjkFi",
-    "rZE4/AyklFWN9M/Ycjts8CklcCOq0ppGhn2YJ6N0Hk8zZtj3kcWP1kyPnZJAU0o0+7uIv5+rqcdGjN5NSy/TZZrUIeo//Smw3p5W",
-    "lw6PYGWz7h55xuI7aWMnxtKQFHx5YrDNxOMhCyjoPnNy4va1Tzb63YXwVt1KQBGZrFm9UaZDqKT8+DU3sXhNxcg/hKch9a9h7rix",
-    "Rx1q2VavAsNWO/ie3i+dOjHgYpzOivkkLTeKx3qQxwNjhUInOuyqNaBw7OCGvQ+7WuYa0+FY8Xfc4TpmCHsRX3UNyXdFHHpkQjUv",
-    "y+Un2T4P14mmS4+Txh+tN75cVTOrB6AJyxon3HIsG2g5p6Ee6kHNswo0dZDiOnYvvZJjkNp207IYsGFaRpf/TKYFnAcW36dyrdow",
-    "rYOTNab1xHE/ranP0zS9L6/XWuWiuvxsDvjE2sd35YLSdAwYmN9uNH24quQj2+k+Bdrs6DY41ipfB93vutLdpuObWbHJ6u6x1E28",
-    "00Ksi00OYbdoDapT+/LqchNgVdDTUfNpZfoumkkO2NYPiSzw2luWaZ9bvLdbu9k+2Uw/2JCDR+nCgXrrcBPsTEIk3qJkuF4j28Bx",
-    "K3dG1/OM9EWkyoxMe0L3jOHDLY5sKXYwaG3P4TfapPi5QpI1TTb5jbvEpVTTp/6zcibbjBuDgUtez+AjQkKZ8jKDiSSN2+vglAKL",
-    "Ptvr34QYE3XizmAkGyhCnIdV85blv03+2KpQPmEavp+9dNOamxbl4h6GxKOd4BVXrVtqm9I7nqXjq06Bwq6z1iG2ADSLgUzjv7aO",
-    "MPWpq4Ha/MRtEOv+/9gH76kNHDvd7VOoaCsz3zTvVLU1vKZ775SFtuMu2W3HMW2fs9tuw263Ji2wj1lzk+N2LHfNk7caTByZ28gj",
-    "w0vE6j6wxMz+MU3L0pdzlbkoFJOc2a8G7VEvrmlIU3yHFclaAXXBLdvck+06hx2DjRwurtJcLYoJdOSzNiMC0cchQ/9sENk0+5DC",
-    "PpPlZKMY+EjhGFf0rR/31CHGuB6frGtUbUOAhfPnVVVn09u+iUrSo2v45U3Y2qHInTTWn9PdxgqFbZZmwrVFiTQjSUdMXG17tg4z",
-    "+eAGBGN0HJoxGF2AJf5ffHgSOQMix1nTT+YGr5mSy+6CRxtlX5rhTiJcmw+ixTRvyCNP9yV2/em+xO+jKCnR/LBNj+dJVZ3tgeC0",
-    "dw54ezrJrp00ZB+U7udQDN+eH0oP2VKQmE024ZCpPget7CkKWqpT6HQzR4BimhRbD7lSZTFHAyVXObc5P/3132GI0KI0zqGq1DyG",
-    "RpHnpdG4k67HU8NvNnZyffhCdn+2d5HWHPiBg+TVu3f+Fv883eeihDU9ekIStkFxVo12JU3alC8MDmLr0NkeYRIjA+oMg0GrPReh",
-    "TjXTu+dstmP/ltqH/tXJfO/86cj0oc+WPXGBtXSoUeD8p7/+G4zsfL8FBkPvBiGtCwRtm2TA3hytjcfrMdsfaNLXm7KZph2TdI82",
-    "tAmif3g8a2vGyzctGcMFpN6jsTqprqo2QmzmmobwS1HG5mZsG+gwpI3IbxqT2xqldNMcft1jPKBIzJGbG0dmWwvrhUxzJktJ1q6D",
-    "tDDZEdky4GaRzV2TMqZn/G27076uOQSvBbLOcHqvk5h9UYzfnghE5wKdGXNanj948BQDl3R1jl9a48qwXewJd4XdwbAIFmB1Idpa",
-    "uZiR9JtcUKf3pa7LiwALo1u3zEwa8vtiA0lgFmBH9OFCnef6AwZ5eO7NLcWQNLrY58TzgUyBs6tAw0uDWDfQowlCEg2Ol20dJ+mm",
-    "WRMZSSeSKLPRIQcghYusdYUTOyBy7vl3BYe4ZZW6STLc0kBEKI2CFrs7676MHEhl26wT8222zXx6w3xzgXtMtqnAW9HmaebCnz7H",
-    "XH+nCdbjd+q1Ta+Ts9vcShc4RbrwXaH3ujK9xM2oTCfqNq07ps6wlU0Le7R9YYvVZU2yYltM9yTrErvPslPjAji2Sio1Wy2SnGfb",
-    "QxvaOeyApIMuDCzQ0WXOQiMYpsxTFAGL6XRP5bgQMqiT6nb8Pmvjkt+STW1tzWbLNBrQvgjrlK6LTbAg99zdyQSUCKS+dGnlTjzr",
-    "ddXScdil8nE639SgLnLOfxUlumKp9MCdoCbJGVvlntdpdldKKXJuo9TrlIAy5H1XTjCBN4hOXGEGLjioBEpRWoPoQxrOnnI8i7LS",
-    "AGIP5KDL4YceSA1L/EM9wx+jskgm4wTXdLUE4iaLGXQWWGvqD2af6mwd34tZkmNkaMgdSubRfcY75todgza53hjT+DJWE5i14rb6",
-    "uUZxIV6HTxuF+Cy6eIrkbuxXk9zaOvktC9IuGGPHdhtEVbWjL5zlofOPJWzrKtFiOmiGKnxRl/PfvERDhaqAdVURrlHdltvp5iha",
-    "VgmatzcsE5o6AO9imNJGxYcGrWAwHjrTu6jF5J8r81uFZLpFySVqIwZPbiYT/HZ2BBO6yGqPHUkwVIMsAHWd+wxaAnBbuBfnsfZ1",
-    "vyVJam1K8jaI0p0tFQ0W22GU8DM9k0NrS0/3EbrdRhMMbahqaqrB3bCiZLeXZzd9Z/F7yH5aTW0Mz+i03aKBKbK7bOBWkWW9WQo0",
-    "FTbKge4Espt/bwtPIQH0QQenk8A26gDDY6NFA0V+Fu9S/rz4HKfCPWp0q0Be16FkdQF8ZzMzX2c2rYycunyPAf3YPpgfG31G5qdA",
-    "y9Tuaeg78dLO/u0uoJup3UlExzCKRr0WEd3P20lIt91oiuk653Mk8/F2yRwZdWMYmLRh4VH27otOF/8j/G0RwmdHZpJWoEi8RUOS",
-    "6lqPbH9aW4yzo52mnGvfV+fmWi2z7WTsNNXSfHOeKTneiJQXZl81Vr0uDJkteDOa2ofqVG4ZbzN3p0E7ldZGPl4b1jZaf7qPRic0",
-    "PjmtWe/SnjWlU2KbLd3NuMpynBcylDualacYSnlTv0UndNJ5G55kyby4lKVDAKCVcpW2WTGwLlnI27RJwYQ2YNiy52+sjZ8W1QOh",
-    "flNuluHkv51llfgDcmBhFUicVCdWr2q04lylS2KwNZYb4UnBtAwqNS/GyVxVdVHCrMRmjXhc3URaO31jTK4jRzJ83s5p65tPNx7W",
-    "Jl0cTpYXbVFgnb62qqxuzvkL+tuUFO8nlBLAKrlO2xqi9PML+K/fiLXkisimOf3TalxmyxrvdnqgvlCOSwugV7NRkZSTIbmAljBv",
-    "bOj5E81+vLwFnaK8Bs6R1Gpvfy9GAP+U5Nl8nqh/vOipvEDtDkTjNB9naYV3rSzSflFml0AeCKPOrlP1hzevyUtyS/W/IZd5moxn",
-    "Sm8wc1B0K3WT1TP1Dy/fqv1kme3HcXxqv9JrMj+FF9idsn9BktAX6iUl9xRGWXH9aVqPZ2GkqoKGxN7ougR0zSuk2URuOYlUDSRU",
-    "qRW0O0sIGKqwl3jWh05Mo0esT9AIUDKd0iEf3WfoyyQdAbMcQ9rBYKAWVUTDe7PCEOAkl3O9NQDH+CzA4bQsFsZnVCo8EHLJ9ydV",
-    "ihYcoBENa0lFMU8ILMQfL9j/id4vlGzyYpJWEeAeTw9j4d++/fY1NX2huwacAnG8qrN5VtO8PP/9K/UbXCMzRNa0TCvAPiygCfS2",
-    "7Ck8HwYrF9C46CEkcZ2SB08fJO8ZhtvTAWc9CrbpuYfOR6BCYmf2HwSrimBm4zo4pfiAs/Z/tp+dJQDcGAZWq1+qMxVmk0idnatJ",
-    "MV4toGcxaCEv5yn+/Or21QSzqb0v1FcrPD4IW17K2bG6gP7ArNC5QkA4YArnxkHsKZA6lIGVhVRfwgjSWuN6iTfCTQzKsVdTIAAi",
-    "4XQe1sllDxZyscSzGXF8lYEyTqdIuOs5dN10eQyorlPpNdaM+AKkUoVc+h2g9fq9Kqbqe5JiYyhXAopCakD9y7+oj3dRJNdmZVMV",
-    "XgPyVL6azzEPP84UccaIDiZn+UpurMKyV5QdEP8JIpXH9Os7WLvQx2suB+sldQsjiqisS5JngtDwOmqvhfwLarkDm8DIJq1Du44Q",
-    "PlYBpEO59xb+ZL2BmA6YV3+EVR8GRQ6t/PrXxGABMI8/0LND/U4mE2IXr8mbmpYIYZ6N0/AQFpMHPo+h/eeaDEKcCYKHu7F6poJA",
-    "De24I74+y5u8MQ4O5z+eAgsMX+VTvAnw1puvsTtf4+75yjFcB1gDVMgANm4vAPw7oFXoyhh60qCptzA9mBtKD8eR7WKZ1qsyV3Tj",
-    "FfcU1ieuqGtaUA4NtYySK5A2b2s8L0vYJ7KK/mLiM8DVUL17byosk3r2amKrwE4BvfvDm1cvkIfkSP7QCbcJtke8QJK01YKqHwAH",
-    "46JxXbwubtLyBRBKGFHoJcgI4f67f076fxn0v+y/34elGPQDZARmicJ+9DZbpGEtyxJn4SHwYiSbSj2EoQ8ijaKAVnxwalYvjuBr",
-    "QG+cFzewvfTVd6vFCIio5vPwBCurvsF5TsNJZAH99Nd/c8AkAOZbwEicjCooBhumTqDAoTABLo+XaBDQOYZmaOggvasTCxaDYzAe",
-    "O3DzH8EAcHYqwFRQUZZZL5h/9GggJajJ6bwoSsjYp4pQZbFe5cmj4446DAxqzWytlmICAMpNqJwMYKLOAd9ALjVmwRZTIL0FsEPj",
-    "NNendIEGSCvqKcamn/M+Sjt6Nr4CXnyVpkvcUnEjC+keDc3kWQ5gwamKfC6NsF4Cp6bTdChUuQy6AJ7FlMBrAOjCzKid7cgZBDD9",
-    "AEEGPVnYgSOvBUNpo6eTK0iCRp7pZeUAxbEHPYKBXiAEKmXz9IYIzy0N9P/q4nuBgnWxv1ybJP3NVV+jnJ621L7rmTVC9W01KYSD",
-    "v3OxOb7C0lXIaHQ4YI0c0HCmH1cwPxd0p15RPp8D1t4JRt4HhilyxWucA9zRLf812BMeXTe2IN1nYfoBjhznb6gHYJi00/d59Q9p",
-    "HeIVlMDW8eCBTCkpMReiw0A3XoGii8WASQcBHg4aJygShmlk63CGB/wCgeO2YuDTHh358CsNnzYgXkJegTJdFNep9KHZOkhUomwB",
-    "sqdA534nqhlwKpRpeiB7Y3n8HbPCClh7WOSnXvG0xq1DatDJE13HRzeyYDmY4jTx8KGkOSDTsiSQZDxx8MVR588IEv2ORbJENiEp",
-    "Y97gAhUiP3DSgFtExCoCXjRei1okD6d5DyVyaJOZqG46BMEsoQ3lI6hfaVIi5RQrEMGg6zQ6QIMkhVRumnMdggeNYXuyT82BB+EO",
-    "hQ1BSVxuvwcZP4NNKSwpyYFWEoBosyRsxfTtovDb73/38rs//e7lf4cuBCSik1JHoXuB3kuff/3tq5ZCzyeLLPdLcqMYasshS8IW",
-    "MCgTRlThdaofWZ0asqACYj9CkS9mHnwRwvaSGAeSlhUKCoBRFta15oYhT0vg8MTxWfCuZ3wdEXD7Yo7q6McClgzLCT1i9T0mkbtY",
-    "PUdTIMWXiPIHZHE8wJudqBPw+6iHGwnKAyR2QgG5cympbvOxMsQEeme4SOtZARwcpRi+/bQn9bytg/WlivD3fDxOlzWQJl5Zmo1J",
-    "wdv/cwVSKA5V1+C+nQkfMnMZCa5MjplAI2ZQzUg3GT+HeQOF+y98eRHM8ldA1YAz2kaxqG0TtzLqoh6VwEDXM+iC0OW86CNLwQ0N",
-    "pElgFHh9NSA+cPR6GQZ2heGQ6BSAqh5oVi5w3wXCNfpvQSwP3hMNNpFitRIaeGQr/7c+2Sr6RLF9Itk+0yxCotJSGcYV0/mxM/WP",
-    "F99/F1e0t2XT25BSWVnSQjAyBCAk/NScHycuQZoUIuTZRrBNpssieVpfEO2FLLFzL4TDfFR486/QPZPoEKOr6aptWVNEq0M6KjMh",
-    "tKc1KtKBUbEh7UWxAt01L7CziRgh2CoTIJ/Xo7F9Qe3EiI3YmmI5xg5Ub816sDBw4u0hhshzhRp4LqGQdF3girLzN/ceFz71AycQ",
-    "4RVXkY8J7JZFBBZpWbfciLs+UBOlRqxSh58x7x200RekPQZYwmY5ELikwm1EY5p2HNpHIgfXnGr2oDvlTM2srpd/wrXk9tzUtIm4",
-    "0ZGQ8Nu3b3+v/Ap2wTz0eIfFmpTDYQGv0rmc3+QQtNyYfUB7PJNJdUUrA8RRWiC0HxOfMLPRxc0M2QA9WdF/rVNHLA7TKnyJmJVd",
-    "va2vlmdRX5mhtfSVMqivvPTv1VdfpW1ddR3EhtPhyAwtg2qIKix4sEWhKEckQRHZ7VO/97MYBf2GKCOHYr5QFzO8Q9HYIvnIRIjX",
-    "z9Gdfyjqg5byRm9tdMliglczUfkemgpBpr3BHYuNzPN04ms1BqPomsDNtXojO7FVdHF7j2Vr13Omse1kxQiChko/nvmZS5Zu1LA1",
-    "OcZdVaSmDV0yjNh0y4gY77D0e0MGIkzFsu2HQWD4myTZ1a67dtYmhn3U5VFbgIkhMO4QaFfkrgqgnqniMCW9NRskCQljiV8CPRtX",
-    "URBpM5YglKq4xUhPg2K+bM0NgNhLJMkUQMKu47nxWkOHzRqU0EE3AntrjndMMt5SEpJRmNZwv59oB4+WrH8j2zHRCYHIKsWOE/EJ",
-    "kVHc9hLKk2PhKr1luynoHJv8RT+sOYwCamsobd3T/dQCLvLQTZiL4utkvkIqCAiLpL80Js7hMs3KdKVOaO09IrDALAPucy4cuPYB",
-    "oSWP3YznRZWi0BZSX1wpEpUJlyq7u2jlDurIUi+ZFrrWIgDpn7ZFJUrqMm4SM0y31RqGVs0AHZWqM/9tLFwGg3IZdY2WOO8mHzcX",
-    "R2RbEdDtjWBduPlXSRkGz4XWYN6RMohsFboZakMysfoDfP/01/9N7Oenv/4fLELn+BQIiYFhPkvDVeyoXBTJlNzoKRGNJa6WZDMe",
-    "4A3KeOb5JchmYThlVTGMolPfzIAyJE02Y11PJHrogKDWTNIBuwZhTwxTtnsy+tJrYLLkA/uar/YKZRqs0aSV0mOQNha6rFggHAJk",
-    "bHi0zltMa9/GMHKUUZnDWzDAL6I2DrgOAZjDpLjJ3eFRr2B4kMXT/rIaJ6AsRH4Dp41u4vmhjZ1kXS50cOiTYKwVMEOvak0+Xpeq",
-    "XHmfdDGkFIdAsaParYZ2rohuKEA/xQU518KIpeW7SBs4zb5PG3xiCZxlgHCFHqfRrbBqhKGSKVJzYqUB4jPLumHrxPG+YJdm6Eg0",
-    "LdujR+B4005YRlZ+4d1jQk92qBX6KKkzrKYNlegusJCLFUZloPOUbAm4NVXUJdywodjXMPUW4aafVoNZLa28slqigCW1yBLVANBE",
-    "u5YoHnLNh61Vidu4NV8keYuKReai8pYPXwbNNW2rayuZtp0BddojUbSVaJvYJqPPmj92k+1nf1+9dF3ns6Siq4zRhZ6WsQECU75I",
-    "yqvK+qsnWVnf0vSUq5z27wVCY9+1wus6QDRKBJAYXrjkDXA8FFbRUAL7PIIsEEz64ypFHgmUg85vcRAVxhRyp21L3DSLZrjpGFcP",
-    "wM9lm2pmJZcJyVpOBtLRdA70iTa10uxtdmL02OM4xiezxM9DPy2vztl5jF1C/gHfdiO10CO/JceQR+k9xJtvDffWPRKF0xtxdKJw",
-    "FAqCIt9WSlC1HX19jMaJjGOB1HcAlIbwnq98wMGQPZOZvT9kwPJrapQ63LBymcwQK9kFKFMTA4FxDo6JJoWxhknarMqrT9ew2cby",
-    "wPxURv4OM9+HbfZsTTxlii/mII1mpcKlS7pVRTZup6VJitE+tjHSKKiLbk7UHCNiYdOCdKIhtizFi4uXOioAePQMFxddOCe2zKHK",
-    "JsOeoo17KCagngqGAQZQoGekiq0fllpDg3VS1a8m2lQ0rsu5/o3RavTC0wA1qqvUWk0YyMXbNy+ff/unV1+/fvmnby8A2OOTAV7f",
-    "AR3NC+gghjSEyO6wQ7DU0YfWT3C07KEnKWpeoO3XvBrywPMQkJxLZ9dduXXM4odz5J3lrLFRgqgK+Q7gL2f5KstHQjoI//gnoBvZ",
-    "5fg7pHln4YOecp80gWz3kwvg/jMUCVIkxUDdvaPW36MlQvpx5zqHvW3aLAOemBinIVLOR5yMgEKtMiBZOC2mHH6EbWuO818XxdL1",
-    "nJ2e+q4w6BJIekYa4Urfo3fDkUB0IZLfSf8wBpnt4szDh03jkkDWznHZ3Dz1RkNzxQtmAPhPhi6kCm0PTm13nLAGLr9WupHwjL3J",
-    "oJaEjZwv1CHwYKRvNFHCXwZrOusShXYccsdb7QPOjLGNwPfcrDUeDuLHJ6Als+se1n2BRPOFGsQnkRFWVQOsZuV3XRTBk+uuLKA0",
-    "2QOfI73hgikLkPmEzzsECcXwz+lmnwSuOg6m63PdnZwSn+N6cBYHczbtX3cs/a8ho0+CfP/V12Td92qc7ma1D5xIQfTIW/dGlV3m",
-    "CbBRWrj8cW+fR9Tl/KWtKfCt4Gv2XG8fxBJo0IxZgm/dCaGT+NoROXV1S7QAHUmX7e3Izx5qkD9XU+6g2pe0WWnEsVnqWPdFNJQh",
-    "2IluUhBMca+EPZZVMQm8RBUoQwXiJrl9YHkgSaNndiCXaf2GEnkFiICZoom2lKWCsvjXnOIWSq9pLaA3gaItxCXz7j2+95da96Qm",
-    "t9FqSpaiHj8JIupDT+HF92uCWVLi7h22uZaxPIxdqq05mN3dpNfYw8nhjDadUrR4mltiLY0tQ/fjI1tpYHCoFdw5vh7SD/BP6DF5",
-    "LBfx1Yk62bSG/xALvznTGI75byiNaMbJbh7D9hgyYw10MQARiaYPP2N8WfcFAHleh8C8cY0MPkzTKZRhjGMZjsw7wLvjBPei9el9",
-    "Zm34xsmpIdD5oXD/3Q/lD/n7fdMz7lumnqoBrhzs0bvsPW+gP5Rk1s/oC4HM0/wSVNm+Oog0joiGAaNDIuMRHsdEm1CtsJ1GX0hl",
-    "dgcEglvm9KQ53gztri0doiTIO9DJZKU7hI3vIHLAwWJ6DS2G/BZEem2y7qzLpLn4ifBgDRal0eQnZbFcQpII2y20bD2KriS0kbNY",
-    "o2iAcc4YC+bqTs2eG/mLUUhxPQR0X43mSX6l+C5zvDEKmzTiUHod41qOQFdlUY52FUymh5/RQScOmgDbIQE1/nMB8gUiVSNTFyc7",
-    "sS6GWtd7+sIWfMuRtb7eOf1+N5D5GgbGQIsjEOFf7TsSuCdMY+WYLhn7fhpibctn+B522OuJgJ8xiQ25hqGxsfGTaHu3Lk5RnU7h",
-    "MVKVb/w0vVbQa12frYlmVT7QK5w6g4Vp24UKFnVUxYsndIpLXPBHMwdkdhJTrINjNtjcdUDJJrQ8uHMGXz8MAPJTDOb05Q7TJYfw",
-    "fDLBnoN6kdww/XU60iURCvrucqp5D4c5tueFMZMPJcaYOGM94DQUaMi2JKqVwQYjG5EhdE0sPpAFmMvVK2SewIev5LgGPUZGhyZY",
-    "M5MV6kH1OqaB23A920F9LAC7aE4CNPqryXfhuPVp3qWyVWgWmLVw/QCgtwQuQujsm1jyN3QZizVQyTV7yutyF1Y9YPpGpS6ATSC2",
-    "iMnZbHNwT1xsj/2iYheiVH+k662+AZUGUyprFXA1d8wKMRaVQhJ/iYckGip4ywECiqWkCGY3Fhzpt6G+oN2GGve0l9KqnssspAgh",
-    "QBVJ6Q6+WJQ1giyxA9efJSPG9RazFx8XUqVfdKDgnh4RVhWbk46SShF9Mc2SThqPKM1e0UXpItESloL1W+PQphDzz6izKN0ORyXp",
-    "V0tBc5EblTJfLSXd69kwLIh4GPxuKWqvV4OCdYw/Wkqt3VaG6s7IRARsqsB3hnF5/q1dMd13lgURnylBxwyg4/KSOBneaABwJCzX",
-    "glPnauDB9JEfIXuFBDkuE/NFtWcccS1XA+rDAWaaKKz8P/+DxW6bSwKMzsPnn5w8eg1K54Gq0wTMKV5HHeRv7iXed6dBySTplvTL",
-    "VTZbUmw/+RUqp4SkRK66T3LBIqYfD805DkkYghbezKp0FqnjbE/QfCX2eIo6I/h6ubpwyP/9W0ig1IZJXHJy5go+gWFxIIbcw6e5",
-    "5W8XAso14WxmrcIotjJVLme5Kq5PVg/xaRCyNdoAIwyyN/piCzfk28J2ZYeyx/v8sOFZci8HQ9+SEyGIDUr3h0ripalaGUuUlm+p",
-    "3wSVOwFSKh6eq/t4ZJLxF9KNWDD42wpvaFGX6NUrQMgp6Z0mecZ0hC+Som8J3ZOoHsmpylh9D6nlTUbeevGzBRW/YKlCUNvRlYRc",
-    "7gLFFNL68EClVq/nc5KLKxyTFiD4l2wEkbyWEX5VFKCxMFk5UxrLySWApEuGHAn+MIllTBy6gS7Ot3S3yfd8J0boOBcsPCEKdovY",
-    "ZKINI7karCNGJwXNFigtkDjCc4nEFvhuDARXlKYDmn4aRmo3i0irrWmjmDDuRsUHiQ+wl8EF+hVPfXjqhZyIpGD3BtbiRbLkob+A",
-    "ybbOfue2u7UYJJEW1kCxRh15oS3OlXNIgh112FLgIwTfeUEOwZpD66mea003XKR5fAdvOSBjIXEbdDbgCzJBr/0oD8auX+v+PIOf",
-    "iJnwAx9s64IWYC1k2x8iOujTWpCuRaaSIG/9r6Bx0sYgH0nWjk2bGWWDkk9Uclf5VY6RFs4GsaAgRimq5fRvMREr8BZmSzNRnnmd",
-    "ZTleOuy++qSfTgoobizmRFE2A/cAP3EYH7EuIDkBBbDkhu1ggO6eApltwIfdUcbhI07BCwz1oPAeaJ6ftjZA7kjAkn7wkOmLzowk",
-    "k4kUjbxwYRnuJLv2pgZygq5uM9/syT0QnhlM1HmYtA64BKETMlY0NkphMegW1GIMxinf9eTQagdwfC0k0KUUj1l/tFIhvYLKUoY5",
-    "gxny786ZE48fEzmVjLZ1qyxunG61r4cC9hYSBLrazSZmYRE+Ig0vIec/bhDyi4KQoQiQQmtbG5tBCE5D4lF2j9xhi7yBdDVguEDA",
-    "5YImANgc9vj65IwjK/OiXCRzoJ4KD/Pl81slL6hyAId+hBQxjj7nFZ653zCt+HqWmdtwYcKZadXrlerOORaJOqdccw9nMZrHB7Am",
-    "jVVAfDopdDAKR4cSUI4qhWMxz3txMKtdQ6bUWhVctlSats7ALi2eXa/sT3//nxYSVfrp7/+DxTCTGrUNCOcfhHmybBHm6CxqEmuh",
-    "p2d5YQXLKkWG/LOspcuSqa8184oJs04uK+TOZkcFLRaSTJ84P/rsdsbJstkOJAHD1zdVGPa3/Hna43sp19qUZNueKWdQXpYOHydj",
-    "kPHw4I7zGrlpmMiFnT1Tnt/L7I5MJEgbS+4UJokhrQFu3W6q0jbVtWhRbpat9HeuEIT7jA5G5B31p7/9K7+Oeqr4Xkm8QG2+Kikk",
-    "EfSA3z9/++K36iP1Ht2iHLEp4YhV41oMiyhEsyDrJaPr5dw5n9AmWTtBzevZTvCwPt6G9wzxXku/iR7E3UfXV2wUPvq6TmDvW8Ii",
-    "1H3yNxlTAFlpaQtmzQArmtByW4IlDjPTL+da2CabItVy6rvR5ZRQ0YHp0J7pKvIW6R6vlqjw5KZEvOIkOVGv1sVnkak0KBt8LbKy",
-    "DMEZ0FoEMcI3RnfaWpsDdo4EERzzXLHbYIdSTLTVUIv3Ee98jYRFfY8ipfCmXOmJ73vU+rPTL2NAdFRHzsBBYGAroJIOTHiZAv/U",
-    "KM1EuKwoG28k23wbBZhwcGOgWN4uzdwJh9Fk0jgU4ozh2Rq2fYH21IOzbkFxZfEeaL4NOtVT5tKpANMxNK0L0XGFNRczKaXRmlbL",
-    "XrMOVfvOLoKduKPr/mtwyE5+yOtGIhUE/8b+3xqQvhmQhIab8O7uASAvNWH0bjdMUPjXcjEqPk+kX8EjLFV4+VHFN0bzhdH6vmjn",
-    "uuiIZEQ6n0NHctjaQTUbIeKtE+Dol1CDvJ7UYOUG41LjjRTqSOWH7HqXQiR4KURTu3ePQpKQbuyKeH8OuQWtiC/kbeWTyMb11oRP",
-    "TKQIVLKTRo0qrqjhVB1zIAaMyFQdm6rcMVlsPEZTSqebYyUOHyXUBWZWAroUiu4EEutTRq1mfHyajGtaboSCGOCLY3kfV+RdZ0sD",
-    "jxGFtSEFWUU9XRY775flQaHARWXHPmweiF9jzjWYoLDOPHovth7/rt8gajMbIVg99WJsec+Ar42BhAHQxkxFgLvCavFNSptbQQwC",
-    "lsdJHb4TrL2Pdm9ms6nY+I+2GosX1WWrpfgDyKETZPbuUjHXWeoLD2zYd5pO/ivejhLirTXf8EXAzTNhCOoPb17zfbm/T8pkUYXY",
-    "6AKjUIKDwSDQHAdIdQ2OMaFe8nYCaHZvAW4cFeqpH70yP3YeJaLakVriLSahMWZwqi31oynxI+T+2LyKivd5jfZntNPDZqUvp2mJ",
-    "nUVbt76G2WNW3GESMx4+DDePEuXm7jE6Yn+rzd5Ommbb3VZ7/8bgNru9LnFfy30LZLZnadLUFu92q7mu7hi9LVrFBYBHfygkiCAt",
-    "+MqpWmIIMIQANxnERlAJ+qtYhFU22HtdsVEjPFH2lN1qM5Z5a6WXIBHoKqbbiWhYKzOsVWNYdAsZI830wi7EhiNgQZxDQg9MKQc1",
-    "5jJdMcnjLv0NiFFsrCHnRZ8j1fi687zG+yfRTgPzir59FH7pW5X4hmwIuyJKYXRyOcVbtqOe0s8ESwbBa9xfxSBDO0pL//j0oNmS",
-    "vwV+2Nx+F7j9+jWFbhfNS+e4AolAJHAu5CXjV75n0SQO4SObOMv+IfeGTo8AGNAJJAFZAST0+Io4LC4Zl5wR8Za/aOyoBWl2796v",
-    "3ZKIoBYV3SbIgPTAFhXvbaihj2h6xWvIxlNzgdvIESxkzeMEIe0CeeQTTRyMBrp6Ek/HQ0+RiSyqd4P3XBmNcNT3j4p6hWDMnA4Z",
-    "nE9tuPFjKZKdUCc1N1YBWChvow/fO9omIgXbaoxuFDMMKJ7IT1fNhxotrqRWRkruXkNp7grW27R3ZXn7Nl1XtCczmJfzaK3qRreR",
-    "12qbz8i/AT2g25kud3IZ6R6FtXc5JztHBCzmxjx/9sQnXYWlD7QYysfbymC6TYR8LBOuO+1tweTuc7iilhZomRAcjxDZcddm+vPf",
-    "FW+xa6wV0A6Kh9QHDI0xPSXZSWjSjH8h5+D9pUEheY0hemdnSc2UThuHjTHCmBQ9Dv08UPcIGKKxymiM4U16OJA22622GeoCv80m",
-    "qV6HWDBHG3hOtHFAV4zRs0Lsq9LF9LC5+a2Hof0Y7Ly4+Z5nGh2s8jiwDqc2KSinSEnXciFJUQuVoNYhVMKq6noROffm0pIZhL/S",
-    "dCc/FUEN4N6NqY256rmNNaZL2z/kLy0y77rAMIhhmPrSbjzzzdehcrtuNckADK9deArZHhPw6Dyr3uD4vFANTPhZyBj7LuhDczS1",
-    "pO+IgJ9bKYvMtlQLlmjTeZ3go/e0OhzHWXVJTh4ZVWP+WhywTkFBS9+Wt8HS2okiKdoVudjuikQULNI62eamuJkVHQjEm7OND24R",
-    "42fU6WL56W//Gmz2G9Rd7UCGbaUubBsL7TDY6OFrByo1ef5/oW3IBuKaM1FiX20ULNkHoHQddLWOrr2O1hGCMyj8bGnRPqrwjLXV",
-    "r5LJZYqbgl+y01W7NjrXISueroXcUDx5XvcE33h3qi63iPWDLc86yUhKdIxV59rhSkpjxF3Q8XxRB2jKsnDpqFW0GZrmWHwzIjKY",
-    "RuyKh+ePdmUvdPzfV7dy/U63r77qS9ku4uPc/kj4j441HNm4R6e5KJI7eDY1KJGmna1xIIhpjD79keOlKGKi8ATPywKjw/UVnsL/",
-    "1sPMgYUdnph40YaWv85PtVvnsmhU+XF78c3WIm2b3WosMgXp2CCQwtuiLUrbZfWCFqoXSx0K78wm7nlNSqKHBc6sFVG8BMTC1NBl",
-    "moIA+1KhcyVSXTRyNeOKPNeWZVzmFkizcPHeDQeAXo8CQMvC3SWgif1/LtOhvlGtuYifNZY134w1dEhZ52gBwGlLnrBcUzl4T6a3",
-    "GgrlczCKvyXs2mSDR62KNJ/bbF4h5b7n514i5bICcp3y1HfNvD6BssuIgm3901rN+jlkkKBEKQzdY1j4u+MSIocUW0nLGBblhs51",
-    "lJiTQo51y3sSTxu32groCweM+YtPrhcNO9w6vBezAtdkIq4VfLND+W9y/vTXf2cnC/1gszi+uYj+cG3WxyulPAsdNU8nVcWYuK0f",
-    "jUcdxezTBGuszsREkAiHerlDZwvBrnOWW6/Jsw3rzUyNlm7ONqx/xwBMfmC9BqFPsW1MfulSmldQKduK/NKl3EbtnhHTAz9oJ6TK",
-    "RkSxbmRqobFSjPsIK9nl0yjmRMfWeQNHsAQkPLbO25zX7Y7r7y9sOLdzvAh60QbLOEy77MZrdLLFMGxfKRBLrxx3qZglTLRh1B53",
-    "EYrCM2rUJbKnQjlOiBztfvOqw7d4LN+sdGgEqCAGGCkh//kfpjEsrH9TOTnEYW2Lcu+3yUFGLAc73Mu/ow4m61/zt3HDWSvSQoFe",
-    "1IXLq90j7mH7qbKG3POCW7H3wblvQ2++Es7hzVHbTrDL3W1O7ztQ97kOdxQCMBmPBv8uvZUIJdT/fkd24MYOc2puQ9skaaETYsiP",
-    "3qErc/1lu60iGEKwDjuCNBTPNvx8fp1kc4So7ys2h5qG1pxuL9p5/uLtq396SZBQGqYLeUSIHqqDnj6vM1SHHadD6MHCXQ+HUA+f",
-    "kbvvDJ19jVNziO/Sv3HiGLHeSDsxcTkGFbE/dj+Oo1HKWN89duA8jujswDayg0bZdUS6je01ATZ8ZTJvOzjKNgxS8/Gt41hHQbsr",
-    "jXK1z+x7vNj38rJML5HYkI7IYaEJSg7c4lM+6AwqpnR7G913j+dVbdw4HlNsdMAePOigFEO1Qi0nSC10m7W5HdkVEUa3OENNjxFt",
-    "qiOamuaTRjR8yNPjl5/2MKX3wtHDcYdbSTSJMY3qlec24i6x2wivXODPil/TMC4jSSaXkTiMxkbkt0izZzzPpIp7wMfQZruHz4rE",
-    "RVlzaf1wkOjpdSUH4qOmL8Zzu+NpVXM2I8s183imBoqZBc70qLOAd7k8AOtjBVjexn21Wk7YqIKpI2tjwc+B4+hK/JJJs6TlxGvx",
-    "QU1mRR4ii5cmmTYOYkUmhkQ/fbrZZQTFHIeR83prl7eorlwXkV3O7Bpq1OlkDCB0mIdVScbgV2XxLmO6MtkULHL3vllP1/Ia7inT",
-    "sTZH1LIsgEtU1ct56Nx7uXRPYS/NzRfakO1c5iu34kuZnCY58B4tWjbe1lmOzftMi+QDXhRhbteCfaUHoM6B5gDCUj0ly/9SfUH3",
-    "Qw7VMvJfOdgYqI9Y6OvhUcTzLZ0RwNs6AGXDjAS5/nSefji9BPXq0fLDaTLPLvM+PSs7HKcsSWw2F+MVmzr6Owv4Lhpu5yab1DMK",
-    "YIIRx3XxTfYhnYT8CNWvMFYGpqYtp+k2uMcgyd6lv3iDakyQfq3gWfOJiqW20SyjpoVQ+NfFaoGPgwLndV8ugy86MQ9/jbOxQSbW",
-    "aec864JvUaR45UiJEsoAjQF4CBt+2quP8ATCS3k/gQXk5lbAfVH5u7FwLry1K3Q/mf38BjgYbymuOBLImXLaRGLTWuQ1zHuEzXQV",
-    "nSVezQBlGi8I5uYUaPgO308kbnwt4WH8pCInkUKBs3Tlx/iTfJjLuXRkCbqjIAeaS7UhWR+iRz5hsBmc3od2zO7kOFe4B3fmWI1F",
-    "B2CTDYa8JgJHQA169zzMhW9c9BiFcvcNEG+T+Kpkmv6hnIcr566z/X/G5zCqZ8Mf9n/Yd410K2OcWzkXoDhOd+Lpvst9RXfW6WZg",
-    "Dj/AvOXJHL6afq6meR3ZRJvLGG8Kschk6WIoJ+YpZly/DMFJclxts/cK29rlkE0rtk0b7Z31z845XbKuE5B9gLay+najG6ClXanW",
-    "2bLku23rKk2vj34HLi7G41UJuzXs27gf4/H7g2a/WluzFSvnzJibSgz0//7duSKh0dY9XVHYrLVK1J4/yquqNw3gsJdZ3p+n03qI",
-    "b0kHvAz5vUBfdKo9RxYNUDxZ0RY64lcfOqaEM+180PdWkN2kKc7QNf7Q3jgZQd3WKSFySdH4iRpz3nQscXujDazP90p5l16gF2qX",
-    "U9LAWsTz5S6WYlWO05buScZOqOCy7sKghGiNBB0Jro71h+lNc/du0UtIg7H0aaoia+QxJHyRZZlOh5jaM8bq4E90DxrdhjunWyzR",
-    "EoEXdxdQGDTZtOyiM4pUIBxShMxPf/t70PHA47pmRPwbI0NxeRnrC72TPMN7mpNKLm2m9Ud32tPTN/jFkZGVlaSttktynxsZZSM1",
-    "G1FzD8NOAb7t3ihOXCa3ZD5wP0T5NPZi1n2xH01tDs8NOJR/ALgivQp0r5Z0VzXzAg3tCQY0upnxbVCIpDf6VreTQeTEam3kCi1T",
-    "j2jrS95usRzbmY7vw+59YnjAGtdyHG0kpxETM1UpLuP+PNyPPiBs+Ex7ewSCw8K3hRhsCTJoRhJEbYSxUedl2miJjHQAGD3ULeyo",
-    "ohsvzdEXuW0yrbbde6Pr7WrdNLH/ePXPGdrmfs3Gq8M1U2fzQhzdVLe9kC4q+tQA+zb4wfqNS1vC69tizKkKX8z0DXTBnUYdgnxT",
-    "tcU7Uwg33bPknaviuyGMhc5CjggSW8j0cDjozRwjfDVxjt+YEXczJQS4Xn4jrVIf2i5+sQjWlOoUNYSq75Duupqq7R4q25x7i4qH",
-    "AT16h0y77wBB74y57GPtELHA3X4bCJe8Z4DsZVFMOltN+1CE2SsvvdQlUX6R9X7NjZK21hiSbYzfFwv8O5gzCqKWg8gc/+Q+wMP9",
-    "c92gDLX9hPDublb3gLCJ26BE7kPP3p9iAk09prJTz/SzM/aU71anrPJLG/eIc7mne19mx62UfAO0dHFbvCjPggacBjpmlEaza+VS",
-    "JncXPVw5l4F0LYwtIkfPzs7PpolXfL8c0Sr9ij4vhrEhonQrOIYZtAetanFmiyJioKyFpH66FutLQLaF3VRXLfIRNvk6hJ3QwIF5",
-    "dCGT3m52i/e8h7R1z4BO07d7RnXaMTmhnbLQ9OvX3uUhm0WsEZ0z6pau5DGcWO6EtZesnposfbWhc+WgzbTOce/QpC1gvJraI+0A",
-    "tuKfL9adPnhg37Q7feCFcvKniXA4fYDv26MpHyqGNTAavEW8QkWG3k4CNfL3ZTFKFR5ZJTeoflGKQqBgVgr9IBoa2mt+z5IfhuQX",
-    "z/jtbgTk+FPRinVr38fKarqjAJ8AT+TFS7wTCqk+fmAfBtIM133E9OPaAwbmNQR+uyWmG551pGr70yNIBvD/p/vVuMyW9Tn8QjrD",
-    "v7N6MT9/8P8Ax9KDppfWAAA=",
+    "H4sIAAAAAAACA8V9y5LbSJLgXV8Ryn4AqCaRzJekYipTq1KppjWtqupVqqd3TaVpA0kwiU4SYAFgprI1adanvuxhzWbWrC+71/mF",
+    "uc/+SX3J+iteIEAypTJbWXclEQ+PCA8PDw93D4+nDyfFuL5dpmpWL+bnD57iHzVP8suzvTTfw4Q0mcCfRVonajxLyiqtz/ZW9bT/",
+    "ZE8n58kiPdu7ztKbZVHWe2pc5HWaQ7GbbFLPzibpdTZO+/TRU1me1Vky71fjZJ6eHTSAjIt5UULeLF2kDqB5djmr1SQprxrly3Sa",
+    "lmVaOmXzom9SoXCd1fP0/Pkl5Kk36Ty5fbrPSQ+ezrP8SpXp/Gwvg9p7agb1zvYmSZ0Me1i1qm+x3P4Xqg//VI2dop+f+k99sf9g",
+    "WBZFrT4+UABpdDlUv5ieTB9Nn5zC5zLJ0zmm0D+T0j/EtC+nyXSEaXX6oYaEg/Hh4dEAExarOp1AyqNHjwdPTk4ZclFO0hIS08P0",
+    "JE2wWDIeAw4g6ejk0dH4S5vUr4oppqdP0pSbmMD8U+3x4OjLwxGD5ERdeDpJxwy3uMLeQOXjlD8NvJPpSTrGtJukzCEhefJoNBjo",
+    "BAtpepQeSLdX1S0kPU5ODsePTyXBFBykgoJiOoXvJ8mXB1+O5ds0mk4H0yOGViaTbFUN1cFg+QGLVbNkUtwM1UAdLD+oQ/h/eTlK",
+    "woNHPXV43FPHg56KBycRV14UeTFUq4x+VMtknPbUxTffwkf/TXq5midlT32b5vOip14UeVXMk6qn9l5no7RM6qzIFRbd6ylT/fTB",
+    "3YP/skgnWaLCJVFo1XfJfUj0HRFpWCIxZHJwfPD4YOySCVDA4PCxTyaHh4ePjw4cMoFZecyToMnkyyfJ4Ygw5BHKYXp0fDzwCOVx",
+    "mhxOB+uEcnh8NDhOPEKZDp4kj1MN1CeVo+Tw+PDQkMrJdDx9MvZJ5WBydMRDEVJJn4wGx9MmqRwlR4PDgek6E8voyZcJ99IllsP0",
+    "8DEPZwOxHML4jp5oeJo88iKnkdzBhH2hPqpR8aFfZX/JcpgGRhdgDQjq7gEyyx6kTW6h2CIpLzPo+wBzOA2AjJLx1WVZrHJA/XVS",
+    "hjib0amiidcpOFWQBuwo7c9SZHVAs/ExLeVpgVNxcLz8sI9Jqrqt6nTRX2U91U+Wy3na5xSgvYv0skjVH14B0b0pRkUNlLn323R+",
+    "ndbZOFHfpasUcp6XwHx7qkryql+lZTbFRorrtJzOi5v+h6GaZZNJmiOxjlZ1XeTIsZerGqqk83QMf7G3SZkmMGTuXJbPAFBtBmW+",
+    "7x68Y2jvoewkq5bAfRm96mG2wL0iyalYTLQJhTy0UGLE+bCIpL3+NFlk81tTCHKgDOXAJMEqOjiMT5Y0PfFNmSyhmhkefg9Vkt/e",
+    "QA+BW93AbPZHMBagS/rTxxSsapg+bn9p+dlcn8HEdbEkqlgWVYZMYqgqmJyr21MFOUQ6f+ln+SSFeTg5baEdWujEoAwhwhwthsTQ",
+    "gAdlE01klA2IWSaTCVEuMkF18AgwA1OLHemXxY07L9N5ClhLYKvN+xlQFDBOXPRpeaouEW3MRbGU4BH/ewpk/4G3dijxaEBlzEpQ",
+    "yaouaCZGZZJP9AzeCI0/Ohn4M/fI1u6XXIYh3MygR31io0hA3DKAhW07d8eQ5bSItg2F2mkhGYOsI8QVjsViWm8mX375JRZdnxvN",
+    "V5qrW5PxpjEMh6N0WpQpLQGSY4Zqbw/qMGKfYIuaM9BHo1Mng191dCkybbxDwaZf1UmdokB1ne7hsmypdNU6jOJqIyhnBG0gO+qW",
+    "KSYBWwGs772H7XethJvfCtvsD80OY8ZOzequb2t+4xA3tAYkPOvovLNRNrvPWRtBbuyQWx9rVetrfW0t28WxYVUD/dGq5I2OYO+2",
+    "BEcJbCGQJ+10rDilJZIulra+JJ+0L0iRitp3h3stURrjqLk/ybbtAj82jAWKZLC79fPVAjbD8VDVyQiFRkyoDNAYzkBlC+jm5K2q",
+    "/igpScjonJdHzrxsG7AD3+x0MHvFqv7snW6RZHkssByyuCwz2Fjxv4C3BaQBoqFLq0UOE7jIchhYCPL3wRR7xfvNI49ADrbRpd1t",
+    "YERvbwplwIOcVBbXyRwE9ATPgZXCzQi2+isFcjoc69Q8nYIggr9gqYG0ULEIL7m0Fakwg4rQP4X7Zp1cpZVaLSm/mgPtRTGOXgv4",
+    "MCLTzwH2k+V6HzlbsXEC2HA+HzNyvFrQmYp3Sewbjl7Bsa2Y9xPdAMOFfkjVEmXcA6fkqFny0Cup9hWsiBxTTZXxRuCHeuHDep+i",
+    "iJOUJObxzMApO9VzgxhOcJcDJI4hHSClgP7begZzrmDRJepynuTjtBO5h8efitxjH7kNXB9vxLWL555gsddAjcZzKyo2oP6uA8VH",
+    "jELYDOYdrHySlbhXoVjJlbyV5GBtIKvku6REYmbUw9BQMueaPX8hTLOyqv05sAuRJCKegmbnRJipZMhmIaJQLlxeBgzHgSq1yYyH",
+    "RVpVsGKd4keULqvYpB5TKi1ok3bC6KoYIzFtBq0bpcjUW/ed5q7Dufwlu9IHc4bkTP7ypPDjtqng3vXxkHAfifxJh0BO8rM5GQzk",
+    "MOS0MTvUorjsESceIz1tEdOJ8FZ53ah42LmXbtqP77/Fi9Rt8DjgweP2yBPcT4GUy859tGVDtPuGBQYrvb7tOoe6MI683uDWSzia",
+    "HcXVatTA0ZHbGmIMGnzUiTcf9QMH7JBWYX88y+YTo2/o64Ojs5NXi2Q+h96VsEY+YyePl9l83iLajebF+MpHx0Hj/IQT23ZOkWls",
+    "k7NadSXbzlQesk6ETrHbcdUvqLcg1Mv3pPC+Ujy3lOnEJjF3Ij3EvU9FAiKbzJ02imWa2y/4QOTYhMtVAshxOjBL55NPPeMICFSB",
+    "WYDjeZItOgZklGVNmJjhwZwm2dztJs2/m1ACT0F037pJf4Z1CYUMlHGZoR5qbsvoFfvJxyKBg0hAceFTT4ezbPlpVD5Qj1to/NGu",
+    "h5gNDNLyJtgv6P9A2p1qLBnELie8jgMZamjqnHSd2zbBLfunQcNjD1XHjkJlvCornIhlkfFmtsYsuTvDGY7YdKrvzR9rpCNTFgae",
+    "jOZE6wXwlawGHMQnIATo1ibpNFnNa10hXpYZYPm2lWoM8I0tS+ovyFYjUC+LYk2PyTxCUf4omWw662ERskrZmSBttNdHTmnvk0H4",
+    "IdMNQiX97Ts08p3t4ZkVFS1uWpUm5XjWTF0mVYXaUEy3Kl+YPnus+VVTkrmvCPV4bRf9UnRunVQmwxlOi/Gqsj3T30QL9Lt/nVXZ",
+    "iNgxSKw1EoefgZSyqpH+GVtuhw0+pQRuRFVa08iwD/NklM7jacYM+z6y+NGa6rFTEmhKiWZ/F/H3c0/qsRGjdzull+kyTeoQzz/9",
+    "KbDenj4uHR7Byuaze+Qpi++kjZ0YS0NS8OWJwTYVj4csoKD7zMmJ29c+6eh3F8Jbz1YCishkTeuNMh1CpcOPX3MTi9dUjPxDeBpS",
+    "/xrmjht71KGWbfUqMGy1g+/p/dKpEwMuxumsmE/ScqN4rAd5PDBaKDSiw65aAwrHDm7Y+rCrZq4xHY4Wf8cdrmOGsBfxVdeQfFPE",
+    "oUcmVPOyXH6S7vNwnWi6znHS+KP1xperambPAajCssoJtxzLBlrOaRwP9aDmWQUndZDiOnYvvZJjkNp2O2UxYMO0zFn+M5kWcB5Y",
+    "fJ/KtWrDtA5O1pjWE8f8tHZ8nqbpfXm9PlUuqsvP5oBPrH58Vy4oTceAgfntRtWHe5R8ZDvdJ0ebHc0Gx/rI10H3u650t+n4ZlZs",
+    "0rp7LHUT77QQ62KTQdgtWsPRqX15dZkJsCqc0/Hk08r0XTSTHLCtH+JZ4LW3LNM+t3hvs3azfdKZfrAuB4/ShQP11uEm2JmESLzl",
+    "kOFajWwDx63cGU3PMzovIlVmpNoTumcMH24xZEuxg0Frew6/0SrFzxWSrGqyyW/cJS6lmjb1n5Uz2WZcHwxc8noGHxESypSXGUwk",
+    "nbi9Dk7Jseizrf5NiDFRJ+4MRrKBIsR5+Gjesvy3yR9bD5RPmIbvpy/dtOamRbm4hyLxaCd4xVXrltp26B3P0vFVp0Bh11nrEFsA",
+    "msVAqvFfW0OY+tTVQG1+4jaIdf9/7IP3PA0cO93tk6toKzPfNO9UtdW9pnvvlIW24y7ZrccxbZ+z2W7DbrcmLbCNWXOT43Ysd82T",
+    "txqMH5nbyCPDS0TrPrDEzPYxTcvSl3OVuSgUlZzZrwbtXi+uakhTfIcWyWoBdcEt29yT7WcOOwbrOVxcpblaFBPoyGdtRgSij0OG",
+    "/lknsmn2IYV9JstJRzHwkcI+rmhbP+6pQ/RxPT5ZP1G1DQEWzp9XVZ1Nb/vGK0mPrmGXN25rhyJ30lh/TnMbHyhsszQTri5KpBlJ",
+    "OmLiatuztZvJB9chGL3jUI3B6AIs8f/iw5PIGRAZzpp2Mtd5zZRcdhc82ij70gx3EuHafBAtpnlDHnm6L77rT/fFfx9FSfHmh216",
+    "PE+q6mwPBKe9c8Db00l27aQh+6B0P4d8+PZ8V3rIloLEbLIJu0z12WllT5HTUp1Cp5s5AhTTpNi6y5UqizkqKLnKuc356a//DkOE",
+    "FqVxdlWl5tE1iiwvjcaddD2eGn6zspPrwxey+7O9i7Rmxw8cJK/evfO3+OfpPhclrOnRE5KwDfKzarQradKmfKFzEGuHzvYIk+gZ",
+    "UGfoDFrtuQh1qpnePWe1Hdu31D70r07me+dPR6YPfdbsiQmspUONAuc//fXfYGTn+y0wGHo3CGldIGjdJAP25mhtPF6PWf9Ak77e",
+    "lM007Zike7ShVRD9w+NZWzNevmnJKC4g9R6N1Ul1VbURYjPXNIRfijI2N2PbQIMhbUR+05jc1iilm+bw6x7jgYPEHLm5MWS2tbBe",
+    "yDRnspRk7TpIC5MNkS0DbhbZ3DUpY3rG37Y77euaXfBaIOsMp/c6idkX+fjtiUB0LtCZMafl+YMHT9FxSVdn/6U1rgzbxZ5wV9gd",
+    "DItgAVYXoq2VixlJv8kFdXpf6rq8CLAwunXLzKQhvy/WkQRmAXZEHy7Uea4/YJCH597ckg9Jo4t9TjwfyBQ4uwo0vDSIdR09miAk",
+    "0eB42dZxkm6aNZGRdCKJMhsdcgCSu8haVzixAyLnnn9XsItbVqmbJMMtDUSE0hzQYndn3ZeRA6lsm3Vivs22mU9vmG8ucI/JNhV4",
+    "K9o8zVz40+eY6+80wXr8Tr226XVydptb6QKnSBe+K/ReV6aXuBmV6UTdpnXH1Bm2smlhj7YvbNG6rElWrIvpnmRdYvdZdmpcAMdW",
+    "SaVmq0WS82x7aEM9hx2QdNCFgQU6usxZqATDlHmKImAxne6pHBdCBnVS3Y7fZ61c8luyqa2t2WyZRgPaF2Gd0nWxCRbknrs7mYAS",
+    "gdSXLq3ciXe9rlo6DrtUPk7nmxrURc75r6JEVyyVHrgT1CQ5o6vc8zrN5kopRcZtlHqdElCGrO/KcSbwBtGJK8zABQeV4FCU1iD6",
+    "0AlnTzmWRVlpALEHctDl8EMPpIYl/qGe4Y9RWSSTcYJruloCcZPGDDoLrDX1B7NPdbaO78UsydEzNOQOJfPoPuMdc+2OQZtcb4xp",
+    "fBmrCcxacVv9XKO4EKvDp41CbBZdPEVyN/arSW5tnfyWBWkXjNFjuw3iUbWjL5zlofOPJWzrKtFiOpwMVfiiLue/eYmKClUB66oi",
+    "XKO6LbfTzVG0rBJUb29YJjR1AN7FMKWNig8NWkFnPDSmd1GLyT9X5rcKSXWLkkvURgye3Ewq+O3sCCZ0kdUeOxJnqAZZAOo69xnU",
+    "BOC2cC/OY/XrfkuS1NqU5G0QpTtbKhostkMp4Wd6KofWlp7uI3S7jSbo2lDV1FSDu2FFyW4vz2b6zuL3kP30MbUxPHOm7RYNTJHd",
+    "ZQO3iizrzVKgqbBRDnQnkM38e1t4CgmgDzo4nTi2UQcYHistGijys3iX8ufF5zgV7lGjWwXyunYlqwvgO5uZ+TqzaWXk1OV7DOjH",
+    "9sH82OgzMj8Fp0xtnoa+Ey/t7N/uArqZ2p1EdHSjaNRrEdH9vJ2EdNuNppiucz5HMh9vl8yRUTeGgUkbFh5l777odPE/wt8WIXx2",
+    "ZCZpBQeJt6hIUl3rkfVPa4txdrTTlHPt+565uVbLbDsZO021NN+cZ0qONyLlhdlXjVavC0NmC96MpvahOpVbxtvM3WnQTqW1kY/X",
+    "hrWN1p/uo9IJlU9Oa9a6tGdV6ZTYpkt3M66yHOeFFOXOyco7GEp5U7/lTOik8zY8yZJ5cSlLhwBAK+UqbdNiYF3SkLedJgUTWoFh",
+    "y56/sTp+WlQPhPpNuVmGk/92llViD8iBhVUgcVKdWL2qUYtzlS6JwdZYboQ3BdMyqNS8GCdzVdVFCbMSmzXicXXjae30jTG5jhzJ",
+    "8Hk7p61vPt14WJt0MThZXrTlAOv0tfXI6uacv6C/TUnxfkIpAayS67StIUo/v4D/+o1YTa6IbJrTP63GZbasMbbTA/WFckxaAL2a",
+    "jYqknAzJBLSEeWNFz59o9uPlLZwpymvgHEmt9vb3YgTwT0mezeeJ+seLnsoLPN2BaJzm4yytMNbKIu0XZXYJ5IEw6uw6VX9485qs",
+    "JLdU/xsymafJeKb0BjOHg26lbrJ6pv7h5Vu1nyyz/TiOT+1Xek3qp/ACu1P2L0gS+kK9pOSeQi8rrj9N6/EsjFRV0JDYGl2XgK55",
+    "hTSbSJSTSNVAQpVaQbuzhIDhEfYS7/rQjWm0iPUJGgFKplO65KP7DH2ZpCNglmNIOxgM1KKKaHhvVugCnORyr7cG4OifBTiclsXC",
+    "2IxKhRdCLjl+UqVowQEaUbGWVOTzhMBC/PGC7Z9o/ULJJi8maRUB7vH2MBb+7dtvX1PTF7prwCkQx6s6m2c1zcvz379Sv8E1MkNk",
+    "Tcu0AuzDAppAb8uewvthsHIBjYseQhLTKVnw9EXynmG4Pe1w1iNnm5576XwER0jszP6DYFURzGxcB6fkH3DW/s/2s7MEgBvDwGr1",
+    "S3WmwmwSqbNzNSnGqwX0LIZTyMt5ij+/un01wWxq7wv11QqvD8KWl3J2rC6gPzArdK8QEA6YwrlxEHsKpA5lYGUh1ZcwgrTWuF5i",
+    "RLiJQTn2agoEQCSczsM6uezBQi6WeDcjjq8yOIzTLRLueg5dN10eA6rrVHqNNSMOgFSqkEu/A7Rev1fFVH1PUmwM5UpAUUgNqH/5",
+    "F/XxLookbFY2VeE1IE/lq/kc8/DjTBFnjOhicpavJGIVlr2i7ID4TxCpPKZf38HahT5eczlYL6lbGFFEZV2SPBOEhtdRey3kX1DL",
+    "HdgERjZpHdp1hPCxCiAdyr238CfrDcR0wbz6I6z6MChyaOXXvyYGC4B5/IGeHep3MpkQu3hN1tS0RAjzbJyGh7CYPPB5DO0/12QQ",
+    "4kwQPNyN1TMVBGpoxx1x+Cxv8sY4OJz/eAosMHyVTzES4K03X2N3vsbd85Wjuw6wBqiQAWzcXgD4d0Cr0JUx9KRBU29hejA3lB6O",
+    "I9vFMq1XZa4o4hX3FNYnrqhrWlAODbWMkivQad7WeF6WsE9kFf3FxGeAq6F6995UWCb17NXEVoGdAnr3hzevXiAPyZH8oRNuE6yP",
+    "eIEkaasFVT8ADsZF47p4Xdyk5QsglDAi10uQEcL9d/+c9P8y6H/Zf78PSzHoB8gIzBKF/ehttkjDWpYlzsJD4MVINpV6CEMfRBpF",
+    "Aa344NSsXhzB14DeOC9uYHvpq+9WixEQUc334QlWVn2D85yGk8gC+umv/+aASQDMt4CROBlVUAw2TJ1AjkNhAlweg2gQ0Dm6Zmjo",
+    "IL2rEwsWnWPQHztw8x/BAHB2KsBUUFGWWS+Yf/RoICWoyem8KErI2KeKUGWxXuXJo+OOOgwMas1srZZiAgDKTaicDGCizgHfQC41",
+    "ZsEWUyC9BbBD4zTXpxRAA6QV9RR90895H6UdPRtfAS++StMlbqm4kYUUR0MzeZYDWHCqIp9LI6yXwKnpNh0KVS6DLoBnMSXwGgC6",
+    "MDNqZztyBgFMP0CQQU8WduDIa8FQ2ujp5AqSoJFnelk5QHHsQY9goBUIgUrZPL0hwnNLA/2/uvheoGBd7C/XJkl/c9XXKKenLbXv",
+    "emaNUH1bTQrh4O9cbI6vsHQVMhodDlgjBzSc6ccVzM8FxdQryudzwNo7wcj7wDBFrniNc4A7uuW/BnvCo+vGFqT7LEw/wJHj/A31",
+    "AAyTdvo+r/4hrUMMQQlsHS8eyJTSIeZCzjDQjVdw0MViwKSDAC8HjRMUCcM0snU4wwN+gcBxWzHwaY+OfPiVhk8bEC8hr0CZLorr",
+    "VPrQbB0kKjlsAbKnQOd+J6oZcCqUaXoge2N5/B3zgRWw9rDIT73iaY1bh9Sgmye6jo9uZMFyMcVp4uFDSXNApmVJIEl54uCLvc6f",
+    "EST6HYtkiWxCUsa8wQUqRH7gpAG3iIhVBLxovBa1SB5O8x5K5NAmM1HddAiCWUIbykc4fqVJiZRTrEAEg67T6AANkhRSuWnOdQge",
+    "NIbtyT41Bx6EOxQ2BCVxuf0eZPwMNqWwpCQHWkkAos2SsBXTt4vCb7//3cvv/vS7l/8duhCQiE6HOnLdC/Re+vzrb1+1FHo+WWS5",
+    "X5IbRVdbdlkStoBOmTCiCsOpfuTj1JAFFRD7EYp8MfPgQAjbS6IfSFpWKCgARllY1yc3dHlaAocnjs+Cdz3jcETA7Ys5Hkc/FrBk",
+    "WE7oEavvMYncxeo5qgLJv0QOf0AWxwOM7ESdgN9HPdxIUB4gsRMKSMylpLrNx8oQE5w7w0Vazwrg4CjFcPTTntTztg4+L1WEv+fj",
+    "cbqsgTQxZGk2pgPe/p8rkEJxqLoG9+1M+JCZy0hwZXLMBBoxg2pGusn4OcwbHLj/wsGLYJa/AqoGnNE2ikVtm7iVURf1qAQGmp7h",
+    "LAhdzos+shTc0ECaBEaB4asB8YFzrpdhYFcYDolOARzVA83KBe67QLhG/y2I5cF7osEmUuyphAYe2cr/rU+6ij5RbJ9Its80i5Co",
+    "tFSGccV0f+xM/ePF99/FFe1t2fQ2pFQ+LGkhGBkCEBJ+as6PE5cgTQoR8mwj2CbTZZE8rS+I9kKW2LkXwmE+Koz8K3TPJDpE72oK",
+    "tS1rimh1SFdlJoT2tMaDdGCO2JD2oljB2TUvsLOJKCFYKxMgn9ejsX3B04kRG7E1xXKMHajemvVgYeDE20N0kecKNfBcQiGddYEr",
+    "ys7f3Htc+NQPnECEV1xFPiawWxYRWKRl3XIj7vrAkyg1Yg91+Bnz3kEbfUGnxwBL2CwHApdUuI1oTNOOQ/tI5OCaU80edKecqZnV",
+    "9fJPuJbcnpuaNhE3OhISfvv27e+VX8EumIce77BYk3I4LOBVOpfzmxyClhuzD2iPZzKprmhlgDhKC4T2Y+ITZja6uJkhG6AnK/qv",
+    "deqIxWFahS8Rs7Krt/XV8izqKzO0lr5SBvWVl/69+uofaVtXXQex4XQ4MkPLoBqiCgserFEoyhFJUER2+9Tv/SxGQb8hysilmC/U",
+    "xQxjKBpdJF+ZCDH8HMX8Q1EfTilv9NZGQRYTDM1E5XuoKgSZ9gZ3LFYyz9OJf6oxGEXTBG6u1RvZie1BF7f3WLZ2PWca205WjCBo",
+    "qPTjmZ+5ZOlGDVuTY9xVRWra0CXDiE23jIjxDku/N2QgwlQs234YBIa/SZJd7bprZ21i2EddHk8LMDEExh0C7YrcVQHUM1UcpqS3",
+    "ZoMkIWEs8UugZ2MqCiKtxhKEUhW3GJ3ToJgvW3MDIPYSSTIFkLDrWG681tBgswYldNCNwN6a6x2TjLeUhGQUpjXc7yfawKMl69/I",
+    "dkx0QiCySrHhRGxCpBS3vYTyZFi4Sm9Zbwpnjk32oh/WDEYBtTWUtu5pfmoBF3noJsxF8XUyXyEVBIRFOr80Js7hMs3KFFIntPoe",
+    "EVhglgH3ORcOXP2A0JLHbsbzokpRaAupL64UiYcJlyq7u2jlDurIUi+ZFrrWIgCdP22LSg6py7hJzDDd9tQwtMcMOKNSdea/jYXL",
+    "YFAuo67REufd5OPm4ohsKwK6vRGsCzf/KinD4LnQGsw7UgaRrUIzQ21IJlZ/gO+f/vq/if389Nf/g0XoHp8CITEwzGdpuIodlYsi",
+    "mZIbPSVyYomrJemMBxhBGe88vwTZLAynfFQMo+jUVzOgDEmTzVjXE4kWOiCoNZV0wKZB2BPDlPWejL70Gpgs2cC+5tBeoUyDVZq0",
+    "UnoM0sZClxUNhEOAjA2P1nmLae3bGEaOMipzeAsG+EXUxgHXIQBzmBQ3uTs86hUMD7J42l9W4wQOC5HfwGmjm3h/aGMn+SwXOjj0",
+    "STDWBzBDr2pNPl6Xqlx5n85iSCkOgWJHtVkN9VwRRShAO8UFGdfCiKXlu0grOM2+Txt8YgmcZYBwhRan0a2waoShkilSc2KlAeIz",
+    "y7qh68TxvmCTZuhINC3bo0fgGGknLCMrv/DuMaEnO9QKbZTUGT6mDZWcXWAhFyv0ykDjKekScGuqqEu4YUOxr2HqLcJNP+0JZrW0",
+    "8spqiQKW1CJNVANAE+1aonjINR+2ViVu49Z8keQtRyxSF5W3fPkyaK5pW11rybTuDKjTXomirUTrxDYpfdbssZt0P/v76qVrOp8l",
+    "FYUyRhN6WsYGCEz5IimvKmuvnmRlfUvTU65y2r8XCI1t1wrDdYBolAggUbxwyRvgeCisoqIE9nkEWSCY9MdVijwSKAeN32IgKowq",
+    "5E7rlrhpFs1w0zGmHoCfyzbVzEouE5K1nAyko+kc6BN1aqXZ2+zE6LHHcYxPZomdh35aXp2z8Ri7hPwDvu1GaqFHfkuOIo/Se4g3",
+    "XxvurXskCqc3YuhE4SgUBEW+rpSgaj36+hiNERnHAqnvACgN4T2HfMDBkD6Tmb0/ZMDya2qUOtzQcpnMECvZBShTEwOBcQ6OiSaF",
+    "sYZJWq3Kq0/XsNlG88D8VEb+DjPfh236bE08ZYov5iCNZqXCpUtnq4p03E5LkxS9fWxjdKKgLro5UXOMiIVNC9LxhtiyFC8uXmqv",
+    "AODRM1xcFHBOdJlDlU2GPUUb91BUQD0VDAN0oEDLSBVbOyy1hgrrpKpfTbSqaFyXc/0bvdXohacBnqiuUqs1YSAXb9+8fP7tn159",
+    "/frln769AGCPTwYYvgM6mhfQQXRpCJHdYYdgqaMNrZ/gaNlCT1LUvEDdr3k15IFnISA5l+6uu3LrmMUP58o7y1ljcwiiKmQ7gL+c",
+    "5R9ZPhLSQfjHPwFFZJfr75Dm3YUPesp90gSy3U8ugPvPUCRIkRQDdfeOWn+Pmgjpx51rHPa2abMMeGJinIZIOR9xMgIKtYcBycJp",
+    "MeXwI2xbc5z/uiiWruXs9NQ3hUGXQNIz0ghX+h6tG44EoguR/E7nD6OQ2S7OPHzYVC4JZG0cl83NO95oaK54wQwA/8nQhVSh7cGp",
+    "7Y7j1sDl10o3Ep6xNRmOJWEj5wt1CDwY6RtVlPCXwZrOukShDYfc8Vb9gDNjrCPwLTdrjYeD+PEJnJLZdA/rvkCi+UIN4pPICKuq",
+    "AVaz8rsuiuDJdVcWUJrsgc+R3nDBlAXIfMLnHYKEYvjndLNNAlcdO9P1ue5ORonPMT04i4M5m7avO5r+15DRJ0G+/+pr0u57NU53",
+    "09oHjqcgWuSteaPKLvME2CgtXP64t80j6jL+0tYU+FrwNX2utw9iCVRoxizBt+6E0El87YiMurolWoCOpMv6duRnDzXIn6spd1Dt",
+    "S9qsNOLYLHWs2yIahyHYiW5SEExxr4Q9lo9i4niJR6AMDxA3ye0DywNJGj2zA7lM6zeUyCtABMwUVbSlLBWUxb/mFLdQek1rAa0J",
+    "5G0hJpl37/G9v9SaJzW5jVZT0hT1+EkQOT70FAa+XxPMkhJ377DNtIzlYexSbc3A7O4mvcYeTgZn1OmUcoqnuSXW0tgydD8+spYG",
+    "BoengjvH1kPnA/wTekwey0UcOlEnm9bwH2LhN2cawzH/DaURzTjZzGPYHkNmrMFZDEBEctKHnzG+rPsCgDyvQ2DeuEYGH6bpFMow",
+    "xrEMe+YdYOw4wb2c+vQ+szZ8Y+TUEOj+ULj/7ofyh/z9vukZ9y1TT9UAVw726F32njfQH0pS62f0hUDmaX4JR9m+Oog0joiGAaND",
+    "IuMRXsdEnVCtsJ1GX+jI7A4IBLfM6UlzvBnqXVs6REmQd6CTSUt3CBvfQeSAg8X0GloM+S2I9Npk3VmTSXPxE+HBGixKc5KflMVy",
+    "CUkibLfQsrUoupLQRs5ilaIB+jmjL5h7dmr23MhfjELy6yGg+2o0T/IrxbHMMWIUNmnEofQ6xrUcwVmVRTnaVTCZHn5GA50YaAJs",
+    "hwTU+M8FyBeIVI1MXZz0xLoYnrre0xe24GuOrPb1zun3u4HM1zAwClocgQj/at+RwD1hGivHFGTs+2mItS2f4TjssNcTAT9jEhty",
+    "DUNjY2Mn0fpuXZy8Op3CY6QqX/lpeq2g17o+axPNqnygVzh1BgvTtgsVLOqoiudP6BQXv+CPZg5I7SSqWAfHrLC564CSTWh5cOcM",
+    "vn4YAOSn6Mzpyx2mSw7h+WSCPYfjRXLD9NdpSJdEKOiby6nmPQzm2J7nxkw2lBh94oz2gNNQoCHdkhytDDYY2YgMoWti8YEswFxC",
+    "r5B6Ah++kusa9BgZXZrgk5msUA+q1zEN3Lrr2Q7qawHYRXMToNFfTb4Lx6xP8y6V7YFmgVkL1w4A55bARQjdfRNN/oYuY7EGKrlm",
+    "T3ld7sKqB0xHVOoC2ARii5iczToH98bFdt8vKnYhh+qPFN7qGzjSYEpltQLuyR2zQvRFJZfEX+IlicYRvOUCAflSkgez6wuO9Ns4",
+    "vqDehhr3Ti+lPXous5A8hABVJKU7+GJR1giyxA5ce5aMGNdbzFZ8XEiVftGBnHt6RFhVbG46Sip59MU0SzppPKI0G6KL0kWiJSwF",
+    "61HjUKcQ88+osyhFh6OS9KuloAnkRqXMV0tJNzwbugURD4PfLUVteDUoWMf4o6XUWrQyPO6MjEfApgocM4zL829tiumOWRZEfKcE",
+    "DTOAjstL4mQY0QDgiFuuBafO1cCD6SM/QvYKCXJdJuZAtWfscS2hAfXlADNN5Fb+n//BYrfNJQFG5+HzT04evQal8+Co0wTMKV5H",
+    "HeRv7iXGu9OgZJJ0S/rlKpstKbaf/AqVU0JSIve4T3LBIqYfD809DkkYwim8mVXpLDqOsz5B85XY4ynqjODr5erCIfv3byGBUhsq",
+    "ccnJmSv4BIbFgRhyD58myt8uBJRrwtnMWoVRbGWqXM5yVVyffDzEp0FI12gdjNDJ3pwXW7ghRwvblR3KHu/zw4ZlyQ0OhrYlx0MQ",
+    "G5TuD5X4S1O1MhYvLV9TvwkqdwKkVLw8V/fxyiTjL6SIWDD42wojtKhLtOoVIOSU9E6TPGM6whdJ0baE5kk8Hsmtylh9D6nlTUbW",
+    "erGzBRW/YKlCOLajKQm53AWKKXTqwwuV+ng9n5NcXOGYtADBv2QjiOS1jPCrooATC5OVM6Wx3FwCSLpkyJ7gD5NYxsSuG2jifEux",
+    "Tb7nmBihY1yw8IQo2Cxik4k2jORqsI4YnRQ0W3BogcQR3ksktsCxMRBcUZoOaPppKKndLCKttqbNwYRxNyo+iH+ADQYX6Fc89eWp",
+    "F3IjkpzdG1iLF8mSh/4CJtsa+51od2s+SCItrIHiE3XkubY4IeeQBDvqsKbARwi+84Icgk8Orbd6rjXdcJHm9R2MckDKQuI2aGzA",
+    "F2SCXvtVHvRdv9b9eQY/ETPhB77Y1gUtwFrItj9EdNGntSCFRaaSIG/9r6Bx08YgH0nWjk2rGWWDkk885K7yqxw9LZwNYkFOjFJU",
+    "y+nfYiJW4C3MlmaiPPM6y3K8dNh99Uk/nRSQ31jMiXLYDNwL/MRhfMS6gOQGFMCSCNvBAM09BTLbgC+7o4zDV5yCF+jqQe490Dw/",
+    "bW2A3JGAJf3gIdMX3RlJJhMpGnnuwjLcSXbtTQ3kBF3dZr7ZkzgQnhpMjvMwaR1wCUInZKxodJTCYtAsqMUY9FO+68ml1Q7g+FpI",
+    "oEspHrP+aKVCegWVpQxzBzPk350zJxY/JnIqGW3rVlncON1qXw8F7C0kCHS1m03MwiJ8RBpeQsZ/3CDkFzkhQxEghda2NjaDEJyG",
+    "xKLsXrnDFnkD6WrAcIGAywVNALA57HH45Iw9K/OiXCRzoJ4KL/Pl81slL6iyA4d+hBQxjjbnFd653zCt+HqWmdtwYdyZadXrlerO",
+    "ORaJOqdccw9nMZrHB7AmjVVAfDopdDAK5wwloJyjFI7FPO/Fzqx2DZlSa1Vw2VJp2joDu7R4dr2yP/39f1pIVOmnv/8PFsNMatQ2",
+    "IJx/EOZJs0WYo7uoSayFnp7lhRUsqxQZ8s+yli5Lpr7WzCsmzDq5rJA7mx0VTrGQZPrE+dFntzNOls12IAkYvo5UYdjf8udpj+NS",
+    "rrUpybY9U86gvCwdPk7KIGPhwR3nNXLTMJGAnT1Tnt/L7PZMJEgbS+7kJokurQFu3W6q0jrVNW9Rbpa19HeuEIT7jHZG5B31p7/9",
+    "K7+Oeqo4riQGUJuvSnJJhHPA75+/ffFb9ZF6j2ZR9tgUd8SqERbDIgrRLMh6yeh6OXfuJ7RJ1o5T83q24zysr7dhnCHea+k30YOY",
+    "+yh8xUbho6/rBDbeEhah7pO9yagCSEtLWzCfDLCicS23JVjiMDP9cq6FbdIpUi2nvutdTgkVXZgO7Z2uIm+R7jG0RIU3N8XjFSfJ",
+    "8Xq1Jj6LTKVBWedrkZVlCM6A1jyIEb5RutPW2hywcyWI4Jjnit0GOw7FRFuNY/E+4p3DSFjU98hTCiPlSk9826M+Pzv9MgpE5+jI",
+    "GTgIdGwFVNKFCS9T4J+aQzMRLh+UjTWSdb6NAkw4uDGQL2/Xydxxh9Fk0rgU4ozh2Rq2fYH21IOzrkFxZfEenHwbdKqnzKVTAaZ9",
+    "aFoXomMKay5mOpRGa6datpp1HLXv7CLYiTu65r8Gh+zkh7xuxFNB8G/0/60O6ZsBiWu4ce/uHgDyUuNG73bDOIV/LYFR8Xki/Qoe",
+    "YanC4EcVR4zmgNE6XrQTLjoiGZHu59CVHNZ2UM2Gi3jrBDjnS6hBVk9qsHKdcanxRgp1pPJddr2gEAkGhWie7t2rkCSkG70ixs8h",
+    "s6AV8YW8rXwSWb/emvCJieSBSnrSqFHFFTWcqmN2xIARmapjU5U7JouNx2hK6XRzrcTho4S6wMxKQEGhKCaQaJ8yajXj69OkXNNy",
+    "IxREB18cy/u4Ius6axp4jCisDcnJKurpsth5vywPCgUuKjv2YfNA/BpzrsEEhXXm0XvR9fixfoOoTW2EYPXUi7LlPQO+NgoSBkAb",
+    "MxUB7gqrxVcpbW4FMQhYHid1+E6w9j7avZnNqmJjP9qqLF5Ul62a4g8gh06Q2btLxYSz1AEPrNt3mk7+K0ZHCTFqzTccCLh5JwxB",
+    "/eHNa46X+/ukTBZViI0u0AslOBgMAs1xgFTX4BgV6iVvJ4BmNwpw46pQT/3olfmx8yoR1Y7UEqOYhEaZwam21I+mxI+Q+2MzFBXv",
+    "8xrtz2inh81KB6dp8Z1FXbcOw+wxK+4wiRkPH4abR4lyc/cYHbG/VWdvJ02z7W6tvR8xuE1vr0vcV3PfApn1WZo0tca7XWuuqztK",
+    "b4tWMQHg1R9yCSJICw45VYsPAboQ4CaD2AgqQX8Vi7DKCnuvK9ZrhCfK3rJbbcYyb630EiQCXcUUnYiGtTLDWjWGRVHIGGmmF3Yh",
+    "NgwBC+Ic4npgSjmoMcF0RSWPu/Q3IEaxsoaMF332VONw53mN8SdRTwPzirZ9FH7pW5X4hmwIuyJKYXRzOcUo21FP6WeCJYPgNeJX",
+    "McjQjtLSPz49aLbkb4EfNrffBW6/fk2h20Uz6BxXIBGIBM6FvGT8yrcsmsQhfGQTZ9k/5N7Q7REAA2cCSUBWAAk9DhGHxSXjkjMi",
+    "3vIXjR21oJPdu/drURIR1KKiaIIMSA9sUfHehif0EU2vWA1ZeWoCuI0cwULWPE4Q0i6QRz7RxMFooNCTeDseeopMZFG9G7znyqiE",
+    "o75/VNQrBGPmdMjgfGrDjR9LkeyEZ1ITsQrAQnnrffjeOW0iUrCtxuhGMcOA4on8dI/5UKPFlNTKSMncayjNXcF6m/ZClrdv03VF",
+    "ezKDeTmP1qpuNBt5rbbZjPwI6AFFZ7rcyWSkexTWXnBONo4IWMyNef7sjU8KhaUvtBjKx2hlMN3GQz6WCded9rZgMvc5XFFLC7RM",
+    "CI5HiGy4a1P9+e+Kt+g11gpoA8VD6gO6xpiekuwkNGnGv5B78P7SIJe8xhC9u7N0zJROG4ONUcKYFD0O/TxQ9wgYotHKaIxhJD0c",
+    "SJvuVusMdYHfZpNUr0MsmKMOPCfaOKAQY/SsENuqdDE9bG5+62Vo3wc7L26+55lGA6s8DqzdqU0KyilS0tVcSFLUQiV46hAq4aPq",
+    "ehG59+bSkhmEv9J0Jz8VQQ3gXsTUxlz13MYa06X1H/KXFpkXLjAMYhimDtqNd745HCq361aTDMDwWsBTyPaYgEfnWfUGx+e5amDC",
+    "z0LG2HdBH6qjqSUdIwJ+bqUsUttSLViiTeN1go/e0+pwDGfVJRl5ZFSN+WsxwDoFBS19W946S2sjiqRoU+RiuykSUbBI62SbmeJm",
+    "VnQgECNnGxvcIsbPqNPE8tPf/jXYbDeou9qBDNtKXdg2FtpgsNHC1w5UavL8/0LrkA3ENWOi+L5aL1jSD0DpOuhqHU17Ha0jBGdQ",
+    "+NnSon1U4RmfVr9KJpcpbgp+yU5T7droXIOsWLoWEqF48rzuCb4xdqout4j1gy3POslISnSMVefa4UpKY8Rd0PF+UQdoyrJw6apV",
+    "tBma5lgcGREZTMN3xcPzR7uyF9r/76tbCb/Tbauv+lK2i/g4tz8S/qN9DUfW79FpLookBs+mBsXTtLM1dgQxjdGnP3IMiiIqCk/w",
+    "vCzQO1yH8BT+t+5mDizs8MT4izZO+ev8VJt1LotGlR+3F9+sLdK62a3KIlOQrg0CKbwt2ry0XVYvaKF6sdQh985s4t7XpCR6WODM",
+    "ahHFSkAsTA1dpikIsC8VOiGR6qKRqxlX5Jm2LOMyUSDNwsW4Gw4AvR4FgJaFu0tAE/v/XKZDHVGtuYifNZY1R8YaOqSsc7QA4LQl",
+    "T1iuHTl4T6a3GgrlczDyvyXs2mSDR30UaT632Qwh5b7n5waRclkBmU556rtmXt9A2WVEwbb+6VPN+j1kkKDkUBi617Dwd0cQIocU",
+    "W0nLKBYlQuc6SsxNIUe75T2Jp5VbbQV0wAGj/uKb60VDD7cO78WswDWZiGkF3+xQ/pucP/3139nIQj9YLY5vLqI9XKv1MaSUp6Gj",
+    "5ummqigTt/Wj8aijqH2aYI3WmZgIEuFQL3fobCHYde5y6zV5tmG9manR0s3ZhvXvKIDJDqzXIPQpto3JL11K8woqZVuRX7qU26jd",
+    "M2J64Af1hFTZiCjWjEwtNFaKMR9hJbt8GsUc79g6b+AIloC4x9Z5m/G63XD9/YV153auF0Ev2mAZg2mX3niNTrYohu0rBaLplesu",
+    "FbOEiVaM2usuQlF4R426RPpUKMcJkXO637zq8C0eyzcr7RoBRxADjA4h//kfpjEsrH9TObnEYXWLEvfb5CAjlosdbvDvqIPJ+mH+",
+    "Nm44a0VaKNDzunB5tXvFPWy/VdaQe15wKzYenPs29OaQcA5vjtp2gl1itzm970Dd5xrcUQjAZLwa/Lv0VjyU8Pz3O9IDN3aYUxMN",
+    "bZOkhUaIIT96h6bM9ZfttopgCMEa7AjSUCzb8PP5dZLNEaKOV2wuNQ2tOt0G2nn+4u2rf3pJkFAapoA8IkQP1UFP39cZqsOO2yH0",
+    "YOGul0Ooh8/I3HeGxr7GrTnEd+lHnDhGrDfSToxfjkFF7I/d9+NolDLad48dOI8jOjuw9eygUXZdkW5je02ADVuZzNsOhrINg9R8",
+    "fOs41lHQbkqjXG0z+x4D+15eluklEhvSERksNEHJhVt8ygeNQcWUordRvHu8r2r9xvGaYqMD9uJBB6UYqhVqOUFqoWjWJjqyKyKM",
+    "bnGGmhYj2lRHNDXNJ41o+JCnxy8/7WVK74Wjh+MOs5KcJMY0qlee2Yi7xGYjDLnAnxW/pmFMRpJMJiMxGI2NyG+RZu94nkkV94KP",
+    "oc12C58ViYuy5tL64SA5p9eVXIiPmrYYz+yOt1XN3Yws18zjmRooZhY406POAl5weQDWxwqwvI35arWcsFIFU0dWx4KfA8fQlfgl",
+    "k2ZJy4nX/IOazIosRBYvTTJtXMSKjA+Jfvp0s8kIijkGI+f11i5rUV25JiK7nNk01KjTyRhA6DAPq5KMwa/KYixjCplsCha5G2/W",
+    "O2t5DfeU6VibIWpZFsAlqurlPHTiXi7dW9hLE/lCK7KdYL4SFV/K5DTJgfdo0bLxts5ybN5nWiQfMFCEia4F+0oPQJ0DzQGEpXpK",
+    "mv+l+oLiQw7VMvJfOdjoqI9Y6OvhkcfzLd0RwGgdgLJhRoJcfzpPP5xewvHq0fLDaTLPLvM+PSs7HKcsSWxWF2OITe39nQUci4bb",
+    "uckm9YwcmGDEcV18k31IJyE/QvUr9JWBqWnLaZoN7jFI0nfpL96gGhOkXyt41nyiYql1NMuoqSEU/nWxWuDjoMB53ZfL4ItuzMNf",
+    "Y2xskIk12jnPuuBbFCmGHClRQhmgMgAvYcNPG/oIbyC8lPcTWEBubgXcF5W/GwvnwqhdofvJ7Oc3wMF4S3HFkUDulNMmEpvWIq9h",
+    "3iNspnvQWWJoBijTeEEwN7dAw3f4fiJx42txD+MnFTmJDhQ4S1e+jz/Jh7ncS0eWoDsKcqAJqg3J+hI98gmDzeD0PrRjdifHuMI9",
+    "uDPXaiw6AJusMOQ1ETgCatC752UufOOixyiU2DdAvE3iq5Jp+odyHq6cWGf7/4zPYVTPhj/s/7DvKulWRjm3cgKgOEZ34um+yX1F",
+    "Met0MzCHH2De8mQOX007V1O9jmyizWSMkUIsMlm6GMqNefIZ1y9DcJJcV9tsvcK2drlk04pt00Z7Z/27c06XrOkEZB+gray+3WgG",
+    "aGlXqnW2LPlu27pK0+qj34GLi/F4VcJuDfs27sd4/f6g2a/W1mzFyrkz5qYSA/2/f3dCJDTauqcpCpu1Wonas0d5VfWmARz2Msv7",
+    "83RaD/Et6YCXIb8X6ItOtWfIogGKJSvaQkf86kPHlHCmnQ/63gqymzTFGLrGH9obJyWo2zolRC4pGjtRY86bhiVub7SB9flWKS/o",
+    "BVqhdrklDaxFLF/uYilW5Tht6Z5k7IQKLusuDEqI1kjQkeDqWH+Y3jR375ZzCZ1gLH2aqsgaeQwJB7Is0+kQU3tGWR38ieKgUTTc",
+    "OUWxRE0EBu4uoDCcZNOyi87IU4FwSB4yP/3t70HHA4/rJyPi3+gZisvLaF/oneQZxmlOKgnaTOuPYtrT0zf4xZ6RlZWk7WmX5D7X",
+    "M8p6aja85h6GnQJ8W9woTlwmt6Q+cD/k8Gn0xXz2xX40T3N4b8Ch/APAFZ2r4OzVku4ezTxHQ3uDAZVuZnwbDkTSGx3V7WQQOb5a",
+    "G7lCy9Qj2vqSt5svx3am49uwe5/oHrDGtRxDG8lpxMRMVfLLuD8P970PCBs+097ugeCw8G0uBlucDJqeBFEbYWw88zJttHhGOgDM",
+    "OdQt7BxFNwbN0YHcNqlW2+Le6Hq7ajeN7z+G/jlD3dyvWXl1uKbqbAbE0U116wspUNGnOti3wQ/WIy5tca9v8zGnKhyY6RvogjuN",
+    "2gX5pmrzdyYXboqz5N2r4tgQRkNnIUcEiTVkejjs9GauEb6aONdvzIi7mRICXC+/kVapD22BXyyCNaU6RQ2h6hjSXaGp2uJQ2ebc",
+    "KCoeBvToHTLtjgGC1hkT7GPtErHA3R4NhEve00H2sigmna2mfSjC7JWXXuqSKL/Ier/mRklbawzJNsbviwV+DOaMnKjlIjL7P7kP",
+    "8HD/XDMoQ22/Iby7mdW9IGz8NiiR+9Cz8VOMo6nHVHbqmX52xt7y3WqUVX5pYx5xgnu68TI7olJyBGjp4jZ/UZ4FDTgNtM8ojWbX",
+    "yqVM7i7ncOUEA+laGFtEjp6dnZ/tJF5xfDmiVfoVfZ4PY0NE6T7gGGbQ7rSqxZktBxEDZc0l9dNPsb4EZFvY7eiqRT7CJodD2AkN",
+    "7JhHAZn0drObv+c9pK17OnSavt3Tq9OOyXHtlIWmX7/2godsFrFGdM+oW7qSx3BiiQlrg6yemiwd2tAJOWgzrXHcuzRpCxirprZI",
+    "O4Ct+OeLdacPHtg37U4feK6c/Gk8HE4f4Pv2qMqHimENjAajiFd4kKG3k+AY+doE1sEr6ybujQQNVHiXFW9+JTm/oYOPT+H7NP1l",
+    "AUscT69QFePBztKkrEdA3BE+XdOne3YUhDAvbvRt+Dz2+hM6gVUeTorxioJ28s4drcXv1XFiKor60FNHAzOG35fFiLtKplz9Kha5",
+    "cQFlFfpRNzQW1PwmJz9uya+28fvjCMixCaMm7ta+8ZXVFGcBnzFP5NVOjGuFKzd+YB830puG+xDrx7VHGMyLDvz+TExRqrW3bfvz",
+    "KUjK8P+n+9W4zJb1OfzCtYJ/Z/Vifv7g/wHQE706W9cAAA==",
 ]
 # END EMBEDDED DASHBOARD
 
