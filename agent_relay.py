@@ -4351,21 +4351,26 @@ def _configure_claim(p):
     p.add_argument("message_id", metavar="MSG_ID", help="the claimable message (42 or msg:42)")
 
 
-@agent_command("claim", "claim a claimable message (exactly one agent wins)", _configure_claim, needs_agent=True)
-def cmd_claim(args, client):
-    mid = _msg_id(args.message_id)
+def _claim_and_report(args, command, what, claim):
+    """Run a claim; a lost race is a plain sentence and exit 1, not an error trace."""
     try:
-        out = client.claim(args.agent, mid)
+        out = claim()
     except RelayError as e:
         if e.code == "already_claimed" and not args.json:
-            sys.stderr.write("agent-relay claim: [msg:%d] is already claimed by %s (already_claimed)\n" % (mid, e.extra.get("claimedBy")))
+            sys.stderr.write("agent-relay %s: [%s] is already claimed by %s (already_claimed)\n" % (command, what, e.extra.get("claimedBy")))
             return EXIT_REFUSED
         raise
     if args.json:
         out_json(out)
     else:
-        print("claimed [msg:%d]" % mid, flush=True)
+        print("claimed [%s]" % what, flush=True)
     return EXIT_OK
+
+
+@agent_command("claim", "claim a claimable message (exactly one agent wins)", _configure_claim, needs_agent=True)
+def cmd_claim(args, client):
+    mid = _msg_id(args.message_id)
+    return _claim_and_report(args, "claim", "msg:%d" % mid, lambda: client.claim(args.agent, mid))
 
 
 @agent_command("release", "give a claimed message back to the pool", _configure_claim, needs_agent=True)
@@ -4516,18 +4521,7 @@ def cmd_task(args, client):
     if not agent:
         raise UsageError("which agent? give --agent ID or set AGENT_RELAY_AGENT_ID")
     if args.action == "claim":
-        try:
-            out = client.claim_task(agent, tid)
-        except RelayError as e:
-            if e.code == "already_claimed" and not args.json:
-                sys.stderr.write("agent-relay task: [task:%d] is already claimed by %s (already_claimed)\n" % (tid, e.extra.get("claimedBy")))
-                return EXIT_REFUSED
-            raise
-        if args.json:
-            out_json(out)
-        else:
-            print("claimed [task:%d]" % tid, flush=True)
-        return EXIT_OK
+        return _claim_and_report(args, "task", "task:%d" % tid, lambda: client.claim_task(agent, tid))
     if args.status is None and args.progress is None and args.result is None:
         raise UsageError("task status needs a new status (claimed, blocked, open, done, failed, canceled), --progress or --result")
     out = client.task_status(tid, agent_id=agent, status=args.status, progress=args.progress, result=args.result)

@@ -32,6 +32,17 @@ def need(tool_ok, why):
     pytest.skip(why)
 
 
+def wait_for(predicate, timeout=20.0, every=0.05):
+    """Poll until predicate() is truthy (returning its value) or the time is up (returning its last value)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    return predicate()
+
+
 class Resp:
     def __init__(self, status, body, headers):
         self.status = status

@@ -9,17 +9,10 @@ import json
 import threading
 import time
 
+from conftest import wait_for
+
 STALE = "1500"
 
-
-def wait_for(predicate, timeout=15.0, every=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
 
 
 def status_of(relay, agent_id):

@@ -11,19 +11,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from conftest import wait_for
+
 DAY_MS = 86400000
 # A short stale TTL makes the sweeper pass every second; the first pass also applies retention.
 ENV = {"STALE_TTL_MS": "4000", "RETENTION_DAYS": "14"}
 
-
-def wait_for(predicate, timeout=20.0, every=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
 
 
 def age_rows(db_path, days, upto):

@@ -17,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import wait_for
+
 CONTRACT_TYPES = {
     "agent.registered", "agent.updated", "agent.offline", "agent.removed",
     "message.created", "message.read", "message.claimed", "message.released",
@@ -25,15 +27,6 @@ CONTRACT_TYPES = {
 }
 FAST_PING = {"AGENT_RELAY_SSE_PING_MS": "200"}
 
-
-def wait_for(predicate, timeout=10.0, every=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
 
 
 class Stream:
