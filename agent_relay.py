@@ -1033,7 +1033,11 @@ class Hub:
     """
 
     RING = 20000
-    RING_BYTES = 8 * 1024 * 1024  # and at most this much event data: large messages must not grow memory without end
+    RING_BYTES = 8 * 1024 * 1024  # and about this much memory: large messages must not grow memory without end
+
+    @staticmethod
+    def cost(ev):
+        return len(ev.data) + 40 * len(ev.audience or ())  # its text, and its audience's set (a broadcast names everyone)
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -1095,13 +1099,13 @@ class Hub:
             for ev in events:
                 self.ring.append(ev)
                 self.ring_ids.append(ev.id)
-                self.ring_bytes += len(ev.data)
+                self.ring_bytes += self.cost(ev)
                 self.head = max(self.head, ev.id)
             if len(self.ring) > 2 * self.RING or self.ring_bytes > self.RING_BYTES:
                 cut = max(0, len(self.ring) - self.RING)  # keep the newest RING events and half of RING_BYTES
-                dropped = sum(len(e.data) for e in self.ring[:cut])
+                dropped = sum(self.cost(e) for e in self.ring[:cut])
                 while cut < len(self.ring) - 1 and self.ring_bytes - dropped > self.RING_BYTES // 2:
-                    dropped += len(self.ring[cut].data)
+                    dropped += self.cost(self.ring[cut])
                     cut += 1
                 del self.ring[:cut]
                 del self.ring_ids[:cut]
@@ -1641,9 +1645,9 @@ class Relay:
             rows = c.execute("SELECT * FROM messages WHERE id = ? OR thread_id = ? ORDER BY id", (tid, tid)).fetchall()
         return {"threadId": tid, "messages": [message_from_row(r) for r in rows]}
 
-    def _visibility_sql(self, agent):
-        """WHERE clause (and its parameters) for messages addressed to this agent."""
-        targets = agent_targets(agent)
+    def _visibility_sql(self, agent, targets=None):
+        """WHERE clause (and its parameters) for messages addressed to this agent (by `targets`, default all of its own)."""
+        targets = targets or agent_targets(agent)
         sql = "m.to_target IN (%s) AND (m.to_target = ? OR m.from_agent != ?)" % ",".join("?" * len(targets))
         params = targets + [agent["id"], agent["id"]]
         if "all" not in agent["channels"]:
@@ -1653,17 +1657,22 @@ class Relay:
 
     def visible_messages_for(self, agent, since, limit, unread=False):
         """(messages, more, redelivered ids): what the inbox returns for `since`."""
-        vis, params = self._visibility_sql(agent)
-        sql = (
-            "SELECT m.*, r.state AS receipt FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? "
-            "WHERE " + vis + " AND m.id > ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL)) "
-            "AND (r.state IS NULL OR r.state NOT IN ('held','rejected'))"
-        )
-        if unread:
-            sql += " AND (r.state IS NULL OR r.state != 'read')"
-        sql += " ORDER BY m.id LIMIT ?"
+        # One branch per target, each an index range read in id order and cut at the page size, merged:
+        # a page costs the same however long the history (an IN over all targets sorts every match first).
+        branches, params = [], []
+        for target in agent_targets(agent):
+            vis, p = self._visibility_sql(agent, [target])
+            sql = (
+                "SELECT * FROM (SELECT m.*, r.state AS receipt FROM messages m LEFT JOIN receipts r ON r.message_id = m.id "
+                "AND r.agent_id = ? WHERE " + vis + " AND m.id > ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL)) "
+                "AND (r.state IS NULL OR r.state NOT IN ('held','rejected'))"
+            )
+            if unread:
+                sql += " AND (r.state IS NULL OR r.state != 'read')"
+            branches.append(sql + " ORDER BY m.id LIMIT ?)")
+            params += [agent["id"]] + p + [since, agent["floor"], limit + 1]
         with self.db.read() as c:
-            rows = c.execute(sql, [agent["id"]] + params + [since, agent["floor"], limit + 1]).fetchall()
+            rows = c.execute(" UNION ALL ".join(branches) + " ORDER BY id LIMIT ?", params + [limit + 1]).fetchall()
             extra = c.execute(
                 "SELECT m.*, r.state AS receipt FROM redeliveries d JOIN messages m ON m.id = d.message_id "
                 "LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = d.agent_id WHERE d.agent_id = ? ORDER BY m.id",
@@ -6230,6 +6239,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="agent-relay",
         description="Agent Relay: a message bus for AI coding agents. With no command, serves the relay.",
+        epilog="Each command has its own --help. Agent commands exit 0 when done, 1 when the relay said no "
+        "(its error code is printed), 2 on bad usage, 3 when the relay cannot be reached. "
+        "Start here: `agent-relay` (serve), `agent-relay doctor`, `agent-relay register --id NAME`.",
     )
     parser.add_argument("--version", action="version", version="agent-relay " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="command")
