@@ -472,6 +472,13 @@ SCHEMA = [
     );
     CREATE INDEX events_created ON events(created_at);
     """,
+    # version 2: indexes for retention's redelivery cleanup and the task and callback list filters
+    """
+    CREATE INDEX redeliveries_message ON redeliveries(message_id);
+    CREATE INDEX tasks_target ON tasks(target, id);
+    DROP INDEX callbacks_status;
+    CREATE INDEX callbacks_status ON callbacks(status, id);
+    """,
 ]
 
 
@@ -1208,8 +1215,7 @@ class Relay:
         if self._undo is not None:
             self._undo.setdefault(agent["id"], old)
         if old is not None:
-            for t in agent_targets(old):
-                self.index[t].discard(old["id"])
+            self._unindex(old)
         self.agents[agent["id"]] = agent
         if not agent["system"]:
             for t in agent_targets(agent):
@@ -1221,13 +1227,22 @@ class Relay:
             self._undo.setdefault(agent_id, self.agents.get(agent_id))
         old = self.agents.pop(agent_id, None)
         if old is not None:
-            for t in agent_targets(old):
-                self.index[t].discard(agent_id)
+            self._unindex(old)
+
+    def _unindex(self, agent):
+        for t in agent_targets(agent):
+            ids = self.index.get(t)  # not self.index[t]: that would leave an empty set behind for every id ever seen
+            if ids is not None:
+                ids.discard(agent["id"])
+                if not ids:
+                    del self.index[t]
 
     @contextlib.contextmanager
     def tx(self):
         """One write transaction; its events are published, in order, after the commit."""
         with self.db.locked():
+            if self._undo is not None:
+                raise RuntimeError("Relay.tx() inside a transaction: pass the open Tx down instead")
             self._undo = {}
             try:
                 with self.db.write() as c:
@@ -1293,7 +1308,15 @@ class Relay:
     }
 
     def _set_agent(self, t, agent, changes, event="agent.updated"):
-        """Write changed card fields of an agent and publish the new card."""
+        """Write changed card fields of an agent and publish the new card.
+
+        The base is the directory's current card, read here under the write lock, never the
+        caller's copy: a copy taken before the lock may predate a PATCH or a purge.
+        """
+        current = self.agents.get(agent["id"])
+        if current is None:
+            raise unknown_agent(agent["id"])
+        agent = current
         cols, vals = [], []
         for k, v in changes.items():
             cols.append(self.COLUMN[k] + " = ?")
@@ -1466,9 +1489,7 @@ class Relay:
             agent = self._set_agent(t, self.get_agent(agent_id), changes)
             if any(k in changes for k in ("tags", "capabilities", "channels", "label")):
                 self._queue_open_work(t, agent)
-        if auth.agent_id == agent_id:
-            self.touch(agent_id)
-        return self.card(agent)
+        return self.card(agent)  # a card edit is not the agent's activity (a person may make it)
 
     def heartbeat(self, agent_id, body, auth):
         agent = self.get_agent(agent_id)
@@ -1476,11 +1497,11 @@ class Relay:
         f = Fields(body)
         self.check_fence(agent, f.string("instanceId", max_len=128), f.integer("epoch"))
         status = f.choice("status", ("online", "idle", "busy"))
-        agent["lastSeen"] = now_ms()
-        self.dirty_seen.add(agent_id)
-        if agent["status"] == "offline" or (status and status != agent["status"]):
+        self.touch(agent_id)  # lastSeen, and an offline agent comes back online
+        agent = self.get_agent(agent_id)
+        if status and status != agent["status"]:
             with self.tx() as t:
-                agent = self._set_agent(t, agent, {"status": status or "online", "offlineSince": None})
+                agent = self._set_agent(t, agent, {"status": status, "offlineSince": None})
         return {"ok": True, "agent": self.card(agent)}
 
     def end_session(self, agent_id, purge, auth):
@@ -1572,11 +1593,12 @@ class Relay:
 
     def _send(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
               idem=None, payload=None, meta=None, t=None):
-        agent = self.agents[sender]
+        agent = self.get_agent(sender)
         if agent["approvalMode"] == "read-only" and reply_to is None:
             raise ApiError(403, "read_only", "%s is read-only: it may reply to messages (replyTo) but not start conversations." % sender)
         if agent["approvalMode"] == "read-only" and claimable:
             raise ApiError(403, "read_only", "%s is read-only: it may not hand out claimable work." % sender)
+        owns_tx = t is None
         with (contextlib.nullcontext(t) if t is not None else self.tx()) as t:
             if idem is not None:
                 row = t.execute("SELECT * FROM messages WHERE from_agent = ? AND idempotency_key = ?", (sender, idem)).fetchone()
@@ -1616,8 +1638,8 @@ class Relay:
             for a in held:
                 t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (mid, a))
                 t.emit("message.held", {"message": msg, "agentId": a}, audience={sender})
-        if sender not in SYSTEM_AGENTS:
-            self.touch(sender)
+        if sender not in SYSTEM_AGENTS and owns_tx:
+            self.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
         return {"message": msg, "matched": matched, "online": self._online(matched)}, True
 
     def _online(self, ids):
@@ -1678,18 +1700,21 @@ class Relay:
                 "LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = d.agent_id WHERE d.agent_id = ? ORDER BY m.id",
                 (agent["id"],),
             ).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        redelivered = []
-        seen = {r["id"] for r in rows}
+        # late deliveries (behind the cursor) come first, within the same `limit`; the rest stay queued
+        redelivered = []  # queued ids this answer settles: handed over, or no longer due
         out = []
+        more = False
         for r in extra:
+            due = r["id"] <= since and self.visible_to(agent, r, r["receipt"]) and not (unread and r["receipt"] == "read")
+            if due and len(out) >= limit:
+                more = True
+                continue
             redelivered.append(r["id"])
-            if r["id"] > since or r["id"] in seen or not self.visible_to(agent, r, r["receipt"]):
-                continue
-            if unread and r["receipt"] == "read":
-                continue
-            out.append(r)
+            if due:
+                out.append(r)
+        room = limit - len(out)
+        more = more or len(rows) > room
+        rows = rows[:room]
         out.extend(rows)
         out.sort(key=lambda r: r["id"])
         messages = []
@@ -1715,11 +1740,16 @@ class Relay:
                 messages, more, redelivered, cursor = self.visible_messages_for(agent, start, limit, unread)
                 if messages or waiter is None or self.hub.stopping:
                     break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (client_gone is not None and client_gone()):
+                # sleep until woken by something that concerns this agent; between wake-ups, only look
+                # (once a second) whether the client hung up, without querying the database again
+                woken = False
+                while not woken:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or (client_gone is not None and client_gone()):
+                        break
+                    woken = waiter.event.wait(min(remaining, 1.0))
+                if not woken:
                     break
-                # a client that hung up is noticed within a second, not after the rest of its `wait`
-                waiter.event.wait(min(remaining, 1.0))
         finally:
             if waiter is not None:
                 self.hub.unsubscribe(waiter)
@@ -1751,7 +1781,10 @@ class Relay:
                                 [(agent["id"], mid) for mid in redelivered])
             current = self.agents.get(agent["id"])
             if current is not None and cursor > current["cursor"]:
-                self._set_agent(t, current, {"cursor": cursor}, event=None)
+                # a `since` beyond the newest message must not carry the kept cursor past messages still to come
+                head = t.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+                if min(cursor, head) > current["cursor"]:
+                    self._set_agent(t, current, {"cursor": min(cursor, head)}, event=None)
 
     def cursor(self):
         return {"cursor": self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM messages")[0]}
@@ -1968,7 +2001,10 @@ class Relay:
         else:
             auth.person()
         source = ("agent:" + sender) if sender else "api"
-        return self._create_or_count(f, source, None, sender or "system")
+        out = self._create_or_count(f, source, None, sender or "system")
+        if sender is not None:
+            self.touch(sender)
+        return out
 
     def _task_fields(self, f, target=None, channel=None):
         title = f.string("title", required=True, max_len=1024)
@@ -2055,8 +2091,7 @@ class Relay:
             row = self.get_task_row(t.c, task_id)
             if agent["approvalMode"] == "read-only":
                 raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
-            if not fanout_reaches(agent, row["target"], row["channel"], None):
-                raise ApiError(403, "not_addressed", "Task %d (for %s) is not addressed to %s." % (task_id, row["target"], agent["id"]))
+            self._check_task_addressed(t, agent, row)
             if row["status"] in TASK_FINAL:
                 raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task_id, row["status"]))
             if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
@@ -2069,6 +2104,23 @@ class Relay:
         self.touch(agent["id"])
         return {"task": task}
 
+    def _check_task_addressed(self, t, agent, row):
+        """An agent acts on an unclaimed task only if its announcing message is visible to it (not held for it)."""
+        msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
+        if msg is not None:
+            ok = self.visible_to(agent, msg, self.receipt_state(t.c, msg["id"], agent["id"]))
+        else:
+            ok = fanout_reaches(agent, row["target"], row["channel"], None)
+        if not ok:
+            raise ApiError(403, "not_addressed", "Task %d (for %s) is not addressed to %s, or waits for a person's approval."
+                           % (row["id"], row["target"], agent["id"]))
+
+    def _close_task_message(self, t, row, actor, ts):
+        """A finished task's announcing message stops being open work (claimed by whoever ended it, if nobody had)."""
+        if row["message_id"]:
+            t.execute("UPDATE messages SET claimed_by = COALESCE(claimed_by, ?), claimed_at = COALESCE(claimed_at, ?) "
+                      "WHERE id = ?", (actor, ts, row["message_id"]))
+
     def _claim_task_row(self, t, row, agent_id, ts, also_message):
         t.execute("UPDATE tasks SET status = 'claimed', claimed_by = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
                   (agent_id, ts, ts, row["id"]))
@@ -2080,7 +2132,7 @@ class Relay:
         self._task_event(t, row["id"], "claimed", agent_id)
         return self._task_changed(t, row["id"], "task.claimed")
 
-    def _release_task(self, t, row, agent_id, also_message=True):
+    def _release_task(self, t, row, agent_id, also_message=True, publish=True):
         ts = now_ms()
         t.execute("UPDATE tasks SET status = 'open', claimed_by = NULL, claimed_at = NULL, updated_at = ? WHERE id = ?",
                   (ts, row["id"]))
@@ -2089,7 +2141,8 @@ class Relay:
             if msg is not None and msg["claimed_by"] is not None:
                 self._release_message(t, msg, agent_id)
         self._task_event(t, row["id"], "released", agent_id, {"from": row["status"]})
-        return self._task_changed(t, row["id"], "task.status")
+        if publish:
+            self._task_changed(t, row["id"], "task.status")
 
     def update_task(self, task_id, body, auth):
         f = Fields(body)
@@ -2118,17 +2171,17 @@ class Relay:
                                claimedBy=row["claimed_by"])
             if new == "claimed" and old != "claimed" and row["claimed_by"] is None:
                 raise ApiError(409, "invalid_transition", "Use POST /api/tasks/%d/claim to claim a task." % task_id)
+            if agent is not None and row["claimed_by"] is None:
+                self._check_task_addressed(t, agent, row)
             actor = actor_id or "human"
             ts = now_ms()
             if new == "open" and old != "open":
-                self._release_task(t, row, row["claimed_by"] or actor)
+                self._release_task(t, row, row["claimed_by"] or actor, publish=False)  # published once, below
             elif new != old:
                 t.execute("UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?", (new, ts, task_id))
                 self._task_event(t, task_id, "status", actor, {"from": old, "to": new})
-                if new in TASK_FINAL and row["message_id"]:
-                    # the announcing message stops being open work
-                    t.execute("UPDATE messages SET claimed_by = COALESCE(claimed_by, ?), claimed_at = COALESCE(claimed_at, ?) "
-                              "WHERE id = ?", (actor, ts, row["message_id"]))
+                if new in TASK_FINAL:
+                    self._close_task_message(t, row, actor, ts)
             if has_progress:
                 t.execute("UPDATE tasks SET progress = ?, updated_at = ? WHERE id = ?", (dumps(progress), ts, task_id))
                 self._task_event(t, task_id, "progress", actor, {"progress": progress})
@@ -2187,9 +2240,7 @@ class Relay:
                     return {"task": None}, 200
                 ts = now_ms()
                 t.execute("UPDATE tasks SET status = 'done', updated_at = ?, last_seen_at = ? WHERE id = ?", (ts, ts, row["id"]))
-                if row["message_id"]:
-                    t.execute("UPDATE messages SET claimed_by = COALESCE(claimed_by, 'system'), claimed_at = COALESCE(claimed_at, ?) "
-                              "WHERE id = ?", (ts, row["message_id"]))
+                self._close_task_message(t, row, "system", ts)
                 self._task_event(t, row["id"], "resolved", source, {"from": row["status"], "to": "done"})
                 task = self._task_changed(t, row["id"], "task.status")
             return {"task": task}, 200
@@ -2307,7 +2358,11 @@ class Relay:
     def flush_presence(self):
         """Write the lastSeen values kept in memory (activity is not a write of its own)."""
         dirty, self.dirty_seen = self.dirty_seen, set()
-        rows = [(self.agents[a]["lastSeen"], a) for a in dirty if a in self.agents]
+        rows = []
+        for a in list(dirty):  # list(): an add racing the swap must not break the loop
+            agent = self.agents.get(a)
+            if agent is not None:
+                rows.append((agent["lastSeen"], a))
         if rows:
             with self.tx() as t:
                 t.c.executemany("UPDATE agents SET last_seen = ? WHERE id = ?", rows)
@@ -2660,7 +2715,7 @@ class Request:
 
     def id(self, kind="Message"):
         raw = self.params["id"]
-        if not raw.isdigit() or len(raw) > 18:
+        if not re.match(r"^[0-9]{1,18}$", raw):
             raise not_found("%s %r" % (kind, raw))
         return int(raw)
 
@@ -2843,7 +2898,7 @@ class Api:
                 if left <= 0:
                     h.wfile.write(b": ping\n\n")
                     next_ping = time.monotonic() + ping
-                elif not waiter.event.wait(min(left, 1.0)) and self._hung_up(h.connection):
+                elif not waiter.event.wait(min(left, 1.0)) and h.client_gone():
                     break  # a client that left is noticed within a second, not at the next keep-alive
         except (OSError, ValueError):
             pass  # the client went away
@@ -2852,23 +2907,6 @@ class Api:
             if agent_id:
                 relay.touch(agent_id)
         return None, None
-
-    @staticmethod
-    def _hung_up(sock):
-        """True when a stream's client has closed its side (it sends nothing after its request)."""
-        timeout = sock.gettimeout()
-        try:
-            sock.settimeout(0.0)
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-        finally:
-            try:
-                sock.settimeout(timeout)
-            except OSError:
-                pass
 
     def _stored_events(self, since):
         rows = self.relay.db.query("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT 500", (since,))
@@ -3006,7 +3044,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.request_version = "HTTP/1.1"
                 self.command = ""
                 self.close_connection = True
-                self.send_json(414, ApiError(414, "invalid_field", "The request line is longer than 64 KiB.").body())
+                self.send_json(414, ApiError(414, "payload_too_large", "The request line is longer than 64 KiB.").body())
                 return
             if not self.raw_requestline:
                 self.close_connection = True
@@ -3025,7 +3063,9 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors found while parsing the request line and headers, in the relay's envelope."""
         self.close_connection = True
-        err = ApiError(code, "invalid_request" if code != 431 else "payload_too_large", message or STATUS_TEXT.get(code, "Error"))
+        # the contract's codes: an oversized head is payload_too_large, anything else malformed names the field
+        kind = "payload_too_large" if code in (413, 414, 431) else "invalid_field"
+        err = ApiError(code, kind, "request: %s" % (message or STATUS_TEXT.get(code, "Error")), field="request")
         try:
             self.send_json(code, err.body())
         except OSError:
@@ -3058,14 +3098,24 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(status, dumps(obj).encode("utf-8"), h)
 
     def client_gone(self):
-        """True when the client has hung up (checked before handing it a long-poll answer)."""
+        """True when the client has hung up: long-polls and streams look before answering and while waiting.
+
+        A non-blocking peek, not select(): select() fails on descriptors past 1024, and a busy relay has more.
+        """
+        sock = self.connection
+        timeout = sock.gettimeout()
         try:
-            r, _, _ = select.select([self.connection], [], [], 0)
-            if not r:
-                return False
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            sock.settimeout(0.0)
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
             return True
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
 
     # -- reading -----------------------------------------------------------
     def read_body(self):
@@ -3079,7 +3129,7 @@ class Handler(BaseHTTPRequestHandler):
                     n = int(line.split(b";")[0].strip() or b"x", 16)
                 except ValueError:
                     self.close_connection = True
-                    raise ApiError(400, "invalid_request", "The chunked body is malformed.")
+                    raise ApiError(400, "invalid_field", "Transfer-Encoding: the chunked body is malformed.", field="Transfer-Encoding")
                 if n == 0:
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
@@ -3100,14 +3150,15 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError
         except ValueError:
             self.close_connection = True
-            raise ApiError(400, "invalid_request", "Content-Length %r is not a number." % length)
+            raise ApiError(400, "invalid_field", "Content-Length: %r is not a number." % length, field="Content-Length")
         if n > limit:
             self.close_connection = True
             raise ApiError(413, "payload_too_large", "The body is %d bytes; the relay takes at most %d (AGENT_RELAY_MAX_BODY_BYTES)." % (n, limit))
         data = self.rfile.read(n)
         if len(data) < n:
             self.close_connection = True
-            raise ApiError(400, "invalid_request", "The body ended after %d of %d bytes." % (len(data), n))
+            raise ApiError(400, "invalid_field", "Content-Length: the body ended after %d of %d bytes." % (len(data), n),
+                           field="Content-Length")
         return data
 
     # -- the request pipeline ----------------------------------------------
