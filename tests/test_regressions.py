@@ -164,3 +164,20 @@ def test_malformed_framing_uses_the_contracts_error_codes(relay):
     reply = raw_request(relay, b"GET /api/health HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n")
     assert b'"code":"invalid_field"' in reply or b'"code": "invalid_field"' in reply, reply[:300]
     assert relay.sql("SELECT COUNT(*) AS n FROM messages") == [{"n": 0}]
+
+
+def test_purging_a_guarded_agent_lets_go_of_what_was_held_for_it(relay):
+    relay.register("boss")
+    relay.register("gd", approvalMode="guarded")
+    msg = relay.send("boss", "gd", "Please approve me")
+    assert relay.sql("SELECT state FROM receipts WHERE message_id = ?", (msg["id"],)) == [{"state": "held"}]
+    assert relay.delete("/api/agents/gd?purge=true").status == 200
+    assert relay.sql("SELECT * FROM receipts WHERE message_id = ?", (msg["id"],)) == []
+    assert relay.get("/api/messages?held=true").json["messages"] == []
+
+
+def test_the_approval_mode_and_its_meta_copy_never_disagree(relay):
+    relay.register("m1", meta={"approvalMode": "guarded", "team": "infra"})
+    assert relay.get("/api/agents/m1").json["approvalMode"] == "guarded"
+    card = relay.patch("/api/agents/m1", {"approvalMode": "read-only"}).json
+    assert card["approvalMode"] == "read-only" and card["meta"] == {"approvalMode": "read-only", "team": "infra"}

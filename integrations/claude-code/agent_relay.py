@@ -1481,6 +1481,8 @@ class Relay:
         if mode:
             auth.change_mode(agent, mode)
             changes["approvalMode"] = mode
+            if "approvalMode" in changes.get("meta", agent["meta"]):
+                changes["meta"] = dict(changes.get("meta", agent["meta"]), approvalMode=mode)  # the card must not contradict itself
         if agent["system"] and changes:
             raise ApiError(403, "forbidden", "Built-in agent %r cannot be changed." % agent_id)
         if not changes:
@@ -1514,16 +1516,21 @@ class Relay:
         with self.tx() as t:
             self.release_claims_of(t, agent_id)
             if purge:
-                t.execute("DELETE FROM agents WHERE id = ?", (agent_id,))
-                t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent_id,))
-                self._uncache(agent_id)
-                card = self.card(agent)
-                card["status"] = "offline"
-                t.emit("agent.removed", {"agent": card}, agent_id=agent_id)
-                return card
+                return self._remove_agent(t, self.get_agent(agent_id))
             agent = self._set_agent(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
         self.hub.wake([agent_id])
         return self.card(agent)
+
+    def _remove_agent(self, t, agent):
+        """Delete an agent (purge or prune); what was held for it is released, so retention can take it in time."""
+        t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
+        t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
+        t.execute("DELETE FROM receipts WHERE agent_id = ? AND state = 'held'", (agent["id"],))
+        self._uncache(agent["id"])
+        card = self.card(agent)
+        card["status"] = "offline"
+        t.emit("agent.removed", {"agent": card}, agent_id=agent["id"])
+        return card
 
     def release_claims_of(self, t, agent_id):
         """Give back every message and unfinished task the agent had claimed."""
@@ -2393,10 +2400,7 @@ class Relay:
                     current = self.agents.get(agent["id"])
                     if current is None or current["status"] != "offline":
                         continue  # gone already, or back online since the snapshot above
-                    t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
-                    t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
-                    self._uncache(agent["id"])
-                    t.emit("agent.removed", {"agent": self.card(current)}, agent_id=agent["id"])
+                    self._remove_agent(t, current)
 
     RETENTION_BATCH = 500
 
