@@ -532,7 +532,6 @@ class Storage:
         self.migrate()
         if not self.memory:
             self._writer.execute("PRAGMA busy_timeout = %d" % self.WRITE_BUSY_MS)
-            self._start_checkpointer()
 
     def _connect(self, readonly=False):
         if self.memory:
@@ -570,35 +569,6 @@ class Storage:
                     c.execute("ROLLBACK")
                     raise
 
-    # Checkpoints (copying the WAL into the database file, with two fsyncs) run in a thread of their own,
-    # so that no request waits for the disk: SQLite's automatic checkpoint runs inside the COMMIT of
-    # whichever write crosses its threshold, holding the write lock (and every writer behind it) meanwhile.
-    CHECKPOINT_EVERY = 100  # commits between background checkpoints (a message writes about 10 WAL pages)
-    WRITER_CHECKPOINT_PAGES = 10000  # the writer's own automatic checkpoint: a backstop if the thread falls behind
-
-    def _start_checkpointer(self):
-        self._commits = 0
-        self._checkpoint_due = threading.Event()
-        self._writer.execute("PRAGMA wal_autocheckpoint = %d" % self.WRITER_CHECKPOINT_PAGES)
-        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="checkpointer", daemon=True)
-        self._checkpointer.start()
-
-    def _checkpoint_loop(self):
-        con = None
-        while True:
-            self._checkpoint_due.wait()
-            self._checkpoint_due.clear()
-            if self._closed:
-                break
-            try:
-                if con is None:
-                    con = sqlite3.connect(self.path, timeout=0.5, check_same_thread=False, isolation_level=None)
-                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error:
-                pass  # locked, read-only or full: the writer's own checkpoint remains, and the next round retries
-        if con is not None:
-            con.close()
-
     @contextlib.contextmanager
     def locked(self):
         """This process's write lock, waited for at most WRITE_WAIT_S (re-entrant)."""
@@ -634,11 +604,6 @@ class Storage:
                     raise StorageUnavailable(self.fault)
                 raise
             self.fault = None
-            if not self.memory:
-                self._commits += 1
-                if self._commits >= self.CHECKPOINT_EVERY:
-                    self._commits = 0
-                    self._checkpoint_due.set()
 
     @contextlib.contextmanager
     def read(self):
@@ -686,9 +651,6 @@ class Storage:
     def close(self):
         with self.lock:
             self._closed = True
-            if not self.memory:
-                self._checkpoint_due.set()
-                self._checkpointer.join(5.0)
             while True:
                 try:
                     self._readers.get_nowait().close()
