@@ -181,3 +181,26 @@ def test_the_approval_mode_and_its_meta_copy_never_disagree(relay):
     assert relay.get("/api/agents/m1").json["approvalMode"] == "guarded"
     card = relay.patch("/api/agents/m1", {"approvalMode": "read-only"}).json
     assert card["approvalMode"] == "read-only" and card["meta"] == {"approvalMode": "read-only", "team": "infra"}
+
+
+def test_a_guarded_agent_never_sees_an_unapproved_message_that_reaches_it_late(relay):
+    relay.register("boss")
+    relay.register("gd", approvalMode="guarded")
+    work = relay.send("boss", "tag:x", "Take this job", claimable=True)
+    chat = relay.send("boss", "tag:x", "FYI for tag x")
+    assert relay.patch("/api/agents/gd", {"tags": ["x"]}).status == 200  # now both reach it
+    assert relay.inbox("gd")["messages"] == []
+    held = {m["id"]: m["heldFor"] for m in relay.get("/api/messages?held=true").json["messages"]}
+    assert held == {work["id"]: ["gd"], chat["id"]: ["gd"]}
+    assert relay.post("/api/messages/%d/claim" % work["id"], {"agentId": "gd"}).status == 403
+    # a person approves one: it arrives exactly once; the other stays held
+    assert relay.post("/api/messages/%d/approve" % work["id"], {"agentId": "gd"}).status == 200
+    assert [m["id"] for m in relay.inbox("gd")["messages"]] == [work["id"]]
+    assert relay.inbox("gd")["messages"] == []
+    # an open agent that becomes guarded: what it has not yet received waits for a person too
+    relay.register("op", tags=["y"])
+    pending = relay.send("boss", "tag:y", "Deploy now?")
+    assert relay.patch("/api/agents/op", {"approvalMode": "guarded"}).status == 200
+    assert relay.inbox("op")["messages"] == []
+    assert relay.get("/api/messages/%d" % pending["id"]).json["receipts"] == [
+        {"agentId": "op", "state": "held", "deliveredAt": None, "readAt": None}]

@@ -1374,11 +1374,31 @@ class Relay:
                 self._cache(agent)
                 t.emit("agent.registered", {"agent": self.card(agent)}, agent_id=agent_id)
                 created = True
+            self._hold_unapproved(t, agent)
             self._queue_open_work(t, agent)
         card = self.card(agent)
         if key:
             card["agentKey"] = key
         return card, created
+
+    def _hold_unapproved(self, t, agent):
+        """A guarded agent sees another agent's message only after a person approves it.
+
+        Messages are held at send time for the guarded agents they reach then; this holds the ones that
+        reach it later, not yet delivered: it registered, gained a tag or channel, or became guarded.
+        """
+        if agent["approvalMode"] != "guarded":
+            return
+        vis, params = self._visibility_sql(agent)
+        rows = t.execute(
+            "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
+            " AND r.state IS NULL AND m.from_agent NOT IN ('human', 'system') AND m.from_agent != ?"
+            " AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
+            [agent["id"]] + params + [agent["id"], agent["cursor"]],
+        ).fetchall()
+        for row in rows:
+            t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (row["id"], agent["id"]))
+            t.emit("message.held", {"message": message_from_row(row), "agentId": agent["id"]}, audience={row["from_agent"]})
 
     def _queue_open_work(self, t, agent):
         """Unclaimed claimable messages that now reach the agent but lie behind its cursor: deliver them once."""
@@ -1451,7 +1471,8 @@ class Relay:
             return self.card(agent)
         with self.tx() as t:
             agent = self._set_agent(t, self.get_agent(agent_id), changes)
-            if any(k in changes for k in ("tags", "capabilities", "channels", "label")):
+            if any(k in changes for k in ("tags", "capabilities", "channels", "label", "approvalMode")):
+                self._hold_unapproved(t, agent)
                 self._queue_open_work(t, agent)
         return self.card(agent)  # a card edit is not the agent's activity (a person may make it)
 
