@@ -1,0 +1,74 @@
+"""The benchmark keeps working: `benchmarks/run.py --quick` runs every item end to end.
+
+No timing is asserted here (speed claims live in the benchmark's own output,
+beside a baseline measured in the same run); this only shows that each item
+runs against the real relay, prints its figures and writes complete JSON.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "benchmarks", "run.py")
+
+ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress"]
+TARGETS = 8  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle
+
+
+def test_quick_benchmark_runs_every_item(tmp_path):
+    out = tmp_path / "latest.json"
+    proc = subprocess.run([sys.executable, RUN, "--quick", "--out", str(out)], cwd=str(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
+    text = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0, text[-3000:]
+
+    # every item and every target is printed
+    for heading in ("1. send throughput", "2. delivery latency", "3. scale", "4. inbox latency", "5. idle",
+                    "6. task ingress", "targets:"):
+        assert heading in text, "missing %r in:\n%s" % (heading, text[-3000:])
+    target_lines = [line for line in text.splitlines() if line.strip().startswith(("[met", "[MISSED"))]
+    assert len(target_lines) == TARGETS, text[-3000:]
+
+    res = json.loads(out.read_text())
+    assert res["mode"] == "quick"
+    for key in ITEMS + ["machine", "targets", "config", "item_seconds"]:
+        assert key in res, key
+    for key in ("nproc", "cpu", "python", "sqlite"):
+        assert res["machine"][key], key
+
+    # item 1: all three concurrencies, both servers, a ratio, and SQLite's own rate
+    assert set(res["throughput"]) == {"1", "8", "32"}
+    for cell in res["throughput"].values():
+        assert cell["baseline_rps"] > 0 and cell["relay_rps"] > 0 and cell["ratio"] > 0
+    assert res["sqlite"]["commits_per_s"] > 0 and res["sqlite"]["send_shaped_commits_per_s"] > 0
+
+    # item 2: long-poll and stream, with 1 and with 100 agents waiting, each message seen by its agent
+    assert set(res["latency"]) == {"long_poll_1", "long_poll_100", "stream_1", "stream_100"}
+    for name, cell in res["latency"].items():
+        assert cell["samples"] == res["config"]["latency_samples"], name
+        assert 0 < cell["p50_ms"] <= cell["p95_ms"] <= cell["p99_ms"], name
+    assert res["latency"]["long_poll_100"]["waiting"] == 100
+
+    # item 3: the relay really held what was asked, and sends still went through
+    sc = res["scale"]
+    assert sc["long_polls"] >= res["config"]["scale_polls"] and sc["streams"] >= res["config"]["scale_streams"]
+    assert sc["rss_mb"] > 0 and sc["threads"] > res["config"]["scale_polls"]
+    assert sc["relay_rps"] > 0 and sc["vs_item1"] > 0
+
+    # item 4: both history sizes were stored and read through the relay
+    ib = res["inbox"]
+    assert ib["small"]["messages"] >= res["config"]["inbox_sizes"][0]
+    assert ib["large"]["messages"] >= res["config"]["inbox_sizes"][1]
+    for key in ("new_message", "nothing_new", "history_first_page"):
+        assert ib["small"][key]["p50_ms"] > 0 and ib["large"][key]["p50_ms"] > 0 and ib["ratio_" + key] > 0
+
+    # item 5 and 6
+    assert res["idle"]["waiters"] == res["config"]["idle_waiters"] and res["idle"]["cpu_percent_of_core"] >= 0
+    assert res["ingress"]["new_keys"]["events_per_s"] > 0 and res["ingress"]["dedupe_storm"]["events_per_s"] > 0
+    # the storm was counted on one task, not turned into new ones
+    assert res["ingress"]["dedupe_storm"]["occurrence_count"] >= res["config"]["count"]
+
+    assert len(res["targets"]) == TARGETS
+    for t in res["targets"]:
+        assert isinstance(t["met"], bool) and t["value"] is not None and t["limit"], t
