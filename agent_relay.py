@@ -47,15 +47,12 @@ import gzip
 import hashlib
 import hmac
 import http.client
-import io
 import json
 import os
-import platform
 import plistlib
 import queue
 import re
 import secrets
-import select
 import shlex
 import shutil
 import signal
@@ -638,15 +635,6 @@ class Storage:
     def query_one(self, sql, params=()):
         with self.read() as c:
             return c.execute(sql, params).fetchone()
-
-    def backup_to(self, dest_path):
-        """A consistent online copy, through SQLite's backup API."""
-        dest = sqlite3.connect(dest_path)
-        try:
-            with self.read() as c:
-                c.backup(dest)
-        finally:
-            dest.close()
 
     def close(self):
         with self.lock:
@@ -3153,7 +3141,6 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- the request pipeline ----------------------------------------------
     def dispatch(self):
-        relay = self.relay
         method = self.command
         split = urllib.parse.urlsplit(self.path)
         path = split.path

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,39 @@ def wait_for(predicate, timeout=20.0, every=0.05):
             return value
         time.sleep(every)
     return predicate()
+
+
+def raw_exchange(port, data, head_only=False, reset=False, timeout=10):
+    """Send `data` exactly as given on a fresh connection (http.client would add and fix headers) and read the answer:
+    only its head, or until the body is complete or the relay closes. `reset` hangs up with RST, as a killed client
+    does. Returns (status, headers with lower-case names, body); status 0 when no HTTP answer came."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    got = b""
+    try:
+        s.sendall(data)
+        while True:
+            head, sep, body = got.partition(b"\r\n\r\n")
+            if sep:
+                lengths = [int(l.split(b":", 1)[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+                if head_only or (lengths and len(body) >= lengths[0]):
+                    break
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        if reset:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 "):
+        return 0, {}, got
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ", 2)[1]), headers, body
 
 
 class Resp:

@@ -10,9 +10,10 @@ hold, and work with the admin token.
 """
 import hashlib
 import json
-import socket
 
 import pytest
+
+from conftest import raw_exchange
 
 TOKEN = "shared-token-for-tests"
 ADMIN = "admin-token-for-tests"
@@ -76,18 +77,9 @@ def acts_as_bob(w):
 
 
 def stream_status(relay, path, headers):
-    s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
     headers = dict({"Authorization": "Bearer " + TOKEN}, **headers)
     lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1"] + ["%s: %s" % kv for kv in headers.items()]
-    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    return int(data.split(b" ", 2)[1])
+    return raw_exchange(relay.port, ("\r\n".join(lines) + "\r\n\r\n").encode(), head_only=True)[0]
 
 
 def test_the_key_is_given_once_and_never_shown_or_stored(relay):

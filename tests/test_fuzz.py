@@ -10,9 +10,7 @@ Strings are stored literally (read back identical) or refused with 400.
 """
 import http.client
 import json
-import socket
 import sqlite3
-import struct
 import tempfile
 import time
 import urllib.parse
@@ -21,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Relay
+from conftest import Relay, raw_exchange
 
 INTEG_TOKEN = "fuzz-integration-token"
 BASE_AGENTS = {
@@ -187,20 +185,11 @@ class Fuzzer:
 
     def stream_status(self, path, headers):
         """A stream's status line and headers only; then hang up."""
-        s = socket.create_connection(("127.0.0.1", self.relay.port), timeout=5)
+        lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1"] + ["%s: %s" % kv for kv in headers.items()]
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
         try:
-            lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1"] + ["%s: %s" % kv for kv in headers.items()]
-            s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"))
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+            return raw_exchange(self.relay.port, data, head_only=True, reset=True, timeout=5)[0]
         finally:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
             # an agent's stream marks it active when it ends: wait for that, so it cannot land in a later check
             deadline = time.monotonic() + 5
             while self.call("GET", "/api/stats")[2]["streams"] and time.monotonic() < deadline:

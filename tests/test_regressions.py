@@ -1,30 +1,13 @@
 """Bugs found by reading the relay against its contract, each pinned by a test against the real relay."""
 import json
-import socket
 import threading
 
-from conftest import wait_for
+from conftest import raw_exchange, wait_for
 
 
 def raw_request(relay, data):
-    s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    try:
-        s.sendall(data)
-        chunks = []
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            chunks.append(b)
-            if b"\r\n\r\n" in b"".join(chunks):
-                head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
-                if length and len(body) >= length[0]:
-                    break
-        return b"".join(chunks)
-    finally:
-        s.close()
-
+    status, _, body = raw_exchange(relay.port, data)
+    return ("HTTP/1.1 %d " % status).encode() + body
 
 def test_racing_session_end_and_purge_leave_no_ghost_agents(relay):
     """A purge racing a session end must not leave an agent the API shows but the database lacks."""

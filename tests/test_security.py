@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from conftest import wait_for
+from conftest import wait_for, raw_exchange
 
 TOKEN = "relay-token-do-not-log-1"
 ADMIN = "admin-token-do-not-log-2"
@@ -26,27 +26,11 @@ SECRET = "callback-secret-do-not-log-4"
 
 def raw_request(port, method, path, headers, body=b""):
     """A request with exactly these headers (http.client would add its own Host)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
     lines = ["%s %s HTTP/1.1" % (method, path)] + ["%s: %s" % kv for kv in headers.items()]
     if body:
         lines.append("Content-Length: %d" % len(body))
     lines.append("Connection: close")
-    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    head, _, payload = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    hdrs = {}
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.decode("latin-1").partition(":")
-        hdrs[k.strip().lower()] = v.strip()
-    return status, hdrs, payload
-
+    return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
 def counts(relay):
     return relay.sql("SELECT (SELECT COUNT(*) FROM messages) AS m, (SELECT COUNT(*) FROM agents) AS a, "
