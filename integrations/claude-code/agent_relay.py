@@ -3186,7 +3186,7 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def discard_body_if_unread(self):
-        if getattr(self, "_body_read", True) is False and not self.close_connection:
+        if not self._body_read:
             # the body of a rejected request is still on the wire: drop the connection rather than read it
             self.close_connection = True
 
@@ -3263,7 +3263,6 @@ class Handler(BaseHTTPRequestHandler):
                     break
         auth = self.authenticate(route)
         if route is None:
-            self._body_read = False
             if allowed:
                 raise ApiError(405, "method_not_allowed", "%s is not allowed on %s (allowed: %s)." % (method, path, ", ".join(sorted(set(allowed)))),
                                headers={"Allow": ", ".join(sorted(set(allowed)))})
@@ -3277,7 +3276,6 @@ class Handler(BaseHTTPRequestHandler):
         req = Request(self, method, path, query, params, auth)
         if method in WRITE_METHODS:
             self.check_origin()
-            self._body_read = False
             raw = self.read_body()
             self._body_read = True
             if raw.strip():
