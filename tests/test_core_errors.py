@@ -288,3 +288,77 @@ def test_a_client_that_hangs_up_mid_long_poll_leaves_no_traceback(seeded):
     wait_not_listening(relay, "a")
     assert relay.get("/api/health").status == 200
     assert_no_traceback(relay)
+
+
+HEAD_CASES = [
+    # (what, the raw head after the request line, status, code, a word the message must hold)
+    ("HTTP/2 on the request line", None, 505, "invalid_field", "HTTP/1.1"),
+    ("a header without a colon", "X-Broken header\r\n", 400, "invalid_field", "malformed header"),
+    ("a folded header line", "X-Long: one\r\n  two\r\n", 400, "invalid_field", "folded"),
+    ("a space before the colon", "Content-Type : application/json\r\n", 400, "invalid_field", "malformed header"),
+    ("a 70 KiB header line", "X-Big: " + "x" * 70000 + "\r\n", 431, "payload_too_large", "64 KiB"),
+    ("101 header lines", "".join("X-H%d: v\r\n" % i for i in range(101)), 431, "payload_too_large", "100 header"),
+]
+
+
+@pytest.mark.parametrize("what,extra,status,code,word", HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_malformed_request_heads_are_refused_and_send_nothing(seeded, what, extra, status, code, word):
+    """The relay reads request heads itself: each malformed head gets a clear error in the envelope and stores nothing."""
+    from conftest import raw_exchange
+    relay = seeded
+    before = snapshot(relay)
+    body = json.dumps(msg(body="must not be stored")).encode()
+    line = "POST /api/messages HTTP/2.0\r\n" if extra is None else "POST /api/messages HTTP/1.1\r\n"
+    head = line + "Host: 127.0.0.1\r\n" + (extra or "") + "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    got, headers, raw = raw_exchange(relay.port, head.encode("latin-1") + body)
+    assert got == status, (got, raw[:300])
+    err = json.loads(raw)["error"]
+    assert err["code"] == code and word in err["message"], err
+    assert headers.get("connection") == "close"
+    assert snapshot(relay) == before
+    assert relay.post("/api/messages", msg(body="still fine")).status == 201
+    assert_no_traceback(relay)
+
+
+def test_request_heads_are_read_as_clients_send_them(seeded):
+    """Header names in any case, repeated fields (the first wins), spaces around values, a bare LF line end,
+    Connection: close on HTTP/1.1 and keep-alive on HTTP/1.0, and Expect: 100-continue."""
+    from conftest import raw_exchange
+    relay = seeded
+    body = json.dumps(msg(body="odd but valid")).encode()
+    head = ("POST /api/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-TYPE:   application/json  \r\n"
+            "Content-Length: %d\nX-Agent-Relay-Token: first\r\nX-Agent-Relay-Token: second\r\nConnection: close\r\n\r\n" % len(body))
+    status, headers, raw = raw_exchange(relay.port, head.encode() + body)
+    assert status == 201 and json.loads(raw)["message"]["body"] == "odd but valid", raw
+    assert headers.get("connection") == "close"
+    # HTTP/1.0 with keep-alive: two requests on one connection
+    s = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+    try:
+        one = b"GET /api/health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        s.sendall(one + one.replace(b"keep-alive", b"close"))
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        assert got.count(b"HTTP/1.1 200 OK") == 2, got
+    finally:
+        s.close()
+    # Expect: 100-continue gets its interim answer before the body is sent
+    s = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+    try:
+        s.sendall(("POST /api/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   "Content-Length: %d\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n" % len(body)).encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(body)
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        assert b"201 Created" in got, got
+    finally:
+        s.close()
+    assert_no_traceback(relay)
