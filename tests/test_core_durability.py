@@ -105,3 +105,35 @@ def test_state_after_a_clean_restart_matches_too(relay):
     assert relay.sql("SELECT claimed_by FROM messages WHERE id = ?", (s["work"],))[0]["claimed_by"] is None
     assert relay.post("/api/messages/%d/claim" % s["work"], {"agentId": "dev"}).status == 200
     assert "Traceback" not in relay.log
+
+
+def test_a_database_from_the_previous_schema_is_migrated_and_keeps_everything(relay):
+    """A database written at schema 2 (created_at indexes, a full thread index) is moved to schema 3 in place
+    on start: every row stays, threads, inboxes, stats and retention's age lookups work as before."""
+    import sqlite3
+
+    s = build_state(relay)
+    root = relay.send("boss", "dev", "root")["id"]
+    reply = relay.post("/api/messages", {"from": "dev", "to": "boss", "body": "re", "replyTo": root}).json["message"]["id"]
+    relay.stop()
+    con = sqlite3.connect(relay.db_path)
+    with con:  # put the schema back as version 2 left it
+        con.execute("DROP INDEX messages_thread")
+        con.execute("CREATE INDEX messages_thread ON messages(thread_id, id)")
+        con.execute("CREATE INDEX messages_created ON messages(created_at)")
+        con.execute("CREATE INDEX events_created ON events(created_at)")
+        con.execute("PRAGMA user_version = 2")
+    rows = {t: con.execute("SELECT * FROM %s ORDER BY 1, 2" % t).fetchall() for t in ("messages", "events", "receipts", "agents")}
+    con.close()
+    relay.start()
+    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 3
+    indexes = {r["name"]: r["sql"] for r in relay.sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+    assert "messages_created" not in indexes and "events_created" not in indexes
+    assert "WHERE thread_id IS NOT NULL" in indexes["messages_thread"]
+    for table, kept in rows.items():
+        assert [tuple(r.values()) for r in relay.sql("SELECT * FROM %s ORDER BY 1, 2" % table)] == kept, table
+    assert ids(relay.inbox("dev")) == [s["m"][3], s["fan"], s["work"], s["open"], root]
+    thread = relay.get("/api/messages/%d/thread" % reply).json
+    assert [m["id"] for m in thread["messages"]] == [root, reply]
+    stats = relay.get("/api/stats").json
+    assert stats["messages"]["total"] == len(rows["messages"]) == stats["messages"]["last24h"], stats
