@@ -1153,6 +1153,23 @@ class Tx:
         self.events.append(Event(cur.lastrowid, type, agent_id, frozenset(audience) if audience else None, text, ts))
 
 
+class _Job:
+    """A request's part of a group commit (Relay.group_tx)."""
+
+    __slots__ = ("job", "ready", "leads", "state", "result", "error")
+
+    def __init__(self, job):
+        self.job = job
+        self.ready = None  # a held lock that a waiting job sleeps on, released when its answer (or its turn to lead) is ready
+        self.leads = False
+        self.state = None  # "done", "error", or "retry" (its batch was rolled back: run it alone)
+        self.result = self.error = None
+
+
+class _BatchAborted(Exception):
+    """A job of a group commit failed after writing: the batch is rolled back and its other jobs run again."""
+
+
 class Relay:
     """Agents, messages, tasks and integrations: the rules of the relay."""
 
@@ -1172,6 +1189,9 @@ class Relay:
         self.stopping = threading.Event()
         self.threads = []
         self._undo = None  # agent id -> its cached card before the running transaction changed it
+        self._jobs = []  # group commit: jobs waiting for the next batch (group_tx)
+        self._jobs_lock = threading.Lock()
+        self._leading = False  # a thread is running a batch, or has been handed the next one
         self._load()
 
     # -- startup -----------------------------------------------------------
@@ -1242,6 +1262,87 @@ class Relay:
             with self.callback_cv:
                 self.callback_news += 1
                 self.callback_cv.notify_all()
+
+    def group_tx(self, job):
+        """Runs job(t) in a write transaction that it may share with the jobs of other requests waiting at the
+        same moment (group commit); returns what job returned, or raises what it raised.
+
+        The write lock is the relay's bottleneck under load: a transaction holds it for its SQLite calls and
+        for every wait to get the interpreter back after one. One thread at a time (the leader) takes all the
+        jobs queued so far and runs them in one transaction; the others sleep until their answer is ready, and
+        a waiting one leads the next batch. A job may refuse (raise) before its first write and only its own
+        request fails; a job that raises after writing aborts the batch, and the other jobs of it run again,
+        each in a transaction of its own. Nothing is answered before the commit that stores it."""
+        entry = _Job(job)
+        with self._jobs_lock:
+            self._jobs.append(entry)
+            entry.leads = not self._leading
+            if not entry.leads:
+                entry.ready = threading.Lock()
+                entry.ready.acquire()
+            self._leading = True
+        if not entry.leads:
+            entry.ready.acquire()
+        if entry.leads:
+            self._lead_batch()
+        if entry.state == "retry":
+            with self.tx() as t:
+                return job(t)
+        if entry.state == "error":
+            raise entry.error
+        return entry.result
+
+    def _lead_batch(self):
+        with self._jobs_lock:
+            batch, self._jobs = self._jobs, []
+        try:
+            self._run_batch(batch)
+        except BaseException as e:  # the batch did not commit: each of its requests fails with the cause
+            for j in batch:
+                if j.state is None or j.state == "done":
+                    j.state, j.error = "error", e
+        finally:
+            with self._jobs_lock:
+                nxt = self._jobs[0] if self._jobs else None
+                if nxt is None:
+                    self._leading = False
+                else:
+                    nxt.leads = True
+            for j in batch:
+                if j.ready is not None and j is not nxt:
+                    j.ready.release()
+            if nxt is not None:
+                nxt.ready.release()
+
+    def _run_batch(self, batch):
+        with self.tx() as t:
+            for i, j in enumerate(batch):
+                changes, events, wake, outer = t.c.total_changes, len(t.events), set(t.wake) if t.wake else set(), self._undo
+                self._undo = {}
+                try:
+                    j.result = j.job(t)
+                    j.state = "done"
+                except Exception as e:
+                    mine, self._undo = self._undo, outer
+                    if t.c.total_changes != changes:  # it wrote before it failed: the batch is rolled back
+                        for other in batch[i + 1:]:
+                            other.state = "retry"
+                        for other in batch[:i]:
+                            other.state = "retry"
+                        j.state, j.error = "error", e
+                        raise _BatchAborted()
+                    del t.events[events:]
+                    t.wake = wake
+                    for agent_id, old in mine.items():
+                        if old is None:
+                            self._uncache(agent_id)
+                        else:
+                            self._cache(old)
+                    j.state, j.error = "error", e
+                    continue
+                for agent_id, old in self._undo.items():
+                    outer.setdefault(agent_id, old)
+                self._undo = outer
 
     # -- agents ------------------------------------------------------------
     def card(self, agent):
@@ -1594,8 +1695,12 @@ class Relay:
         auth.act_as(agent)
         if target_kind == "agent" and to not in self.agents:
             raise unknown_agent(to)
-        return self._send(sender, to, text, subject=subject, kind=kind, channel=channel, claimable=claimable,
-                          reply_to=reply_to, idem=idem, payload=payload, meta=meta)
+        out, created = self.group_tx(lambda t: self._send(sender, to, text, subject=subject, kind=kind, channel=channel,
+                                                         claimable=claimable, reply_to=reply_to, idem=idem, payload=payload,
+                                                         meta=meta, t=t))
+        if created and sender not in SYSTEM_AGENTS:
+            self.touch(sender)
+        return out, created
 
     def _send(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
               idem=None, payload=None, meta=None, t=None):

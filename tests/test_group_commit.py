@@ -1,0 +1,145 @@
+"""Group commit: sends that arrive together share one transaction, and each still gets its own answer.
+
+Over HTTP: many clients at once, some refused, some repeated with an idempotency key; every acknowledged
+message is stored exactly once, a refused one not at all, and all of it survives SIGKILL. In process, against a
+real database: a batch whose job fails after writing is rolled back and its other jobs run again alone.
+"""
+import json
+import os
+import sys
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import agent_relay  # noqa: E402
+from conftest import wait_for  # noqa: E402
+
+
+def test_concurrent_sends_each_get_their_own_answer_and_all_survive_sigkill(relay):
+    for a in ("s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "sink"):
+        relay.register(a)
+    answers = {}
+    barrier = threading.Barrier(8)
+
+    def client(k):
+        sender = "s%d" % k
+        assert relay.get("/api/health").status == 200  # a warm keep-alive connection, so the sends leave together
+        barrier.wait(10)
+        for i in range(40):
+            body = {"from": sender, "to": "sink", "body": "%s #%d" % (sender, i)}
+            if i % 10 == 3:
+                body["replyTo"] = 10 ** 9  # refused inside the transaction: not found
+            if i % 10 == 5:
+                body["idempotencyKey"] = "%s-key" % sender  # the same key each time: stored once
+            r = relay.post("/api/messages", body)
+            answers[(sender, i)] = (r.status, r.json)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 8 * 40
+
+    stored = {r["id"]: r for r in relay.sql("SELECT id, from_agent, body, idempotency_key FROM messages")}
+    kept = {}
+    for (sender, i), (status, body) in answers.items():
+        if i % 10 == 3:
+            assert status == 404 and body["error"]["code"] == "not_found", body
+            continue
+        if i % 10 == 5:
+            assert status in (200, 201), body
+            kept.setdefault(sender, set()).add(body["message"]["id"])
+            continue
+        assert status == 201, body
+        m = body["message"]
+        assert stored[m["id"]]["body"] == "%s #%d" % (sender, i) == m["body"]
+        assert stored[m["id"]]["from_agent"] == sender
+    for sender, ids in kept.items():
+        assert len(ids) == 1, (sender, ids)  # every repeat answered with the first one's id
+        assert stored[ids.pop()]["body"] == "%s #5" % sender
+    # 40 per client: 4 refused, 4 repeats of one idempotent send (3 of them duplicates)
+    assert len(stored) == 8 * (40 - 4 - 3)
+    assert not [r for r in stored.values() if r["body"].endswith(("#3", "#13", "#23", "#33"))]
+    # the events that streams replay: one message.created per stored message, in id order
+    created = [json.loads(e["data"])["message"]["id"] for e in relay.sql(
+        "SELECT data FROM events WHERE type = 'message.created' ORDER BY id")]
+    assert created == sorted(stored)
+    relay.restart(kill=True)
+    assert len(relay.sql("SELECT id FROM messages")) == len(stored)
+    assert [m["id"] for m in relay.inbox("sink", limit=500)["messages"]] == sorted(stored)
+
+
+def make_relay(tmp_path):
+    relay = agent_relay.Relay(agent_relay.Config.from_sources({}, {"db": str(tmp_path / "relay.db"), "port": "0"}))
+    auth = agent_relay.Auth(relay, {}, False)
+    for a in ("a", "b"):
+        relay.register({"id": a}, auth)
+    return relay
+
+
+def write(t, body):
+    t.execute("INSERT INTO messages(from_agent, to_target, body, created_at) VALUES ('a', 'b', ?, 0)", (body,))
+    return body
+
+
+def run_in_one_batch(relay, jobs):
+    """The jobs, each from its own thread, queued while a first job holds the writer: they form the next batch."""
+    results = {}
+    relay.db.lock.acquire()  # the first leader takes its batch, then waits here for the write lock
+
+    def go(name, job):
+        try:
+            results[name] = ("ok", relay.group_tx(job))
+        except Exception as e:  # noqa: BLE001 - the test inspects what each caller got
+            results[name] = ("error", e)
+
+    first = threading.Thread(target=go, args=("first", lambda t: write(t, "first")))
+    first.start()
+    assert wait_for(lambda: relay._leading and not relay._jobs, timeout=5, every=0.001)  # the first batch is taken
+    threads = [threading.Thread(target=go, args=(name, job)) for name, job in jobs]
+    for th in threads:
+        th.start()
+    assert wait_for(lambda: len(relay._jobs) == len(jobs), timeout=5, every=0.001)  # all of them queued behind it
+    relay.db.lock.release()
+    for th in [first] + threads:
+        th.join(10)
+    return results
+
+
+def bodies(relay):
+    return sorted(r[0] for r in relay.db.query("SELECT body FROM messages"))
+
+
+def test_a_job_that_refuses_before_writing_fails_alone(tmp_path):
+    relay = make_relay(tmp_path)
+    try:
+        def refuse(t):
+            raise agent_relay.ApiError(404, "not_found", "nothing here")
+
+        results = run_in_one_batch(relay, [("x", lambda t: write(t, "x")), ("refuse", refuse), ("y", lambda t: write(t, "y"))])
+        assert results["x"] == ("ok", "x") and results["y"] == ("ok", "y") and results["first"] == ("ok", "first")
+        assert results["refuse"][0] == "error" and results["refuse"][1].status == 404
+        assert bodies(relay) == ["first", "x", "y"]
+    finally:
+        relay.stop()
+        relay.close()
+
+
+def test_a_job_that_fails_after_writing_rolls_its_batch_back_and_the_others_run_alone(tmp_path):
+    relay = make_relay(tmp_path)
+    try:
+        def half(t):
+            write(t, "half-written")
+            raise ValueError("failed after writing")
+
+        results = run_in_one_batch(relay, [("x", lambda t: write(t, "x")), ("half", half), ("y", lambda t: write(t, "y"))])
+        assert results["half"][0] == "error" and str(results["half"][1]) == "failed after writing"
+        assert results["x"] == ("ok", "x") and results["y"] == ("ok", "y")
+        assert bodies(relay) == ["first", "x", "y"]  # nothing of the failed job, the others exactly once
+        # the relay goes on: the next send is a batch of its own again
+        assert relay.group_tx(lambda t: write(t, "after")) == "after"
+        assert not relay._leading and not relay._jobs
+    finally:
+        relay.stop()
+        relay.close()
