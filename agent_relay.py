@@ -1247,12 +1247,8 @@ class Relay:
                     t = Tx(self, c)
                     yield t
             except BaseException:
-                undo, self._undo = self._undo, None  # not committed: the cache forgets what the transaction did
-                for agent_id, old in undo.items():
-                    if old is None:
-                        self._uncache(agent_id)
-                    else:
-                        self._cache(old)
+                self._forget(self._undo)  # not committed: the cache forgets what the transaction did
+                self._undo = None
                 raise
             self._undo = None
             self.hub.publish(t.events)
@@ -1262,6 +1258,16 @@ class Relay:
             with self.callback_cv:
                 self.callback_news += 1
                 self.callback_cv.notify_all()
+
+    def _forget(self, undo):
+        """Puts back the cached cards that `undo` recorded (a transaction, or one job of a batch, did not commit)."""
+        kept, self._undo = self._undo, None  # restoring is not itself a change to record
+        for agent_id, old in undo.items():
+            if old is None:
+                self._uncache(agent_id)
+            else:
+                self._cache(old)
+        self._undo = kept
 
     def group_tx(self, job):
         """Runs job(t) in a write transaction that it may share with the jobs of other requests waiting at the
@@ -1309,7 +1315,7 @@ class Relay:
                 else:
                     nxt.leads = True
             for j in batch:
-                if j.ready is not None and j is not nxt:
+                if j.ready is not None:  # the leader's own job has none
                     j.ready.release()
             if nxt is not None:
                 nxt.ready.release()
@@ -1333,11 +1339,7 @@ class Relay:
                         raise _BatchAborted()
                     del t.events[events:]
                     t.wake = wake
-                    for agent_id, old in mine.items():
-                        if old is None:
-                            self._uncache(agent_id)
-                        else:
-                            self._cache(old)
+                    self._forget(mine)
                     j.state, j.error = "error", e
                     continue
                 for agent_id, old in self._undo.items():
@@ -3115,39 +3117,15 @@ class RequestHeaders:
     through the email package, which took about half of a bare request's CPU.
     """
 
-    __slots__ = ("_fields", "_index")
+    __slots__ = ("_index",)
 
     def __init__(self, fields=()):
-        self._fields = list(fields)  # [(name, value)] in the order received
         self._index = {}
-        for k, v in self._fields:
+        for k, v in fields:  # (name, value) in the order received
             self._index.setdefault(k.lower(), v)
 
     def get(self, name, failobj=None):
         return self._index.get(name.lower(), failobj)
-
-    def get_all(self, name, failobj=None):
-        name = name.lower()
-        found = [v for k, v in self._fields if k.lower() == name]
-        return found or failobj
-
-    def __getitem__(self, name):
-        return self._index.get(name.lower())
-
-    def __contains__(self, name):
-        return name.lower() in self._index
-
-    def items(self):
-        return list(self._fields)
-
-    def keys(self):
-        return [k for k, _ in self._fields]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self):
-        return len(self._fields)
 
 
 class Handler(BaseHTTPRequestHandler):
