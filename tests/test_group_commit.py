@@ -79,14 +79,15 @@ def make_relay(tmp_path):
 
 
 def write(t, body):
-    t.execute("INSERT INTO messages(from_agent, to_target, body, created_at) VALUES ('a', 'b', ?, 0)", (body,))
+    # messages are added only through Tx.insert, which hands out their ids
+    t.insert("messages", agent_relay.Relay.MESSAGE_COLUMNS, ("a", "b", None, body, "chat", None, 0, None, None, None, "{}", "{}", 0))
     return body
 
 
 def run_in_one_batch(relay, jobs):
-    """The jobs, each from its own thread, queued while a first job holds the writer: they form the next batch."""
+    """The jobs, each from its own thread, queued while a first job waits for the writer: they all form its batch."""
     results = {}
-    relay.db.lock.acquire()  # the first leader takes its batch, then waits here for the write lock
+    relay.db.lock.acquire()  # the first leader waits here for the write lock, and takes the queued jobs once it has it
 
     def go(name, job):
         try:
@@ -96,11 +97,11 @@ def run_in_one_batch(relay, jobs):
 
     first = threading.Thread(target=go, args=("first", lambda t: write(t, "first")))
     first.start()
-    assert wait_for(lambda: relay._leading and not relay._jobs, timeout=5, every=0.001)  # the first batch is taken
+    assert wait_for(lambda: relay._leading and len(relay._jobs) == 1, timeout=5, every=0.001)  # it leads, its job queued
     threads = [threading.Thread(target=go, args=(name, job)) for name, job in jobs]
     for th in threads:
         th.start()
-    assert wait_for(lambda: len(relay._jobs) == len(jobs), timeout=5, every=0.001)  # all of them queued behind it
+    assert wait_for(lambda: len(relay._jobs) == len(jobs) + 1, timeout=5, every=0.001)  # all of them queued behind it
     relay.db.lock.release()
     for th in [first] + threads:
         th.join(10)
@@ -140,6 +141,37 @@ def test_a_job_that_fails_after_writing_rolls_its_batch_back_and_the_others_run_
         # the relay goes on: the next send is a batch of its own again
         assert relay.group_tx(lambda t: write(t, "after")) == "after"
         assert not relay._leading and not relay._jobs
+    finally:
+        relay.stop()
+        relay.close()
+
+
+def test_held_rows_are_read_back_in_their_transaction_and_ids_follow_a_rollback(tmp_path):
+    """New messages and events are held and written one statement per table; a read in the same transaction
+    sees them, and after a rollback the next rows take the ids the rolled-back ones had (none skipped, none
+    reused), as SQLite's own choice would."""
+    relay = make_relay(tmp_path)
+    try:
+        auth = agent_relay.Auth(relay, {}, False)
+        first, _ = relay.send({"from": "a", "to": "b", "body": "one"}, auth)
+        head = relay.db.query_one("SELECT MAX(id) FROM events")[0]
+
+        def held_then_read(t):
+            out, _ = relay._send("a", "b", "two", t=t)
+            seen = t.execute("SELECT body FROM messages WHERE id = ?", (out["message"]["id"],)).fetchone()
+            assert seen is not None and seen[0] == "two"  # written before the read
+            raise ValueError("rolled back after writing")
+
+        results = run_in_one_batch(relay, [("held", held_then_read)])
+        assert results["held"][0] == "error" and str(results["held"][1]) == "rolled back after writing"
+        assert bodies(relay) == ["first", "one"]
+        second, _ = relay.send({"from": "a", "to": "b", "body": "three"}, auth)
+        assert second["message"]["id"] == first["message"]["id"] + 2  # "first" (the helper's write) took the id between
+        stored = relay.db.query("SELECT id, type FROM events WHERE id > ? ORDER BY id", (head,))
+        assert [r["type"] for r in stored] == ["message.created"] and stored[0]["id"] == head + 1
+        assert relay.hub.head == head + 1  # what streams were told matches what is stored
+        rows = relay.db.query("SELECT name, seq FROM sqlite_sequence WHERE name IN ('messages', 'events') ORDER BY name")
+        assert [(r["name"], r["seq"]) for r in rows] == [("events", head + 1), ("messages", second["message"]["id"])]
     finally:
         relay.stop()
         relay.close()
