@@ -1222,14 +1222,19 @@ class Tx:
 class _Job:
     """A request's part of a group commit (Relay.group_tx)."""
 
-    __slots__ = ("job", "ready", "leads", "state", "result", "error")
+    __slots__ = ("job", "then", "ready", "leads", "state", "result", "error")
 
-    def __init__(self, job):
+    def __init__(self, job, then=None):
         self.job = job
+        self.then = then  # answers the request once the job's batch is over (when its thread did not wait)
         self.ready = None  # a held lock that a waiting job sleeps on, released when its answer (or its turn to lead) is ready
         self.leads = False
         self.state = None  # "done", "error", or "retry" (its batch was rolled back: run it alone)
         self.result = self.error = None
+
+
+# what Relay.group_tx returns when a request is answered later, by the thread that commits its job
+DEFERRED = object()
 
 
 class _BatchAborted(Exception):
@@ -1258,6 +1263,9 @@ class Relay:
         self._jobs = []  # group commit: jobs waiting for the next batch (group_tx)
         self._jobs_lock = threading.Lock()
         self._leading = False  # a thread is running a batch, or has been handed the next one
+        self._commit_cv = threading.Condition()
+        self._commit_due = False  # the committer thread is to lead the next batch
+        self._committer = None  # started the first time a batch has no waiting thread to lead it
         self._load()
 
     # -- startup -----------------------------------------------------------
@@ -1336,7 +1344,7 @@ class Relay:
                 self._cache(old)
         self._undo = kept
 
-    def group_tx(self, job):
+    def group_tx(self, job, then=None):
         """Runs job(t) in a write transaction that it may share with the jobs of other requests waiting at the
         same moment (group commit); returns what job returned, or raises what it raised.
 
@@ -1345,22 +1353,33 @@ class Relay:
         jobs queued so far and runs them in one transaction; the others sleep until their answer is ready, and
         a waiting one leads the next batch. A job may refuse (raise) before its first write and only its own
         request fails; a job that raises after writing aborts the batch, and the other jobs of it run again,
-        each in a transaction of its own. Nothing is answered before the commit that stores it."""
-        entry = _Job(job)
+        each in a transaction of its own. Nothing is answered before the commit that stores it.
+
+        With `then`, a request that would only wait for a batch does not: group_tx returns DEFERRED at once and
+        its thread goes back to its connection. Once the batch is over, the thread that ran it calls
+        then(outcome), where outcome() returns what the job returned or raises what it raised. A waiting thread
+        sleeps and wakes once more per request, which under load cost more than the batch saved; when only
+        such jobs are queued, the committer thread leads their batch."""
+        entry = _Job(job, then)
         with self._jobs_lock:
             self._jobs.append(entry)
             entry.leads = not self._leading
-            if not entry.leads:
+            if not entry.leads and then is None:
                 entry.ready = threading.Lock()
                 entry.ready.acquire()
             self._leading = True
         if not entry.leads:
+            if then is not None:
+                return DEFERRED
             entry.ready.acquire()
         if entry.leads:
             self._lead_batch()
+        return self._outcome(entry)
+
+    def _outcome(self, entry):
         if entry.state == "retry":
             with self.tx() as t:
-                return job(t)
+                return entry.job(t)
         if entry.state == "error":
             raise entry.error
         return entry.result
@@ -1382,13 +1401,42 @@ class Relay:
                 nxt = self._jobs[0] if self._jobs else None
                 if nxt is None:
                     self._leading = False
-                else:
-                    nxt.leads = True
+                elif nxt.ready is not None:
+                    nxt.leads = True  # its thread is waiting: it leads the next batch
             for j in batch:
-                if j.ready is not None:  # the leader's own job has none
+                if j.ready is not None:  # the leader's own job has none, nor does a request answered later
                     j.ready.release()
             if nxt is not None:
-                nxt.ready.release()
+                if nxt.ready is not None:
+                    nxt.ready.release()
+                else:
+                    self._wake_committer()
+            for j in batch:
+                if j.then is not None and not j.leads:
+                    try:
+                        j.then(lambda j=j: self._outcome(j))
+                    except Exception:
+                        log("internal error answering a request:\n" + traceback.format_exc())
+
+    def _wake_committer(self):
+        with self._commit_cv:
+            self._commit_due = True
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
+                self._committer.start()
+            self._commit_cv.notify()
+
+    def _commit_loop(self):
+        """Leads the batches whose requests have no thread waiting (they are answered later), until the relay
+        closes; a batch that is due then is still run."""
+        while True:
+            with self._commit_cv:
+                while not self._commit_due:
+                    if self._committer is not threading.current_thread():
+                        return
+                    self._commit_cv.wait()
+                self._commit_due = False
+            self._lead_batch()
 
     def _take_jobs(self, batch):
         with self._jobs_lock:
@@ -1747,7 +1795,9 @@ class Relay:
         r = c.execute("SELECT state FROM receipts WHERE message_id = ? AND agent_id = ?", (message_id, agent_id)).fetchone()
         return r[0] if r else None
 
-    def send(self, body, auth):
+    def send(self, body, auth, then=None):
+        """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
+        (Relay.group_tx)."""
         f = Fields(body)
         sender = f.string("from", required=True, max_len=128)
         to = f.string("to", required=True, max_len=200)
@@ -1771,12 +1821,20 @@ class Relay:
         auth.act_as(agent)
         if target_kind == "agent" and to not in self.agents:
             raise unknown_agent(to)
-        out, created = self.group_tx(lambda t: self._send(sender, to, text, subject=subject, kind=kind, channel=channel,
-                                                         claimable=claimable, reply_to=reply_to, idem=idem, payload=payload,
-                                                         meta=meta, t=t))
-        if created and sender not in SYSTEM_AGENTS:
-            self.touch(sender)
-        return out, created
+        def job(t):
+            return self._send(sender, to, text, subject=subject, kind=kind, channel=channel, claimable=claimable,
+                              reply_to=reply_to, idem=idem, payload=payload, meta=meta, t=t)
+
+        def committed(result):
+            out, created = result
+            if created and sender not in SYSTEM_AGENTS:
+                self.touch(sender)
+            return out, created
+
+        if then is None:
+            return committed(self.group_tx(job))
+        got = self.group_tx(job, then=lambda outcome: then(lambda: committed(outcome())))
+        return got if got is DEFERRED else committed(got)
 
     MESSAGE_COLUMNS = ("id", "from_agent", "to_target", "subject", "body", "kind", "channel", "claimable", "reply_to", "thread_id",
                        "idempotency_key", "payload", "meta", "created_at")
@@ -2665,6 +2723,11 @@ class Relay:
             self.callback_cv.notify_all()
 
     def close(self):
+        with self._commit_cv:  # the committer runs the batch still due, if any, and ends
+            committer, self._committer = self._committer, None
+            self._commit_cv.notify_all()
+        if committer is not None:
+            committer.join(Storage.WRITE_WAIT_S * 2)
         try:
             self.flush_presence()
         except (StorageUnavailable, sqlite3.Error):
@@ -2972,8 +3035,12 @@ class Api:
 
     # -- messages ----------------------------------------------------------
     def send(self, req):
-        out, created = self.relay.send(req.body, req.auth)
-        return (201 if created else 200), out
+        def answer(result):
+            out, created = result
+            return (201 if created else 200), out
+
+        got = self.relay.send(req.body, req.auth, then=req.handler.answer_later(lambda outcome: answer(outcome())))
+        return (DEFERRED, None) if got is DEFERRED else answer(got)
 
     def history(self, req):
         q = {k: req.q(k, 200) for k in ("agent", "from", "to", "channel", "q")}
@@ -3213,6 +3280,14 @@ class Handler(BaseHTTPRequestHandler):
     relay = None
     api = None
 
+    # A send may be answered by the thread that commits it (Relay.group_tx), writing to the socket without
+    # blocking; that needs a socket that is a file descriptor in non-blocking mode (POSIX, with a timeout set).
+    ANSWER_LATER = os.name == "posix"
+    _answering = None  # an Event set once the answer to the last request is written, when another thread writes it
+    _answer_done = None
+    _nowait = False  # writing from the committing thread: what the client does not take at once is left in _rest
+    _rest = b""
+
     def log_message(self, format, *args):
         pass  # no access log: request lines are not worth a write per request (and must never show a token)
 
@@ -3234,6 +3309,9 @@ class Handler(BaseHTTPRequestHandler):
             if not self.raw_requestline:
                 self.close_connection = True
                 return
+            if not self.await_answer():
+                self.close_connection = True
+                return  # the last answer ended the connection
             th.relay_idle = True  # still reading the headers: a client that stalls here holds nothing up at stop
             try:
                 parsed = self.parse_request()
@@ -3244,6 +3322,56 @@ class Handler(BaseHTTPRequestHandler):
             self.dispatch()
         except (socket.timeout, ConnectionError, OSError):
             self.close_connection = True
+
+    def finish(self):
+        self.await_answer()
+        BaseHTTPRequestHandler.finish(self)
+
+    def answer_later(self, compute):
+        """A `then` for Relay.group_tx that answers this request from the thread that commits it, with the
+        (status, body) that compute(outcome) returns; None where that is not possible."""
+        if not self.ANSWER_LATER or self.connection.gettimeout() is None:
+            return None
+        done = self._answer_done = threading.Event()
+
+        def then(outcome):
+            self._nowait, self._rest = True, b""
+            try:
+                self.answer(lambda: self.send_json(*compute(outcome)))
+            finally:
+                self._nowait, rest = False, self._rest
+                if rest:  # the client is slow to read: the rest is written by a thread of its own
+                    threading.Thread(target=self._write_rest, args=(rest, done), daemon=True).start()
+                else:
+                    done.set()
+
+        return then
+
+    def _write_rest(self, data, done):
+        try:
+            self.connection.sendall(data)
+        except OSError:
+            self.close_connection = True
+        finally:
+            done.set()
+
+    def await_answer(self):
+        """Before the next request on this connection, or its end: the answer to the last one is written.
+        False when that answer ended the connection (or never got written)."""
+        answering, self._answering = self._answering, None
+        if answering is None:
+            return True
+        return answering.wait(self.timeout * 2) and not self.close_connection
+
+    def _write(self, data):
+        if not self._nowait:
+            self.wfile.write(data)
+            return
+        try:
+            sent = os.write(self.connection.fileno(), data)  # the socket has a timeout, so its descriptor does not block
+        except BlockingIOError:
+            sent = 0
+        self._rest = data[sent:]
 
     MAX_HEADERS = 100  # as the stdlib's parser: a request with more gets 431
 
@@ -3331,7 +3459,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + body if self.command != "HEAD" else head)
+        self._write(head + body if self.command != "HEAD" else head)
 
     def send_json(self, status, obj, headers=None):
         h = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
@@ -3413,17 +3541,24 @@ class Handler(BaseHTTPRequestHandler):
             self.headers.get("Transfer-Encoding") or "").lower()
         if not self._body_read and method not in WRITE_METHODS:
             self.close_connection = True  # only writes read a body: after a read that carried one, the connection ends
+        def route():
+            self.check_host()
+            if path == "/api" or path.startswith("/api/"):
+                self.dispatch_api(method, path, split.query)
+            elif method in ("GET", "HEAD") and path in ("/", "/index.html", "/dashboard"):
+                self.serve_dashboard()
+            elif method in ("GET", "HEAD") and path == "/favicon.ico":
+                self.send_bytes(204, b"", {"Cache-Control": "max-age=86400"})
+            else:
+                raise ApiError(404, "not_found", "Nothing is served at %s; the API lives under /api/ (see /api/spec)." % path[:200])
+
+        self.answer(route)
+
+    def answer(self, respond):
+        """Runs respond(), which writes the answer; an error it raises is answered in the relay's envelope."""
         try:
             try:
-                self.check_host()
-                if path == "/api" or path.startswith("/api/"):
-                    self.dispatch_api(method, path, split.query)
-                elif method in ("GET", "HEAD") and path in ("/", "/index.html", "/dashboard"):
-                    self.serve_dashboard()
-                elif method in ("GET", "HEAD") and path == "/favicon.ico":
-                    self.send_bytes(204, b"", {"Cache-Control": "max-age=86400"})
-                else:
-                    raise ApiError(404, "not_found", "Nothing is served at %s; the API lives under /api/ (see /api/spec)." % path[:200])
+                respond()
             except StorageUnavailable as e:
                 raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "5"})
             except sqlite3.OperationalError as e:
@@ -3548,6 +3683,9 @@ class Handler(BaseHTTPRequestHandler):
                     raise ApiError(415, "unsupported_media_type", "Send the body as Content-Type: application/json (got %r)." % (ctype or "none"))
             req.body = parse_json_body(raw)
         status, body = getattr(self.api, route.handler)(req)
+        if status is DEFERRED:
+            self._answering = self._answer_done  # answered by the thread that commits it
+            return
         if status is None:
             return
         self.send_json(status, body)
