@@ -1,8 +1,8 @@
-"""GET /api/spec, the router and the README's API reference stay in step.
+"""GET /api/spec, the router and the API reference (docs/api.md) stay in step.
 
 Every (method, path) the spec lists is routed; every other method on those
 paths is 405 with an Allow header naming exactly the spec's methods; and the
-README's API reference table lists exactly the spec's routes.
+API reference table in docs/api.md lists exactly the spec's routes.
 """
 import os
 import re
@@ -13,9 +13,9 @@ import pytest
 from conftest import ROOT
 
 METHODS = ("GET", "POST", "PATCH", "DELETE", "PUT")
-README = os.path.join(ROOT, "README.md")
-# a README table row: | GET | `/api/agents/{id}` | purpose |
-README_ROW = re.compile(r"^\|\s*(GET|POST|PATCH|DELETE|PUT|HEAD|OPTIONS)\s*\|\s*`(/api[^`]*)`\s*\|", re.M)
+API_DOC = os.path.join(ROOT, "docs", "api.md")  # the API reference the README links to
+# a table row: | GET | `/api/agents/{id}` | purpose |
+TABLE_ROW = re.compile(r"^\|\s*(GET|POST|PATCH|DELETE|PUT|HEAD|OPTIONS)\s*\|\s*`(/api[^`]*)`\s*\|", re.M)
 
 
 def spec(relay):
@@ -103,26 +103,26 @@ def test_methods_outside_the_spec_get_405(relay):
     assert (status, r.code) == (404, "not_found"), r
 
 
-def readme_routes():
-    if not os.path.exists(README):
-        pytest.fail("README.md is missing: it must have an API reference table with one row per route, "
+def documented_routes():
+    if not os.path.exists(API_DOC):
+        pytest.fail("docs/api.md is missing: it must have an API reference table with one row per route, "
                     "like | GET | `/api/agents/{id}` | purpose |")
-    with open(README, encoding="utf-8") as f:
+    with open(API_DOC, encoding="utf-8") as f:
         text = f.read()
-    rows = README_ROW.findall(text)
+    rows = TABLE_ROW.findall(text)
     if not rows:
-        pytest.fail("README.md has no API reference table: expected rows like | GET | `/api/agents/{id}` | purpose |")
+        pytest.fail("docs/api.md has no API reference table: expected rows like | GET | `/api/agents/{id}` | purpose |")
     routes = [(m, re.sub(r":(\w+)", r"{\1}", p.split("?")[0])) for m, p in rows]
     dupes = sorted({r for r in routes if routes.count(r) > 1})
-    assert not dupes, "README.md lists these routes twice: %r" % dupes
+    assert not dupes, "docs/api.md lists these routes twice: %r" % dupes
     return set(routes)
 
 
-def test_readme_api_table_matches_the_spec(relay):
-    documented = readme_routes()
+def test_api_reference_table_matches_the_spec(relay):
+    documented = documented_routes()
     routed = spec_routes(spec(relay))
     missing = sorted(routed - documented)
     extra = sorted(documented - routed)
     assert not missing and not extra, (
-        "README.md's API table and /api/spec differ.\n  in the spec, not in the README: %r\n"
-        "  in the README, not in the spec: %r" % (missing, extra))
+        "docs/api.md's API table and /api/spec differ.\n  in the spec, not in docs/api.md: %r\n"
+        "  in docs/api.md, not in the spec: %r" % (missing, extra))

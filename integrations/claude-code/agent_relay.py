@@ -20,9 +20,9 @@ validated there, goes down to the relay's domain methods, which write through
 `Storage` in one short transaction, then publish an event to the `Hub`, which
 wakes exactly the long-polls and streams the change concerns.
 
-The README's API reference lists every route; `GET /api/spec` serves them as
+docs/api.md lists every route; `GET /api/spec` serves them as
 OpenAPI, built from the route table, and tests/test_spec.py keeps the spec,
-the router and the README in step.
+the router and docs/api.md in step.
 """
 
 __version__ = "0.1.0"
