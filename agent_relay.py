@@ -4012,6 +4012,44 @@ variables: AGENT_RELAY_URL (default %s), AGENT_RELAY_TOKEN, AGENT_RELAY_AGENT_ID
 (the agent a command acts as), AGENT_RELAY_AGENT_KEY (only with agent keys).""" % CLIENT_DEFAULT_URL
 
 
+def client_settings(env=None, url=None):
+    """Where the relay is and its token: AGENT_RELAY_URL and AGENT_RELAY_TOKEN from the environment, else from the
+    settings file that `agent-relay setup` wrote, so that `setup`, `daemon install` and then any client work with no
+    token copying. Returns {"url", "token", "file"}: "file" is the settings file that was used, or None.
+
+    The file's token is used only for the relay that file describes: a client pointed elsewhere by AGENT_RELAY_URL
+    never sends it there. `url`, when given (a --url flag), comes before AGENT_RELAY_URL."""
+    env = os.environ if env is None else env
+    url, token = url or env.get("AGENT_RELAY_URL") or None, env.get("AGENT_RELAY_TOKEN") or None
+    if url and token:
+        return {"url": url, "token": token, "file": None}
+    path = env_file_path(host_system())
+    try:
+        values = read_env_file(path)
+    except (OSError, UnicodeDecodeError):
+        return {"url": url, "token": token, "file": None}
+    host = (values.get("HOST") or "127.0.0.1").strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # bound to every address: this machine reaches it on loopback
+    file_url = "http://%s:%s" % ("[%s]" % host if ":" in host else host, values.get("PORT") or "4850")
+    used = False
+    if not url:
+        url, used = file_url, True
+    if not token and values.get("AGENT_RELAY_TOKEN") and _same_relay(url, file_url):
+        token, used = values["AGENT_RELAY_TOKEN"], True
+    return {"url": url, "token": token, "file": path if used else None}
+
+
+def _same_relay(url, other):
+    """True when two relay URLs name the same port on this machine (localhost, 127.0.0.1 and ::1 are one place)."""
+    a, b = urllib.parse.urlsplit(url if "://" in url else "http://" + url), urllib.parse.urlsplit(other)
+    try:
+        return a.port == b.port and is_loopback_host(a.hostname) and is_loopback_host(b.hostname) or (
+            (a.hostname, a.port) == (b.hostname, b.port))
+    except ValueError:
+        return False
+
+
 class RelayError(Exception):
     """Every failure a client sees: the relay's error envelope, or code "unreachable" (status 0)."""
 
@@ -4104,7 +4142,9 @@ class RelayClient:
 
     def __init__(self, url=None, token=None, agent_key=None, timeout=10.0, env=None, warn=True):
         env = os.environ if env is None else env
-        self.url = (url or env.get("AGENT_RELAY_URL") or CLIENT_DEFAULT_URL).strip().rstrip("/")
+        settings = client_settings(env, url)
+        self.settings_file = settings["file"] if token is None else None  # where the URL or token came from, if a file
+        self.url = (settings["url"] or CLIENT_DEFAULT_URL).strip().rstrip("/")
         if "://" not in self.url:
             self.url = "http://" + self.url
         parts = urllib.parse.urlsplit(self.url)
@@ -4117,7 +4157,7 @@ class RelayClient:
         except ValueError:
             raise RelayError(0, "invalid_url", "AGENT_RELAY_URL %r has a bad port." % self.url)
         self.prefix = parts.path.rstrip("/")
-        self.token = token if token is not None else (env.get("AGENT_RELAY_TOKEN") or None)
+        self.token = token if token is not None else settings["token"]
         self.agent_key = agent_key if agent_key is not None else (env.get("AGENT_RELAY_AGENT_KEY") or None)
         self.timeout = timeout
         self.warn = warn
@@ -5201,6 +5241,8 @@ def cmd_doctor(args, client):
         return finish(EXIT_REFUSED)
     relay_version = str(health.get("version") or "?")
     check(True, "running", "relay %s answers at %s (up %s)" % (relay_version, client.url, duration(health.get("uptimeMs"))))
+    if client.settings_file:
+        check(True, "settings", "settings read from %s (AGENT_RELAY_URL / AGENT_RELAY_TOKEN are not set)" % client.settings_file)
     problems = 0
     if versions_differ(relay_version):
         problems += 1
@@ -5213,12 +5255,18 @@ def cmd_doctor(args, client):
     except RelayError as e:
         if e.status == 401:
             problems += 1
+            settings = env_file_path(host_system())
             if client.token:
-                check(False, "wrong_token", "wrong token: the relay refused AGENT_RELAY_TOKEN. Set AGENT_RELAY_TOKEN to "
-                      "the token the relay was started with.")
+                where = "the token in " + client.settings_file if client.settings_file else "AGENT_RELAY_TOKEN"
+                check(False, "wrong_token", "wrong token: the relay refused %s. Set AGENT_RELAY_TOKEN to "
+                      "the token the relay was started with (the AGENT_RELAY_TOKEN line of its settings file, %s)."
+                      % (where, settings))
             else:
-                check(False, "wrong_token", "token missing: the relay needs a token and AGENT_RELAY_TOKEN is not set. "
-                      "Set AGENT_RELAY_TOKEN to the token the relay was started with.")
+                check(False, "wrong_token", "token missing: the relay needs a token and AGENT_RELAY_TOKEN is not set%s. "
+                      "Set AGENT_RELAY_TOKEN to the token the relay was started with; a relay set up with `agent-relay "
+                      "setup` keeps it in %s, which clients on this machine read by themselves."
+                      % (" (nor is there a settings file at %s)" % settings if not os.path.exists(settings) else
+                         " (the settings file %s is for another relay)" % settings, settings))
             return finish(EXIT_REFUSED)
         problems += 1
         check(False, e.code, "the relay refused a plain read: %s" % e)
@@ -6129,11 +6177,13 @@ def cmd_setup(args):
     write_private_file(path, render(env_quote(token)))
     say("Wrote %s (mode 0600): HOST=%s PORT=%d AGENT_RELAY_DB=%s, %s AGENT_RELAY_TOKEN."
         % (path, host, port, db, "the same" if kept else "a new"))
+    say("Clients on this machine (the CLI and the hooks) read the address and token from this file "
+        "when AGENT_RELAY_URL and AGENT_RELAY_TOKEN are not set.")
     if system == "windows":
-        say("Clients need the token; in PowerShell:\n    $env:AGENT_RELAY_TOKEN = ((Get-Content '%s') -match "
+        say("Clients on other machines need the token; in PowerShell:\n    $env:AGENT_RELAY_TOKEN = ((Get-Content '%s') -match "
             "'^AGENT_RELAY_TOKEN=') -replace '^AGENT_RELAY_TOKEN=', ''" % path)
     else:
-        say("Clients need the token; in a shell:\n    export AGENT_RELAY_TOKEN=\"$(sed -n 's/^AGENT_RELAY_TOKEN=//p' %s)\""
+        say("Clients on other machines need the token; in a shell:\n    export AGENT_RELAY_TOKEN=\"$(sed -n 's/^AGENT_RELAY_TOKEN=//p' %s)\""
             % shlex.quote(path))
     say("Next step, run the relay as a service that reads this file:\n    %s daemon install --binary %s --enable --start"
         % (self_command(), shlex.quote(this_program())))
@@ -6400,7 +6450,7 @@ def check_binary(binary):
 
 
 def daemon_install(svc, args):
-    binary = os.path.abspath(os.path.expanduser(args.binary))
+    binary = os.path.abspath(os.path.expanduser(args.binary or this_program()))  # by default, the program running this
     program = check_binary(binary) + ["serve"]
     env_file = env_file_path(svc.system)
     if os.path.isfile(env_file):
@@ -6513,7 +6563,8 @@ def _configure_daemon(p):
     for name, help_text, changing in DAEMON_ACTIONS:
         a = sub.add_parser(name, help=help_text, description=help_text)
         if name == "install":
-            a.add_argument("--binary", required=True, help="agent_relay.py (or the installed agent-relay) the service runs")
+            a.add_argument("--binary", default=None, help="agent_relay.py (or the installed agent-relay) the service runs; "
+                           "default: the program running this command")
             a.add_argument("--enable", action="store_true", help="start it at login too")
             a.add_argument("--start", action="store_true", help="start (or restart) it now")
         if changing:
@@ -6619,6 +6670,10 @@ def serve(config):
     say("database: %s" % (config.db if config.db == ":memory:" else os.path.abspath(config.db)))
     if not config.token:
         say("auth: none (loopback only); set AGENT_RELAY_TOKEN to require a token")
+    page_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    say("dashboard: %s/" % display_url(page_host, port))
+    names = [i["name"] for i in config.integrations]
+    say("integrations: %s" % ("%d loaded (%s)" % (len(names), ", ".join(names)) if names else "none (AGENT_RELAY_INTEGRATIONS)"))
     stop = threading.Event()
 
     def on_signal(signum, frame):
