@@ -148,6 +148,10 @@ def not_found(what):
 
 
 def unknown_agent(agent_id):
+    prefix = agent_id.split(":", 1)[0] + ":" if isinstance(agent_id, str) and ":" in agent_id else None
+    if prefix and prefix not in ("tag:", "cap:", "label:"):  # `team:x` looks like an address form that does not exist
+        return ApiError(404, "unknown_agent", "No agent %r is registered, and %r is not an address form: send to an "
+                        "agent id, tag:X, cap:X, label:X or broadcast." % (agent_id, prefix))
     return ApiError(404, "unknown_agent", "No agent %r is registered; register it with POST /api/agents first." % agent_id)
 
 
@@ -4485,6 +4489,11 @@ def message_line(m, one_line=False, limit=None):
     return "\n".join([out] + ["    " + line for line in rest])
 
 
+def plural(n, noun, nouns=None):
+    """`1 message`, `2 messages`, `0 agents`."""
+    return "%d %s" % (n, noun if n == 1 else (nouns or noun + "s"))
+
+
 def duration(ms):
     s = max(0, int(ms or 0) // 1000)
     if s < 60:
@@ -4991,7 +5000,12 @@ def cmd_task(args, client):
         if args.json:
             out_json(out)
         else:
-            print(task_line(out["task"]), flush=True)
+            task = out["task"]
+            print(task_line(task), flush=True)
+            for name in ("body", "progress", "result", "externalUrl"):
+                if task.get(name):
+                    text = str(task[name]).rstrip().replace("\n", "\n    " + " " * (len(name) + 2))
+                    print("    %s: %s" % (name, text), flush=True)
             for e in out.get("events") or []:
                 print("    -- %s %s%s" % (when(e["createdAt"]), e["type"], " by %s" % e["actor"] if e.get("actor") else ""))
         return EXIT_OK
@@ -5109,7 +5123,7 @@ class Watcher:
 
     def _loop(self):
         if self.note:
-            self.out.write(WATCH_NOTE + "\n")
+            self.out.write((self.note if isinstance(self.note, str) else WATCH_NOTE) + "\n")
             self.out.flush()
         delay = self.BACKOFF_FIRST
         lost = None  # the reason the relay was lost, while it is
@@ -5197,7 +5211,10 @@ def cmd_watch(args, client):
         if e.status in (401, 403):
             raise
         # unreachable or busy: the watcher reconnects with backoff
-    return Watcher(client, agent, wait=wait, one_line=args.one_line, note=not args.quiet).run()
+    note = not args.quiet
+    if note and sys.stdout.isatty():  # a person at a terminal: one line, not the note written for models
+        note = "Watching %s on %s: messages appear below as they arrive (Ctrl-C stops)." % (agent, client.url)
+    return Watcher(client, agent, wait=wait, one_line=args.one_line, note=note).run()
 
 
 # -- doctor ----------------------------------------------------------------------
@@ -6632,8 +6649,9 @@ def cmd_backup(args):
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    say("Backed up %s to %s: %s; %d messages (newest id %d), %d agents, %d tasks; quick_check ok."
-        % (src, dest, human_size(os.path.getsize(dest)), messages, newest, agents, tasks))
+    say("Backed up %s to %s: %s; %s (newest id %d), %s, %s; quick_check ok."
+        % (src, dest, human_size(os.path.getsize(dest)), plural(messages, "message"), newest, plural(agents, "agent"),
+           plural(tasks, "task")))
     say("To restore: stop the relay, copy the backup over %s (delete %s-wal and %s-shm beside it if present), start it."
         % (src, os.path.basename(src), os.path.basename(src)))
     return 0
@@ -6661,8 +6679,9 @@ def display_url(host, port):
     return "http://%s:%d" % (host, port)
 
 
-def serve(config):
-    """Run the relay until SIGTERM or Ctrl-C; open long-polls are answered and the database is closed."""
+def serve(config, on_ready=None):
+    """Run the relay until SIGTERM or Ctrl-C; open long-polls are answered and the database is closed.
+    on_ready(url, stop), when given, runs in a thread of its own once the relay answers."""
     server, relay = make_server(config)
     relay.start_workers()
     host, port = server.server_address[:2]
@@ -6685,6 +6704,8 @@ def serve(config):
         signal.signal(signal.SIGHUP, on_signal)
     th = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True)
     th.start()
+    if on_ready is not None:
+        threading.Thread(target=on_ready, args=(display_url(page_host, port), stop), name="on-ready", daemon=True).start()
     try:
         while not stop.wait(0.2):
             pass
@@ -6697,6 +6718,78 @@ def serve(config):
         relay.close()
         say("stopped")
     return 0
+
+
+# -- demo --------------------------------------------------------------------
+
+
+def populate_demo(client):
+    """A few agents, a conversation, claimable work, a task that fired three times and is being worked on, and a
+    message held for a guarded agent: what a relay in use looks like."""
+    client.register(id="backend-agent", label="API backend", machine="devbox", project="billing",
+                    tags=["api", "python"], capabilities=["python", "sql"])
+    client.register(id="reviewer", label="code review", tags=["review"], capabilities=["review"])
+    client.register(id="ops-bot", label="deploys", tags=["ops"], capabilities=["deploy"], approvalMode="guarded",
+                    channels=["all", "deploys"])
+    client.register(id="docs-writer", tags=["docs"], capabilities=["markdown"])
+    client.set_status("backend-agent", "busy")
+    client.set_status("docs-writer", "idle")
+    pr = client.send("backend-agent", "reviewer", "Migration 0042 adds the invoices.currency column with a default; "
+                     "tests pass locally and on CI. Can you take a look?", subject="PR #42: invoice currency")["message"]
+    client.reply("reviewer", pr["id"], "Looks clean. One nit: index the new column. Approving once that's in.")
+    client.send("human", "broadcast", "Deploy freeze from 17:00 UTC today; finish open work before then.",
+                subject="Deploy freeze")
+    client.send("human", "tag:api", "test_billing::test_refund_rounding fails about 1 run in 20. Who can take it?",
+                subject="Flaky test", claimable=True)
+    alert = {"body": "/var/lib/postgresql is at 91% and rising.", "severity": "critical", "dedupeKey": "disk-db-1"}
+    task = None
+    for _ in range(3):
+        task = client.create_task("Disk 91% full on db-1", "tag:api", **alert)["task"]
+    client.claim_task("backend-agent", task["id"])
+    client.task_status(task["id"], agent_id="backend-agent", progress=60)
+    client.create_task("Update the API changelog for v2.3", "tag:docs", severity="info")
+    client.send("backend-agent", "ops-bot", "Migration is merged. Deploy v2.3.1 to production?", subject="Deploy request",
+                channel="deploys")
+    client.send("docs-writer", "reviewer", "Changelog draft is in docs/changelog.md.")
+    return ["backend-agent", "reviewer", "ops-bot", "docs-writer"]
+
+
+def cmd_demo(args):
+    """A relay with a few agents, a conversation, claimable work, a task and a held message, kept alive while it runs."""
+    flags = {attr: getattr(args, attr, None) for attr, *_rest in SETTINGS}
+    if flags.get("db") is None and not os.environ.get("AGENT_RELAY_DB"):
+        flags["db"] = ":memory:"  # a demo leaves nothing behind unless asked to
+    config = Config.from_sources(os.environ, flags)
+
+    def on_ready(url, stop):
+        client = RelayClient(url=url, token=config.token or None, warn=False)
+        try:
+            agents = populate_demo(client)
+        except RelayError as e:
+            say("demo: could not fill the relay: %s" % e)
+            return
+        say("demo: %d agents, a conversation, claimable work, a task and a held message; open %s/" % (len(agents), url))
+
+        def listen():  # backend-agent holds a stream open, as a session with a monitor does
+            with contextlib.suppress(RelayError):
+                for _event in RelayClient(url=url, token=config.token or None, warn=False).stream("backend-agent", timeout=None):
+                    pass
+
+        threading.Thread(target=listen, name="demo-listener", daemon=True).start()
+        while not stop.wait(20):
+            for agent in agents[1:]:
+                with contextlib.suppress(RelayError):
+                    client.heartbeat(agent)  # the demo agents stay online while it runs
+
+    return serve(config, on_ready=on_ready)
+
+
+def _configure_demo(p):
+    add_setting_flags(p)
+
+
+cmd_demo.configure = _configure_demo
+command("demo", "serve a relay filled with a few agents and their work, for a first look at the dashboard")(cmd_demo)
 
 
 def add_setting_flags(parser):
