@@ -1241,6 +1241,16 @@ class _BatchAborted(Exception):
     """A job of a group commit failed after writing: the batch is rolled back and its other jobs run again."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 class Relay:
     """Agents, messages, tasks and integrations: the rules of the relay."""
 
@@ -2566,10 +2576,14 @@ class Relay:
         })
         error = None
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with CALLBACK_OPENER.open(req, timeout=10) as resp:
                 resp.read(65536)
         except urllib.error.HTTPError as e:
             error = "HTTP %d from the receiver" % e.code
+            if 300 <= e.code < 400:
+                location = (e.headers.get("Location") if e.headers else None) or "(no Location)"
+                error += ", redirecting to %s (redirects are not followed)" % location[:500]
+            e.close()
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             error = "delivery failed: %s" % (getattr(e, "reason", None) or e)
         ts = now_ms()
