@@ -6432,7 +6432,8 @@ def check_binary(binary, can_exec=None):
     """The program must be agent-relay: it answers --version as this file does, started as the service will start it."""
     if not os.path.isfile(binary):
         raise ConfigError("--binary: %s is not a file; give the path of agent_relay.py or of the installed agent-relay" % binary)
-    argv = program_args(binary, can_exec) + ["--version"]
+    program = program_args(binary, can_exec)
+    argv = program + ["--version"]
     try:
         out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -6441,7 +6442,7 @@ def check_binary(binary, can_exec=None):
     if not text.startswith("agent-relay "):
         raise ConfigError("--binary: `%s` answered %r, not `agent-relay <version>`; is it agent_relay.py?"
                           % (shown_command(argv), text[:200]))
-    return argv[:-1]
+    return program
 
 
 def daemon_install(svc, args):

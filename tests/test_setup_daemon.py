@@ -58,10 +58,14 @@ class Ops:
     def remove_tool(self, name):
         os.remove(os.path.join(self.bin, name))
 
-    def run(self, *args, **kw):
+    def env(self):
         env = {"HOME": self.home, "PATH": self.bin, "USER": "tester", "LOGNAME": "tester", "STANDIN_LOG": self.log,
                "LANG": "C.UTF-8"}
         env.update(self.extra_env)
+        return env
+
+    def run(self, *args, **kw):
+        env = self.env()
         env.update(kw.pop("env", {}))
         p = subprocess.run([sys.executable, RELAY_PY] + list(args), env=env, cwd=self.root, stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, **kw)
@@ -355,6 +359,18 @@ def test_systemd_unit_starts_a_binary_whose_path_has_dollar_percent_quotes_and_s
         ops.ok("daemon", "install", "--platform", "macos", "--binary", binary, "--yes", "--force")
         with open(ops.plist, "rb") as f:
             assert plistlib.load(f)["ProgramArguments"] == [binary, "serve"]
+
+    # A Python that systemd cannot start either (its path holds a quote): a clear refusal, nothing written.
+    os.remove(ops.unit)
+    python = os.path.join(odd, "python3")
+    os.symlink(sys.executable, python)
+    script = os.path.join(odd, "agent_relay.py")
+    shutil.copy(RELAY_PY, script)  # not executable: started through the Python that runs the command
+    p = subprocess.run([python, RELAY_PY, "daemon", "install", "--binary", script, "--yes"], env=ops.env(),
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 2 and "systemd does not start" in err and "quote" in err and "Traceback" not in err, err
+    assert not os.path.exists(ops.unit)
 
 
 def test_daemon_install_checks_its_inputs(ops):
