@@ -2,7 +2,7 @@
 # THE test command: `bash tests/run.sh [pytest args...]`.
 #
 # On a fresh Debian machine it installs what the tests need (Python packages
-# from tests/requirements.txt; Debian's chromium and shellcheck when running
+# from tests/requirements.txt; Debian's chromium, shellcheck and systemd when running
 # as root or under CI), checks that agent_relay.py stays Python 3.8 compatible
 # (vermin), then runs pytest. Already-installed things are skipped, so a second
 # run starts testing within a few seconds. Exits with pytest's exit code; the
@@ -87,7 +87,8 @@ PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-versi
 
 # --- Debian packages -----------------------------------------------------------
 # Chromium for the dashboard tests (driven by Playwright through executable_path,
-# never `playwright install`), shellcheck for the installer test.
+# never `playwright install`), shellcheck for the installer test, systemd for
+# systemd-analyze (the daemon test verifies the unit it writes; nothing is started).
 if [ -x /usr/bin/chromium ]; then
     say "chromium already installed"
 else
@@ -99,6 +100,12 @@ if command -v shellcheck >/dev/null 2>&1; then
 else
     say "installing shellcheck (Debian package)..."
     apt_install shellcheck
+fi
+if command -v systemd-analyze >/dev/null 2>&1; then
+    say "systemd-analyze already installed"
+else
+    say "installing systemd for systemd-analyze (Debian package)..."
+    apt_install systemd
 fi
 
 # --- static check: agent_relay.py must run on Python 3.8 -----------------------

@@ -15,7 +15,7 @@ SECRET = "callback-secret-xyz"
 
 
 class Receiver:
-    """A webhook receiver: records every POST, answers 500 while failing, or nothing while down."""
+    """A webhook receiver: records every request, answers 500 while failing, or nothing while down."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -23,6 +23,7 @@ class Receiver:
         self.fail_next = 0
         self.failing = False
         self.sleep = 0.0
+        self.redirect = None  # a Location to answer 302 with, instead of acknowledging
         self.arrived = threading.Event()
         self.server = None
         self.port = 0
@@ -43,20 +44,27 @@ class Receiver:
                     time.sleep(outer.sleep)
                 with outer.lock:
                     status = 200
-                    if outer.failing or outer.fail_next > 0:
+                    if outer.redirect:
+                        status = 302
+                    elif outer.failing or outer.fail_next > 0:
                         status = 500
                         outer.fail_next = max(0, outer.fail_next - 1)
                     outer.log.append({
                         "t": time.monotonic(), "status": status, "event": self.headers.get("X-Agent-Relay-Event"),
                         "signature": self.headers.get("X-Agent-Relay-Signature"),
-                        "delivery": self.headers.get("X-Agent-Relay-Delivery"), "raw": raw, "body": json.loads(raw.decode()),
+                        "delivery": self.headers.get("X-Agent-Relay-Delivery"), "raw": raw, "method": self.command,
+                        "body": json.loads(raw.decode()) if raw else None,
                     })
                 reply = b'{"ok": true}' if status == 200 else b"receiver error"
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if status == 302:
+                    self.send_header("Location", outer.redirect)
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
+
+            do_GET = do_POST  # a followed 302 arrives as a GET: recorded like any request
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
@@ -244,6 +252,28 @@ def test_hopeless_receiver_ends_failed(relay_factory, receiver):
     assert relay.sql("SELECT status, attempts FROM callbacks ORDER BY id") == [{"status": "failed", "attempts": 2}] * 2
     r = relay.get("/api/callbacks", query={"status": "lost"})
     assert r.status == 400 and r.code == "invalid_field"
+
+
+def test_redirect_is_a_failed_attempt_and_never_followed(relay_factory, receiver):
+    elsewhere = receiver()
+    rx = receiver()
+    rx.redirect = elsewhere.url + "?stolen=1"
+    relay = start(relay_factory, [integration(rx.url)], AGENT_RELAY_CALLBACK_MAX_ATTEMPTS="2")
+    task = fire(relay, "dns:moved", "Receiver moved")
+
+    first = wait_for(lambda: [c for c in callbacks(relay, taskId=task["id"]) if c["attempts"] >= 1])[0]
+    assert first["status"] == "pending" and first["deliveredAt"] is None, first
+    assert "302" in first["lastError"] and rx.redirect in first["lastError"], first
+    failed = wait_for(lambda: callbacks(relay, taskId=task["id"], status="failed"), timeout=20)
+    assert [(c["event"], c["attempts"], c["deliveredAt"]) for c in failed] == [("task.created", 2, None)]
+    assert "302" in failed[0]["lastError"] and rx.redirect in failed[0]["lastError"]
+    # the configured receiver saw both attempts; the redirect target never saw a request
+    assert [(e["event"], e["status"], e["body"]["attempt"]) for e in rx.entries()] == [
+        ("task.created", 302, 1), ("task.created", 302, 2)]
+    assert elsewhere.entries() == [] and not elsewhere.arrived.is_set()
+    assert relay.sql("SELECT status, attempts, delivered_at FROM callbacks") == [
+        {"status": "failed", "attempts": 2, "delivered_at": None}]
+    assert relay.get("/api/stats").json["callbacks"] == {"pending": 0, "failed": 1}
 
 
 def test_slow_receiver_does_not_slow_the_api(relay_factory, receiver):

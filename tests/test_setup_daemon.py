@@ -11,6 +11,7 @@ import configparser
 import json
 import os
 import plistlib
+import re
 import shutil
 import stat
 import subprocess
@@ -18,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import RELAY_PY
+from conftest import RELAY_PY, need
 
 TOOLS = ("systemctl", "journalctl", "loginctl", "launchctl")
 STANDIN = """#!{python}
@@ -57,10 +58,14 @@ class Ops:
     def remove_tool(self, name):
         os.remove(os.path.join(self.bin, name))
 
-    def run(self, *args, **kw):
+    def env(self):
         env = {"HOME": self.home, "PATH": self.bin, "USER": "tester", "LOGNAME": "tester", "STANDIN_LOG": self.log,
                "LANG": "C.UTF-8"}
         env.update(self.extra_env)
+        return env
+
+    def run(self, *args, **kw):
+        env = self.env()
         env.update(kw.pop("env", {}))
         p = subprocess.run([sys.executable, RELAY_PY] + list(args), env=env, cwd=self.root, stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, **kw)
@@ -286,6 +291,86 @@ def test_an_executable_binary_is_started_directly(ops):
     # Neither enabled nor started: only the reload ran.
     assert ops.commands()[0] == ["systemctl", "--user", "daemon-reload"]
     assert not any(c[:3] in (["systemctl", "--user", "enable"], ["systemctl", "--user", "start"]) for c in ops.commands())
+
+
+def exec_start_argv(value):
+    """(executable path, argv) of an ExecStart= value, unquoted as systemd documents it (systemd.syntax "Quoting",
+    systemd.service "Command lines"): %% is % in every word; $$ is $ in the arguments only (argv[0] included),
+    never in the executable path; "@path argv0" passes argv[0] apart from the path."""
+    def unescape(m):
+        e = m.group(1)
+        if e[0] == "x":
+            n = int(e[1:], 16)
+            return chr(n) if n < 0x80 else chr(0xDC00 + n)
+        return {"n": "\n", "t": "\t"}.get(e, e)
+
+    words = []
+    for quoted, bare in re.findall(r'"((?:[^"\\]|\\.)*)"(?=\s|$)|(\S+)', value):
+        word = re.sub(r"\\(x[0-9a-fA-F]{2}|.)", unescape, quoted) if quoted or not bare else bare
+        assert "%" not in word.replace("%%", ""), "a specifier systemd would expand: %r" % word
+        words.append(word.replace("%%", "%"))
+    path, args = words[0], words[1:]
+    if path.startswith("@"):
+        path = path[1:]
+    else:
+        args = [path] + args
+    for a in args:
+        assert "$" not in a.replace("$$", ""), "a variable systemd would expand: %r" % a
+    return path, [a.replace("$$", "$") for a in args]
+
+
+def systemd_verify(unit):
+    """Problems `systemd-analyze verify` reports for the command line of `unit` (system mode: a user manager is not
+    needed for a file check, and may be missing in a container)."""
+    p = subprocess.run([shutil.which("systemd-analyze"), "verify", unit], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=60)
+    out = p.stdout.decode("utf-8", "replace")
+    bad = ("not executable", "special characters", "escape", "fatal error", "bad unit file setting", "Failed to parse",
+           "Unbalanced quoting", unit + ":")
+    return [line for line in out.splitlines() if any(b in line for b in bad)]
+
+
+def test_systemd_unit_starts_a_binary_whose_path_has_dollar_percent_quotes_and_spaces(ops):
+    need(shutil.which("systemd-analyze"), "systemd-analyze (Debian package systemd) checks the written unit")
+    ops.ok("setup", "--yes")
+    # $HOME is a variable and %h a specifier that systemd would expand if they were not escaped; the second
+    # directory also holds what systemd never accepts in an executable path (quotes, a backslash).
+    plain = os.path.join(ops.root, "tools $HOME 100%h & more")
+    odd = os.path.join(ops.root, "it's \"odd\" \\ $x %i")
+    binaries = []
+    for d in (plain, odd):
+        os.makedirs(d)
+        binaries.append(os.path.join(d, "agent-relay"))
+        shutil.copy(RELAY_PY, binaries[-1])
+        os.chmod(binaries[-1], 0o755)
+
+    for binary, expect_path, expect_argv in (
+            (binaries[0], binaries[0], [binaries[0], "serve"]),  # started directly
+            (binaries[1], sys.executable, [sys.executable, binaries[1], "serve"])):  # through Python
+        ops.ok("daemon", "install", "--binary", binary, "--yes", "--force")
+        with open(ops.unit, encoding="utf-8") as f:
+            line = [l for l in f.read().splitlines() if l.startswith("ExecStart=")]
+        assert len(line) == 1, line
+        assert systemd_verify(ops.unit) == [], line[0]
+        assert exec_start_argv(line[0][len("ExecStart="):]) == (expect_path, expect_argv), line[0]
+
+        # launchd takes the arguments as a list: the path as it is, never split or escaped
+        ops.ok("setup", "--yes", "--force", "--platform", "macos")
+        ops.ok("daemon", "install", "--platform", "macos", "--binary", binary, "--yes", "--force")
+        with open(ops.plist, "rb") as f:
+            assert plistlib.load(f)["ProgramArguments"] == [binary, "serve"]
+
+    # A Python that systemd cannot start either (its path holds a quote): a clear refusal, nothing written.
+    os.remove(ops.unit)
+    python = os.path.join(odd, "python3")
+    os.symlink(sys.executable, python)
+    script = os.path.join(odd, "agent_relay.py")
+    shutil.copy(RELAY_PY, script)  # not executable: started through the Python that runs the command
+    p = subprocess.run([python, RELAY_PY, "daemon", "install", "--binary", script, "--yes"], env=ops.env(),
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 2 and "systemd does not start" in err and "quote" in err and "Traceback" not in err, err
+    assert not os.path.exists(ops.unit)
 
 
 def test_daemon_install_checks_its_inputs(ops):

@@ -1245,6 +1245,16 @@ class _BatchAborted(Exception):
     """A job of a group commit failed after writing: the batch is rolled back and its other jobs run again."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 class Relay:
     """Agents, messages, tasks and integrations: the rules of the relay."""
 
@@ -2570,10 +2580,14 @@ class Relay:
         })
         error = None
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with CALLBACK_OPENER.open(req, timeout=10) as resp:
                 resp.read(65536)
         except urllib.error.HTTPError as e:
             error = "HTTP %d from the receiver" % e.code
+            if 300 <= e.code < 400:
+                location = (e.headers.get("Location") if e.headers else None) or "(no Location)"
+                error += ", redirecting to %s (redirects are not followed)" % location[:500]
+            e.close()
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             error = "delivery failed: %s" % (getattr(e, "reason", None) or e)
         ts = now_ms()
@@ -6113,9 +6127,10 @@ def this_program():
     return os.path.abspath(__file__)
 
 
-def program_args(binary):
-    """How a service starts `binary`: directly when it is executable, else through this Python."""
-    if os.name != "nt" and os.access(binary, os.X_OK):
+def program_args(binary, can_exec=None):
+    """How a service starts `binary`: directly when it is executable (and the service manager `can_exec` that
+    path), else through this Python."""
+    if os.name != "nt" and os.access(binary, os.X_OK) and (can_exec is None or can_exec(binary)):
         return [binary]
     return [sys.executable, binary]
 
@@ -6240,9 +6255,35 @@ class SystemdUserService:
         self.file_mode = 0o644
 
     @staticmethod
-    def _arg(a):
-        a = a.replace("%", "%%").replace("$", "$$")
-        return a if re.match(r"^[A-Za-z0-9_./:@+,=-]+$", a) else '"%s"' % a.replace("\\", "\\\\").replace('"', '\\"')
+    def can_exec(path):
+        """systemd refuses an executable path holding a quote, a backslash or a control character, quoted or not."""
+        return not re.search(r"[\"'\\\x00-\x1f\x7f]", path)
+
+    @staticmethod
+    def _word(a):
+        """One word of a command line as systemd unquotes it: in double quotes with C escapes when not plain
+        (a byte that is not UTF-8, kept by Python as a surrogate, is written as its \\xNN escape)."""
+        if re.match(r"^[A-Za-z0-9_./:@+,=-]+$", a):
+            return a
+
+        def escape(m):
+            c = m.group()
+            return "\\" + c if c in '\\"' else "\\x%02x" % (ord(c) & 0xFF)
+
+        return '"%s"' % re.sub(r'[\\"\x00-\x1f\x7f\udc80-\udcff]', escape, a)
+
+    def exec_start(self, program):
+        """The ExecStart= line for argv `program`. systemd expands %-specifiers in every word, so % is doubled
+        everywhere; it expands $ in the arguments (argv[0] included) but not in the executable path, where $$
+        would stay $$, so $ is doubled in the arguments only. When the path and argv[0] are spelled differently,
+        the "@" prefix passes argv[0] as its own word, so the process sees its real path."""
+        if not self.can_exec(program[0]):
+            raise ConfigError("systemd does not start a program whose path holds a quote, a backslash or a control "
+                              "character: %r; use a Python installed elsewhere" % program[0])
+        path = program[0].replace("%", "%%")
+        argv = [a.replace("%", "%%").replace("$", "$$") for a in program]
+        words = [path] if argv[0] == path else ["@" + path, argv[0]]
+        return " ".join(self._word(w) for w in words + argv[1:])
 
     def render(self, program, env_file, env_values):
         return "\n".join([
@@ -6256,7 +6297,7 @@ class SystemdUserService:
             "Type=simple",
             "EnvironmentFile=%s" % env_file.replace("%", "%%"),
             "Environment=PYTHONUNBUFFERED=1",
-            "ExecStart=%s" % " ".join(self._arg(a) for a in program),
+            "ExecStart=" + self.exec_start(program),
             "Restart=on-failure",
             "RestartSec=2",
             "# SIGTERM: the relay answers open long-polls and closes the database, then exits 0.",
@@ -6332,6 +6373,10 @@ class LaunchdAgent:
         uid = os.getuid() if hasattr(os, "getuid") else 0
         self.domain = "gui/%d" % uid
         self.target = "%s/%s" % (self.domain, LAUNCHD_LABEL)
+
+    @staticmethod
+    def can_exec(path):
+        return True  # ProgramArguments is a list of whole arguments, taken as they are
 
     def render(self, program, env_file, env_values):
         env = dict(env_values)
@@ -6450,11 +6495,12 @@ def manual_service_help(system, action, binary):
     return 1
 
 
-def check_binary(binary):
-    """The program must be agent-relay: it answers --version as this file does."""
+def check_binary(binary, can_exec=None):
+    """The program must be agent-relay: it answers --version as this file does, started as the service will start it."""
     if not os.path.isfile(binary):
         raise ConfigError("--binary: %s is not a file; give the path of agent_relay.py or of the installed agent-relay" % binary)
-    argv = program_args(binary) + ["--version"]
+    program = program_args(binary, can_exec)
+    argv = program + ["--version"]
     try:
         out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -6463,12 +6509,12 @@ def check_binary(binary):
     if not text.startswith("agent-relay "):
         raise ConfigError("--binary: `%s` answered %r, not `agent-relay <version>`; is it agent_relay.py?"
                           % (shown_command(argv), text[:200]))
-    return program_args(binary)
+    return program
 
 
 def daemon_install(svc, args):
     binary = os.path.abspath(os.path.expanduser(args.binary or this_program()))  # by default, the program running this
-    program = check_binary(binary) + ["serve"]
+    program = check_binary(binary, svc.can_exec) + ["serve"]
     env_file = env_file_path(svc.system)
     if os.path.isfile(env_file):
         env_values = read_env_file(env_file)
