@@ -1633,8 +1633,8 @@ class Relay:
         vis, params = self._visibility_sql(agent)
         rows = t.execute(
             "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
-            " AND r.state IS NULL AND m.from_agent NOT IN ('human', 'system') AND m.from_agent != ?"
-            " AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
+            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
+            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
             [agent["id"]] + params + [agent["id"], agent["cursor"]],
         ).fetchall()
         for row in rows:
@@ -1782,8 +1782,25 @@ class Relay:
         out.sort()
         return out
 
-    def held_for(self, agent, sender):
-        return agent["approvalMode"] == "guarded" and sender not in SYSTEM_AGENTS and sender != agent["id"]
+    def held_for(self, agent, sender, outside=False):
+        """Whether a message from `sender` waits for a person before it reaches `agent`: a guarded agent gets a person's
+        (human, system) messages at once, and another agent's, or work from outside (`outside`: an integration's
+        task, which the relay sends as system), once approved."""
+        return agent["approvalMode"] == "guarded" and (outside or sender not in SYSTEM_AGENTS) and sender != agent["id"]
+
+    # a stored message that came from outside: it announces an integration's task (held_for's `outside`)
+    FROM_OUTSIDE_SQL = "EXISTS (SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.integration IS NOT NULL)"
+
+    def readers_of(self, t, row):
+        """Who may see a stored message's text on their stream: the agents it reaches now, except those it is held
+        (or was rejected) for, and its sender. Every event that carries the text of a message, or of the task it
+        announces, goes to these agents; _send applies the same rule as it creates the message."""
+        audience = set(self.matching_agents(row["to_target"], row["channel"], row["from_agent"]))
+        if audience:
+            audience.difference_update(r[0] for r in t.execute(
+                "SELECT agent_id FROM receipts WHERE message_id = ? AND state IN ('held','rejected')", (row["id"],)))
+        audience.add(row["from_agent"])
+        return audience
 
     def visible_to(self, agent, row, receipt_state=None):
         """Whether a stored message is visible to an agent (for claims, reads and replies)."""
@@ -1840,7 +1857,7 @@ class Relay:
                        "idempotency_key", "payload", "meta", "created_at")
 
     def _send(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
-              idem=None, payload=None, meta=None, t=None):
+              idem=None, payload=None, meta=None, t=None, outside=False):
         agent = self.get_agent(sender)
         if agent["approvalMode"] == "read-only" and reply_to is None:
             raise ApiError(403, "read_only", "%s is read-only: it may reply to messages (replyTo) but not start conversations." % sender)
@@ -1865,7 +1882,7 @@ class Relay:
                     raise ApiError(403, "not_addressed", "%s never received message %d, so it may not reply to it." % (sender, reply_to))
                 thread = parent["thread_id"] if parent["thread_id"] is not None else parent["id"]
             matched = self.matching_agents(to, channel, sender)
-            held = [a for a in matched if self.held_for(self.agents[a], sender)]
+            held = [a for a in matched if self.held_for(self.agents[a], sender, outside)]
             ts = now_ms()
             mid = t.insert("messages", self.MESSAGE_COLUMNS, (sender, to, subject, text, kind, channel, int(claimable), reply_to,
                                                               thread, idem, dumps(payload) if payload else "{}",
@@ -2110,12 +2127,9 @@ class Relay:
         return {"message": message_from_row(row)}
 
     def _emit_message(self, t, type, row, **extra):
-        msg = message_from_row(row)
-        data = {"message": msg}
+        data = {"message": message_from_row(row)}
         data.update(extra)
-        audience = set(self.matching_agents(msg["to"], msg["channel"], msg["from"]))
-        audience.add(msg["from"])
-        t.emit(type, data, audience=audience)
+        t.emit(type, data, audience=self.readers_of(t, row))
 
     def release_message(self, message_id, body, auth):
         agent = self.get_agent(Fields(body).string("agentId", required=True, max_len=128))
@@ -2166,7 +2180,9 @@ class Relay:
                 if approve:
                     t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (aid, message_id))
                     t.wake.add(aid)
-                t.emit("message." + state, {"message": msg, "agentId": aid}, agent_id=aid, audience={msg["from"]})
+                # an approved message is the recipient's from now on; a rejected one never reaches it, not even as news
+                t.emit("message." + state, {"message": msg, "agentId": aid}, agent_id=aid if approve else None,
+                       audience={msg["from"]})
         return self.message_detail(message_id)
 
     def history(self, q):
@@ -2224,7 +2240,11 @@ class Relay:
         """Publish the task's new state, and queue its callback (same transaction) when an integration owns it."""
         row = self.get_task_row(t.c, task_id)
         task = task_from_row(row)
-        audience = set(self.matching_agents(task["target"], task["channel"], None))
+        msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
+        if msg is not None:
+            audience = self.readers_of(t, msg)  # a task's text is its message's: not for whom that is held
+        else:
+            audience = set(self.matching_agents(task["target"], task["channel"], None))
         if task["claimedBy"]:
             audience.add(task["claimedBy"])
         t.emit("task.created" if callback_event == "task.created" else "task.updated", {"task": task}, audience=audience)
@@ -2300,7 +2320,8 @@ class Relay:
             payload = {"taskId": task_id, "severity": fields["severity"], "source": source,
                        "externalUrl": fields["externalUrl"], "dedupeKey": fields["dedupeKey"]}
             result, _ = self._send(sender, fields["target"], fields["body"] or fields["title"], subject=fields["title"],
-                                   kind="task", channel=fields["channel"], claimable=True, payload=payload, t=t)
+                                   kind="task", channel=fields["channel"], claimable=True, payload=payload, t=t,
+                                   outside=integration is not None)
             t.execute("UPDATE tasks SET message_id = ? WHERE id = ?", (result["message"]["id"], task_id))
             self._task_event(t, task_id, "created", actor, {"target": fields["target"], "messageId": result["message"]["id"]})
             return self._task_changed(t, task_id, "task.created"), True
