@@ -19,7 +19,10 @@ Items (numbered as in the issue that asked for them):
     process): relay RSS, threads, and send throughput beside item 1;
  4. inbox latency with 1,000 and with 100,000 stored messages;
  5. idle CPU over 10 s with 200 waiting long-polls;
- 6. task ingress: integration events/s for new keys and for a dedupe storm.
+ 6. task ingress: integration events/s for new keys and for a dedupe storm;
+ 7. memory of streams whose clients never read: 100 streams replaying 50 MB
+    of history from a tiny receive window, relay RSS before and at the peak
+    (benchmarks/stream_memory.py, which also runs alone).
 
 The figures are only comparable within a run: every ratio is against a
 baseline measured in the same run. Nothing here is a test assertion; the test
@@ -48,6 +51,7 @@ RELAY = [os.path.join(ROOT, "agent_relay.py")]  # the relay under test (--relay)
 sys.path.insert(0, HERE)
 
 from loadgen import Http, closed_loop, delivery_latency, percentile, release_listeners, request_bytes, wait_for_listeners  # noqa: E402  (benchmarks/loadgen.py)
+import stream_memory  # noqa: E402  (benchmarks/stream_memory.py)
 
 INTEGRATION = {"name": "bench", "token": "bench-integration-token-0001", "scopes": ["tasks:create"],
                "targets": ["tag:oncall"], "channels": []}
@@ -60,6 +64,7 @@ FULL = {
     "inbox_sizes": (1000, 100000), "inbox_samples": 300,
     "idle_waiters": 200, "idle_seconds": 10.0,
     "sqlite_rounds": 3, "sqlite_seconds": 1.5, "sqlite_count": None,
+    "memory_streams": 100, "memory_history_mb": 50.0,
 }
 QUICK = {
     "rounds": 1, "duration": None, "warmup": 0.0, "count": 300, "clients": [1, 8, 32],
@@ -68,6 +73,7 @@ QUICK = {
     "inbox_sizes": (1000, 10000), "inbox_samples": 40,
     "idle_waiters": 20, "idle_seconds": 2.0,
     "sqlite_rounds": 1, "sqlite_seconds": None, "sqlite_count": 300,
+    "memory_streams": 100, "memory_history_mb": 50.0,  # the promise's own figures: a few seconds
 }
 
 # -- small helpers ------------------------------------------------------------
@@ -603,6 +609,14 @@ def bench_ingress(relay, cfg):
     return out
 
 
+# -- item 7: streams whose clients never read ------------------------------------------------------
+
+
+def bench_stream_memory(relay, cfg):
+    return stream_memory.measure(relay.port, relay.pid, streams=cfg["memory_streams"], history_mb=cfg["memory_history_mb"],
+                                 say=say)
+
+
 # -- targets, table, JSON ------------------------------------------------------------------------------
 
 
@@ -630,6 +644,9 @@ def targets(res):
     idle = res["idle"]
     add("idle CPU, %d waiting long-polls" % idle["waiters"], idle["cpu_percent_of_core"], "<= 1% of a core",
         idle["cpu_percent_of_core"] <= 1.0, "%")
+    sm = res["stream_memory"]
+    add("RSS added by %d never-reading streams replaying %.0f MB" % (sm["streams_asked"], sm["history_mb"]), sm["growth_mb"],
+        "<= %.0f MB" % sm["target_mb"], sm["met"], "MB", detail="%.3f MB per stream" % sm["per_stream_mb"])
     return t
 
 
@@ -666,6 +683,9 @@ def print_summary(res):
     ig = res["ingress"]
     say("6. task ingress, 8 clients: new keys %.0f events/s, dedupe storm %.0f events/s"
         % (ig["new_keys"]["events_per_s"], ig["dedupe_storm"]["events_per_s"]))
+    sm = res["stream_memory"]
+    say("7. never-reading streams: %d replaying %.1f MB, RSS %.1f MB before, peak %.1f MB: %.1f MB added, %.3f MB per stream"
+        % (sm["streams_opened"], sm["history_mb"], sm["rss_before_mb"], sm["rss_peak_mb"], sm["growth_mb"], sm["per_stream_mb"]))
     say("-" * 78)
     say("targets:")
     for t in res["targets"]:
@@ -732,6 +752,11 @@ def main(argv=None):
         relay.stop()
         relay = None
         item("inbox", "4. inbox latency as history grows", bench_inbox, cfg, tmp)
+        relay = fresh_relay("streams")
+        item("stream_memory", "7. memory of %d streams that never read, replaying %.0f MB"
+             % (cfg["memory_streams"], cfg["memory_history_mb"]), bench_stream_memory, relay, cfg)
+        relay.stop()
+        relay = None
     finally:
         for srv in (relay, baseline):
             if srv is not None:

@@ -12,8 +12,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "benchmarks", "run.py")
 
-ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress"]
-TARGETS = 8  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle
+ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress", "stream_memory"]
+TARGETS = 9  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle; never-reading streams' RSS
 
 
 def test_quick_benchmark_runs_every_item(tmp_path):
@@ -25,7 +25,7 @@ def test_quick_benchmark_runs_every_item(tmp_path):
 
     # every item and every target is printed
     for heading in ("1. send throughput", "2. delivery latency", "3. scale", "4. inbox latency", "5. idle",
-                    "6. task ingress", "targets:"):
+                    "6. task ingress", "7. never-reading streams", "targets:"):
         assert heading in text, "missing %r in:\n%s" % (heading, text[-3000:])
     target_lines = [line for line in text.splitlines() if line.strip().startswith(("[met", "[MISSED"))]
     assert len(target_lines) == TARGETS, text[-3000:]
@@ -68,6 +68,12 @@ def test_quick_benchmark_runs_every_item(tmp_path):
     assert res["ingress"]["new_keys"]["events_per_s"] > 0 and res["ingress"]["dedupe_storm"]["events_per_s"] > 0
     # the storm was counted on one task, not turned into new ones
     assert res["ingress"]["dedupe_storm"]["occurrence_count"] >= res["config"]["count"]
+
+    # item 7: every stream was opened and stalled, and the RSS was read before and at the peak
+    sm = res["stream_memory"]
+    assert sm["streams_opened"] == sm["streams_stalled"] == res["config"]["memory_streams"] and not sm["aborted"]
+    assert sm["history_mb"] >= res["config"]["memory_history_mb"] * 0.99
+    assert 0 < sm["rss_before_mb"] <= sm["rss_peak_mb"] and sm["per_stream_mb"] >= 0
 
     assert len(res["targets"]) == TARGETS
     for t in res["targets"]:
