@@ -278,6 +278,8 @@ SETTINGS = [
     ),
     ("callback_max_attempts", "AGENT_RELAY_CALLBACK_MAX_ATTEMPTS", "--callback-max-attempts", _parse_int(1, 100), 8, "Callback tries"),
     ("sse_ping_ms", "AGENT_RELAY_SSE_PING_MS", "--sse-ping-ms", _parse_int(100), 15000, "Stream keep-alive interval"),
+    ("sse_send_timeout_ms", "AGENT_RELAY_SSE_SEND_TIMEOUT_MS", "--sse-send-timeout-ms", _parse_int(100), 30000,
+     "How long a stream waits for its client to take the next piece before closing it"),
     ("agent_keys", "AGENT_RELAY_AGENT_KEYS", "--agent-keys", _parse_bool, False, "Per-agent keys (1 to turn on)"),
     ("admin_token", "AGENT_RELAY_ADMIN_TOKEN", "--admin-token", _parse_str, None, "The person's token when agent keys are on"),
 ]
@@ -1040,8 +1042,17 @@ class Event:
     def concerns(self, agent_id):
         return agent_id == self.agent_id or (self.audience is not None and agent_id in self.audience)
 
-    def frame(self):
-        return ("id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.type, self.data)).encode("utf-8")
+    def frame_pieces(self, piece):
+        """The event as one SSE block in UTF-8, made as it is written: its data in pieces of at most `piece`
+        characters, so that writing a large event never needs a second copy of all of it."""
+        head = "id: %d\nevent: %s\ndata: " % (self.id, self.type)
+        if len(self.data) <= piece:
+            yield (head + self.data + "\n\n").encode("utf-8")
+            return
+        yield head.encode("utf-8")
+        for i in range(0, len(self.data), piece):
+            yield self.data[i : i + piece].encode("utf-8")
+        yield b"\n\n"
 
 
 class Hub:
@@ -1141,15 +1152,23 @@ class Hub:
             for w in self.everyone:
                 w.event.set()
 
-    def after(self, last_id, limit=500):
-        """Events newer than last_id from memory; None when memory no longer reaches back that far."""
+    def after(self, last_id, limit=500, max_bytes=None):
+        """Events newer than last_id from memory, at most `limit` of them and, past the first, at most `max_bytes`
+        of data; None when memory no longer reaches back that far."""
         with self.lock:
             if self.ring_ids and last_id < self.ring_ids[0] - 1:
                 return None
             if not self.ring_ids and last_id < self.head:
                 return None
             i = bisect.bisect_right(self.ring_ids, last_id)
-            return self.ring[i : i + limit]
+            page = self.ring[i : i + limit]
+        if max_bytes is not None:
+            size = 0
+            for n, ev in enumerate(page):
+                size += len(ev.data)
+                if n and size > max_bytes:
+                    return page[:n]  # a stream that holds the page does not keep events the ring lets go of
+        return page
 
     def stop(self):
         with self.lock:
@@ -1647,8 +1666,8 @@ class Relay:
         vis, params = self._visibility_sql(agent)
         rows = t.execute(
             "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
-            " AND r.state IS NULL AND m.from_agent NOT IN ('human', 'system') AND m.from_agent != ?"
-            " AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
+            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
+            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
             [agent["id"]] + params + [agent["id"], agent["cursor"]],
         ).fetchall()
         for row in rows:
@@ -1796,8 +1815,25 @@ class Relay:
         out.sort()
         return out
 
-    def held_for(self, agent, sender):
-        return agent["approvalMode"] == "guarded" and sender not in SYSTEM_AGENTS and sender != agent["id"]
+    def held_for(self, agent, sender, outside=False):
+        """Whether a message from `sender` waits for a person before it reaches `agent`: a guarded agent gets a person's
+        (human, system) messages at once, and another agent's, or work from outside (`outside`: an integration's
+        task, which the relay sends as system), once approved."""
+        return agent["approvalMode"] == "guarded" and (outside or sender not in SYSTEM_AGENTS) and sender != agent["id"]
+
+    # a stored message that came from outside: it announces an integration's task (held_for's `outside`)
+    FROM_OUTSIDE_SQL = "EXISTS (SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.integration IS NOT NULL)"
+
+    def readers_of(self, t, row):
+        """Who may see a stored message's text on their stream: the agents it reaches now, except those it is held
+        (or was rejected) for, and its sender. Every event that carries the text of a message, or of the task it
+        announces, goes to these agents; _send applies the same rule as it creates the message."""
+        audience = set(self.matching_agents(row["to_target"], row["channel"], row["from_agent"]))
+        if audience:
+            audience.difference_update(r[0] for r in t.execute(
+                "SELECT agent_id FROM receipts WHERE message_id = ? AND state IN ('held','rejected')", (row["id"],)))
+        audience.add(row["from_agent"])
+        return audience
 
     def visible_to(self, agent, row, receipt_state=None):
         """Whether a stored message is visible to an agent (for claims, reads and replies)."""
@@ -1854,7 +1890,7 @@ class Relay:
                        "idempotency_key", "payload", "meta", "created_at")
 
     def _send(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
-              idem=None, payload=None, meta=None, t=None):
+              idem=None, payload=None, meta=None, t=None, outside=False):
         agent = self.get_agent(sender)
         if agent["approvalMode"] == "read-only" and reply_to is None:
             raise ApiError(403, "read_only", "%s is read-only: it may reply to messages (replyTo) but not start conversations." % sender)
@@ -1879,7 +1915,7 @@ class Relay:
                     raise ApiError(403, "not_addressed", "%s never received message %d, so it may not reply to it." % (sender, reply_to))
                 thread = parent["thread_id"] if parent["thread_id"] is not None else parent["id"]
             matched = self.matching_agents(to, channel, sender)
-            held = [a for a in matched if self.held_for(self.agents[a], sender)]
+            held = [a for a in matched if self.held_for(self.agents[a], sender, outside)]
             ts = now_ms()
             mid = t.insert("messages", self.MESSAGE_COLUMNS, (sender, to, subject, text, kind, channel, int(claimable), reply_to,
                                                               thread, idem, dumps(payload) if payload else "{}",
@@ -2124,12 +2160,9 @@ class Relay:
         return {"message": message_from_row(row)}
 
     def _emit_message(self, t, type, row, **extra):
-        msg = message_from_row(row)
-        data = {"message": msg}
+        data = {"message": message_from_row(row)}
         data.update(extra)
-        audience = set(self.matching_agents(msg["to"], msg["channel"], msg["from"]))
-        audience.add(msg["from"])
-        t.emit(type, data, audience=audience)
+        t.emit(type, data, audience=self.readers_of(t, row))
 
     def release_message(self, message_id, body, auth):
         agent = self.get_agent(Fields(body).string("agentId", required=True, max_len=128))
@@ -2180,7 +2213,9 @@ class Relay:
                 if approve:
                     t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (aid, message_id))
                     t.wake.add(aid)
-                t.emit("message." + state, {"message": msg, "agentId": aid}, agent_id=aid, audience={msg["from"]})
+                # an approved message is the recipient's from now on; a rejected one never reaches it, not even as news
+                t.emit("message." + state, {"message": msg, "agentId": aid}, agent_id=aid if approve else None,
+                       audience={msg["from"]})
         return self.message_detail(message_id)
 
     def history(self, q):
@@ -2238,7 +2273,11 @@ class Relay:
         """Publish the task's new state, and queue its callback (same transaction) when an integration owns it."""
         row = self.get_task_row(t.c, task_id)
         task = task_from_row(row)
-        audience = set(self.matching_agents(task["target"], task["channel"], None))
+        msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
+        if msg is not None:
+            audience = self.readers_of(t, msg)  # a task's text is its message's: not for whom that is held
+        else:
+            audience = set(self.matching_agents(task["target"], task["channel"], None))
         if task["claimedBy"]:
             audience.add(task["claimedBy"])
         t.emit("task.created" if callback_event == "task.created" else "task.updated", {"task": task}, audience=audience)
@@ -2314,7 +2353,8 @@ class Relay:
             payload = {"taskId": task_id, "severity": fields["severity"], "source": source,
                        "externalUrl": fields["externalUrl"], "dedupeKey": fields["dedupeKey"]}
             result, _ = self._send(sender, fields["target"], fields["body"] or fields["title"], subject=fields["title"],
-                                   kind="task", channel=fields["channel"], claimable=True, payload=payload, t=t)
+                                   kind="task", channel=fields["channel"], claimable=True, payload=payload, t=t,
+                                   outside=integration is not None)
             t.execute("UPDATE tasks SET message_id = ? WHERE id = ?", (result["message"]["id"], task_id))
             self._task_event(t, task_id, "created", actor, {"target": fields["target"], "messageId": result["message"]["id"]})
             return self._task_changed(t, task_id, "task.created"), True
@@ -3124,6 +3164,15 @@ class Api:
         return 200, self.relay.list_callbacks({"taskId": req.qint("taskId"), "status": status, "limit": req.qint("limit", 1, 500, 100)})
 
     # -- the live stream ---------------------------------------------------
+    # What one stream holds, however long the history it replays and however slowly its client reads: one page of
+    # events (at most STREAM_PAGE of them and STREAM_PAGE_BYTES of data, or a single larger event), written in
+    # pieces of about STREAM_PIECE_BYTES. A client that takes no piece within AGENT_RELAY_SSE_SEND_TIMEOUT_MS has
+    # fallen too far behind and its stream is closed; it resumes with Last-Event-ID, as every block carries its id
+    # (and an SSE client drops a block that was cut short).
+    STREAM_PAGE = 500
+    STREAM_PAGE_BYTES = 64 * 1024
+    STREAM_PIECE_BYTES = 16 * 1024
+
     def events(self, req):
         relay = self.relay
         agent_id = req.q("agentId", 128)
@@ -3143,6 +3192,7 @@ class Api:
         waiter = relay.hub.subscribe(agent_id, "stream")
         h = req.handler
         try:
+            h.connection.settimeout(relay.config.sse_send_timeout_ms / 1000.0)  # the send deadline of every write below
             h.send_head(200, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                               "X-Accel-Buffering": "no", "Connection": "close"})
             h.close_connection = True
@@ -3153,20 +3203,13 @@ class Api:
             next_ping = time.monotonic() + ping
             while not relay.hub.stopping:
                 waiter.event.clear()
-                batch = relay.hub.after(since)
+                batch = relay.hub.after(since, self.STREAM_PAGE, self.STREAM_PAGE_BYTES)
                 if batch is None:
                     batch = self._stored_events(since)
-                frames = []
-                for ev in batch:
-                    since = ev.id
-                    if types is not None and ev.type not in types:
-                        continue
-                    if agent_id is not None and not ev.concerns(agent_id):
-                        continue
-                    frames.append(ev.frame())
-                if frames:
-                    h.wfile.write(b"".join(frames))
+                wanted = [ev for ev in batch if (types is None or ev.type in types) and (agent_id is None or ev.concerns(agent_id))]
+                h.write_pieces((p for ev in wanted for p in ev.frame_pieces(self.STREAM_PIECE_BYTES)), self.STREAM_PIECE_BYTES)
                 if batch:
+                    since = batch[-1].id
                     continue
                 left = next_ping - time.monotonic()
                 if left <= 0:
@@ -3183,11 +3226,20 @@ class Api:
         return None, None
 
     def _stored_events(self, since):
-        rows = self.relay.db.query("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT 500", (since,))
-        out = []
-        for r in rows:
-            aud = frozenset(a for a in (r["audience"] or "").split(",") if a) or None
-            out.append(Event(r["id"], r["type"], r["agent_id"], aud, r["data"], r["created_at"]))
+        """The next page of a replay that memory no longer reaches, from the events table: at most STREAM_PAGE events
+        and, past the first, STREAM_PAGE_BYTES of data. Rows are read one at a time, so the rest is never fetched."""
+        out, size = [], 0
+        with self.relay.db.read() as c:
+            rows = c.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (since, self.STREAM_PAGE))
+            try:
+                for r in rows:
+                    size += len(r["data"])
+                    if out and size > self.STREAM_PAGE_BYTES:
+                        break
+                    aud = frozenset(a for a in (r["audience"] or "").split(",") if a) or None
+                    out.append(Event(r["id"], r["type"], r["agent_id"], aud, r["data"], r["created_at"]))
+            finally:
+                rows.close()  # ends the read at once: a statement left open would hold back checkpoints
         return out
 
 
@@ -3478,6 +3530,19 @@ class Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self._write(head + body if self.command != "HEAD" else head)
+
+    def write_pieces(self, pieces, size):
+        """Writes byte strings in writes of about `size` bytes: small ones joined (fewer system calls), large ones
+        as they come, so that no more than about `size` bytes are held while the client is slow to take them."""
+        buf, held = [], 0
+        for piece in pieces:
+            buf.append(piece)
+            held += len(piece)
+            if held >= size:
+                self.wfile.write(buf[0] if len(buf) == 1 else b"".join(buf))
+                buf, held = [], 0
+        if buf:
+            self.wfile.write(b"".join(buf))
 
     def send_json(self, status, obj, headers=None):
         h = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
