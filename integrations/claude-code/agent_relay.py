@@ -1281,6 +1281,7 @@ class Relay:
             self._cache(agent_from_row(row))
         head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
         self.hub.head = head
+        self.release_orphaned_claims()
 
     def _cache(self, agent):
         old = self.agents.get(agent["id"])
@@ -1485,14 +1486,18 @@ class Relay:
         agent = self.agents.get(agent_id)
         if agent is None or agent["system"]:
             return
-        agent["lastSeen"] = now_ms()
-        self.dirty_seen.add(agent_id)
+        self._seen(agent)
         if agent["status"] == "offline":
             try:
                 with self.tx() as t:
                     self._set_agent(t, agent, {"status": "online", "offlineSince": None})
             except StorageUnavailable:
                 pass  # presence is best effort: the request it rides on (often a read, or a write already committed) goes on
+
+    def _seen(self, agent):
+        """Records activity in memory (flush_presence writes lastSeen)."""
+        agent["lastSeen"] = now_ms()
+        self.dirty_seen.add(agent["id"])
 
     def check_fence(self, agent, instance_id, epoch):
         if instance_id is not None and agent["instanceId"] is not None and instance_id != agent["instanceId"]:
@@ -1738,15 +1743,17 @@ class Relay:
         if purge and agent["approvalMode"] != "open":
             auth.change_mode(agent, "open")  # purged, it could come back unguarded
         with self.tx() as t:
-            self.release_claims_of(t, agent_id)
             if purge:
                 return self._remove_agent(t, self.get_agent(agent_id))
+            self.release_claims_of(t, agent_id)
             agent = self._set_agent(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
         self.hub.wake([agent_id])
         return self.card(agent)
 
     def _remove_agent(self, t, agent):
-        """Delete an agent (purge or prune); what was held for it is released, so retention can take it in time."""
+        """Delete an agent (purge or prune); its claims go back to the pool and what was held for it is released,
+        so retention can take it in time."""
+        self.release_claims_of(t, agent["id"])
         t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
         t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
         t.execute("DELETE FROM receipts WHERE agent_id = ? AND state = 'held'", (agent["id"],))
@@ -1767,6 +1774,17 @@ class Relay:
             self._release_message(t, row, agent_id)
         for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
             self._release_task(t, row, agent_id, also_message=False)
+
+    def release_orphaned_claims(self):
+        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
+        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
+        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
+                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
+        gone = [r[0] for r in claimers if r[0] not in self.agents or self.agents[r[0]]["status"] == "offline"]
+        if gone:
+            with self.tx() as t:
+                for agent_id in gone:
+                    self.release_claims_of(t, agent_id)
 
     # -- messages ----------------------------------------------------------
     def matching_agents(self, to, channel, sender):
@@ -2084,8 +2102,9 @@ class Relay:
         f = Fields(body)
         agent = self.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
-        self.check_fence(agent, f.string("instanceId", max_len=128), f.integer("epoch"))
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
         with self.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.get_message_row(t.c, message_id)
             if not row["claimable"]:
                 raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
@@ -2106,8 +2125,22 @@ class Relay:
                 self._emit_message(t, "message.claimed", row, agentId=agent["id"])
                 if task is not None and task["status"] == "open":
                     self._claim_task_row(t, task, agent["id"], ts, also_message=False)
-        self.touch(agent["id"])
+            self._seen(self.agents[agent["id"]])  # in here, not touch() after: a session end committed next must stand
         return {"message": message_from_row(row)}
+
+    def _claimer(self, t, agent_id, instance_id, epoch):
+        """The agent about to take work, read from the database inside the claim's transaction (under the write
+        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
+        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
+        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise unknown_agent(agent_id)
+        agent = agent_from_row(row)
+        self.check_fence(agent, instance_id, epoch)
+        if agent["status"] == "offline":
+            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
+                           "claim work; send a heartbeat (or register again) first." % agent_id)
+        return agent
 
     def _emit_message(self, t, type, row, **extra):
         msg = message_from_row(row)
@@ -2333,8 +2366,9 @@ class Relay:
         f = Fields(body)
         agent = self.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
-        self.check_fence(agent, f.string("instanceId", max_len=128), f.integer("epoch"))
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
         with self.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.get_task_row(t.c, task_id)
             if agent["approvalMode"] == "read-only":
                 raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
@@ -2348,7 +2382,7 @@ class Relay:
                 task = self._claim_task_row(t, row, agent["id"], now_ms(), also_message=True)
             else:
                 task = task_from_row(row)
-        self.touch(agent["id"])
+            self._seen(self.agents[agent["id"]])
         return {"task": task}
 
     def _check_task_addressed(self, t, agent, row):
