@@ -135,6 +135,33 @@ def test_read_only_agent_may_reply_but_not_start_conversations(relay):
     assert relay.sql("SELECT COUNT(*) AS n FROM messages")[0]["n"] == before + 3
 
 
+def test_a_read_only_agents_reply_goes_only_to_the_sender_it_answers(relay):
+    """replyTo is no way around read-only: a "reply" to a fan-out target or to a third agent would start a
+    conversation, so it is refused and nothing is stored; the answer to the sender goes through."""
+    relay.register("boss")
+    relay.register("stranger", tags=["pool"], capabilities=["review"], label="eyes")
+    relay.register("watcher", tags=["pool"], capabilities=["review"], label="eyes", approvalMode="read-only")
+    question = relay.send("boss", "watcher", "status?")
+    announcement = relay.send("boss", "tag:pool", "to the whole pool")
+    count = lambda: relay.sql("SELECT COUNT(*) AS n FROM messages")[0]["n"]  # noqa: E731
+    before = count()
+    for parent in (question, announcement):
+        for to in ("broadcast", "tag:pool", "cap:review", "label:eyes", "stranger"):
+            r = relay.post("/api/messages", {"from": "watcher", "to": to, "body": "psst", "replyTo": parent["id"]})
+            assert (r.status, r.code) == (403, "read_only"), (parent["id"], to, r)
+            assert "boss" in r.json["error"]["message"], r
+    assert count() == before
+    assert [m["id"] for m in relay.inbox("stranger", since=0)["messages"]] == [announcement["id"]]
+    assert relay.sql("SELECT id FROM messages WHERE from_agent = 'watcher'") == []
+    # to the sender of the message it answers: allowed, for a direct question and for a fan-out alike
+    for parent in (question, announcement):
+        r = relay.post("/api/messages", {"from": "watcher", "to": "boss", "body": "all fine", "replyTo": parent["id"]})
+        assert r.status == 201 and r.json["message"]["threadId"] == parent["id"], r
+    rows = relay.sql("SELECT to_target, reply_to FROM messages WHERE from_agent = 'watcher' ORDER BY id")
+    assert rows == [{"to_target": "boss", "reply_to": question["id"]}, {"to_target": "boss", "reply_to": announcement["id"]}]
+    assert "Traceback" not in relay.log
+
+
 # -- the claimer is checked inside the claim's transaction ------------------------------------------------------
 
 ROUNDS = 200

@@ -1881,6 +1881,9 @@ class Relay:
                     agent, parent, self.receipt_state(t.c, reply_to, sender)
                 ):
                     raise ApiError(403, "not_addressed", "%s never received message %d, so it may not reply to it." % (sender, reply_to))
+                if agent["approvalMode"] == "read-only" and to != parent["from_agent"]:
+                    raise ApiError(403, "read_only", "%s is read-only: its reply to message %d may go only to that message's "
+                                   "sender, %s, not to %s." % (sender, reply_to, parent["from_agent"], to))
                 thread = parent["thread_id"] if parent["thread_id"] is not None else parent["id"]
             matched = self.matching_agents(to, channel, sender)
             held = [a for a in matched if self.held_for(self.agents[a], sender)]
