@@ -73,7 +73,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def now_ms():
+    """The wall clock, epoch ms: the time the relay stamps on what it stores and shows (createdAt, lastSeen, ...).
+    Never a duration: the wall clock can jump (an NTP step, a person setting it); durations use monotonic_ms()."""
     return int(time.time() * 1000)
+
+
+def monotonic_ms():
+    """A clock that only moves forward, in ms (not a date): how long something lasted, so that presence, schedules
+    and timeouts are not moved by a wall clock set back or forward."""
+    return int(time.monotonic() * 1000)
+
+
+def sleep_unless(stop, seconds, step=0.2):
+    """Sleeps `seconds` on the monotonic clock, or until the event `stop` is set (then True, within `step`).
+
+    Not stop.wait(seconds): where a timed lock wait counts to a wall-clock deadline (CPython before 3.11 on Linux,
+    among others), a clock set back an hour during the wait would stretch it by an hour; sleep() does not."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, step))
+    return True
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # built once: json.dumps with options builds one per call
@@ -1281,8 +1303,8 @@ class Relay:
         self.config = config
         self.db = Storage(config.db)
         self.hub = Hub()
-        self.started = time.time()
-        self.agents = {}  # id -> agent dict; written through under the storage lock
+        self.started = time.monotonic()  # for uptimeMs: a duration
+        self.agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
         self.index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
         self.dirty_seen = set()  # agents whose lastSeen changed in memory only
         self.integrations = {i["name"]: i for i in config.integrations}
@@ -1290,6 +1312,7 @@ class Relay:
         self.rate_lock = threading.Lock()
         self.callback_cv = threading.Condition()
         self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
+        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
         self.stopping = threading.Event()
         self.threads = []
         self._undo = None  # agent id -> its cached card before the running transaction changed it
@@ -1310,10 +1333,18 @@ class Relay:
                     "INSERT OR IGNORE INTO agents(id, name, status, last_seen, created_at, system) VALUES (?,?,?,?,?,1)",
                     (sid, "Human (dashboard)" if sid == "human" else "Relay", "online", ts, ts),
                 )
+        wall, mono = now_ms(), monotonic_ms()
         for row in self.db.query("SELECT * FROM agents"):
-            self._cache(agent_from_row(row))
+            agent = agent_from_row(row)
+            # Presence counts silence on the monotonic clock; the stored stamps are all a restart has, read once here
+            # (a stamp ahead of the wall clock, which was set back meanwhile, counts as now).
+            agent["seenMono"] = mono - max(0, wall - agent["lastSeen"])
+            since = agent["offlineSince"] or agent["lastSeen"]
+            agent["offlineMono"] = mono - max(0, wall - since) if agent["status"] == "offline" else None
+            self._cache(agent)
         head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
         self.hub.head = head
+        self.release_orphaned_claims()
 
     def _cache(self, agent):
         old = self.agents.get(agent["id"])
@@ -1518,14 +1549,20 @@ class Relay:
         agent = self.agents.get(agent_id)
         if agent is None or agent["system"]:
             return
-        agent["lastSeen"] = now_ms()
-        self.dirty_seen.add(agent_id)
+        self._seen(agent)
         if agent["status"] == "offline":
             try:
                 with self.tx() as t:
                     self._set_agent(t, agent, {"status": "online", "offlineSince": None})
             except StorageUnavailable:
                 pass  # presence is best effort: the request it rides on (often a read, or a write already committed) goes on
+
+    def _seen(self, agent):
+        """Records activity in memory (flush_presence writes lastSeen): the wall-clock time shown as lastSeen, and
+        the monotonic time that the sweeper counts silence from."""
+        agent["lastSeen"] = now_ms()
+        agent["seenMono"] = monotonic_ms()
+        self.dirty_seen.add(agent["id"])
 
     def check_fence(self, agent, instance_id, epoch):
         if instance_id is not None and agent["instanceId"] is not None and instance_id != agent["instanceId"]:
@@ -1560,6 +1597,10 @@ class Relay:
         new = dict(agent)
         new.update(changes)
         new["lastSeen"] = max(new["lastSeen"], agent["lastSeen"])
+        if "lastSeen" in changes:  # a registration: activity now
+            new["seenMono"] = monotonic_ms()
+        if "offlineSince" in changes:
+            new["offlineMono"] = None if changes["offlineSince"] is None else monotonic_ms()
         t.execute("UPDATE agents SET %s WHERE id = ?" % ", ".join(cols), vals + [agent["id"]])
         self._cache(new)
         if event:
@@ -1632,6 +1673,7 @@ class Relay:
                     "approvalMode": "open", "instanceId": None, "epoch": 0, "meta": {}, "lastSeen": ts,
                     "createdAt": ts, "system": False, "offlineSince": None, "floor": floor, "cursor": floor,
                     "keyHash": hashlib.sha256(key.encode()).hexdigest() if key else None,
+                    "seenMono": monotonic_ms(), "offlineMono": None,
                 }
                 agent.update(fields)
                 if instance_id is not None:
@@ -1771,15 +1813,17 @@ class Relay:
         if purge and agent["approvalMode"] != "open":
             auth.change_mode(agent, "open")  # purged, it could come back unguarded
         with self.tx() as t:
-            self.release_claims_of(t, agent_id)
             if purge:
                 return self._remove_agent(t, self.get_agent(agent_id))
+            self.release_claims_of(t, agent_id)
             agent = self._set_agent(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
         self.hub.wake([agent_id])
         return self.card(agent)
 
     def _remove_agent(self, t, agent):
-        """Delete an agent (purge or prune); what was held for it is released, so retention can take it in time."""
+        """Delete an agent (purge or prune); its claims go back to the pool and what was held for it is released,
+        so retention can take it in time."""
+        self.release_claims_of(t, agent["id"])
         t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
         t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
         t.execute("DELETE FROM receipts WHERE agent_id = ? AND state = 'held'", (agent["id"],))
@@ -1800,6 +1844,17 @@ class Relay:
             self._release_message(t, row, agent_id)
         for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
             self._release_task(t, row, agent_id, also_message=False)
+
+    def release_orphaned_claims(self):
+        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
+        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
+        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
+                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
+        gone = [r[0] for r in claimers if r[0] not in self.agents or self.agents[r[0]]["status"] == "offline"]
+        if gone:
+            with self.tx() as t:
+                for agent_id in gone:
+                    self.release_claims_of(t, agent_id)
 
     # -- messages ----------------------------------------------------------
     def matching_agents(self, to, channel, sender):
@@ -1913,6 +1968,9 @@ class Relay:
                     agent, parent, self.receipt_state(t.c, reply_to, sender)
                 ):
                     raise ApiError(403, "not_addressed", "%s never received message %d, so it may not reply to it." % (sender, reply_to))
+                if agent["approvalMode"] == "read-only" and to != parent["from_agent"]:
+                    raise ApiError(403, "read_only", "%s is read-only: its reply to message %d may go only to that message's "
+                                   "sender, %s, not to %s." % (sender, reply_to, parent["from_agent"], to))
                 thread = parent["thread_id"] if parent["thread_id"] is not None else parent["id"]
             matched = self.matching_agents(to, channel, sender)
             held = [a for a in matched if self.held_for(self.agents[a], sender, outside)]
@@ -2134,8 +2192,9 @@ class Relay:
         f = Fields(body)
         agent = self.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
-        self.check_fence(agent, f.string("instanceId", max_len=128), f.integer("epoch"))
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
         with self.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.get_message_row(t.c, message_id)
             if not row["claimable"]:
                 raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
@@ -2156,8 +2215,22 @@ class Relay:
                 self._emit_message(t, "message.claimed", row, agentId=agent["id"])
                 if task is not None and task["status"] == "open":
                     self._claim_task_row(t, task, agent["id"], ts, also_message=False)
-        self.touch(agent["id"])
+            self._seen(self.agents[agent["id"]])  # in here, not touch() after: a session end committed next must stand
         return {"message": message_from_row(row)}
+
+    def _claimer(self, t, agent_id, instance_id, epoch):
+        """The agent about to take work, read from the database inside the claim's transaction (under the write
+        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
+        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
+        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise unknown_agent(agent_id)
+        agent = agent_from_row(row)
+        self.check_fence(agent, instance_id, epoch)
+        if agent["status"] == "offline":
+            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
+                           "claim work; send a heartbeat (or register again) first." % agent_id)
+        return agent
 
     def _emit_message(self, t, type, row, **extra):
         data = {"message": message_from_row(row)}
@@ -2387,8 +2460,9 @@ class Relay:
         f = Fields(body)
         agent = self.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
-        self.check_fence(agent, f.string("instanceId", max_len=128), f.integer("epoch"))
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
         with self.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.get_task_row(t.c, task_id)
             if agent["approvalMode"] == "read-only":
                 raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
@@ -2402,7 +2476,7 @@ class Relay:
                 task = self._claim_task_row(t, row, agent["id"], now_ms(), also_message=True)
             else:
                 task = task_from_row(row)
-        self.touch(agent["id"])
+            self._seen(self.agents[agent["id"]])
         return {"task": task}
 
     def _check_task_addressed(self, t, agent, row):
@@ -2583,7 +2657,16 @@ class Relay:
                 log("worker error:\n" + traceback.format_exc())
             self.stopping.wait(1.0)
 
+    CALLBACK_MAX_DELAY_MS = 300000  # retries wait 1 s, doubling up to this
+
     def callback_loop(self, integ):
+        """Delivers an integration's pending callbacks when due, each task's in order.
+
+        A retry is due at the nextAttemptAt stored with it (epoch ms, shown, and kept across a restart), but this
+        process counts the wait it scheduled on the monotonic clock (callback_due), so a wall clock set back or
+        forward neither holds a retry for the size of the jump nor fires it early. After a restart only the stored
+        time is known: since no retry is ever scheduled more than CALLBACK_MAX_DELAY_MS ahead, a stored time
+        further ahead (the clock went back while the relay was down) waits no longer than that."""
         while not self.stopping.is_set():
             news = self.callback_news
             rows = self.db.query(
@@ -2591,10 +2674,14 @@ class Relay:
                 "(SELECT MIN(id) FROM callbacks d WHERE d.task_id = c.task_id AND d.status = 'pending') ORDER BY next_attempt_at, id LIMIT 50",
                 (integ["name"],),
             )
-            now = now_ms()
-            due = [r for r in rows if r["next_attempt_at"] <= now]
+            wall, mono = now_ms(), monotonic_ms()
+            wait_ms = {}
+            for r in rows:
+                at = self.callback_due.get(r["id"])
+                wait_ms[r["id"]] = at - mono if at is not None else min(r["next_attempt_at"] - wall, self.CALLBACK_MAX_DELAY_MS)
+            due = [r for r in rows if wait_ms[r["id"]] <= 0]
             if not due:
-                delay = (min(r["next_attempt_at"] for r in rows) - now) / 1000.0 if rows else 30.0
+                delay = min(wait_ms.values()) / 1000.0 if rows else 30.0
                 with self.callback_cv:
                     if self.callback_news == news and not self.stopping.is_set():
                         self.callback_cv.wait(max(0.01, min(delay, 30.0)))
@@ -2631,6 +2718,7 @@ class Relay:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             error = "delivery failed: %s" % (getattr(e, "reason", None) or e)
         ts = now_ms()
+        self.callback_due.pop(row["id"], None)
         with self.tx() as t:
             if error is None:
                 t.execute("UPDATE callbacks SET status = 'delivered', attempts = ?, delivered_at = ?, last_error = NULL WHERE id = ?",
@@ -2640,9 +2728,10 @@ class Relay:
                 t.execute("UPDATE callbacks SET status = 'failed', attempts = ?, last_error = ? WHERE id = ?", (attempt, error, row["id"]))
                 kind = "callback.failed"
             else:
-                delay = min(1000 * 2 ** (attempt - 1), 300000)
+                delay = min(1000 * 2 ** (attempt - 1), self.CALLBACK_MAX_DELAY_MS)
                 t.execute("UPDATE callbacks SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
                           (attempt, error, ts + delay, row["id"]))
+                self.callback_due[row["id"]] = monotonic_ms() + delay
                 kind = None
             if kind:
                 t.emit(kind, {"callback": callback_from_row(t.execute("SELECT * FROM callbacks WHERE id = ?", (row["id"],)).fetchone())})
@@ -2654,7 +2743,7 @@ class Relay:
 
     def sweep_loop(self):
         next_retention = 0.0  # the first retention pass runs with the first sweep, seconds after start
-        while not self.stopping.wait(self.sweep_interval()):
+        while not sleep_unless(self.stopping, self.sweep_interval()):
             self.sweep_presence()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self.RETENTION_EVERY_S
@@ -2672,28 +2761,31 @@ class Relay:
             with self.tx() as t:
                 t.c.executemany("UPDATE agents SET last_seen = ? WHERE id = ?", rows)
 
-    def sweep_presence(self, now=None):
-        """Silent agents go offline (their work back to the pool); long-offline ones are removed."""
-        now = now or now_ms()
+    def sweep_presence(self):
+        """Silent agents go offline (their work back to the pool); long-offline ones are removed.
+
+        Silence is counted on the monotonic clock (seenMono, offlineMono), never as the wall clock's now minus
+        lastSeen: a clock set back an hour would keep a dead agent's claims for that hour, and one set forward
+        would take every agent offline at once."""
         for aid in list(self.agents):
             if self.hub.listening(aid):
                 a = self.agents.get(aid)
                 if a is not None:
-                    a["lastSeen"] = now
-                    self.dirty_seen.add(aid)
+                    self._seen(a)
         self.flush_presence()
         ttl, prune = self.config.stale_ttl_ms, self.config.offline_prune_ms
+        now = monotonic_ms()
         for agent in list(self.agents.values()):
             if agent["system"]:
                 continue
-            if agent["status"] != "offline" and now - agent["lastSeen"] > ttl and not self.hub.listening(agent["id"]):
+            if agent["status"] != "offline" and now - agent["seenMono"] > ttl and not self.hub.listening(agent["id"]):
                 with self.tx() as t:
                     current = self.agents.get(agent["id"])
-                    if current is None or current["status"] == "offline" or now_ms() - current["lastSeen"] <= ttl:
+                    if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
                         continue
                     self.release_claims_of(t, agent["id"])
-                    self._set_agent(t, current, {"status": "offline", "offlineSince": now}, event="agent.offline")
-            elif agent["status"] == "offline" and now - (agent["offlineSince"] or agent["lastSeen"]) > prune:
+                    self._set_agent(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
+            elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
                 with self.tx() as t:
                     current = self.agents.get(agent["id"])
                     if current is None or current["status"] != "offline":
@@ -3042,7 +3134,7 @@ class Api:
 
     # -- health, stats, spec -----------------------------------------------
     def health(self, req):
-        return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.time() - self.relay.started) * 1000)}
+        return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000)}
 
     def stats(self, req):
         return 200, self.relay.stats()

@@ -10,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from clock_shift import shift, shifted_relay
+
 TOKEN = "tracker-token-123"
 SECRET = "callback-secret-xyz"
 
@@ -296,3 +298,35 @@ def test_slow_receiver_does_not_slow_the_api(relay_factory, receiver):
     assert time.monotonic() - t0 < 1.0
     assert not rx.entries()  # the slow delivery is still in flight
     assert len(callbacks(relay, status="pending")) == 7
+
+
+# -- clock jumps: a retry waits what it was scheduled to wait, on the monotonic clock ----------------------------------
+
+
+def test_a_retry_is_not_held_back_by_a_clock_set_back(relay_factory, receiver, tmp_path):
+    rx = receiver()
+    rx.failing = True
+    relay = shifted_relay(relay_factory, tmp_path, env={"AGENT_RELAY_INTEGRATIONS": json.dumps([integration(rx.url)])})
+    task = fire(relay, "clock:back", "Clock set back")
+    wait_for(lambda: rx.entries())  # the first try failed: the retry is due a second later
+    shift(relay, -3600)
+    rx.failing = False
+    delivered = wait_for(lambda: [c for c in callbacks(relay, taskId=task["id"]) if c["status"] == "delivered"])
+    assert delivered[0]["attempts"] >= 2
+    # the stored times are the wall clock's: the delivery is stamped an hour back
+    assert delivered[0]["deliveredAt"] < delivered[0]["createdAt"] - 3500 * 1000
+
+
+def test_a_retry_is_not_sent_early_by_a_clock_set_forward(relay_factory, receiver, tmp_path):
+    rx = receiver()
+    rx.failing = True
+    relay = shifted_relay(relay_factory, tmp_path, env={"AGENT_RELAY_INTEGRATIONS": json.dumps([integration(rx.url)])})
+    first = fire(relay, "clock:forward", "Clock set forward")
+    wait_for(lambda: rx.entries())
+    shift(relay, 3600)
+    rx.failing = False
+    fire(relay, "clock:other", "Another task")  # its callback wakes the worker, which looks at what is due
+    tries = lambda: [e for e in rx.entries() if e["body"]["task"]["id"] == first["id"]]  # noqa: E731
+    log = wait_for(lambda: (lambda es: len(es) >= 2 and es)(tries()))
+    assert log[1]["t"] - log[0]["t"] >= 0.9  # the 1 s back-off still held (a lower bound)
+    assert log[1]["status"] == 200

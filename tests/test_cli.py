@@ -59,6 +59,23 @@ def env(relay, tmp_path):
     return cli_env(relay, AGENT_RELAY_STATE_DIR=tmp_path / "state")
 
 
+def test_a_read_only_agent_answers_with_reply(relay, env):
+    """`reply` addresses the sender of the message it answers, which is all a read-only agent may write to:
+    a direct question and a fan-out alike; `send` to start a conversation is refused with the relay's code."""
+    relay.register("boss")
+    relay.register("watcher", tags=["pool"], approvalMode="read-only")
+    question = relay.send("boss", "watcher", "status?")
+    announcement = relay.send("boss", "tag:pool", "the pool's work is paused")
+    for parent in (question, announcement):
+        r = run_cli(env, "reply", "--from", "watcher", "msg:%d" % parent["id"], "noted")
+        assert r.returncode == 0, r.stderr
+        row = relay.sql("SELECT id, to_target, reply_to FROM messages ORDER BY id DESC LIMIT 1")[0]
+        assert r.stdout == "sent [msg:%d] to boss (reply to msg:%d)\n" % (row["id"], parent["id"])
+        assert (row["to_target"], row["reply_to"]) == ("boss", parent["id"])
+    r = run_cli(env, "send", "--from", "watcher", "--to", "tag:pool", "hello all")
+    assert r.returncode == 1 and "read_only" in r.stderr, (r.returncode, r.stderr)
+
+
 def test_two_agents_hold_a_conversation(relay, env, tmp_path):
     # register: an explicit id with flags, and a derived id from the session, the rig and the project
     r = run_cli(env, "register", "--id", "alice", "--tags", "backend,db", "--caps", "chat,sql", "--label", "lead")

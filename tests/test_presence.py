@@ -9,6 +9,7 @@ import json
 import threading
 import time
 
+from clock_shift import shift, shifted_relay
 from conftest import wait_for
 
 STALE = "1500"
@@ -198,3 +199,75 @@ def test_long_offline_agents_are_pruned_but_system_agents_stay(relay_factory):
     assert relay.get("/api/agents/human").status == 200 and relay.get("/api/agents/system").status == 200
     # A pruned agent registers again as a new agent.
     assert relay.post("/api/agents", {"id": "ghost"}).status == 201
+
+
+# -- clock jumps: presence counts silence on the monotonic clock ---------------------------------------------------
+# The relay runs through tests/clock_shift.py, which moves only the wall clock it reads (time.time()), as an NTP
+# step or a person setting the date does. Stored times stay epoch ms on the wall clock.
+
+
+def test_a_clock_set_back_does_not_keep_a_silent_agents_claims(relay_factory, tmp_path):
+    relay = shifted_relay(relay_factory, tmp_path, env={"STALE_TTL_MS": STALE})
+    relay.register("worker")
+    beat = Heartbeat(relay, "worker")  # alive until the clock has jumped, so that its silence starts after the jump
+    beat.start()
+    try:
+        job = relay.send("human", "worker", "rotate the keys", claimable=True)
+        task = relay.post("/api/tasks", {"title": "fix the build", "target": "worker", "from": "human"}).json["task"]
+        assert relay.post("/api/messages/%d/claim" % job["id"], {"agentId": "worker"}).status == 200
+        assert relay.post("/api/tasks/%d/claim" % task["id"], {"agentId": "worker"}).status == 200
+        shift(relay, -3600)
+        stamped = relay.send("human", "worker", "what time is it?")["createdAt"]
+        assert stamped < (time.time() - 3500) * 1000  # the relay reads the clock set back an hour
+    finally:
+        beat.done.set()
+        beat.join()
+    assert set(beat.statuses) <= {200}
+    assert wait_for(lambda: status_of(relay, "worker") == "offline", timeout=30), relay.get("/api/agents/worker").json
+    assert relay.get("/api/messages/%d" % job["id"]).json["message"]["claimedBy"] is None
+    assert relay.get("/api/tasks/%d" % task["id"]).json["task"]["status"] == "open"
+    assert relay.sql("SELECT id FROM messages WHERE claimed_by = 'worker'") == []
+    row = relay.sql("SELECT status, offline_since FROM agents WHERE id = 'worker'")[0]
+    assert row["status"] == "offline" and row["offline_since"] < (time.time() - 3500) * 1000  # stamped on the wall clock
+    assert "Traceback" not in relay.log
+
+
+def test_a_clock_set_forward_takes_no_agent_offline_before_its_time(relay_factory, tmp_path):
+    """Monotonic time says no time passed: a silent agent goes offline STALE_TTL_MS after its last activity, not at
+    the jump, and one that heartbeats stays online throughout."""
+    ttl = 3000
+    relay = shifted_relay(relay_factory, tmp_path, env={"STALE_TTL_MS": str(ttl)})
+    relay.register("steady")
+    beat = Heartbeat(relay, "steady")
+    beat.start()
+    try:
+        silent_since = time.monotonic()  # before their last activity, which the relay records during the requests
+        for aid in ("quiet-1", "quiet-2"):
+            relay.register(aid)
+        shift(relay, 3600)
+        assert relay.send("human", "steady", "what time is it?")["createdAt"] > (time.time() + 3500) * 1000
+        assert wait_for(lambda: all(status_of(relay, a) == "offline" for a in ("quiet-1", "quiet-2")), timeout=30)
+        # on the clocks that do not jump, a full STALE_TTL_MS passed first (a lower bound, whatever the load)
+        assert time.monotonic() - silent_since >= ttl / 1000.0
+        assert status_of(relay, "steady") == "online"
+    finally:
+        beat.done.set()
+        beat.join()
+    assert set(beat.statuses) == {200}
+    assert "steady" not in {e["agent_id"] for e in stored_events(relay, ["agent.offline"])}
+
+
+def test_after_a_restart_with_the_clock_set_back_a_silent_agent_still_goes_offline(relay_factory, tmp_path):
+    """The stored lastSeen is all a restart has; a stamp ahead of the clock (set back while the relay was down)
+    counts as activity at the start, not as an hour to come."""
+    relay = shifted_relay(relay_factory, tmp_path, env={"STALE_TTL_MS": STALE})
+    relay.register("worker")
+    job = relay.send("human", "worker", "rotate the keys", claimable=True)
+    assert relay.post("/api/messages/%d/claim" % job["id"], {"agentId": "worker"}).status == 200
+    relay.stop()
+    with open(relay.clock_file, "w") as f:
+        f.write("-3600")
+    relay.start()
+    assert relay.send("human", "worker", "what time is it?")["createdAt"] < (time.time() - 3500) * 1000
+    assert wait_for(lambda: status_of(relay, "worker") == "offline", timeout=30), relay.get("/api/agents/worker").json
+    assert relay.sql("SELECT claimed_by FROM messages WHERE id = ?", (job["id"],)) == [{"claimed_by": None}]

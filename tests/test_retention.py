@@ -111,6 +111,7 @@ def test_old_rows_go_and_open_work_and_held_messages_stay(relay_factory):
         # Old rows that must stay: open work, held messages, failed callbacks.
         unclaimed = relay.send("alice", "tag:ops", "anyone?", claimable=True)
         claimed = relay.send("alice", "tag:ops", "mine", claimable=True)
+        assert relay.post("/api/agents/bob/heartbeat", {}).status == 200  # silent through the bulk: back before it claims
         assert relay.post("/api/messages/%d/claim" % claimed["id"], {"agentId": "bob"}).status == 200
         held = relay.send("alice", "gate", "waiting for a person")
         open_task = relay.post("/api/tasks", {"title": "still open", "target": "tag:ops", "from": "alice"}).json["task"]
@@ -174,6 +175,7 @@ def test_old_rows_go_and_open_work_and_held_messages_stay(relay_factory):
         # the unclaimed message can be claimed.
         assert relay.post("/api/messages/%d/approve" % held["id"], {}).status == 200
         assert held["id"] in [m["id"] for m in relay.inbox("gate")["messages"]]
+        assert relay.post("/api/agents/bob/heartbeat", {}).status == 200  # offline since the restart: back first
         assert relay.post("/api/messages/%d/claim" % unclaimed["id"], {"agentId": "bob"}).status == 200
 
         # Nothing comes back across a restart.
