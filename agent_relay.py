@@ -5008,10 +5008,18 @@ def _configure_claim(p):
     p.add_argument("message_id", metavar="MSG_ID", help="the claimable message (42 or msg:42)")
 
 
-def _claim_and_report(args, command, what, claim):
-    """Run a claim; a lost race is a plain sentence and exit 1, not an error trace."""
+def _claim_and_report(args, command, what, claim, client=None, agent=None):
+    """Run a claim; a lost race is a plain sentence and exit 1, not an error trace. An agent that went offline while
+    its session was quiet (no heartbeat for STALE_TTL_MS) is brought back with a heartbeat and claims once more: the
+    relay never lets an offline agent claim, but this command runs for a session that is plainly alive."""
     try:
-        out = claim()
+        try:
+            out = claim()
+        except RelayError as e:
+            if e.code != "agent_offline" or client is None:
+                raise
+            client.heartbeat(agent)
+            out = claim()
     except RelayError as e:
         if e.code == "already_claimed" and not args.json:
             sys.stderr.write("agent-relay %s: [%s] is already claimed by %s (already_claimed)\n" % (command, what, e.extra.get("claimedBy")))
@@ -5027,7 +5035,7 @@ def _claim_and_report(args, command, what, claim):
 @agent_command("claim", "claim a claimable message (exactly one agent wins)", _configure_claim, needs_agent=True)
 def cmd_claim(args, client):
     mid = _msg_id(args.message_id)
-    return _claim_and_report(args, "claim", "msg:%d" % mid, lambda: client.claim(args.agent, mid))
+    return _claim_and_report(args, "claim", "msg:%d" % mid, lambda: client.claim(args.agent, mid), client, args.agent)
 
 
 @agent_command("release", "give a claimed message back to the pool", _configure_claim, needs_agent=True)
@@ -5183,7 +5191,7 @@ def cmd_task(args, client):
     if not agent:
         raise UsageError("which agent? give --agent ID or set AGENT_RELAY_AGENT_ID")
     if args.action == "claim":
-        return _claim_and_report(args, "task", "task:%d" % tid, lambda: client.claim_task(agent, tid))
+        return _claim_and_report(args, "task", "task:%d" % tid, lambda: client.claim_task(agent, tid), client, agent)
     if args.status is None and args.progress is None and args.result is None:
         raise UsageError("task status needs a new status (claimed, blocked, open, done, failed, canceled), --progress or --result")
     out = client.task_status(tid, agent_id=agent, status=args.status, progress=args.progress, result=args.result)

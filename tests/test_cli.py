@@ -328,3 +328,22 @@ def test_register_derives_its_id_from_the_tools_session(relay, env, tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
     r = run_cli(env, "register", "--session", "s", cwd=str(sub))
     assert r.stdout.strip() == expected_id("cli", "repo", "s")
+
+
+def test_claim_brings_back_an_agent_that_went_offline_while_quiet(relay, env):
+    """The relay refuses a claim from an offline agent (409 agent_offline); the CLI runs for a live session, so it
+    heartbeats the agent back and claims once more, for messages and tasks alike."""
+    relay.register("quiet", tags=["w"])
+    relay.register("boss")
+    work = relay.send("boss", "tag:w", "take me", claimable=True)["id"]
+    task = relay.post("/api/tasks", {"title": "and me", "target": "tag:w"}).json["task"]
+    assert relay.delete("/api/agents/quiet").status == 200  # offline, as after STALE_TTL_MS of silence
+    raw = relay.post("/api/messages/%d/claim" % work, {"agentId": "quiet"})
+    assert (raw.status, raw.code) == (409, "agent_offline"), raw
+    r = run_cli(env, "claim", "--agent", "quiet", str(work))
+    assert (r.returncode, r.stdout) == (0, "claimed [msg:%d]\n" % work), r.stderr
+    assert relay.delete("/api/agents/quiet").status == 200
+    r = run_cli(env, "task", "claim", str(task["id"]), "--agent", "quiet")
+    assert (r.returncode, r.stdout) == (0, "claimed [task:%d]\n" % task["id"]), r.stderr
+    assert relay.get("/api/agents/quiet").json["status"] != "offline"
+    assert relay.sql("SELECT claimed_by FROM tasks WHERE id = ?", (task["id"],)) == [{"claimed_by": "quiet"}]
