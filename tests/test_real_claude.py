@@ -1,0 +1,144 @@
+"""The Claude Code plugin under the real Claude Code CLI (npm @anthropic-ai/claude-code, pinned in tests/cli),
+fully offline: the model is tests/scripted_model.py on loopback, every other outbound connection goes to a
+refusing loopback proxy, HOME is thrown away after each test.
+
+`claude -p` runs the plugin's hooks but never its monitor, so these tests cover registration (SessionStart),
+delivery with the prompt (UserPromptSubmit) and at Stop, the model answering through `agent_relay.py reply` with
+its Bash tool, and session end. Each prints the time from the peer's send to the reply landing in its inbox.
+"""
+import os
+import re
+import time
+import uuid
+
+import pytest
+
+from conftest import need, wait_for
+from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, RefusingProxy, agent, agents_by_host, cli_ready, describe_proc,
+                     print_timing, replies_to)
+from scripted_model import ScriptedModel, Text, relay_reply_policy
+
+PACKAGE = "@anthropic-ai/claude-code"
+# Only the reply command may run without a prompt (claude -p refuses every other Bash command).
+ALLOW_REPLY = "Bash(python3 %s reply *)" % RELAY_PY
+REPLY_TEXT = "pong from claude"
+
+
+@pytest.fixture
+def claude_ready():
+    ok, why = cli_ready(PACKAGE)
+    need(ok, why)
+
+
+@pytest.fixture
+def proxy():
+    p = RefusingProxy()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def model_factory():
+    started = []
+
+    def make(policy):
+        m = ScriptedModel(policy).start()
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        m.stop()
+
+
+def relay_context_requests(model, message_id):
+    """Model requests whose conversation holds the relay line for message_id."""
+    line = re.compile(r"(?m)^\s*\[msg:%d\] from " % message_id)
+    return [r for r in model.model_requests("anthropic") if line.search(r.model_request.all_text())]
+
+
+def test_marketplace_install_registers_delivers_with_prompt_and_replies(claude_ready, relay, proxy, model_factory, tmp_path):
+    """README path: `claude plugin marketplace add <repo>` + `claude plugin install agent-relay@agent-relay`; a
+    first session registers and goes offline at its end; a message sent to it meanwhile reaches the resumed
+    session through the prompt-submit hook, and the model's Bash call of `agent-relay reply` answers it."""
+    relay.register("peer")
+    model = model_factory(relay_reply_policy(RELAY_PY, REPLY_TEXT))
+    home = ClaudeHome(tmp_path, model.url, relay.url, proxy)
+    home.install_plugin_from_marketplace()
+    listed = home.claude("plugin", "list")
+    assert "agent-relay@agent-relay" in listed.stdout, describe_proc(listed)
+
+    session = str(uuid.uuid4())
+    first = home.claude("-p", "hello", "--session-id", session, "--allowedTools", ALLOW_REPLY)
+    assert first.returncode == 0, describe_proc(first)
+    cards = agents_by_host(relay, "claude-code")
+    assert len(cards) == 1, (cards, describe_proc(first))
+    card = cards[0]
+    aid = card["id"]
+    assert card["meta"]["sessionId"] == session and card["rig"] == "claude", card
+    assert re.match(r"^[a-z0-9._-]+-claude-project-[0-9a-f]{8}$", aid), aid
+    # SessionStart's context reached the model, naming the agent
+    first_texts = [r.model_request.all_text() for r in model.model_requests("anthropic")]
+    assert first_texts and any('as agent "%s"' % aid in t for t in first_texts), model.describe()
+    assert wait_for(lambda: agent(relay, aid)["status"] == "offline", timeout=10), agent(relay, aid)
+
+    started = time.time()
+    sent = relay.send("peer", aid, "ping from peer: what is the build status?")
+    second = home.claude("-p", "anything new?", "--resume", session, "--allowedTools", ALLOW_REPLY)
+    assert second.returncode == 0, describe_proc(second)
+    replies = wait_for(lambda: replies_to(relay, "peer", sent["id"]), timeout=10)
+    landed = time.time()
+    assert replies, "no reply reached the peer\n%s\n%s\n%s" % (describe_proc(second), model.describe(), relay.log[-2000:])
+    reply = replies[0]
+    assert reply["from"] == aid and reply["body"] == REPLY_TEXT and reply["to"] == "peer", reply
+    assert any(m["id"] == reply["id"] for m in relay.inbox("peer", since=0)["messages"])
+
+    # the message came with the prompt, in the prompt-submit hook's context, and once
+    seen = relay_context_requests(model, sent["id"])
+    assert seen, model.describe()
+    text = seen[0].model_request.all_text()
+    assert "Agent Relay: new relay messages" in text and "[msg:%d] from peer: ping from peer" % sent["id"] in text, text[-3000:]
+    calls = [c for r in model.model_requests("anthropic") for c in r.model_request.tool_calls()]
+    assert sum("reply --from %s %d" % (aid, sent["id"]) in c for c in set(calls)) == 1, calls
+    # the reply's tool result came back to the model as a success
+    results = [t for r in model.model_requests("anthropic") for t in r.model_request.tool_results()]
+    assert any("Exit code" not in t for t in results), results
+    # session end: offline again
+    assert wait_for(lambda: agent(relay, aid)["status"] == "offline", timeout=10), agent(relay, aid)
+    print_timing("claude -p, message waiting, delivered with the prompt (UserPromptSubmit)", sent, reply, started, landed)
+
+
+def test_plugin_dir_message_arriving_mid_turn_is_delivered_at_stop(claude_ready, relay, proxy, model_factory, tmp_path):
+    """`--plugin-dir integrations/claude-code`: a message that arrives while the session works reaches it at Stop
+    (the hook blocks the stop with the message), and the session answers it before it ends."""
+    relay.register("peer")
+    state = {}
+    reply_policy = relay_reply_policy(RELAY_PY, REPLY_TEXT)
+
+    def policy(req):
+        if "sent" not in state and "Bash" in req.tools:
+            aid = re.search(r'as agent "([^"]+)"', req.all_text())
+            if aid:
+                state["aid"] = aid.group(1)
+                state["started"] = time.time()
+                state["sent"] = relay.send("peer", state["aid"], "ping while you work")
+                return Text("working on the user's request")
+        return reply_policy(req)
+
+    model = model_factory(policy)
+    home = ClaudeHome(tmp_path, model.url, relay.url, proxy)
+    p = home.claude("-p", "do the user's task", "--plugin-dir", PLUGIN_DIR, "--allowedTools", ALLOW_REPLY)
+    assert p.returncode == 0, describe_proc(p)
+    assert "sent" in state, "the session never told the model its agent id (no SessionStart context)\n" + model.describe()
+    sent, aid = state["sent"], state["aid"]
+    replies = wait_for(lambda: replies_to(relay, "peer", sent["id"]), timeout=10)
+    landed = time.time()
+    assert replies, "no reply reached the peer\n%s\n%s" % (describe_proc(p), model.describe())
+    assert replies[0]["from"] == aid and replies[0]["body"] == REPLY_TEXT
+    seen = relay_context_requests(model, sent["id"])
+    assert seen, model.describe()
+    # it arrived after the model's first answer, i.e. through the Stop hook's block reason
+    first = model.model_requests("anthropic").index(seen[0])
+    assert first >= 1, model.describe()
+    assert wait_for(lambda: agent(relay, aid)["status"] == "offline", timeout=10), agent(relay, aid)
+    print_timing("claude -p, message arriving mid-turn, delivered at Stop", sent, replies[0], state["started"], landed)
