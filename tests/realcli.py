@@ -354,9 +354,11 @@ class CodexHome:
     def exec(self, prompt, *args, resume=None, timeout=60):
         """`codex exec` (or `codex exec resume ID`) in the project folder, with the sandbox the README's snippet
         configures (workspace-write, network on) and no approval prompts (exec never asks)."""
-        cmd = [self.bin, "exec", "--skip-git-repo-check", "--sandbox", "workspace-write", "--json"] + list(args)
+        # `exec resume` has no --sandbox flag; -c sandbox_mode works for both
+        common = ["--skip-git-repo-check", "--json", "-c", 'sandbox_mode="workspace-write"'] + list(args)
+        cmd = [self.bin, "exec"] + common
         if resume:
-            cmd = [self.bin, "exec", "resume", "--skip-git-repo-check", "--json"] + list(args) + [resume]
+            cmd = [self.bin, "exec", "resume"] + common + [resume]
         return run(cmd + [prompt], self.env, self.project, timeout=timeout)
 
 

@@ -469,8 +469,8 @@ def relay_reply_policy(relay_py, reply_text="got it", agent=None, python="python
             mid = m.group(1)
             if me is None or re.search(r"reply --from \S+ %s\b" % mid, calls):
                 continue
-            command = "%s %s reply --from %s %s %s" % (python, shlex.quote(relay_py), shlex.quote(me), mid,
-                                                       shlex.quote(reply_text))
+            command = " ".join(w for w in (python, shlex.quote(relay_py)) if w)
+            command += " reply --from %s %s %s" % (shlex.quote(me), mid, shlex.quote(reply_text))
             call = shell_call(req, command)
             if call is not None:
                 return call
