@@ -155,6 +155,24 @@ class ClaudeHome:
     def claude(self, *args, timeout=60, input_text=None):
         return run([self.bin] + list(args), self.env, self.project, timeout=timeout, input_text=input_text)
 
+    def accept_first_run_dialogs(self, **extra):
+        """~/.claude.json fields an interactive session reads so that it opens straight at the prompt: onboarding
+        done (theme picker), the API key approved (its last 20 characters), the project folder trusted (the trust
+        dialog; Claude Code starts no plugin monitor in an untrusted folder)."""
+        config = {
+            "hasCompletedOnboarding": True,
+            "lastOnboardingVersion": installed_version("@anthropic-ai/claude-code"),
+            "theme": "dark",
+            "customApiKeyResponses": {"approved": [self.API_KEY[-20:]], "rejected": []},
+            "projects": {self.project: {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True,
+                                        "allowedTools": []}},
+        }
+        config.update(extra)
+        path = os.path.join(self.home, ".claude.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=1)
+        return path
+
     def install_plugin_from_marketplace(self, source=ROOT):
         """What the README tells people (/plugin marketplace add, /plugin install), as the CLI's own commands."""
         out = []
@@ -163,6 +181,67 @@ class ClaudeHome:
             out.append(p)
             assert p.returncode == 0, "claude %s failed:\n%s" % (" ".join(args), describe_proc(p))
         return out
+
+
+class Tmux:
+    """A private tmux server (its own socket) running one program in a terminal, for interactive CLIs:
+    send-keys to type, capture-pane to read the screen. The server and the program get `env`."""
+
+    def __init__(self, socket_path, command, env, cwd, width=160, height=50):
+        self.socket = socket_path
+        self.env = env
+        subprocess.run(["tmux", "-S", socket_path, "-f", os.devnull, "new-session", "-d", "-s", "cli", "-x", str(width),
+                        "-y", str(height), "-c", cwd, command], env=env, cwd=cwd, check=True, timeout=20,
+                       stdin=subprocess.DEVNULL)
+        subprocess.run(["tmux", "-S", socket_path, "set-option", "-t", "cli", "remain-on-exit", "on"], env=env,
+                       check=False, timeout=20, stdin=subprocess.DEVNULL)
+
+    def _tmux(self, *args):
+        return subprocess.run(["tmux", "-S", self.socket] + list(args), env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=20, stdin=subprocess.DEVNULL)
+
+    def screen(self):
+        return self._tmux("capture-pane", "-p", "-t", "cli").stdout
+
+    def send_keys(self, *keys):
+        self._tmux("send-keys", "-t", "cli", *keys)
+
+    def pane_dead(self):
+        out = self._tmux("display-message", "-p", "-t", "cli", "#{pane_dead}").stdout.strip()
+        return out in ("1", "")
+
+    def pane_pid(self):
+        out = self._tmux("display-message", "-p", "-t", "cli", "#{pane_pid}").stdout.strip()
+        return int(out) if out.isdigit() else None
+
+    def close(self):
+        self._tmux("kill-server")
+
+
+def process_tree_has(root_pid, needle):
+    """True when a process under root_pid (or it) has `needle` in its command line (Linux /proc)."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read().decode("utf-8", "replace")
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                if needle.encode() in f.read():
+                    return True
+        except OSError:
+            pass
+        todo.extend(children.get(pid, []))
+    return False
 
 
 # -- Codex -----------------------------------------------------------------------------------------------------------

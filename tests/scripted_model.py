@@ -427,10 +427,18 @@ class ScriptedModel:
 
 # -- policies -------------------------------------------------------------------
 
-# A relay line as the hooks and the monitor write it: at the start of a line, `[msg:N] from X: ...` or
-# `[msg:N] from X (claimable, to tag:Y): ...` (the session-start text's example sits mid-line and is no message).
-RELAY_LINE = re.compile(r"(?m)^\s*\[msg:(\d+)\] from (\S+?)(?: \([^)\n]*\))?: ")
+# A relay line as the hooks write it (at the start of a line) or as Claude Code hands on a monitor's line
+# (`<event>[msg:N] from X: ...</event>`): `[msg:N] from X: ...` or `[msg:N] from X (claimable, to tag:Y): ...`.
+# The session-start text's example sits mid-line and is no message.
+RELAY_LINE = re.compile(r"(?m)(?:^|<event>)\s*\[msg:(\d+)\] from (\S+?)(?: \([^)\n]*\))?: ")
 AGENT_IN_INTRO = re.compile(r'as agent "([^"]+)"')
+
+
+def relay_message_ids(text):
+    """The ids of the relay lines in a text."""
+    return {int(m.group(1)) for m in RELAY_LINE.finditer(text or "")}
+
+
 SHELL_TOOLS = ("Bash", "exec_command", "shell", "shell_command", "local_shell")
 
 

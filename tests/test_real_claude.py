@@ -2,21 +2,24 @@
 fully offline: the model is tests/scripted_model.py on loopback, every other outbound connection goes to a
 refusing loopback proxy, HOME is thrown away after each test.
 
-`claude -p` runs the plugin's hooks but never its monitor, so these tests cover registration (SessionStart),
+`claude -p` runs the plugin's hooks but never its monitor, so those tests cover registration (SessionStart),
 delivery with the prompt (UserPromptSubmit) and at Stop, the model answering through `agent_relay.py reply` with
-its Bash tool, and session end. Each prints the time from the peer's send to the reply landing in its inbox.
+its Bash tool, and session end. An interactive session in tmux covers the monitor: a message reaches an idle
+session with no prompt typed. Each prints the time from the peer's send to the reply landing in its inbox.
 """
 import os
 import re
+import shlex
+import shutil
 import time
 import uuid
 
 import pytest
 
 from conftest import need, wait_for
-from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, RefusingProxy, agent, agents_by_host, cli_ready, describe_proc,
-                     print_timing, replies_to)
-from scripted_model import ScriptedModel, Text, relay_reply_policy
+from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, RefusingProxy, Tmux, agent, agents_by_host, cli_ready,
+                     describe_proc, print_timing, process_tree_has, replies_to)
+from scripted_model import ScriptedModel, Text, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@anthropic-ai/claude-code"
 # Only the reply command may run without a prompt (claude -p refuses every other Bash command).
@@ -53,8 +56,7 @@ def model_factory():
 
 def relay_context_requests(model, message_id):
     """Model requests whose conversation holds the relay line for message_id."""
-    line = re.compile(r"(?m)^\s*\[msg:%d\] from " % message_id)
-    return [r for r in model.model_requests("anthropic") if line.search(r.model_request.all_text())]
+    return [r for r in model.model_requests("anthropic") if message_id in relay_message_ids(r.model_request.all_text())]
 
 
 def test_marketplace_install_registers_delivers_with_prompt_and_replies(claude_ready, relay, proxy, model_factory, tmp_path):
@@ -142,3 +144,50 @@ def test_plugin_dir_message_arriving_mid_turn_is_delivered_at_stop(claude_ready,
     assert first >= 1, model.describe()
     assert wait_for(lambda: agent(relay, aid)["status"] == "offline", timeout=10), agent(relay, aid)
     print_timing("claude -p, message arriving mid-turn, delivered at Stop", sent, replies[0], state["started"], landed)
+
+
+def test_interactive_session_monitor_delivers_to_idle_session(claude_ready, relay, proxy, model_factory, tmp_path):
+    """An interactive session (in tmux) with the plugin installed from the marketplace: its monitor
+    (`watch --claude`) streams a message into the idle session, which answers it with no prompt typed; /exit ends
+    the session, marking it offline."""
+    need(shutil.which("tmux"), "tmux is not installed (apt-get install tmux)")
+    relay.register("peer")
+    model = model_factory(relay_reply_policy(RELAY_PY, REPLY_TEXT))
+    home = ClaudeHome(tmp_path, model.url, relay.url, proxy)
+    home.install_plugin_from_marketplace()
+    home.accept_first_run_dialogs()
+    command = " ".join(shlex.quote(w) for w in (home.bin, "--allowedTools", ALLOW_REPLY))
+    term = Tmux(os.path.join(str(tmp_path), "tmux.sock"), command, home.env, home.project)
+    try:
+        def registered():
+            cards = agents_by_host(relay, "claude-code")
+            return cards if cards and cards[0]["listening"] else None
+
+        cards = wait_for(registered, timeout=30)
+        assert cards, "no listening session on the relay\n%s\n%s" % (term.screen(), model.describe())
+        aid = cards[0]["id"]
+        assert process_tree_has(term.pane_pid(), "watch --claude"), "the plugin's monitor is not running"
+        # the session is idle at its prompt (Stop has run) before the peer writes
+        assert wait_for(lambda: agent(relay, aid)["status"] == "idle", timeout=20), (agent(relay, aid), term.screen())
+        before = len(model.model_requests("anthropic"))
+
+        started = time.time()
+        sent = relay.send("peer", aid, "ping for an idle session")
+        replies = wait_for(lambda: replies_to(relay, "peer", sent["id"]), timeout=30)
+        landed = time.time()
+        assert replies, "no reply reached the peer\n%s\n%s" % (term.screen(), model.describe())
+        assert replies[0]["from"] == aid and replies[0]["body"] == REPLY_TEXT
+        # it came through the monitor (a task-notification event), not through a hook's context
+        seen = relay_context_requests(model, sent["id"])
+        assert seen and model.model_requests("anthropic").index(seen[0]) >= before, model.describe()
+        text = seen[0].model_request.all_text()
+        assert "<event>[msg:%d] from peer: ping for an idle session</event>" % sent["id"] in text, text[-3000:]
+        assert "Agent Relay: new relay messages" not in text
+        print_timing("interactive claude, monitor delivers to the idle session", sent, replies[0], started, landed)
+
+        assert wait_for(lambda: agent(relay, aid)["status"] == "idle", timeout=20), agent(relay, aid)
+        term.send_keys("/exit", "Enter")
+        assert wait_for(term.pane_dead, timeout=20), term.screen()
+        assert wait_for(lambda: agent(relay, aid)["status"] == "offline", timeout=10), agent(relay, aid)
+    finally:
+        term.close()

@@ -14,7 +14,7 @@ import pytest
 from conftest import need, wait_for
 from realcli import (RELAY_PY, CodexHome, RefusingProxy, agent, agents_by_host, cli_ready, describe_proc, exec_events,
                      exec_thread_id, print_timing, replies_to)
-from scripted_model import ScriptedModel, Text, relay_reply_policy
+from scripted_model import ScriptedModel, Text, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@openai/codex"
 REPLY_TEXT = "pong from codex"
@@ -48,8 +48,7 @@ def model_factory():
 
 
 def relay_context_requests(model, message_id):
-    line = re.compile(r"(?m)^\s*\[msg:%d\] from " % message_id)
-    return [r for r in model.model_requests("openai") if line.search(r.model_request.all_text())]
+    return [r for r in model.model_requests("openai") if message_id in relay_message_ids(r.model_request.all_text())]
 
 
 def test_untrusted_hooks_do_not_run_and_trust_is_recorded_in_config_toml(codex_ready, relay, proxy, model_factory, tmp_path):
