@@ -146,14 +146,20 @@ def test_plugin_dir_message_arriving_mid_turn_is_delivered_at_stop(claude_ready,
     print_timing("claude -p, message arriving mid-turn, delivered at Stop", sent, replies[0], state["started"], landed)
 
 
-def test_interactive_session_monitor_delivers_to_idle_session(claude_ready, relay, proxy, model_factory, tmp_path):
+# Claude Code 2.1.332 starts plugin monitors with these set too (and with no cachedGrowthBookFeatures in
+# ~/.claude.json): the second run keeps that fact in view.
+QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+
+
+@pytest.mark.parametrize("quiet", [{}, QUIET], ids=["default", "nonessential-traffic-off"])
+def test_interactive_session_monitor_delivers_to_idle_session(claude_ready, relay, proxy, model_factory, tmp_path, quiet):
     """An interactive session (in tmux) with the plugin installed from the marketplace: its monitor
     (`watch --claude`) streams a message into the idle session, which answers it with no prompt typed; /exit ends
     the session, marking it offline."""
     need(shutil.which("tmux"), "tmux is not installed (apt-get install tmux)")
     relay.register("peer")
     model = model_factory(relay_reply_policy(RELAY_PY, REPLY_TEXT))
-    home = ClaudeHome(tmp_path, model.url, relay.url, proxy)
+    home = ClaudeHome(tmp_path, model.url, relay.url, proxy, **quiet)
     home.install_plugin_from_marketplace()
     home.accept_first_run_dialogs()
     command = " ".join(shlex.quote(w) for w in (home.bin, "--allowedTools", ALLOW_REPLY))
@@ -183,7 +189,9 @@ def test_interactive_session_monitor_delivers_to_idle_session(claude_ready, rela
         text = seen[0].model_request.all_text()
         assert "<event>[msg:%d] from peer: ping for an idle session</event>" % sent["id"] in text, text[-3000:]
         assert "Agent Relay: new relay messages" not in text
-        print_timing("interactive claude, monitor delivers to the idle session", sent, replies[0], started, landed)
+        print_timing("interactive claude%s, monitor delivers to the idle session" % (" (%s)" % ", ".join(sorted(quiet)) if quiet else ""),
+                     sent, replies[0], started, landed)
+        print("[note] model requests before the peer wrote, with no prompt typed: %d" % before)
 
         assert wait_for(lambda: agent(relay, aid)["status"] == "idle", timeout=20), agent(relay, aid)
         term.send_keys("/exit", "Enter")
