@@ -5,8 +5,11 @@ connection goes to a refusing loopback proxy, HOME and CODEX_HOME are thrown awa
 Set up as integrations/codex/README.md says (hooks.json, config.toml.snippet and AGENTS.md.snippet in
 ~/.codex, `agent-relay` on PATH), with the hooks trusted the way Codex records it: config.toml
 `[hooks.state."<key>"] trusted_hash = "<hash>"`, key and hash as `codex app-server`'s hooks/list reports them.
+`codex exec` covers the CLI; `codex app-server` (JSON-RPC over stdio) covers a long-lived thread with turn/start
+and turn/steer. Each test prints the time from the peer's send to the reply landing in its inbox.
 """
 import re
+import threading
 import time
 
 import pytest
@@ -149,3 +152,78 @@ def test_exec_message_arriving_mid_turn_is_delivered_at_stop(codex_ready, relay,
     seen = relay_context_requests(model, sent["id"])
     assert seen and model.model_requests("openai").index(seen[0]) >= 1, model.describe()
     print_timing("codex exec, message arriving mid-turn, delivered at Stop", sent, replies[0], state["started"], landed)
+
+
+def test_app_server_registers_on_first_turn_and_delivers_at_turn_start_and_steer(codex_ready, relay, proxy, model_factory,
+                                                                                 tmp_path):
+    """`codex app-server` (JSON-RPC over stdio, as IDEs run Codex): thread/start registers nothing yet;
+    SessionStart runs with the thread's first turn. A message sent while the thread is idle comes with the next
+    turn/start; one sent while a turn runs comes with a turn/steer (Codex runs UserPromptSubmit for steered input
+    too). Both are answered with the shell tool."""
+    relay.register("peer")
+    hold = threading.Event()
+    reply_policy = relay_reply_policy(RELAY_PY, REPLY_TEXT)
+
+    def policy(req):
+        if req.entries and req.entries[-1][2] == "slow task" and not hold.is_set():
+            hold.wait(20)  # the model is "thinking" until the test has steered
+        return reply_policy(req)
+
+    model = model_factory(policy)
+    home = CodexHome(tmp_path, model.url, relay.url, proxy)
+    home.trust_hooks()
+    server = home.app_server()
+    try:
+        thread = server.request("thread/start", {"cwd": home.project, "sandbox": "workspace-write"})["thread"]["id"]
+        time.sleep(0.5)
+        assert agents_by_host(relay, "codex") == [], "registered before the first turn"
+
+        def turn(text):
+            started = server.request("turn/start", {"threadId": thread, "input": [{"type": "text", "text": text}]})
+            return started["turn"]["id"]
+
+        def completed(turn_id):
+            done = server.wait_notification("turn/completed", lambda p: p["turn"]["id"] == turn_id, timeout=40)
+            assert done["params"]["turn"]["status"] == "completed", done
+            return done
+
+        completed(turn("hello"))
+        cards = agents_by_host(relay, "codex")
+        assert len(cards) == 1 and cards[0]["meta"]["sessionId"] == thread, cards
+        aid = cards[0]["id"]
+        runs = [m["params"]["run"] for m in server.seen if m.get("method") == "hook/completed"]
+        assert {r["eventName"] for r in runs} >= {"sessionStart", "userPromptSubmit", "stop"}, runs
+        assert all(r.get("status") == "completed" for r in runs), runs
+        assert wait_for(lambda: agent(relay, aid)["status"] == "idle", timeout=10), agent(relay, aid)
+
+        # idle thread: the message waits for the next turn
+        started = time.time()
+        sent = relay.send("peer", aid, "ping while the thread is idle")
+        completed(turn("anything new?"))
+        replies = wait_for(lambda: replies_to(relay, "peer", sent["id"]), timeout=10)
+        assert replies, "no reply\n%s" % model.describe()
+        print_timing("codex app-server, message to an idle thread, delivered with the next turn/start", sent, replies[0],
+                     started, time.time())
+
+        # running turn: a steer brings the message in
+        slow = turn("slow task")
+        assert wait_for(lambda: any(r.model_request.entries and r.model_request.entries[-1][2] == "slow task"
+                                    for r in model.model_requests("openai")), timeout=20), model.describe()
+        started = time.time()
+        sent2 = relay.send("peer", aid, "ping while the turn runs")
+        server.request("turn/steer", {"threadId": thread, "expectedTurnId": slow,
+                                      "input": [{"type": "text", "text": "check the relay"}]})
+        hold.set()
+        completed(slow)
+        replies = wait_for(lambda: replies_to(relay, "peer", sent2["id"]), timeout=10)
+        assert replies and replies[0]["from"] == aid, "no reply\n%s" % model.describe()
+        seen = relay_context_requests(model, sent2["id"])
+        assert seen, model.describe()
+        entries = seen[0].model_request.entries
+        steer = [i for i, e in enumerate(entries) if e[2] == "check the relay"]
+        holder = [i for i, e in enumerate(entries) if sent2["id"] in relay_message_ids(e[2])]
+        assert steer and holder and holder[0] == steer[0] + 1 and entries[holder[0]][0] == "developer", entries[-4:]
+        print_timing("codex app-server, message during a turn, delivered with turn/steer", sent2, replies[0], started,
+                     time.time())
+    finally:
+        server.close()
