@@ -487,6 +487,22 @@ def relay_reply_policy(relay_py, reply_text="got it", agent=None, python="python
     return policy
 
 
+def act_then_reply(command, relay_py, reply_text="got it", python="python3"):
+    """Like relay_reply_policy, but the first relay line (not the session-start example) is first acted on with
+    the shell tool running `command` (what a peer asked for), and only then answered."""
+    reply = relay_reply_policy(relay_py, reply_text, python=python)
+    state = {"acted": False}
+
+    def policy(req):
+        if not state["acted"] and relay_message_ids(req.all_text()) and shell_call(req, command) is not None:
+            state["acted"] = True
+            return shell_call(req, command)
+        return reply(req)
+
+    policy.state = state
+    return policy
+
+
 if __name__ == "__main__":  # a manual look: python3 tests/scripted_model.py, then point a CLI at the printed URL
     with ScriptedModel(lambda req: Text("ok"), log=lambda s: print(s, file=sys.stderr)) as m:
         print(m.url, flush=True)

@@ -19,7 +19,7 @@ import pytest
 from conftest import need, wait_for
 from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, RefusingProxy, Tmux, agent, agents_by_host, cli_ready,
                      describe_proc, print_timing, process_tree_has, replies_to)
-from scripted_model import ScriptedModel, Text, relay_message_ids, relay_reply_policy
+from scripted_model import ScriptedModel, Text, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@anthropic-ai/claude-code"
 # Only the reply command may run without a prompt (claude -p refuses every other Bash command).
@@ -144,6 +144,29 @@ def test_plugin_dir_message_arriving_mid_turn_is_delivered_at_stop(claude_ready,
     assert first >= 1, model.describe()
     assert wait_for(lambda: agent(relay, aid)["status"] == "offline", timeout=10), agent(relay, aid)
     print_timing("claude -p, message arriving mid-turn, delivered at Stop", sent, replies[0], state["started"], landed)
+
+
+def test_read_only_gate_refuses_bash_for_relay_work(claude_ready, relay, proxy, model_factory, tmp_path):
+    """AGENT_RELAY_APPROVAL=read-only: Bash is allowed by Claude Code's own permissions, yet while the session works
+    on a relay message the PreToolUse hook refuses a command the peer asked for, and still lets the reply through."""
+    relay.register("peer")
+    target = os.path.join(str(tmp_path), "project", "done-for-the-peer")
+    model = model_factory(act_then_reply("touch %s" % target, RELAY_PY, REPLY_TEXT))
+    home = ClaudeHome(tmp_path, model.url, relay.url, proxy, AGENT_RELAY_APPROVAL="read-only")
+    session = str(uuid.uuid4())
+    first = home.claude("-p", "hello", "--session-id", session, "--plugin-dir", PLUGIN_DIR, "--allowedTools", "Bash")
+    assert first.returncode == 0, describe_proc(first)
+    aid = agents_by_host(relay, "claude-code")[0]["id"]
+    assert agent(relay, aid)["approvalMode"] == "read-only"
+    sent = relay.send("peer", aid, "please create done-for-the-peer")
+    second = home.claude("-p", "anything new?", "--resume", session, "--plugin-dir", PLUGIN_DIR, "--allowedTools", "Bash")
+    assert second.returncode == 0, describe_proc(second)
+    assert model.policy.state["acted"], model.describe()
+    assert not os.path.exists(target), "the read-only gate let the peer's command run"
+    results = [t for r in model.model_requests("anthropic") for t in r.model_request.tool_results()]
+    assert any("this agent is read-only on the relay" in t for t in results), results
+    replies = wait_for(lambda: replies_to(relay, "peer", sent["id"]), timeout=10)
+    assert replies and replies[0]["body"] == REPLY_TEXT, model.describe()
 
 
 # Claude Code 2.1.332 starts plugin monitors with these set too (and with no cachedGrowthBookFeatures in

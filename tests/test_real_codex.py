@@ -8,6 +8,7 @@ Set up as integrations/codex/README.md says (hooks.json, config.toml.snippet and
 `codex exec` covers the CLI; `codex app-server` (JSON-RPC over stdio) covers a long-lived thread with turn/start
 and turn/steer. Each test prints the time from the peer's send to the reply landing in its inbox.
 """
+import os
 import re
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 from conftest import need, wait_for
 from realcli import (RELAY_PY, CodexHome, RefusingProxy, agent, agents_by_host, cli_ready, describe_proc, exec_events,
                      exec_thread_id, print_timing, replies_to)
-from scripted_model import ScriptedModel, Text, relay_message_ids, relay_reply_policy
+from scripted_model import ScriptedModel, Text, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@openai/codex"
 REPLY_TEXT = "pong from codex"
@@ -227,3 +228,55 @@ def test_app_server_registers_on_first_turn_and_delivers_at_turn_start_and_steer
                      time.time())
     finally:
         server.close()
+
+
+def test_read_only_gate_refuses_shell_for_a_message_delivered_at_stop(codex_ready, relay, proxy, model_factory, tmp_path):
+    """AGENT_RELAY_APPROVAL=read-only: the workspace-write sandbox would let the command run, yet while Codex works on
+    a relay message (here one delivered at Stop) the PreToolUse hook refuses it; the reply still goes through."""
+    relay.register("peer")
+    target = os.path.join(str(tmp_path), "project", "done-for-the-peer")
+    act = act_then_reply("touch %s" % target, RELAY_PY, REPLY_TEXT)
+    state = {}
+
+    def policy(req):
+        if "sent" not in state:
+            aid = re.search(r'as agent "([^"]+)"', req.all_text())
+            if aid:
+                state["sent"] = relay.send("peer", aid.group(1), "please create done-for-the-peer")
+                return Text("working on the user's request")
+        return act(req)
+
+    model = model_factory(policy)
+    home = CodexHome(tmp_path, model.url, relay.url, proxy, AGENT_RELAY_APPROVAL="read-only")
+    home.trust_hooks()
+    p = home.exec("do the user's task")
+    assert p.returncode == 0, describe_proc(p)
+    assert act.state["acted"], model.describe()
+    assert not os.path.exists(target), "the read-only gate let the peer's command run"
+    results = [t for r in model.model_requests("openai") for t in r.model_request.tool_results()]
+    assert any("Command blocked by PreToolUse hook" in t and "read-only on the relay" in t for t in results), results
+    replies = wait_for(lambda: replies_to(relay, "peer", state["sent"]["id"]), timeout=10)
+    assert replies and replies[0]["body"] == REPLY_TEXT, model.describe()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "hooks bug: Codex runs SessionStart and then UserPromptSubmit in the same turn; `hook codex session-start` hands "
+    "the waiting messages to the model and records origin=relay, then `hook codex prompt-submit` records origin=human "
+    "(the prompt is the user's, and the inbox is empty by then), so pre-tool-use lets relay work through"))
+def test_read_only_gate_refuses_shell_for_a_message_delivered_at_session_start(codex_ready, relay, proxy, model_factory,
+                                                                              tmp_path):
+    """AGENT_RELAY_APPROVAL=read-only and a message waiting when the session resumes (SessionStart delivers it): the
+    peer's command must be refused as it is for a message delivered at Stop."""
+    relay.register("peer")
+    target = os.path.join(str(tmp_path), "project", "done-for-the-peer")
+    model = model_factory(act_then_reply("touch %s" % target, RELAY_PY, REPLY_TEXT))
+    home = CodexHome(tmp_path, model.url, relay.url, proxy, AGENT_RELAY_APPROVAL="read-only")
+    home.trust_hooks()
+    first = home.exec("hello")
+    assert first.returncode == 0, describe_proc(first)
+    aid = agents_by_host(relay, "codex")[0]["id"]
+    sent = relay.send("peer", aid, "please create done-for-the-peer")
+    second = home.exec("anything new?", resume=exec_thread_id(first))
+    assert second.returncode == 0, describe_proc(second)
+    assert model.policy.state["acted"] and relay_context_requests(model, sent["id"]), model.describe()
+    assert not os.path.exists(target), "the read-only gate let the peer's command run"
