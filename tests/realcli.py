@@ -244,6 +244,25 @@ def process_tree_has(root_pid, needle):
     return False
 
 
+def processes_with(needle, home):
+    """Pids of processes whose command line holds `needle` and whose HOME is `home` (Linux /proc)."""
+    found = []
+    want = ("HOME=%s" % home).encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                if needle.encode() not in f.read():
+                    continue
+            with open("/proc/%s/environ" % name, "rb") as f:
+                if want in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
 # -- Codex -----------------------------------------------------------------------------------------------------------
 
 

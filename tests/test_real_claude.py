@@ -18,7 +18,7 @@ import pytest
 
 from conftest import need, wait_for
 from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, RefusingProxy, Tmux, agent, agents_by_host, cli_ready,
-                     describe_proc, print_timing, process_tree_has, replies_to)
+                     describe_proc, print_timing, process_tree_has, processes_with, replies_to)
 from scripted_model import ScriptedModel, Text, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@anthropic-ai/claude-code"
@@ -196,6 +196,7 @@ def test_interactive_session_monitor_delivers_to_idle_session(claude_ready, rela
         assert cards, "no listening session on the relay\n%s\n%s" % (term.screen(), model.describe())
         aid = cards[0]["id"]
         assert process_tree_has(term.pane_pid(), "watch --claude"), "the plugin's monitor is not running"
+        assert processes_with("watch --claude", home.home)
         # the session is idle at its prompt (Stop has run) before the peer writes
         assert wait_for(lambda: agent(relay, aid)["status"] == "idle", timeout=20), (agent(relay, aid), term.screen())
         before = len(model.model_requests("anthropic"))
@@ -220,5 +221,8 @@ def test_interactive_session_monitor_delivers_to_idle_session(claude_ready, rela
         term.send_keys("/exit", "Enter")
         assert wait_for(term.pane_dead, timeout=20), term.screen()
         assert wait_for(lambda: agent(relay, aid)["status"] == "offline", timeout=10), agent(relay, aid)
+        # session end stopped the monitor too (it is not left behind, reparented)
+        assert wait_for(lambda: not processes_with("watch --claude", home.home), timeout=10), \
+            processes_with("watch --claude", home.home)
     finally:
         term.close()
