@@ -107,6 +107,51 @@ else
     say "installing systemd for systemd-analyze (Debian package)..."
     apt_install systemd
 fi
+if command -v tmux >/dev/null 2>&1; then
+    say "tmux already installed"
+else
+    say "installing tmux (Debian package)..."
+    apt_install tmux
+fi
+
+# --- the real Claude Code and Codex CLIs (npm, pinned in tests/cli) --------------
+# tests/test_real_claude.py and test_real_codex.py drive them against a scripted model on loopback.
+# `npm ci` installs exactly what tests/cli/package-lock.json pins (both ship their native binary
+# inside the npm package); it runs when node_modules is missing or holds other versions.
+CLI_DIR=$ROOT/tests/cli
+cli_stale() {
+    "$PYTHON" - "$CLI_DIR" <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+deps = json.load(open(os.path.join(d, "package.json")))["dependencies"]
+for name, want in deps.items():
+    try:
+        have = json.load(open(os.path.join(d, "node_modules", name, "package.json"))).get("version")
+    except (OSError, ValueError):
+        have = None
+    if have != want:
+        sys.exit(0)
+sys.exit(0 if not all(os.path.exists(os.path.join(d, "node_modules", ".bin", b)) for b in ("claude", "codex")) else 1)
+EOF
+}
+if ! command -v npm >/dev/null 2>&1; then
+    say "installing nodejs and npm (Debian packages)..."
+    apt_install nodejs npm
+fi
+if ! command -v npm >/dev/null 2>&1; then
+    say "npm is not available: the real-CLI tests will be skipped"
+elif cli_stale; then
+    say "installing the real CLIs (npm ci in tests/cli: $(tr -d '\n ' <"$CLI_DIR/package.json" | grep -o '"dependencies":{[^}]*}'))..."
+    (cd "$CLI_DIR" && npm ci --no-audit --no-fund >"$LOG_DIR/agent-relay-npm-ci.log" 2>&1) \
+        || { tail -n 30 "$LOG_DIR/agent-relay-npm-ci.log" >&2; die "npm ci in tests/cli failed"; }
+    cli_stale && die "npm ci in tests/cli did not install the pinned versions (see $LOG_DIR/agent-relay-npm-ci.log)"
+    for bin in claude codex; do
+        "$CLI_DIR/node_modules/.bin/$bin" --version >/dev/null 2>&1 \
+            || die "tests/cli/node_modules/.bin/$bin --version fails after npm ci (its native binary is missing?)"
+    done
+else
+    say "real CLIs already installed in tests/cli"
+fi
 
 # --- static check: agent_relay.py must run on Python 3.8 -----------------------
 # --eval-annotations: without `from __future__ import annotations`, 3.8 evaluates
