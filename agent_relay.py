@@ -492,6 +492,16 @@ class StorageUnavailable(Exception):
     """The database cannot take a write right now (read-only, full, locked)."""
 
 
+
+def database_damaged(exc):
+    """True for SQLite's SQLITE_CORRUPT and SQLITE_NOTADB: the file's pages are not those of a database."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF in (11, 26)
+    text = str(exc)
+    return text.startswith(("database disk image is malformed", "malformed database schema")) or "is not a database" in text
+
+
 def storage_problem(exc, path=None):
     """Words a person can act on for an sqlite3 error, or None when it is not a storage fault."""
     text = str(exc).lower()
@@ -518,6 +528,10 @@ class Storage:
     """
 
     BUSY_TIMEOUT_MS = 5000  # readers, and the start
+    # The start reads the file through once, then runs PRAGMA quick_check (1 GB: 2.2 s from a cold disk, 0.5 s from
+    # the page cache; quick_check alone, which reads pages in tree order, took 11 s cold). A check still running after
+    # START_CHECK_S stops there: what it did not reach is left to SQLite to notice as it is read.
+    START_CHECK_S = 30.0
     # A write waits at most this long for another process's lock, and at most WRITE_WAIT_S for this
     # process's writer; then it fails with 503 `unavailable` naming the fault, so that while the database
     # is locked, read-only or full, requests are refused in seconds instead of queueing behind each other.
@@ -530,6 +544,7 @@ class Storage:
         if not self.memory:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
+            self.check_file()
         self.lock = threading.RLock()
         self._writer = self._connect(statements=512)  # held inserts (Tx.insert) prepare one statement per row count
         self._last_ids = {}  # table -> the newest id handed out by next_id; forgotten at every rollback
@@ -576,6 +591,57 @@ class Storage:
                 except BaseException:
                     c.execute("ROLLBACK")
                     raise
+
+    def check_file(self):
+        """At start, before anything writes to the file: refuses one that is damaged or is no database, with a
+        ConfigError that names it and says how to restore it."""
+        if not os.path.isfile(self.path) or not os.path.getsize(self.path):
+            return  # a new database
+        deadline = time.monotonic() + self.START_CHECK_S
+        # no SQLite connection of this process has the file open yet, so closing this descriptor drops no lock of theirs
+        with open(self.path, "rb", buffering=0) as f:
+            while f.read(1 << 20) and time.monotonic() < deadline:
+                pass
+        con = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000.0, isolation_level=None)
+        done = threading.Event()
+
+        def stop_at_deadline():
+            done.wait(max(0.0, deadline - time.monotonic()))
+            while not done.is_set():
+                con.interrupt()  # one that comes before the statement starts is lost: repeated until it ends
+                done.wait(0.05)
+
+        timer = threading.Thread(target=stop_at_deadline, name="check-deadline", daemon=True)
+        timer.start()
+        try:
+            found = [row[0] for row in con.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as e:
+            if not database_damaged(e):
+                if "interrupted" not in str(e):
+                    raise
+                log("AGENT_RELAY_DB: the start-up check of %s (%s) stopped after %g s; the rest of the file is checked as "
+                    "it is read"
+                    % (os.path.abspath(self.path), human_size(os.path.getsize(self.path)), self.START_CHECK_S))
+                return
+            found = [str(e)]
+        finally:
+            done.set()
+            timer.join()
+            con.close()
+        if found != ["ok"]:
+            lines = [line for row in found for line in row.splitlines() if not line.startswith("***")]
+            raise ConfigError("AGENT_RELAY_DB: %s %s, so the relay does not start on it (PRAGMA quick_check: %s). %s" % (
+                os.path.abspath(self.path), "is not an SQLite database" if "is not a database" in found[0] else "is damaged",
+                "; ".join(lines)[:400], self.restore_advice()))
+
+    def restore_advice(self):
+        """What a person does to get from a damaged database file back to a working relay."""
+        path = os.path.abspath(self.path)
+        folder, name = os.path.split(path)
+        return ("To restore: stop the relay; move %s and its -wal and -shm files, if any, out of %s (keep them: "
+                "`sqlite3 %s .recover` may save rows); copy your newest `agent-relay backup` file to %s, or run "
+                "`litestream restore -o %s <replica>`; start the relay. With no copy, a start with no file there "
+                "begins an empty database." % (name, folder, name, path, path))
 
     @contextlib.contextmanager
     def locked(self):

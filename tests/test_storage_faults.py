@@ -8,8 +8,12 @@ within a bounded time (requests do not pile up behind one stuck write); reads
 keep working; the process stays up without a traceback; a refused write stores
 nothing. Once the fault is gone the relay takes writes again by itself, and
 nothing it acknowledged is lost (checked across a restart).
+
+A damaged database file (pages overwritten, or not a database at all) stops
+the start with a message that says how to restore it.
 """
 import concurrent.futures
+import hashlib
 import os
 import shutil
 import sqlite3
@@ -19,6 +23,8 @@ import time
 import uuid
 
 import pytest
+
+from conftest import wait_for
 
 
 def run(cmd):
@@ -226,3 +232,72 @@ def test_start_on_a_read_only_database_says_so(relay):
             run(["chattr", "-i", p])
     relay.start()
     assert relay.get("/api/agents/alice").status == 200
+
+
+
+# -- a damaged database file ----------------------------------------------------
+
+
+def write_messages(relay, count=120):
+    """Messages of 1.5 KB each, so that they fill most pages of the file; returns their ids."""
+    relay.register("alice")
+    relay.register("bob")
+    return [relay.send("alice", "bob", "%04d %s" % (i, "x" * 1500))["id"] for i in range(count)]
+
+
+def damage(path, first, last):
+    """Overwrites the pages from `first` to `last` (fractions of the file) with a byte no b-tree page starts with."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(100)[16:18], "big")
+    pages = os.path.getsize(path) // size
+    assert pages > 20, "too few pages to damage only some of them"
+    with open(path, "r+b") as f:
+        for n in range(int(pages * first), int(pages * last)):
+            f.seek(n * size)
+            f.write(b"\xa5" * size)
+
+
+def quick_check(path):
+    con = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return [r[0] for r in con.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as e:
+        return [str(e)]
+    finally:
+        con.close()
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def assert_refused_with_restore_advice(relay, what):
+    """The start stops with one message naming the file and saying how to restore it; the file is left as it was."""
+    before = digest(relay.db_path)
+    with pytest.raises(RuntimeError) as e:
+        relay.start(timeout=20)
+    assert relay.proc.wait(10) == 2
+    out = str(e.value)
+    assert "Traceback" not in out, out
+    assert wait_for(lambda: relay.output) and len(relay.output) == 1, relay.output  # one message, on one line
+    for words in (relay.db_path, what, "agent-relay backup", "litestream restore", "-wal", "move"):
+        assert words in out, "%r missing from: %s" % (words, out)
+    assert "writable" not in out, out  # it is not a permissions problem, and does not say so
+    assert digest(relay.db_path) == before, "the refused start changed the damaged file"
+
+
+def test_start_on_a_database_with_damaged_pages_refuses_and_says_how_to_restore(relay):
+    write_messages(relay)
+    relay.stop()
+    assert not os.path.exists(relay.db_path + "-wal"), "a clean stop leaves one file"
+    damage(relay.db_path, 0.45, 0.55)
+    assert quick_check(relay.db_path) != ["ok"], "the damage must be one that quick_check notices"
+    assert_refused_with_restore_advice(relay, "is damaged")
+
+
+def test_start_on_a_file_that_is_not_a_database_refuses_the_same_way(relay_factory):
+    relay = relay_factory(start=False)
+    with open(relay.db_path, "wb") as f:
+        f.write(os.urandom(64 * 1024))
+    assert_refused_with_restore_advice(relay, "is not an SQLite database")
