@@ -491,6 +491,16 @@ SCHEMA = [
 class StorageUnavailable(Exception):
     """The database cannot take a write right now (read-only, full, locked)."""
 
+    code = "unavailable"  # the error code of the 503 that a request meeting it gets
+
+
+class StorageFailed(StorageUnavailable):
+    """The database file is damaged: from then on every read and write is refused (503 with `code`) until a person
+    restores the file and restarts the relay."""
+
+    def __init__(self, code, message):
+        StorageUnavailable.__init__(self, message)
+        self.code = code
 
 
 def database_damaged(exc):
@@ -530,7 +540,7 @@ class Storage:
     BUSY_TIMEOUT_MS = 5000  # readers, and the start
     # The start reads the file through once, then runs PRAGMA quick_check (1 GB: 2.2 s from a cold disk, 0.5 s from
     # the page cache; quick_check alone, which reads pages in tree order, took 11 s cold). A check still running after
-    # START_CHECK_S stops there: what it did not reach is left to SQLite to notice as it is read.
+    # START_CHECK_S stops there: what it did not reach is checked as it is read (503 database_corrupt).
     START_CHECK_S = 30.0
     # A write waits at most this long for another process's lock, and at most WRITE_WAIT_S for this
     # process's writer; then it fails with 503 `unavailable` naming the fault, so that while the database
@@ -541,6 +551,8 @@ class Storage:
     def __init__(self, path):
         self.path = path
         self.memory = path == ":memory:"
+        self.failure = None  # (code, message) once the file is found damaged: every later read and write gets it
+        self._failing = threading.Lock()
         if not self.memory:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
@@ -620,7 +632,7 @@ class Storage:
                 if "interrupted" not in str(e):
                     raise
                 log("AGENT_RELAY_DB: the start-up check of %s (%s) stopped after %g s; the rest of the file is checked as "
-                    "it is read"
+                    "it is read (damage found then is 503 database_corrupt)"
                     % (os.path.abspath(self.path), human_size(os.path.getsize(self.path)), self.START_CHECK_S))
                 return
             found = [str(e)]
@@ -643,9 +655,35 @@ class Storage:
                 "`litestream restore -o %s <replica>`; start the relay. With no copy, a start with no file there "
                 "begins an empty database." % (name, folder, name, path, path))
 
+    def verify(self):
+        """Raises StorageFailed once the file was found damaged."""
+        if self.failure is not None:
+            raise StorageFailed(*self.failure)
+
+    def unavailable(self, exc):
+        """The StorageUnavailable that the sqlite3 error `exc` means, or None when it is no storage fault: damage
+        (which fails the database for good), or a fault that passes (read-only, full, locked)."""
+        if database_damaged(exc):
+            self._fail("database_corrupt", "The relay's database file is damaged (%s); nothing that needs it is answered "
+                       "until a person restores it and restarts the relay (the relay's log says how)." % exc,
+                       "DATABASE DAMAGED: %s (%s). Every request that needs it gets 503 database_corrupt from now on, and "
+                       "nothing more is written to it. %s" % (os.path.abspath(self.path), exc, self.restore_advice()))
+            return StorageFailed(*self.failure)
+        problem = isinstance(exc, sqlite3.OperationalError) and storage_problem(exc, self.path)
+        return StorageUnavailable(problem) if problem else None
+
+    def _fail(self, code, message, loud):
+        """Fails the database for good (the first failure is the one told), logging it once."""
+        with self._failing:
+            if self.failure is not None:
+                return
+            self.failure = (code, message)
+        log(loud)
+
     @contextlib.contextmanager
     def locked(self):
         """This process's write lock, waited for at most WRITE_WAIT_S (re-entrant)."""
+        self.verify()
         if not self.lock.acquire(timeout=self.WRITE_WAIT_S):
             raise StorageUnavailable(self.fault or "The database is busy with other writes; try again in a moment.")
         try:
@@ -655,18 +693,21 @@ class Storage:
 
     @contextlib.contextmanager
     def write(self):
-        """One short write transaction; yields the writer connection."""
+        """One short write transaction; yields the writer connection. Once the file is found damaged, it commits
+        nothing more."""
         with self.locked():
             if self._closed:
                 raise StorageUnavailable("The relay is shutting down.")
             c = self._writer
             try:
                 c.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                self.fault = storage_problem(e, self.path) or "The database is unavailable: %s" % e
-                raise StorageUnavailable(self.fault)
+            except sqlite3.DatabaseError as e:
+                fault = self.unavailable(e) or StorageUnavailable("The database is unavailable: %s" % e)
+                self.fault = str(fault)
+                raise fault
             try:
                 yield c
+                self.verify()
                 c.execute("COMMIT")
             except BaseException as e:
                 self._last_ids.clear()  # ids handed out to rows that are now rolled back
@@ -674,15 +715,17 @@ class Storage:
                     c.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                if isinstance(e, sqlite3.OperationalError) and storage_problem(e, self.path):
-                    self.fault = storage_problem(e, self.path)
-                    raise StorageUnavailable(self.fault)
+                fault = self.unavailable(e) if isinstance(e, sqlite3.DatabaseError) else None
+                if fault is not None:
+                    self.fault = str(fault)
+                    raise fault
                 raise
             self.fault = None
 
     @contextlib.contextmanager
     def read(self):
         """A connection for reading; never takes the write lock (except for :memory:)."""
+        self.verify()
         if self.memory:
             with self.lock:
                 yield self._writer
@@ -690,14 +733,14 @@ class Storage:
         try:
             con = self._readers.get_nowait()
         except queue.Empty:
-            con = self._connect(readonly=True)
+            try:
+                con = self._connect(readonly=True)
+            except sqlite3.DatabaseError as e:
+                raise self.unavailable(e) or e
         try:
             yield con
-        except sqlite3.OperationalError as e:
-            problem = storage_problem(e)
-            if problem:
-                raise StorageUnavailable(problem)
-            raise
+        except sqlite3.DatabaseError as e:
+            raise self.unavailable(e) or e
         finally:
             if con.in_transaction:
                 con.execute("ROLLBACK")
@@ -1517,6 +1560,8 @@ class Relay:
                 j.result = j.job(t)
                 j.state = "done"
             except Exception as e:
+                if isinstance(e, sqlite3.DatabaseError):  # damage met here fails the database before the batch commits
+                    e = self.db.unavailable(e) or e
                 mine, self._undo = self._undo, outer
                 if t.writes() != changes or t.broken is not None:  # it wrote (or a write of held rows failed): the batch is rolled back
                     for other in batch[i + 1:]:
@@ -2590,7 +2635,8 @@ class Relay:
                 fn()
                 return
             except StorageUnavailable as e:
-                log("worker paused: %s" % e)
+                if not isinstance(e, StorageFailed):  # that one was logged once, where it was found
+                    log("worker paused: %s" % e)
             except Exception:
                 log("worker error:\n" + traceback.format_exc())
             self.stopping.wait(1.0)
@@ -3050,6 +3096,7 @@ class Api:
 
     # -- health, stats, spec -----------------------------------------------
     def health(self, req):
+        self.relay.db.verify()  # a damaged database file is a 503 here too, for monitoring
         return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.time() - self.relay.started) * 1000)}
 
     def stats(self, req):
@@ -3625,13 +3672,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             try:
                 respond()
-            except StorageUnavailable as e:
-                raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "5"})
-            except sqlite3.OperationalError as e:
-                problem = storage_problem(e)
-                if not problem:
+            except (StorageUnavailable, sqlite3.DatabaseError) as e:
+                fault = e if isinstance(e, StorageUnavailable) else self.relay.db.unavailable(e)
+                if fault is None:
                     raise
-                raise ApiError(503, "unavailable", problem, headers={"Retry-After": "5"})
+                raise ApiError(503, fault.code, str(fault), headers={"Retry-After": "5"})
         except ApiError as e:
             if e.status in (401,):
                 e.headers.setdefault("WWW-Authenticate", 'Bearer realm="agent-relay"')

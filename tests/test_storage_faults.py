@@ -10,7 +10,8 @@ nothing. Once the fault is gone the relay takes writes again by itself, and
 nothing it acknowledged is lost (checked across a restart).
 
 A damaged database file (pages overwritten, or not a database at all) stops
-the start with a message that says how to restore it.
+the start with a message that says how to restore it, and damage met while
+serving is 503 `database_corrupt` from then on, logged once.
 """
 import concurrent.futures
 import hashlib
@@ -301,3 +302,44 @@ def test_start_on_a_file_that_is_not_a_database_refuses_the_same_way(relay_facto
     with open(relay.db_path, "wb") as f:
         f.write(os.urandom(64 * 1024))
     assert_refused_with_restore_advice(relay, "is not an SQLite database")
+
+
+def damage_lines(relay):
+    return [line for line in relay.output if "damaged" in line.lower()]
+
+
+def test_damage_found_while_serving_is_503_database_corrupt_and_logged_once(relay):
+    acked = write_messages(relay)
+    relay.restart()  # the pages are in the database file now, and in no connection's cache
+    damage(relay.db_path, 0.25, 0.75)
+    con = sqlite3.connect("file:%s?mode=ro" % relay.db_path, uri=True)
+    with pytest.raises(sqlite3.DatabaseError):
+        con.execute("SELECT SUM(LENGTH(body)) FROM messages").fetchone()  # the damage is where reads go
+    con.close()
+
+    r = relay.get("/api/messages", query={"limit": 200})
+    assert r.status == 503 and r.code == "database_corrupt", r
+    assert "damaged" in r.json["error"]["message"] and r.headers.get("retry-after"), r.json
+    # from then on, every request that needs the database is refused the same way, writes included
+    answers = [
+        relay.get("/api/messages", query={"limit": 200}),
+        relay.get("/api/messages/%d" % acked[0]),
+        relay.get("/api/agents/bob/inbox?since=0"),
+        relay.get("/api/stats"),
+        relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "after the damage"}),
+        relay.post("/api/agents", {"id": "newcomer"}),
+        relay.get("/api/health"),
+    ]
+    for a in answers:
+        assert a.status == 503 and a.code == "database_corrupt", a
+    assert relay.get("/api/agents/newcomer").status == 404, "a refused registration left the agent behind in memory"
+    assert wait_for(lambda: damage_lines(relay), timeout=10)
+    assert relay.stop() == 0
+    assert len(damage_lines(relay)) == 1, relay.log  # one line, not one per request or per sweep
+    line = damage_lines(relay)[0]
+    assert relay.db_path in line and "database_corrupt" in line and "agent-relay backup" in line, line
+    assert "Traceback" not in relay.log, relay.log
+    # and it does not start on the damaged file again
+    with pytest.raises(RuntimeError) as e:
+        relay.start(timeout=20)
+    assert relay.proc.wait(10) == 2 and "is damaged" in str(e.value), str(e.value)
