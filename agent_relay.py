@@ -495,8 +495,8 @@ class StorageUnavailable(Exception):
 
 
 class StorageFailed(StorageUnavailable):
-    """The database file is damaged: from then on every read and write is refused (503 with `code`) until a person
-    restores the file and restarts the relay."""
+    """The database file is damaged, or its path no longer names the file the relay opened: from then on every
+    read and write is refused (503 with `code`) until a person restores the file and restarts the relay."""
 
     def __init__(self, code, message):
         StorageUnavailable.__init__(self, message)
@@ -542,6 +542,9 @@ class Storage:
     # the page cache; quick_check alone, which reads pages in tree order, took 11 s cold). A check still running after
     # START_CHECK_S stops there: what it did not reach is checked as it is read (503 database_corrupt).
     START_CHECK_S = 30.0
+    # Writes (before they commit), reads, /api/health and the sweeper look at most this often whether the path still
+    # names the file the relay opened: a stat() costs 2 us, as much again as the smallest write transaction.
+    LOOK_EVERY_S = 1.0
     # A write waits at most this long for another process's lock, and at most WRITE_WAIT_S for this
     # process's writer; then it fails with 503 `unavailable` naming the fault, so that while the database
     # is locked, read-only or full, requests are refused in seconds instead of queueing behind each other.
@@ -551,8 +554,10 @@ class Storage:
     def __init__(self, path):
         self.path = path
         self.memory = path == ":memory:"
-        self.failure = None  # (code, message) once the file is found damaged: every later read and write gets it
+        self.failure = None  # (code, message) once the file is found damaged or lost: every later read and write gets it
         self._failing = threading.Lock()
+        self._file = None  # (device, inode) of the file opened, to tell when the path names another one
+        self._next_look = 0.0
         if not self.memory:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
@@ -566,13 +571,17 @@ class Storage:
         self.migrate()
         if not self.memory:
             self._writer.execute("PRAGMA busy_timeout = %d" % self.WRITE_BUSY_MS)
+            st = os.stat(path)
+            self._file = (st.st_dev, st.st_ino) if st.st_ino else None
 
     def _connect(self, readonly=False, statements=128):
         if self.memory:
             con = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None, cached_statements=statements)
         else:
-            con = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000.0, check_same_thread=False, isolation_level=None,
-                                  cached_statements=statements)
+            # a reader never creates the file: one deleted under the relay is not replaced by an empty database
+            target = "file:%s?mode=rw" % urllib.parse.quote(os.path.abspath(self.path)) if readonly else self.path
+            con = sqlite3.connect(target, timeout=self.BUSY_TIMEOUT_MS / 1000.0, check_same_thread=False, isolation_level=None,
+                                  cached_statements=statements, uri=readonly)
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
         if not self.memory and not readonly:
@@ -655,35 +664,91 @@ class Storage:
                 "`litestream restore -o %s <replica>`; start the relay. With no copy, a start with no file there "
                 "begins an empty database." % (name, folder, name, path, path))
 
-    def verify(self):
-        """Raises StorageFailed once the file was found damaged."""
+    def verify(self, now=True):
+        """Raises StorageFailed once the file was found damaged, or once its path names no file or another one
+        (deleted, moved or replaced under the relay): one stat() when `now`, else at most every LOOK_EVERY_S."""
+        if self.failure is None and self._file is not None:
+            t = time.monotonic()
+            if now or t >= self._next_look:
+                self._next_look = t + self.LOOK_EVERY_S
+                try:
+                    st = os.stat(self.path)
+                    lost = (st.st_dev, st.st_ino) != self._file
+                except (FileNotFoundError, NotADirectoryError):
+                    lost = True
+                except OSError:
+                    lost = False  # a folder that cannot be searched says nothing about the file
+                if lost:
+                    self._lost()
         if self.failure is not None:
             raise StorageFailed(*self.failure)
 
     def unavailable(self, exc):
         """The StorageUnavailable that the sqlite3 error `exc` means, or None when it is no storage fault: damage
-        (which fails the database for good), or a fault that passes (read-only, full, locked)."""
+        (which fails the database for good), a file lost from its path (then the likely cause of any error), or a
+        fault that passes (read-only, full, locked)."""
         if database_damaged(exc):
             self._fail("database_corrupt", "The relay's database file is damaged (%s); nothing that needs it is answered "
                        "until a person restores it and restarts the relay (the relay's log says how)." % exc,
                        "DATABASE DAMAGED: %s (%s). Every request that needs it gets 503 database_corrupt from now on, and "
                        "nothing more is written to it. %s" % (os.path.abspath(self.path), exc, self.restore_advice()))
-            return StorageFailed(*self.failure)
+        try:
+            self.verify()
+        except StorageFailed as failed:
+            return failed
         problem = isinstance(exc, sqlite3.OperationalError) and storage_problem(exc, self.path)
         return StorageUnavailable(problem) if problem else None
 
     def _fail(self, code, message, loud):
-        """Fails the database for good (the first failure is the one told), logging it once."""
+        """Fails the database for good (the first failure is the one told), logging it once; True the first time."""
         with self._failing:
             if self.failure is not None:
-                return
+                return False
             self.failure = (code, message)
         log(loud)
+        return True
+
+    def _lost(self):
+        path = os.path.abspath(self.path)
+        what = "replaced by another file" if os.path.exists(path) else "deleted or moved"
+        if self._fail("database_replaced", "The relay's database file was %s while the relay ran; nothing that needs it "
+                      "is answered until the relay restarts (the relay's log says more)." % what,
+                      "DATABASE FILE LOST: %s was %s under the running relay. Every request that needs the database gets "
+                      "503 database_replaced from now on, so that nothing is acknowledged that the file at that path "
+                      "does not hold; what the relay held is being saved beside it. A restart serves the file now at "
+                      "the path (with none there, a new empty database)." % (path, what)):
+            threading.Thread(target=self._save_lost_file, name="save-lost-database", daemon=True).start()
+
+    def _save_lost_file(self):
+        """Copies the database the relay still has open, which its path no longer names, to <path>.rescued-<time>,
+        then closes it. SQLite leaves the -wal of a file that moved at the path; closing empties it first, since the
+        frames of a -wal beside another database file would be replayed into that one at the next start."""
+        path = os.path.abspath(self.path)
+        dest = "%s.rescued-%s" % (path, time.strftime("%Y%m%d-%H%M%S"))
+        with self.lock:
+            if self._closed:
+                return
+            try:
+                copy = sqlite3.connect(dest + ".partial")
+                try:
+                    self._writer.backup(copy)
+                    copy.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    copy.close()
+                os.chmod(dest + ".partial", 0o600)
+                os.replace(dest + ".partial", dest)
+            except (sqlite3.Error, OSError) as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(dest + ".partial")
+                log("could not save what the relay held (%s); it keeps the file open until it stops" % e)
+                return
+            self.close()
+        log("saved what the relay held to %s; to serve it, stop the relay, move it to %s and start the relay" % (dest, path))
 
     @contextlib.contextmanager
     def locked(self):
         """This process's write lock, waited for at most WRITE_WAIT_S (re-entrant)."""
-        self.verify()
+        self.verify(now=False)
         if not self.lock.acquire(timeout=self.WRITE_WAIT_S):
             raise StorageUnavailable(self.fault or "The database is busy with other writes; try again in a moment.")
         try:
@@ -693,8 +758,8 @@ class Storage:
 
     @contextlib.contextmanager
     def write(self):
-        """One short write transaction; yields the writer connection. Once the file is found damaged, it commits
-        nothing more."""
+        """One short write transaction; yields the writer connection. Once the file is found damaged, or its path
+        to name another file (looked at before a commit, at most every LOOK_EVERY_S), it commits nothing more."""
         with self.locked():
             if self._closed:
                 raise StorageUnavailable("The relay is shutting down.")
@@ -707,7 +772,7 @@ class Storage:
                 raise fault
             try:
                 yield c
-                self.verify()
+                self.verify(now=False)
                 c.execute("COMMIT")
             except BaseException as e:
                 self._last_ids.clear()  # ids handed out to rows that are now rolled back
@@ -725,7 +790,7 @@ class Storage:
     @contextlib.contextmanager
     def read(self):
         """A connection for reading; never takes the write lock (except for :memory:)."""
-        self.verify()
+        self.verify(now=False)
         if self.memory:
             with self.lock:
                 yield self._writer
@@ -2709,6 +2774,7 @@ class Relay:
     def sweep_loop(self):
         next_retention = 0.0  # the first retention pass runs with the first sweep, seconds after start
         while not self.stopping.wait(self.sweep_interval()):
+            self.db.verify(now=False)  # an idle relay notices its database file deleted or replaced, too
             self.sweep_presence()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self.RETENTION_EVERY_S
@@ -3096,7 +3162,7 @@ class Api:
 
     # -- health, stats, spec -----------------------------------------------
     def health(self, req):
-        self.relay.db.verify()  # a damaged database file is a 503 here too, for monitoring
+        self.relay.db.verify(now=False)  # a damaged or lost database file is a 503 here too, for monitoring
         return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.time() - self.relay.started) * 1000)}
 
     def stats(self, req):

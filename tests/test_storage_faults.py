@@ -11,21 +11,25 @@ nothing it acknowledged is lost (checked across a restart).
 
 A damaged database file (pages overwritten, or not a database at all) stops
 the start with a message that says how to restore it, and damage met while
-serving is 503 `database_corrupt` from then on, logged once.
+serving is 503 `database_corrupt` from then on, logged once. A database file
+deleted or replaced under the running relay is 503 `database_replaced` within
+a second of the next write; the relay saves what it held beside the path.
 """
 import concurrent.futures
+import glob
 import hashlib
 import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 
 import pytest
 
-from conftest import wait_for
+from conftest import RELAY_PY, wait_for
 
 
 def run(cmd):
@@ -236,7 +240,7 @@ def test_start_on_a_read_only_database_says_so(relay):
 
 
 
-# -- a damaged database file ----------------------------------------------------
+# -- a damaged database, and one deleted or replaced under the relay ----------
 
 
 def write_messages(relay, count=120):
@@ -343,3 +347,94 @@ def test_damage_found_while_serving_is_503_database_corrupt_and_logged_once(rela
     with pytest.raises(RuntimeError) as e:
         relay.start(timeout=20)
     assert relay.proc.wait(10) == 2 and "is damaged" in str(e.value), str(e.value)
+
+
+def replaced_lines(relay):
+    return [line for line in relay.output if "database_replaced" in line]
+
+
+def rescued_copy(relay):
+    copies = glob.glob(relay.db_path + ".rescued-*")
+    return copies[0] if len(copies) == 1 and not copies[0].endswith(".partial") else None
+
+
+def test_database_file_deleted_while_serving_is_503_and_what_it_held_is_saved(relay):
+    acked = write_messages(relay, 10)
+    os.unlink(relay.db_path)
+    refused = []
+
+    def refused_write():
+        r = relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "after the delete"})
+        if r.status == 201:
+            acked.append(r.json["message"]["id"])  # not noticed yet: this one must be kept too
+            return False
+        assert r.status == 503 and r.code == "database_replaced", r
+        refused.append(r)
+        return True
+
+    assert wait_for(refused_write, timeout=10), "writes went on into a deleted file"
+    assert "deleted" in refused[0].json["error"]["message"] and refused[0].headers.get("retry-after"), refused[0].json
+    for r in (relay.post("/api/agents", {"id": "newcomer"}), relay.get("/api/messages"), relay.get("/api/health"),
+              relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "still refused"})):
+        assert r.status == 503 and r.code == "database_replaced", r
+    assert wait_for(lambda: replaced_lines(relay), timeout=10)
+    line = replaced_lines(relay)[0]
+    assert relay.db_path in line and "restart" in line, line
+    assert not os.path.exists(relay.db_path), "the relay made a new file where the deleted one was"
+
+    # what the relay acknowledged is saved beside the path, and the relay lets go of the deleted file: its -wal,
+    # which SQLite leaves behind for a file that moved, is emptied, so nothing in it is replayed into the next one
+    copy = wait_for(lambda: rescued_copy(relay), timeout=20)
+    assert copy, relay.log
+    wal = relay.db_path + "-wal"
+    assert wait_for(lambda: not os.path.exists(wal) or os.path.getsize(wal) == 0, timeout=10), os.path.getsize(wal)
+    assert wait_for(lambda: any(copy in line for line in relay.output), timeout=10), relay.log
+    con = sqlite3.connect(copy)
+    assert [r[0] for r in con.execute("SELECT id FROM messages ORDER BY id")] == acked
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    assert relay.stop() == 0
+    assert len(replaced_lines(relay)) == 1 and "Traceback" not in relay.log, relay.log
+
+    # recovery: put the copy at the path and start again
+    os.replace(copy, relay.db_path)
+    relay.start()
+    assert [m["id"] for m in relay.inbox("bob", since=0, limit=100)["messages"]] == acked
+
+
+def test_database_file_replaced_while_serving_is_503_and_a_restart_serves_the_new_file(relay):
+    first = write_messages(relay, 5)
+    backup = os.path.join(os.path.dirname(relay.db_path), "backup.db")
+    p = subprocess.run([sys.executable, RELAY_PY, "backup", backup, "--db", relay.db_path],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert p.returncode == 0, p.stdout
+    later = [relay.send("alice", "bob", "after the backup %d" % i)["id"] for i in range(3)]
+    os.replace(backup, relay.db_path)  # a restore while the relay runs: the path now names another file
+
+    def refused_write():
+        r = relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "into which file?"})
+        if r.status == 201:
+            later.append(r.json["message"]["id"])  # not noticed yet (the path is looked at once a second)
+            return None
+        assert r.status == 503 and r.code == "database_replaced", r
+        return r
+
+    r = wait_for(refused_write, timeout=10)
+    assert r, "writes went on into the file that was replaced"
+    assert "replaced" in r.json["error"]["message"], r.json
+    for r in (relay.get("/api/messages"), relay.get("/api/health"), relay.post("/api/agents", {"id": "newcomer"})):
+        assert r.status == 503 and r.code == "database_replaced", r
+    assert wait_for(lambda: replaced_lines(relay), timeout=10)
+    copy = wait_for(lambda: rescued_copy(relay), timeout=20)
+    assert copy, relay.log
+    con = sqlite3.connect(copy)
+    assert [r[0] for r in con.execute("SELECT id FROM messages ORDER BY id")] == first + later
+    con.close()
+    assert relay.stop() == 0
+    assert len(replaced_lines(relay)) == 1 and "Traceback" not in relay.log, relay.log
+
+    relay.start()  # recovery is a restart: the relay serves the file now at the path
+    assert [m["id"] for m in relay.get("/api/messages", query={"limit": 100}).json["messages"]] == first[::-1]
+    r = relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "after the restart"})
+    assert r.status == 201, r
+    assert relay.sql("PRAGMA integrity_check") == [{"integrity_check": "ok"}]
