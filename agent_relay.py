@@ -519,6 +519,26 @@ SCHEMA = [
 class StorageUnavailable(Exception):
     """The database cannot take a write right now (read-only, full, locked)."""
 
+    code = "unavailable"  # the error code of the 503 that a request meeting it gets
+
+
+class StorageFailed(StorageUnavailable):
+    """The database file is damaged, or its path no longer names the file the relay opened: from then on every
+    read and write is refused (503 with `code`) until a person restores the file and restarts the relay."""
+
+    def __init__(self, code, message):
+        StorageUnavailable.__init__(self, message)
+        self.code = code
+
+
+def database_damaged(exc):
+    """True for SQLite's SQLITE_CORRUPT and SQLITE_NOTADB: the file's pages are not those of a database."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF in (11, 26)
+    text = str(exc)
+    return text.startswith(("database disk image is malformed", "malformed database schema")) or "is not a database" in text
+
 
 def storage_problem(exc, path=None):
     """Words a person can act on for an sqlite3 error, or None when it is not a storage fault."""
@@ -546,6 +566,13 @@ class Storage:
     """
 
     BUSY_TIMEOUT_MS = 5000  # readers, and the start
+    # The start reads the file through once, then runs PRAGMA quick_check (1 GB: 2.2 s from a cold disk, 0.5 s from
+    # the page cache; quick_check alone, which reads pages in tree order, took 11 s cold). A check still running after
+    # START_CHECK_S stops there: what it did not reach is checked as it is read (503 database_corrupt).
+    START_CHECK_S = 30.0
+    # Writes (before they commit), reads, /api/health and the sweeper look at most this often whether the path still
+    # names the file the relay opened: a stat() costs 2 us, as much again as the smallest write transaction.
+    LOOK_EVERY_S = 1.0
     # A write waits at most this long for another process's lock, and at most WRITE_WAIT_S for this
     # process's writer; then it fails with 503 `unavailable` naming the fault, so that while the database
     # is locked, read-only or full, requests are refused in seconds instead of queueing behind each other.
@@ -555,9 +582,14 @@ class Storage:
     def __init__(self, path):
         self.path = path
         self.memory = path == ":memory:"
+        self.failure = None  # (code, message) once the file is found damaged or lost: every later read and write gets it
+        self._failing = threading.Lock()
+        self._file = None  # (device, inode) of the file opened, to tell when the path names another one
+        self._next_look = 0.0
         if not self.memory:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
+            self.check_file()
         self.lock = threading.RLock()
         self._writer = self._connect(statements=512)  # held inserts (Tx.insert) prepare one statement per row count
         self._last_ids = {}  # table -> the newest id handed out by next_id; forgotten at every rollback
@@ -567,13 +599,17 @@ class Storage:
         self.migrate()
         if not self.memory:
             self._writer.execute("PRAGMA busy_timeout = %d" % self.WRITE_BUSY_MS)
+            st = os.stat(path)
+            self._file = (st.st_dev, st.st_ino) if st.st_ino else None
 
     def _connect(self, readonly=False, statements=128):
         if self.memory:
             con = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None, cached_statements=statements)
         else:
-            con = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000.0, check_same_thread=False, isolation_level=None,
-                                  cached_statements=statements)
+            # a reader never creates the file: one deleted under the relay is not replaced by an empty database
+            target = "file:%s?mode=rw" % urllib.parse.quote(os.path.abspath(self.path)) if readonly else self.path
+            con = sqlite3.connect(target, timeout=self.BUSY_TIMEOUT_MS / 1000.0, check_same_thread=False, isolation_level=None,
+                                  cached_statements=statements, uri=readonly)
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
         if not self.memory and not readonly:
@@ -605,9 +641,142 @@ class Storage:
                     c.execute("ROLLBACK")
                     raise
 
+    def check_file(self):
+        """At start, before anything writes to the file: refuses one that is damaged or is no database, with a
+        ConfigError that names it and says how to restore it."""
+        if not os.path.isfile(self.path) or not os.path.getsize(self.path):
+            return  # a new database
+        deadline = time.monotonic() + self.START_CHECK_S
+        # no SQLite connection of this process has the file open yet, so closing this descriptor drops no lock of theirs
+        with open(self.path, "rb", buffering=0) as f:
+            while f.read(1 << 20) and time.monotonic() < deadline:
+                pass
+        con = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000.0, isolation_level=None)
+        done = threading.Event()
+
+        def stop_at_deadline():
+            done.wait(max(0.0, deadline - time.monotonic()))
+            while not done.is_set():
+                con.interrupt()  # one that comes before the statement starts is lost: repeated until it ends
+                done.wait(0.05)
+
+        timer = threading.Thread(target=stop_at_deadline, name="check-deadline", daemon=True)
+        timer.start()
+        try:
+            found = [row[0] for row in con.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as e:
+            if not database_damaged(e):
+                if "interrupted" not in str(e):
+                    raise
+                log("AGENT_RELAY_DB: the start-up check of %s (%s) stopped after %g s; the rest of the file is checked as "
+                    "it is read (damage found then is 503 database_corrupt)"
+                    % (os.path.abspath(self.path), human_size(os.path.getsize(self.path)), self.START_CHECK_S))
+                return
+            found = [str(e)]
+        finally:
+            done.set()
+            timer.join()
+            con.close()
+        if found != ["ok"]:
+            lines = [line for row in found for line in row.splitlines() if not line.startswith("***")]
+            raise ConfigError("AGENT_RELAY_DB: %s %s, so the relay does not start on it (PRAGMA quick_check: %s). %s" % (
+                os.path.abspath(self.path), "is not an SQLite database" if "is not a database" in found[0] else "is damaged",
+                "; ".join(lines)[:400], self.restore_advice()))
+
+    def restore_advice(self):
+        """What a person does to get from a damaged database file back to a working relay."""
+        path = os.path.abspath(self.path)
+        folder, name = os.path.split(path)
+        return ("To restore: stop the relay; move %s and its -wal and -shm files, if any, out of %s (keep them: "
+                "`sqlite3 %s .recover` may save rows); copy your newest `agent-relay backup` file to %s, or run "
+                "`litestream restore -o %s <replica>`; start the relay. With no copy, a start with no file there "
+                "begins an empty database." % (name, folder, name, path, path))
+
+    def verify(self, now=True):
+        """Raises StorageFailed once the file was found damaged, or once its path names no file or another one
+        (deleted, moved or replaced under the relay): one stat() when `now`, else at most every LOOK_EVERY_S."""
+        if self.failure is None and self._file is not None:
+            t = time.monotonic()
+            if now or t >= self._next_look:
+                self._next_look = t + self.LOOK_EVERY_S
+                try:
+                    st = os.stat(self.path)
+                    lost = (st.st_dev, st.st_ino) != self._file
+                except (FileNotFoundError, NotADirectoryError):
+                    lost = True
+                except OSError:
+                    lost = False  # a folder that cannot be searched says nothing about the file
+                if lost:
+                    self._lost()
+        if self.failure is not None:
+            raise StorageFailed(*self.failure)
+
+    def unavailable(self, exc):
+        """The StorageUnavailable that the sqlite3 error `exc` means, or None when it is no storage fault: damage
+        (which fails the database for good), a file lost from its path (then the likely cause of any error), or a
+        fault that passes (read-only, full, locked)."""
+        if database_damaged(exc):
+            self._fail("database_corrupt", "The relay's database file is damaged (%s); nothing that needs it is answered "
+                       "until a person restores it and restarts the relay (the relay's log says how)." % exc,
+                       "DATABASE DAMAGED: %s (%s). Every request that needs it gets 503 database_corrupt from now on, and "
+                       "nothing more is written to it. %s" % (os.path.abspath(self.path), exc, self.restore_advice()))
+        try:
+            self.verify()
+        except StorageFailed as failed:
+            return failed
+        problem = isinstance(exc, sqlite3.OperationalError) and storage_problem(exc, self.path)
+        return StorageUnavailable(problem) if problem else None
+
+    def _fail(self, code, message, loud):
+        """Fails the database for good (the first failure is the one told), logging it once; True the first time."""
+        with self._failing:
+            if self.failure is not None:
+                return False
+            self.failure = (code, message)
+        log(loud)
+        return True
+
+    def _lost(self):
+        path = os.path.abspath(self.path)
+        what = "replaced by another file" if os.path.exists(path) else "deleted or moved"
+        if self._fail("database_replaced", "The relay's database file was %s while the relay ran; nothing that needs it "
+                      "is answered until the relay restarts (the relay's log says more)." % what,
+                      "DATABASE FILE LOST: %s was %s under the running relay. Every request that needs the database gets "
+                      "503 database_replaced from now on, so that nothing is acknowledged that the file at that path "
+                      "does not hold; what the relay held is being saved beside it. A restart serves the file now at "
+                      "the path (with none there, a new empty database)." % (path, what)):
+            threading.Thread(target=self._save_lost_file, name="save-lost-database", daemon=True).start()
+
+    def _save_lost_file(self):
+        """Copies the database the relay still has open, which its path no longer names, to <path>.rescued-<time>,
+        then closes it. SQLite leaves the -wal of a file that moved at the path; closing empties it first, since the
+        frames of a -wal beside another database file would be replayed into that one at the next start."""
+        path = os.path.abspath(self.path)
+        dest = "%s.rescued-%s" % (path, time.strftime("%Y%m%d-%H%M%S"))
+        with self.lock:
+            if self._closed:
+                return
+            try:
+                copy = sqlite3.connect(dest + ".partial")
+                try:
+                    self._writer.backup(copy)
+                    copy.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    copy.close()
+                os.chmod(dest + ".partial", 0o600)
+                os.replace(dest + ".partial", dest)
+            except (sqlite3.Error, OSError) as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(dest + ".partial")
+                log("could not save what the relay held (%s); it keeps the file open until it stops" % e)
+                return
+            self.close()
+        log("saved what the relay held to %s; to serve it, stop the relay, move it to %s and start the relay" % (dest, path))
+
     @contextlib.contextmanager
     def locked(self):
         """This process's write lock, waited for at most WRITE_WAIT_S (re-entrant)."""
+        self.verify(now=False)
         if not self.lock.acquire(timeout=self.WRITE_WAIT_S):
             raise StorageUnavailable(self.fault or "The database is busy with other writes; try again in a moment.")
         try:
@@ -617,18 +786,21 @@ class Storage:
 
     @contextlib.contextmanager
     def write(self):
-        """One short write transaction; yields the writer connection."""
+        """One short write transaction; yields the writer connection. Once the file is found damaged, or its path
+        to name another file (looked at before a commit, at most every LOOK_EVERY_S), it commits nothing more."""
         with self.locked():
             if self._closed:
                 raise StorageUnavailable("The relay is shutting down.")
             c = self._writer
             try:
                 c.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                self.fault = storage_problem(e, self.path) or "The database is unavailable: %s" % e
-                raise StorageUnavailable(self.fault)
+            except sqlite3.DatabaseError as e:
+                fault = self.unavailable(e) or StorageUnavailable("The database is unavailable: %s" % e)
+                self.fault = str(fault)
+                raise fault
             try:
                 yield c
+                self.verify(now=False)
                 c.execute("COMMIT")
             except BaseException as e:
                 self._last_ids.clear()  # ids handed out to rows that are now rolled back
@@ -636,15 +808,17 @@ class Storage:
                     c.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                if isinstance(e, sqlite3.OperationalError) and storage_problem(e, self.path):
-                    self.fault = storage_problem(e, self.path)
-                    raise StorageUnavailable(self.fault)
+                fault = self.unavailable(e) if isinstance(e, sqlite3.DatabaseError) else None
+                if fault is not None:
+                    self.fault = str(fault)
+                    raise fault
                 raise
             self.fault = None
 
     @contextlib.contextmanager
     def read(self):
         """A connection for reading; never takes the write lock (except for :memory:)."""
+        self.verify(now=False)
         if self.memory:
             with self.lock:
                 yield self._writer
@@ -652,14 +826,14 @@ class Storage:
         try:
             con = self._readers.get_nowait()
         except queue.Empty:
-            con = self._connect(readonly=True)
+            try:
+                con = self._connect(readonly=True)
+            except sqlite3.DatabaseError as e:
+                raise self.unavailable(e) or e
         try:
             yield con
-        except sqlite3.OperationalError as e:
-            problem = storage_problem(e)
-            if problem:
-                raise StorageUnavailable(problem)
-            raise
+        except sqlite3.DatabaseError as e:
+            raise self.unavailable(e) or e
         finally:
             if con.in_transaction:
                 con.execute("ROLLBACK")
@@ -1515,6 +1689,8 @@ class Relay:
                 j.result = j.job(t)
                 j.state = "done"
             except Exception as e:
+                if isinstance(e, sqlite3.DatabaseError):  # damage met here fails the database before the batch commits
+                    e = self.db.unavailable(e) or e
                 mine, self._undo = self._undo, outer
                 if t.writes() != changes or t.broken is not None:  # it wrote (or a write of held rows failed): the batch is rolled back
                     for other in batch[i + 1:]:
@@ -2652,7 +2828,8 @@ class Relay:
                 fn()
                 return
             except StorageUnavailable as e:
-                log("worker paused: %s" % e)
+                if not isinstance(e, StorageFailed):  # that one was logged once, where it was found
+                    log("worker paused: %s" % e)
             except Exception:
                 log("worker error:\n" + traceback.format_exc())
             self.stopping.wait(1.0)
@@ -2744,6 +2921,7 @@ class Relay:
     def sweep_loop(self):
         next_retention = 0.0  # the first retention pass runs with the first sweep, seconds after start
         while not sleep_unless(self.stopping, self.sweep_interval()):
+            self.db.verify(now=False)  # an idle relay notices its database file deleted or replaced, too
             self.sweep_presence()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self.RETENTION_EVERY_S
@@ -3134,6 +3312,7 @@ class Api:
 
     # -- health, stats, spec -----------------------------------------------
     def health(self, req):
+        self.relay.db.verify(now=False)  # a damaged or lost database file is a 503 here too, for monitoring
         return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000)}
 
     def stats(self, req):
@@ -3734,13 +3913,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             try:
                 respond()
-            except StorageUnavailable as e:
-                raise ApiError(503, "unavailable", str(e), headers={"Retry-After": "5"})
-            except sqlite3.OperationalError as e:
-                problem = storage_problem(e)
-                if not problem:
+            except (StorageUnavailable, sqlite3.DatabaseError) as e:
+                fault = e if isinstance(e, StorageUnavailable) else self.relay.db.unavailable(e)
+                if fault is None:
                     raise
-                raise ApiError(503, "unavailable", problem, headers={"Retry-After": "5"})
+                raise ApiError(503, fault.code, str(fault), headers={"Retry-After": "5"})
         except ApiError as e:
             if e.status in (401,):
                 e.headers.setdefault("WWW-Authenticate", 'Bearer realm="agent-relay"')

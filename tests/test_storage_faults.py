@@ -8,17 +8,28 @@ within a bounded time (requests do not pile up behind one stuck write); reads
 keep working; the process stays up without a traceback; a refused write stores
 nothing. Once the fault is gone the relay takes writes again by itself, and
 nothing it acknowledged is lost (checked across a restart).
+
+A damaged database file (pages overwritten, or not a database at all) stops
+the start with a message that says how to restore it, and damage met while
+serving is 503 `database_corrupt` from then on, logged once. A database file
+deleted or replaced under the running relay is 503 `database_replaced` within
+a second of the next write; the relay saves what it held beside the path.
 """
 import concurrent.futures
+import glob
+import hashlib
 import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 
 import pytest
+
+from conftest import RELAY_PY, wait_for
 
 
 def run(cmd):
@@ -226,3 +237,204 @@ def test_start_on_a_read_only_database_says_so(relay):
             run(["chattr", "-i", p])
     relay.start()
     assert relay.get("/api/agents/alice").status == 200
+
+
+
+# -- a damaged database, and one deleted or replaced under the relay ----------
+
+
+def write_messages(relay, count=120):
+    """Messages of 1.5 KB each, so that they fill most pages of the file; returns their ids."""
+    relay.register("alice")
+    relay.register("bob")
+    return [relay.send("alice", "bob", "%04d %s" % (i, "x" * 1500))["id"] for i in range(count)]
+
+
+def damage(path, first, last):
+    """Overwrites the pages from `first` to `last` (fractions of the file) with a byte no b-tree page starts with."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(100)[16:18], "big")
+    pages = os.path.getsize(path) // size
+    assert pages > 20, "too few pages to damage only some of them"
+    with open(path, "r+b") as f:
+        for n in range(int(pages * first), int(pages * last)):
+            f.seek(n * size)
+            f.write(b"\xa5" * size)
+
+
+def quick_check(path):
+    con = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return [r[0] for r in con.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as e:
+        return [str(e)]
+    finally:
+        con.close()
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def assert_refused_with_restore_advice(relay, what):
+    """The start stops with one message naming the file and saying how to restore it; the file is left as it was."""
+    before = digest(relay.db_path)
+    with pytest.raises(RuntimeError) as e:
+        relay.start(timeout=20)
+    assert relay.proc.wait(10) == 2
+    out = str(e.value)
+    assert "Traceback" not in out, out
+    assert wait_for(lambda: relay.output) and len(relay.output) == 1, relay.output  # one message, on one line
+    for words in (relay.db_path, what, "agent-relay backup", "litestream restore", "-wal", "move"):
+        assert words in out, "%r missing from: %s" % (words, out)
+    assert "writable" not in out, out  # it is not a permissions problem, and does not say so
+    assert digest(relay.db_path) == before, "the refused start changed the damaged file"
+
+
+def test_start_on_a_database_with_damaged_pages_refuses_and_says_how_to_restore(relay):
+    write_messages(relay)
+    relay.stop()
+    assert not os.path.exists(relay.db_path + "-wal"), "a clean stop leaves one file"
+    damage(relay.db_path, 0.45, 0.55)
+    assert quick_check(relay.db_path) != ["ok"], "the damage must be one that quick_check notices"
+    assert_refused_with_restore_advice(relay, "is damaged")
+
+
+def test_start_on_a_file_that_is_not_a_database_refuses_the_same_way(relay_factory):
+    relay = relay_factory(start=False)
+    with open(relay.db_path, "wb") as f:
+        f.write(os.urandom(64 * 1024))
+    assert_refused_with_restore_advice(relay, "is not an SQLite database")
+
+
+def damage_lines(relay):
+    return [line for line in relay.output if "damaged" in line.lower()]
+
+
+def test_damage_found_while_serving_is_503_database_corrupt_and_logged_once(relay):
+    acked = write_messages(relay)
+    relay.restart()  # the pages are in the database file now, and in no connection's cache
+    damage(relay.db_path, 0.25, 0.75)
+    con = sqlite3.connect("file:%s?mode=ro" % relay.db_path, uri=True)
+    with pytest.raises(sqlite3.DatabaseError):
+        con.execute("SELECT SUM(LENGTH(body)) FROM messages").fetchone()  # the damage is where reads go
+    con.close()
+
+    r = relay.get("/api/messages", query={"limit": 200})
+    assert r.status == 503 and r.code == "database_corrupt", r
+    assert "damaged" in r.json["error"]["message"] and r.headers.get("retry-after"), r.json
+    # from then on, every request that needs the database is refused the same way, writes included
+    answers = [
+        relay.get("/api/messages", query={"limit": 200}),
+        relay.get("/api/messages/%d" % acked[0]),
+        relay.get("/api/agents/bob/inbox?since=0"),
+        relay.get("/api/stats"),
+        relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "after the damage"}),
+        relay.post("/api/agents", {"id": "newcomer"}),
+        relay.get("/api/health"),
+    ]
+    for a in answers:
+        assert a.status == 503 and a.code == "database_corrupt", a
+    assert relay.get("/api/agents/newcomer").status == 404, "a refused registration left the agent behind in memory"
+    assert wait_for(lambda: damage_lines(relay), timeout=10)
+    assert relay.stop() == 0
+    assert len(damage_lines(relay)) == 1, relay.log  # one line, not one per request or per sweep
+    line = damage_lines(relay)[0]
+    assert relay.db_path in line and "database_corrupt" in line and "agent-relay backup" in line, line
+    assert "Traceback" not in relay.log, relay.log
+    # and it does not start on the damaged file again
+    with pytest.raises(RuntimeError) as e:
+        relay.start(timeout=20)
+    assert relay.proc.wait(10) == 2 and "is damaged" in str(e.value), str(e.value)
+
+
+def replaced_lines(relay):
+    return [line for line in relay.output if "database_replaced" in line]
+
+
+def rescued_copy(relay):
+    copies = glob.glob(relay.db_path + ".rescued-*")
+    return copies[0] if len(copies) == 1 and not copies[0].endswith(".partial") else None
+
+
+def test_database_file_deleted_while_serving_is_503_and_what_it_held_is_saved(relay):
+    acked = write_messages(relay, 10)
+    os.unlink(relay.db_path)
+    refused = []
+
+    def refused_write():
+        r = relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "after the delete"})
+        if r.status == 201:
+            acked.append(r.json["message"]["id"])  # not noticed yet: this one must be kept too
+            return False
+        assert r.status == 503 and r.code == "database_replaced", r
+        refused.append(r)
+        return True
+
+    assert wait_for(refused_write, timeout=10), "writes went on into a deleted file"
+    assert "deleted" in refused[0].json["error"]["message"] and refused[0].headers.get("retry-after"), refused[0].json
+    for r in (relay.post("/api/agents", {"id": "newcomer"}), relay.get("/api/messages"), relay.get("/api/health"),
+              relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "still refused"})):
+        assert r.status == 503 and r.code == "database_replaced", r
+    assert wait_for(lambda: replaced_lines(relay), timeout=10)
+    line = replaced_lines(relay)[0]
+    assert relay.db_path in line and "restart" in line, line
+    assert not os.path.exists(relay.db_path), "the relay made a new file where the deleted one was"
+
+    # what the relay acknowledged is saved beside the path, and the relay lets go of the deleted file: its -wal,
+    # which SQLite leaves behind for a file that moved, is emptied, so nothing in it is replayed into the next one
+    copy = wait_for(lambda: rescued_copy(relay), timeout=20)
+    assert copy, relay.log
+    wal = relay.db_path + "-wal"
+    assert wait_for(lambda: not os.path.exists(wal) or os.path.getsize(wal) == 0, timeout=10), os.path.getsize(wal)
+    assert wait_for(lambda: any(copy in line for line in relay.output), timeout=10), relay.log
+    con = sqlite3.connect(copy)
+    assert [r[0] for r in con.execute("SELECT id FROM messages ORDER BY id")] == acked
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    assert relay.stop() == 0
+    assert len(replaced_lines(relay)) == 1 and "Traceback" not in relay.log, relay.log
+
+    # recovery: put the copy at the path and start again
+    os.replace(copy, relay.db_path)
+    relay.start()
+    assert [m["id"] for m in relay.inbox("bob", since=0, limit=100)["messages"]] == acked
+
+
+def test_database_file_replaced_while_serving_is_503_and_a_restart_serves_the_new_file(relay):
+    first = write_messages(relay, 5)
+    backup = os.path.join(os.path.dirname(relay.db_path), "backup.db")
+    p = subprocess.run([sys.executable, RELAY_PY, "backup", backup, "--db", relay.db_path],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert p.returncode == 0, p.stdout
+    later = [relay.send("alice", "bob", "after the backup %d" % i)["id"] for i in range(3)]
+    os.replace(backup, relay.db_path)  # a restore while the relay runs: the path now names another file
+
+    def refused_write():
+        r = relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "into which file?"})
+        if r.status == 201:
+            later.append(r.json["message"]["id"])  # not noticed yet (the path is looked at once a second)
+            return None
+        assert r.status == 503 and r.code == "database_replaced", r
+        return r
+
+    r = wait_for(refused_write, timeout=10)
+    assert r, "writes went on into the file that was replaced"
+    assert "replaced" in r.json["error"]["message"], r.json
+    for r in (relay.get("/api/messages"), relay.get("/api/health"), relay.post("/api/agents", {"id": "newcomer"})):
+        assert r.status == 503 and r.code == "database_replaced", r
+    assert wait_for(lambda: replaced_lines(relay), timeout=10)
+    copy = wait_for(lambda: rescued_copy(relay), timeout=20)
+    assert copy, relay.log
+    con = sqlite3.connect(copy)
+    assert [r[0] for r in con.execute("SELECT id FROM messages ORDER BY id")] == first + later
+    con.close()
+    assert relay.stop() == 0
+    assert len(replaced_lines(relay)) == 1 and "Traceback" not in relay.log, relay.log
+
+    relay.start()  # recovery is a restart: the relay serves the file now at the path
+    assert [m["id"] for m in relay.get("/api/messages", query={"limit": 100}).json["messages"]] == first[::-1]
+    r = relay.post("/api/messages", {"from": "alice", "to": "bob", "body": "after the restart"})
+    assert r.status == 201, r
+    assert relay.sql("PRAGMA integrity_check") == [{"integrity_check": "ok"}]
