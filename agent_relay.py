@@ -5477,10 +5477,17 @@ class Watcher:
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
-    def _loop(self):
+    def _write_note(self):
         if self.note:
             self.out.write((self.note if isinstance(self.note, str) else WATCH_NOTE) + "\n")
             self.out.flush()
+            self.note = None
+
+    def _loop(self):
+        if self.session is None:
+            self._write_note()
+        # a session's monitor: each line it prints wakes the model, so the note goes out with the first message,
+        # not at start, where it would cost an idle session a turn for nothing
         delay = self.BACKOFF_FIRST
         lost = None  # the reason the relay was lost, while it is
         last_beat = 0.0
@@ -5525,6 +5532,7 @@ class Watcher:
             self.critical = True
             try:
                 for m in out.get("messages") or []:
+                    self._write_note()
                     self.out.write(message_line(m, one_line=self.one_line, limit=1000 if self.one_line else None) + "\n")
                     self.out.flush()
                     if self.session is not None:
@@ -5883,7 +5891,11 @@ class HookSession:
 
 
 def relay_cli():
-    """How the session runs this file's commands (the plugin ships its own copy): `python3 /abs/agent_relay.py`."""
+    """How the session runs this file's commands: `agent-relay` when that command on PATH is this very file (as
+    install.sh and pipx put it), else `python3 /abs/agent_relay.py` (the plugin ships its own copy)."""
+    on_path_cmd = shutil.which("agent-relay")
+    if on_path_cmd and os.path.realpath(on_path_cmd) == os.path.realpath(os.path.abspath(__file__)):
+        return "agent-relay"
     python = sys.executable or "python3"
     on_path = None
     for d in os.environ.get("PATH", "").split(os.pathsep):
@@ -6069,7 +6081,8 @@ def hook_session_start(tool, data, env):
         except RelayError:
             messages, more = [], False
         if messages:
-            sess.update(origin=_origin_of(messages))
+            # Codex runs UserPromptSubmit right after, in the same turn: the relay origin must hold for that turn
+            sess.update(origin=dict(_origin_of(messages), atSessionStart=True))
             text += "\n" + relay_messages_text(messages, more, card["id"])
     return _hook_output("SessionStart", text)
 
@@ -6099,7 +6112,11 @@ def hook_prompt_submit(tool, data, env):
         return output
     prompt = data.get("prompt") or ""
     changes = {"continuations": 0}
-    if not (tool == "codex" and prompt.startswith(RELAY_MESSAGES_PREFIX)):
+    prior = sess.data.get("origin")
+    if isinstance(prior, dict) and prior.get("atSessionStart"):
+        # messages handed over at session start share this turn with the user's prompt: the gate still applies
+        changes["origin"] = {k: v for k, v in prior.items() if k != "atSessionStart"}
+    elif not (tool == "codex" and prompt.startswith(RELAY_MESSAGES_PREFIX)):
         changes["origin"] = {"kind": "human", "at": now_ms()}
     texts = [output["hookSpecificOutput"]["additionalContext"]] if output else []
     if not sess.monitor_alive():

@@ -100,6 +100,8 @@ def test_exec_registers_gets_waiting_message_and_replies_with_its_shell_tool(cod
     texts = [r.model_request.all_text() for r in model.model_requests("openai")]
     assert texts and 'as agent "%s"' % aid in texts[0], model.describe()
     assert "## Agent Relay" in texts[0], "AGENTS.md snippet not in the model's context"
+    # the command the session is told to use is the installed `agent-relay`, not python3 and its path
+    assert "reply:  agent-relay reply --from %s" % aid in texts[0], texts[0][-3000:]
     assert wait_for(lambda: agent(relay, aid)["status"] == "idle", timeout=10), agent(relay, aid)
 
     started = time.time()
@@ -259,10 +261,6 @@ def test_read_only_gate_refuses_shell_for_a_message_delivered_at_stop(codex_read
     assert replies and replies[0]["body"] == REPLY_TEXT, model.describe()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hooks bug: Codex runs SessionStart and then UserPromptSubmit in the same turn; `hook codex session-start` hands "
-    "the waiting messages to the model and records origin=relay, then `hook codex prompt-submit` records origin=human "
-    "(the prompt is the user's, and the inbox is empty by then), so pre-tool-use lets relay work through"))
 def test_read_only_gate_refuses_shell_for_a_message_delivered_at_session_start(codex_ready, relay, proxy, model_factory,
                                                                               tmp_path):
     """AGENT_RELAY_APPROVAL=read-only and a message waiting when the session resumes (SessionStart delivers it): the
