@@ -69,3 +69,16 @@ def test_the_link_check_notices_a_broken_link(tmp_path):
     page.write_text("# Title\n\n[ok](page.md#title) [gone](missing.md) [bad anchor](page.md#nowhere)\n", encoding="utf-8")
     assert list(links(str(page))) == ["page.md#title", "missing.md", "page.md#nowhere"]
     assert anchors(str(page)) == {"title"}
+
+
+def test_every_server_setting_is_documented():
+    import sys
+
+    sys.path.insert(0, ROOT)
+    import agent_relay
+
+    with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as f:
+        text = f.read()
+    missing = [var for _attr, var, flag, *_rest in agent_relay.SETTINGS
+               if "`%s`" % var not in text or "`%s`" % flag not in text]
+    assert not missing, "docs/configuration.md does not list these settings (variable and flag): %r" % missing
