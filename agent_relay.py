@@ -3181,6 +3181,10 @@ STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified"
 WRITE_METHODS = ("POST", "PATCH", "DELETE", "PUT")
 HTTP_VERSION_RE = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})\Z")
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a token (RFC 9110)
+CONTENT_LENGTH_RE = re.compile(r"[0-9]+\Z")
+CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+MAX_CHUNK_LINE = 4096  # a chunk's size line with its extensions, or a trailer line
+CHUNKED = "chunked"  # Handler.body_length of a chunked body
 SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -3251,21 +3255,37 @@ def _check_strings(value, depth=0):
 
 
 class RequestHeaders:
-    """A request's header fields: get() is one dict lookup by lower-case name (first occurrence wins).
+    """A request's header fields: get() is one dict lookup by lower-case name (first occurrence wins);
+    values() gives every occurrence, for the fields where a repeat matters (the body's framing).
 
     Read straight from the socket by Handler.parse_request; the stdlib's parser runs each request's head
     through the email package, which took about half of a bare request's CPU.
     """
 
-    __slots__ = ("_index",)
+    __slots__ = ("_index", "_repeats")
 
     def __init__(self, fields=()):
-        self._index = {}
+        index, self._repeats = {}, None
         for k, v in fields:  # (name, value) in the order received
-            self._index.setdefault(k.lower(), v)
+            key = k.lower()
+            if key not in index:
+                index[key] = v
+            else:  # rare: kept aside so that the common case costs nothing more
+                if self._repeats is None:
+                    self._repeats = {}
+                self._repeats.setdefault(key, [index[key]]).append(v)
+        self._index = index
 
     def get(self, name, failobj=None):
         return self._index.get(name.lower(), failobj)
+
+    def values(self, name):
+        """Every value of the field, in the order received; [] when it is absent."""
+        key = name.lower()
+        if self._repeats is not None and key in self._repeats:
+            return self._repeats[key]
+        value = self._index.get(key)
+        return [] if value is None else [value]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -3426,18 +3446,27 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif conntype == "keep-alive":
             self.close_connection = False
+        try:
+            self.body_length = self.framing(headers, number)
+        except ApiError as e:
+            self.refuse(e)
+            return False
         if (headers.get("Expect") or "").lower() == "100-continue" and number >= (1, 1):
             return self.handle_expect_100()
         return True
 
     def send_error(self, code, message=None, explain=None):
         """Errors found while parsing the request line and headers, in the relay's envelope."""
-        self.close_connection = True
         # the contract's codes: an oversized head is payload_too_large, anything else malformed names the field
         kind = "payload_too_large" if code in (413, 414, 431) else "invalid_field"
-        err = ApiError(code, kind, "request: %s" % (message or STATUS_TEXT.get(code, "Error")), field="request")
+        self.refuse(ApiError(code, kind, "request: %s" % (message or STATUS_TEXT.get(code, "Error")), field="request"))
+
+    def refuse(self, err):
+        """Answers an error found before the request could be dispatched, and ends the connection: what
+        follows on the wire cannot be told apart from the next request."""
+        self.close_connection = True
         try:
-            self.send_json(code, err.body())
+            self.send_json(err.status, err.body(), err.headers)
         except OSError:
             pass
 
@@ -3488,48 +3517,102 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     # -- reading -----------------------------------------------------------
-    def read_body(self):
+    def framing(self, headers, version):
+        """How the request's body is delimited, decided once from its head (RFC 9112 section 6): its length
+        in bytes (0 for none) or CHUNKED. Anything ambiguous is refused, not guessed at: a guess that differs
+        from a proxy's would read part of a body as the next request. Repeats of one Content-Length value
+        (as fields or as a list) are that value."""
+        codings, lengths = headers.values("Transfer-Encoding"), headers.values("Content-Length")
+        if codings:
+            if lengths:
+                raise invalid("Transfer-Encoding", "a request may not carry both Content-Length and Transfer-Encoding; send one of them")
+            if version < (1, 1):
+                raise invalid("Transfer-Encoding", "HTTP/1.0 has no transfer codings; send Content-Length")
+            names = [c.strip().lower() for field in codings for c in field.split(",") if c.strip()]
+            other = [c for c in names if c != CHUNKED]
+            if other:
+                raise ApiError(501, "invalid_field", "Transfer-Encoding: %s is not supported; send the body as it is, with "
+                               "Content-Length, or chunked." % ", ".join(other)[:100], field="Transfer-Encoding")
+            if len(names) != 1:
+                raise invalid("Transfer-Encoding", "chunked may be applied once" if names else "the field is empty")
+            return CHUNKED
+        if not lengths:
+            return 0
+        values = [v.strip() for field in lengths for v in field.split(",")]
+        for v in values:
+            if not CONTENT_LENGTH_RE.match(v):
+                raise invalid("Content-Length", "%r is not a number of bytes (digits only)" % v[:40])
+        numbers = {v.lstrip("0") or "0" for v in values}
+        if len(numbers) > 1:
+            raise invalid("Content-Length", "the request gives different lengths (%s)" % ", ".join(sorted(numbers))[:100])
+        digits = numbers.pop()
         limit = self.relay.config.max_body_bytes
-        te = (self.headers.get("Transfer-Encoding") or "").lower()
-        if "chunked" in te:
-            chunks, size = [], 0
-            while True:
-                line = self.rfile.readline(1024)
-                try:
-                    n = int(line.split(b";")[0].strip() or b"x", 16)
-                except ValueError:
-                    self.close_connection = True
-                    raise ApiError(400, "invalid_field", "Transfer-Encoding: the chunked body is malformed.", field="Transfer-Encoding")
-                if n == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                size += n
-                if size > limit:
-                    self.close_connection = True
-                    raise ApiError(413, "payload_too_large", "The body is larger than %d bytes (AGENT_RELAY_MAX_BODY_BYTES)." % limit)
-                chunks.append(self.rfile.read(n))
-                self.rfile.readline(8)
-            return b"".join(chunks)
-        length = self.headers.get("Content-Length")
-        if not length:
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            raise ApiError(413, "payload_too_large", "The body is %s bytes; the relay takes at most %d (AGENT_RELAY_MAX_BODY_BYTES)."
+                           % (digits[:30], limit))
+        return int(digits)
+
+    def read_body(self):
+        """The body, delimited as framing() decided. An error raised here ends the connection
+        (discard_body_if_unread): the rest of the body is still on the wire."""
+        length = self.body_length
+        if length == 0:
             return b""
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "invalid_field", "Content-Length: %r is not a number." % length, field="Content-Length")
-        if n > limit:
-            self.close_connection = True
-            raise ApiError(413, "payload_too_large", "The body is %d bytes; the relay takes at most %d (AGENT_RELAY_MAX_BODY_BYTES)." % (n, limit))
-        data = self.rfile.read(n)
-        if len(data) < n:
-            self.close_connection = True
-            raise ApiError(400, "invalid_field", "Content-Length: the body ended after %d of %d bytes." % (len(data), n),
-                           field="Content-Length")
+        if length is CHUNKED:
+            return self.read_chunked()
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise invalid("Content-Length", "the body ended after %d of %d bytes" % (len(data), length))
         return data
+
+    def read_chunked(self):
+        """A chunked body (RFC 9112 section 7.1). Each chunk is a size in hex digits (with optional
+        `;extensions`), then exactly that much data and CRLF; a size of 0 ends it, followed by trailer fields
+        (read and dropped) and an empty line. Everything on the wire counts against
+        AGENT_RELAY_MAX_BODY_BYTES as it arrives, framing and trailers included."""
+        limit = self.relay.config.max_body_bytes
+        read, readline = self.rfile.read, self.rfile.readline
+        ended = invalid("Transfer-Encoding", "the chunked body ended before its last chunk and the empty line after it")
+        chunks, size = [], 0
+
+        def line(what):
+            raw = readline(MAX_CHUNK_LINE + 1)
+            if not raw.endswith(b"\n"):
+                raise invalid("Transfer-Encoding", "a %s is longer than %d bytes" % (what, MAX_CHUNK_LINE)) if raw[MAX_CHUNK_LINE:] else ended
+            return raw
+
+        def count(n):
+            nonlocal size
+            size += n
+            if size > limit:
+                raise ApiError(413, "payload_too_large", "The body is larger than %d bytes (AGENT_RELAY_MAX_BODY_BYTES)." % limit)
+
+        while True:
+            raw = line("chunk size line")
+            count(len(raw))
+            digits = raw.split(b";", 1)[0].rstrip(b" \t\r\n")
+            if not CHUNK_SIZE_RE.match(digits):
+                raise invalid("Transfer-Encoding", "chunk size %r is not 1 to 16 hex digits" % digits[:40].decode("latin-1"))
+            n = int(digits, 16)
+            if n == 0:
+                break
+            count(n + 2)
+            data = read(n)
+            if len(data) < n:
+                raise ended
+            end = readline(3)
+            if end not in (b"\r\n", b"\n"):
+                raise ended if end in (b"", b"\r") else invalid(
+                    "Transfer-Encoding", "a chunk's data is not followed by CRLF where its size (%d) says it ends" % n)
+            chunks.append(data)
+        while True:
+            raw = line("trailer line")
+            count(len(raw))
+            if raw in (b"\r\n", b"\n"):
+                return b"".join(chunks)
+            name, sep, _value = raw.decode("iso-8859-1").partition(":")
+            if not sep or not HEADER_NAME_RE.match(name):
+                raise invalid("Transfer-Encoding", "malformed trailer line %r" % raw[:100].decode("iso-8859-1"))
 
     # -- the request pipeline ----------------------------------------------
     def dispatch(self):
@@ -3537,8 +3620,7 @@ class Handler(BaseHTTPRequestHandler):
         split = urllib.parse.urlsplit(self.path)
         path = split.path
         # a body still on the wire when the request is refused (host, token, origin) must not be read as the next request
-        self._body_read = self.headers.get("Content-Length") in (None, "", "0") and "chunked" not in (
-            self.headers.get("Transfer-Encoding") or "").lower()
+        self._body_read = self.body_length == 0
         if not self._body_read and method not in WRITE_METHODS:
             self.close_connection = True  # only writes read a body: after a read that carried one, the connection ends
         def route():
