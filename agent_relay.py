@@ -2789,7 +2789,13 @@ class Auth:
 
 
 class Route:
-    def __init__(self, method, path, handler, summary, query=None, body=None, auth="token", ok=200, stream=False):
+    """One route. `changes` says whether a request to it changes state, which another site's page may not
+    make it do (Handler.check_origin): every write does; a read does when it records something (True: an
+    inbox read records delivery and moves the kept cursor), or when the query parameter it names is given
+    (a stream narrowed to an agent marks it listening)."""
+
+    def __init__(self, method, path, handler, summary, query=None, body=None, auth="token", ok=200, stream=False,
+                 changes=None):
         self.method = method
         self.path = path
         self.handler = handler
@@ -2799,7 +2805,11 @@ class Route:
         self.auth = auth
         self.ok = ok
         self.stream = stream
+        self.changes = method != "GET" if changes is None else changes
         self.regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+
+    def changes_state(self, query):
+        return self.changes is True or bool(self.changes and query.get(self.changes))
 
 
 S, I, B, O, A, L = "string", "integer", "boolean", "object", "array", "any"
@@ -2828,7 +2838,7 @@ ROUTES = [
     Route("POST", "/api/agents/{id}/heartbeat", "heartbeat", "Keep an agent online (fenced by instanceId/epoch).",
           body={"instanceId": (S,), "epoch": (I,), "status": (S,)}),
     Route("GET", "/api/agents/{id}/inbox", "inbox", "Messages visible to the agent after `since` (or its cursor); `wait` long-polls.",
-          query={"since": I, "wait": I, "limit": I, "unread": B}),
+          query={"since": I, "wait": I, "limit": I, "unread": B}, changes=True),
     Route("POST", "/api/agents/{id}/read", "read_upto", "Mark every visible message up to `upTo` read.", body={"upTo": (I, True)}),
     Route("POST", "/api/messages", "send", "Send a message to an agent, tag:X, cap:X, label:X or broadcast.", body=_MSG_BODY, ok=201),
     Route("GET", "/api/messages", "history", "History, newest first.",
@@ -2855,7 +2865,7 @@ ROUTES = [
                 "severity": (S,), "externalUrl": (S,), "metadata": (O,)}, auth="integration", ok=201),
     Route("GET", "/api/callbacks", "callbacks", "Callback deliveries.", query={"taskId": I, "status": S, "limit": I}),
     Route("GET", "/api/events", "events", "Server-Sent Events: the live stream (Last-Event-ID or ?since= replays).",
-          query={"since": I, "agentId": S, "types": S}, stream=True),
+          query={"since": I, "agentId": S, "types": S}, stream=True, changes="agentId"),
 ]
 
 
@@ -3692,13 +3702,20 @@ class Handler(BaseHTTPRequestHandler):
                            "AGENT_RELAY_ALLOWED_HOSTS if it is yours." % host[:100])
 
     def check_origin(self):
+        """The cross-site request forgery guard, for a request that changes state (Route.changes), with or
+        without a token: refused when its Origin is present and is not exactly the relay's own (another
+        port is another origin), or when the browser says another site's page made it (Sec-Fetch-Site;
+        an <img> or <script> tag sends no Origin). Clients that are not browsers send neither."""
         origin = self.headers.get("Origin")
-        if origin is None:
+        site = (self.headers.get("Sec-Fetch-Site") or "none").lower()
+        if origin is None and site in ("none", "same-origin"):
             return
-        host = self.headers.get("Host") or ""
-        if origin.lower() not in ("http://" + host.lower(), "https://" + host.lower()):
-            raise ApiError(403, "forbidden", "A write from origin %r is refused (cross-site request); only the relay's own "
-                           "page may write from a browser." % origin[:100])
+        host = (self.headers.get("Host") or "").lower()
+        if site in ("none", "same-origin") and origin.lower() in ("http://" + host, "https://" + host):
+            return
+        raise ApiError(403, "forbidden", "A cross-site request that changes state is refused (Origin %r, Sec-Fetch-Site %r): "
+                       "only the relay's own page, or a client that is not a browser, may make it."
+                       % ((origin or "none")[:100], site[:40]))
 
     def authenticate(self, route):
         """Returns Auth; raises 401/403. The admin token also opens every route."""
@@ -3755,8 +3772,9 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "invalid_field", "token: tokens are not accepted in URLs (they end up in logs); "
                            "send Authorization: Bearer <token>.", field="token")
         req = Request(self, method, path, query, params, auth)
-        if method in WRITE_METHODS:
+        if route.changes_state(query):
             self.check_origin()
+        if method in WRITE_METHODS:
             raw = self.read_body()
             self._body_read = True
             if raw.strip():
