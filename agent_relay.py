@@ -47,6 +47,7 @@ import gzip
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import os
 import plistlib
@@ -263,6 +264,10 @@ SETTINGS = [
     ("offline_prune_ms", "OFFLINE_PRUNE_MS", "--offline-prune-ms", _parse_int(0), 604800000, "Offline time before removal"),
     ("retention_days", "RETENTION_DAYS", "--retention-days", _parse_int(0), 14, "Age at which old rows go (0 keeps all)"),
     ("max_body_bytes", "AGENT_RELAY_MAX_BODY_BYTES", "--max-body-bytes", _parse_int(1024), 262144, "Largest request body"),
+    ("head_timeout_ms", "AGENT_RELAY_HEAD_TIMEOUT_MS", "--head-timeout-ms", _parse_int(100), 10000,
+     "Time a request's head may take from its first byte (then 408)"),
+    ("body_timeout_ms", "AGENT_RELAY_BODY_TIMEOUT_MS", "--body-timeout-ms", _parse_int(100), 30000,
+     "Time a request's body may take (then 408)"),
     ("integrations", "AGENT_RELAY_INTEGRATIONS", "--integrations", _parse_integrations, [], "Integrations, a JSON list"),
     (
         "integration_rate_limit",
@@ -3298,13 +3303,64 @@ class RequestHeaders:
         return [] if value is None else [value]
 
 
+class RequestTimeout(socket.timeout):
+    """A request's head or body did not arrive within its deadline; `part` says which."""
+
+    def __init__(self, part):
+        socket.timeout.__init__(self, "the request's %s did not arrive in time" % part)
+        self.part = part
+
+
+class RequestReader(socket.SocketIO):
+    """The reading side of a connection, which holds each request to its deadlines. The socket's own timeout
+    bounds a single recv, so a client that trickles a byte at a time would reset it forever: while a
+    deadline runs, each recv may wait only for what is left of it. The head's clock starts at its first
+    byte (a kept-alive connection waiting for its next request is under the socket timeout alone), the
+    body's when the relay starts to read it. Past a deadline, reading raises RequestTimeout."""
+
+    def __init__(self, sock, idle):
+        socket.SocketIO.__init__(self, sock, "rb")
+        self.sock = sock
+        self.idle = idle  # the socket's own timeout, in seconds
+        self.deadline = None  # time.monotonic() by which the part being read must be in
+        self.part = "head"
+        self.head_seconds = None  # set while waiting for a request: the head's clock starts with its first byte
+
+    def await_request(self, head_seconds):
+        self.deadline, self.part, self.head_seconds = None, "head", head_seconds
+
+    def expect_body(self, seconds):
+        self.deadline, self.part, self.head_seconds = time.monotonic() + seconds, "body", None
+
+    def readinto(self, b):
+        deadline = self.deadline
+        if deadline is None:
+            n = socket.SocketIO.readinto(self, b)
+            if n and self.head_seconds is not None:
+                self.deadline, self.head_seconds = time.monotonic() + self.head_seconds, None
+            return n
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeout(self.part)
+        shorter = left < self.idle  # most requests arrive in one recv and never get here: no extra system calls
+        if shorter:
+            self.sock.settimeout(left)
+        try:
+            return socket.SocketIO.readinto(self, b)
+        except socket.timeout:
+            raise RequestTimeout(self.part)
+        finally:
+            if shorter:
+                self.sock.settimeout(self.idle)
+
+
 class Handler(BaseHTTPRequestHandler):
     MessageClass = RequestHeaders
     protocol_version = "HTTP/1.1"
     server_version = "agent-relay/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True
-    timeout = 30  # seconds a client may take to send a request; an idle keep-alive connection closes after it
+    timeout = 30  # seconds one read may wait: an idle keep-alive connection closes after it (a request has its deadlines)
 
     # set by make_server
     relay = None
@@ -3321,9 +3377,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # no access log: request lines are not worth a write per request (and must never show a token)
 
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        self.rfile.close()  # the stdlib's reader gives way to one that holds each request to its deadlines
+        self.reader = RequestReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
     def handle_one_request(self):
         th = threading.current_thread()
         try:
+            self.reader.await_request(self.relay.config.head_timeout_ms / 1000.0)
             th.relay_idle = True  # waiting for a request on a kept-alive connection: nothing to finish at stop
             try:
                 self.raw_requestline = self.rfile.readline(65537)
@@ -3350,6 +3413,11 @@ class Handler(BaseHTTPRequestHandler):
             if not parsed:
                 return
             self.dispatch()
+        except RequestTimeout as e:
+            if self.await_answer():
+                self.command = ""  # whatever the request line said, the answer has a body
+                self.refuse(self.request_timeout(e.part))
+            self.close_connection = True
         except (socket.timeout, ConnectionError, OSError):
             self.close_connection = True
 
@@ -3480,6 +3548,13 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def request_timeout(self, part):
+        """408 for a request whose head or body (`part`) did not arrive within its deadline."""
+        cfg = self.relay.config
+        ms, name = (cfg.head_timeout_ms, "AGENT_RELAY_HEAD_TIMEOUT_MS") if part == "head" else (cfg.body_timeout_ms, "AGENT_RELAY_BODY_TIMEOUT_MS")
+        return ApiError(408, "request_timeout", "The request's %s did not arrive in time: it may take %d ms (%s), with no "
+                        "pause of %d s; send a request without stopping in the middle of it." % (part, ms, name, self.timeout))
+
     # -- writing -----------------------------------------------------------
     def send_head(self, status, headers):
         lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Status")), "Server: " + self.server_version]
@@ -3563,14 +3638,18 @@ class Handler(BaseHTTPRequestHandler):
         return int(digits)
 
     def read_body(self):
-        """The body, delimited as framing() decided. An error raised here ends the connection
-        (discard_body_if_unread): the rest of the body is still on the wire."""
+        """The body, delimited as framing() decided, within AGENT_RELAY_BODY_TIMEOUT_MS. An error raised here
+        ends the connection (discard_body_if_unread): the rest of the body is still on the wire."""
         length = self.body_length
         if length == 0:
             return b""
-        if length is CHUNKED:
-            return self.read_chunked()
-        data = self.rfile.read(length)
+        self.reader.expect_body(self.relay.config.body_timeout_ms / 1000.0)
+        try:
+            if length is CHUNKED:
+                return self.read_chunked()
+            data = self.rfile.read(length)
+        except RequestTimeout:
+            raise self.request_timeout("body")
         if len(data) < length:
             raise invalid("Content-Length", "the body ended after %d of %d bytes" % (len(data), length))
         return data
