@@ -43,6 +43,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import errno
 import gzip
 import hashlib
 import hmac
@@ -175,6 +176,24 @@ def default_db_path(system=None):
     return os.path.join(base, "agent-relay", "relay.db")
 
 
+MAX_CONNECTIONS_CEILING = 4096  # a connection is a thread: the default is never more, nor where the limit is unknown
+FD_RESERVE = 96  # descriptors kept for the database (a writer and up to 16 pooled readers, two each), the listening
+# socket, the standard streams and callback deliveries
+
+
+def default_max_connections():
+    """AGENT_RELAY_MAX_CONNECTIONS when unset: the descriptor limit less a reserve, so that the cap is met
+    before descriptors run out (resource is POSIX only: elsewhere a fixed number)."""
+    try:
+        import resource
+    except ImportError:
+        return MAX_CONNECTIONS_CEILING
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_CEILING
+    return max(1, min(soft - min(FD_RESERVE, soft // 2), MAX_CONNECTIONS_CEILING))
+
+
 def _parse_int(lo=0, hi=None):
     def parse(text):
         try:
@@ -268,6 +287,9 @@ SETTINGS = [
      "Time a request's head may take from its first byte (then 408)"),
     ("body_timeout_ms", "AGENT_RELAY_BODY_TIMEOUT_MS", "--body-timeout-ms", _parse_int(100), 30000,
      "Time a request's body may take (then 408)"),
+    ("max_connections", "AGENT_RELAY_MAX_CONNECTIONS", "--max-connections", _parse_int(1), None,
+     "Most connections open at once, long-polls and streams included (then 503); "
+     "by default the descriptor limit less a reserve, at most %d" % MAX_CONNECTIONS_CEILING),
     ("integrations", "AGENT_RELAY_INTEGRATIONS", "--integrations", _parse_integrations, [], "Integrations, a JSON list"),
     (
         "integration_rate_limit",
@@ -292,6 +314,8 @@ class Config:
             setattr(self, attr, values.get(attr, default))
         if self.db is None:
             self.db = default_db_path()
+        if self.max_connections is None:
+            self.max_connections = default_max_connections()
 
     @classmethod
     def from_sources(cls, env=None, flags=None):
@@ -3194,6 +3218,7 @@ STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified"
                429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 WRITE_METHODS = ("POST", "PATCH", "DELETE", "PUT")
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
 HTTP_VERSION_RE = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})\Z")
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a token (RFC 9110)
 CONTENT_LENGTH_RE = re.compile(r"[0-9]+\Z")
@@ -3565,18 +3590,22 @@ class Handler(BaseHTTPRequestHandler):
                 lines.append("Connection: close")
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
-    def send_bytes(self, status, body, headers):
-        lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Status")), "Server: " + self.server_version,
-                 "Content-Length: %d" % len(body)]
+    @classmethod
+    def response_head(cls, status, length, headers, close):
+        lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Status")), "Server: " + cls.server_version,
+                 "Content-Length: %d" % length]
         for k, v in headers.items():
             lines.append("%s: %s" % (k, v))
-        if self.close_connection:
+        if close:
             lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send_bytes(self, status, body, headers):
+        head = self.response_head(status, len(body), headers, self.close_connection)
         self._write(head + body if self.command != "HEAD" else head)
 
     def send_json(self, status, obj, headers=None):
-        h = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
+        h = dict(JSON_HEADERS)
         if headers:
             h.update(headers)
         self.send_bytes(status, dumps(obj).encode("utf-8"), h)
@@ -3897,13 +3926,94 @@ class RelayServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024
     allow_reuse_address = True
+    ACCEPT_BACKOFF_S = 0.1  # when no descriptor is left to accept with
 
-    def __init__(self, addr, handler):
+    def __init__(self, addr, handler, max_connections):
         self.active = set()
         self.active_lock = threading.Lock()
+        self.max_connections = max_connections
+        self.connections = 0  # open now: counted when accepted, so that a burst cannot overshoot the cap
+        self.starved = False  # descriptors ran out (said once, until an accept succeeds again)
+        self.spare_fd = None
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         ThreadingHTTPServer.__init__(self, addr, handler)
+        self.spare_fd = self._take_spare()
+
+    @staticmethod
+    def _take_spare():
+        """A descriptor held in reserve, given up to accept (and turn away) a connection when none is left."""
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def get_request(self):
+        try:
+            request = self.socket.accept()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self.out_of_descriptors(e)
+            raise  # socketserver skips this connection attempt
+        if self.starved:
+            self.starved = False
+            log("accepting connections again")
+        return request
+
+    def out_of_descriptors(self, e):
+        """accept() failed for want of a descriptor. The connection stays in the backlog, so the accept loop
+        would spin on it: the spare descriptor takes it instead, to answer 503; without one, the loop backs off."""
+        if not self.starved:
+            self.starved = True
+            log("out of file descriptors (%s): new connections get 503 until some close; raise the limit (ulimit -n) or "
+                "lower AGENT_RELAY_MAX_CONNECTIONS (now %d)" % (errno.errorcode.get(e.errno, e.errno), self.max_connections))
+        request = None
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            try:
+                request = self.socket.accept()[0]
+            except OSError:
+                pass
+            if request is not None:
+                self.turn_away(request, "The relay is out of file descriptors (too many connections); try again shortly.")
+        self.spare_fd = self._take_spare()
+        if request is None:
+            time.sleep(self.ACCEPT_BACKOFF_S)
+
+    def process_request(self, request, client_address):
+        with self.active_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            self.turn_away(request, "The relay has too many connections open (%d, AGENT_RELAY_MAX_CONNECTIONS); "
+                           "try again shortly." % self.max_connections)
+            return
+        try:
+            ThreadingHTTPServer.process_request(self, request, client_address)
+        except RuntimeError:  # no thread to be had
+            with self.active_lock:
+                self.connections -= 1
+            self.turn_away(request, "The relay cannot start another thread (too many connections); try again shortly.")
+
+    def turn_away(self, request, message):
+        """503 at once, written by the accept loop without waiting on the client, then the close. What the client
+        sent already is read first: closing with it unread would reset the connection and could lose the answer."""
+        err = ApiError(503, "unavailable", message, headers={"Retry-After": "1"})
+        body = dumps(err.body()).encode("utf-8")
+        data = self.RequestHandlerClass.response_head(503, len(body), dict(JSON_HEADERS, **err.headers), True) + body
+        try:
+            request.setblocking(False)
+            try:
+                request.recv(65536)
+            except OSError:
+                pass
+            request.send(data)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            request.close()
 
     def process_request_thread(self, request, client_address):
         th = threading.current_thread()
@@ -3914,6 +4024,13 @@ class RelayServer(ThreadingHTTPServer):
         finally:
             with self.active_lock:
                 self.active.discard(th)
+                self.connections -= 1
+
+    def server_close(self):
+        ThreadingHTTPServer.server_close(self)
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -3941,7 +4058,7 @@ def make_server(config, relay=None):
                               "user (SQLite keeps -wal and -shm files beside it)" % (config.db, e))
     handler = type("RelayHandler", (Handler,), {"relay": relay, "api": Api(relay)})
     try:
-        server = RelayServer((config.host, config.port), handler)
+        server = RelayServer((config.host, config.port), handler, config.max_connections)
     except OSError as e:
         relay.close()
         raise ConfigError("PORT: cannot listen on %s:%d (%s)" % (config.host, config.port, e.strerror or e))

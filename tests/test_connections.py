@@ -1,9 +1,13 @@
-"""Slow clients.
+"""Slow clients and the connection cap.
 
 - A request's head must arrive within AGENT_RELAY_HEAD_TIMEOUT_MS of its first byte and its body within
   AGENT_RELAY_BODY_TIMEOUT_MS: a client that trickles a byte at a time (which resets the socket's own
   timeout at every byte) gets 408 `request_timeout` and the connection ends. An idle keep-alive connection
   between requests is not a slow client.
+- At most AGENT_RELAY_MAX_CONNECTIONS connections are open at once (by default sized from the descriptor
+  limit): the next one gets an immediate 503 `unavailable` with Retry-After and is closed, and the relay
+  serves again as soon as the crowd leaves. Long-polls and streams count. When descriptors run out anyway
+  (the cap set above the limit), new connections still get 503 instead of hanging in the backlog.
 
 Deadlines are set short here so that each test takes a few seconds; no test asserts a time.
 """
@@ -16,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import RELAY_PY
+from conftest import RELAY_PY, raw_exchange, wait_for
 
 DEADLINES = {"AGENT_RELAY_HEAD_TIMEOUT_MS": "1500", "AGENT_RELAY_BODY_TIMEOUT_MS": "1500"}
 BODY = json.dumps({"from": "a", "to": "b", "body": "trickled"}).encode()
@@ -141,7 +145,89 @@ def test_an_idle_keep_alive_connection_is_not_a_slow_client(slow):
     assert stored(relay) == 2
 
 
-@pytest.mark.parametrize("variable,value", [("AGENT_RELAY_HEAD_TIMEOUT_MS", "soon"), ("AGENT_RELAY_BODY_TIMEOUT_MS", "-1")])
+def crowd(relay, streams=0, polls=0, idle=0):
+    """Opens connections that stay open: streams, long-polls, and connections that have sent nothing yet."""
+    socks = []
+    for kind, n in (("stream", streams), ("poll", polls), ("idle", idle)):
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+            if kind == "stream":
+                s.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            elif kind == "poll":
+                s.sendall(b"GET /api/agents/b/inbox?since=1000&wait=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            socks.append(s)
+    return socks
+
+
+def assert_turned_away(port):
+    status, headers, body = raw_exchange(port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=15)
+    assert status == 503, (status, body[:300])
+    err = json.loads(body)["error"]
+    assert err["code"] == "unavailable" and "too many connections" in err["message"], err
+    assert headers.get("retry-after", "").isdigit() and headers.get("connection") == "close", headers
+
+
+def test_past_the_cap_a_connection_gets_503_at_once_and_the_relay_recovers(relay_factory):
+    relay = relay_factory(env={"AGENT_RELAY_MAX_CONNECTIONS": "20"})
+    relay.register("a")
+    relay.register("b")
+    socks = crowd(relay, streams=5, polls=10, idle=5)  # accepted in order, so these 20 are counted before the next
+    try:
+        for s in socks[:5]:  # the streams are being served (the long-polls wait)
+            assert s.recv(12) == b"HTTP/1.1 200"
+        assert_turned_away(relay.port)
+        assert_turned_away(relay.port)
+    finally:
+        for s in socks:
+            s.close()
+    # as the crowd leaves, its connections close, and the relay serves again
+    assert wait_for(lambda: raw_exchange(relay.port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[0] == 200, timeout=30)
+    assert relay.post("/api/messages", {"from": "a", "to": "b", "body": "after the crowd"}).status == 201
+    assert [m["body"] for m in relay.inbox("b", since=0)["messages"]] == ["after the crowd"]
+    assert "Traceback" not in relay.log
+
+
+WRAPPER = """import os, resource, sys
+limit = int(os.environ["RELAY_TEST_NOFILE"])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+os.execv(sys.executable, [sys.executable, %r] + sys.argv[1:])
+""" % RELAY_PY
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lowers the descriptor limit of a Linux process")
+@pytest.mark.parametrize("cap", [None, "1000"], ids=["the default cap, sized from the limit", "a cap above the limit"])
+def test_with_few_descriptors_the_relay_answers_503_and_recovers(relay_factory, tmp_path, cap):
+    wrapper = tmp_path / "lowered.py"
+    wrapper.write_text(WRAPPER)
+    env = {"RELAY_TEST_NOFILE": "64"}
+    if cap:
+        env["AGENT_RELAY_MAX_CONNECTIONS"] = cap
+    relay = relay_factory(env=env, script=str(wrapper))
+    relay.register("a")
+    relay.register("b")
+    socks = []
+    try:
+        for _ in range(2):  # twice: the relay recovers from the first crowd
+            socks = crowd(relay, polls=4, idle=76)
+            assert_turned_away(relay.port)
+            for s in socks:
+                s.close()
+            assert wait_for(lambda: raw_exchange(relay.port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[0] == 200,
+                            timeout=30)
+            assert relay.post("/api/messages", {"from": "a", "to": "b", "body": "still here"}).status == 201
+    finally:
+        for s in socks:
+            s.close()
+    assert relay.proc.poll() is None
+    assert "Traceback" not in relay.log
+    if cap:  # descriptors ran out: said once per episode, not once per refused connection
+        assert relay.log.count("out of file descriptors") == 2, relay.log
+    else:  # the default cap is met before descriptors run out
+        assert "out of file descriptors" not in relay.log, relay.log
+
+
+@pytest.mark.parametrize("variable,value", [("AGENT_RELAY_MAX_CONNECTIONS", "0"), ("AGENT_RELAY_HEAD_TIMEOUT_MS", "soon"),
+                                            ("AGENT_RELAY_BODY_TIMEOUT_MS", "-1")])
 def test_a_bad_limit_stops_the_start_and_names_itself(tmp_path, variable, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_")}
     env[variable] = value
