@@ -3652,19 +3652,24 @@ class Handler(BaseHTTPRequestHandler):
             return CHUNKED
         if not lengths:
             return 0
-        values = [v.strip() for field in lengths for v in field.split(",")]
-        for v in values:
-            if not CONTENT_LENGTH_RE.match(v):
-                raise invalid("Content-Length", "%r is not a number of bytes (digits only)" % v[:40])
-        numbers = {v.lstrip("0") or "0" for v in values}
-        if len(numbers) > 1:
-            raise invalid("Content-Length", "the request gives different lengths (%s)" % ", ".join(sorted(numbers))[:100])
-        digits = numbers.pop()
+        digits = lengths[0] if len(lengths) == 1 else ""
+        if not CONTENT_LENGTH_RE.match(digits):  # not one plain number: repeats or a list must all be the same number
+            values = [v.strip() for field in lengths for v in field.split(",")]
+            for v in values:
+                if not CONTENT_LENGTH_RE.match(v):
+                    raise invalid("Content-Length", "%r is not a number of bytes (digits only)" % v[:40])
+            numbers = {v.lstrip("0") or "0" for v in values}
+            if len(numbers) > 1:
+                raise invalid("Content-Length", "the request gives different lengths (%s)" % ", ".join(sorted(numbers))[:100])
+            digits = numbers.pop()
+        if len(digits) > 18:
+            digits = digits.lstrip("0") or "0"
         limit = self.relay.config.max_body_bytes
-        if len(digits) > len(str(limit)) or int(digits) > limit:
+        n = int(digits) if len(digits) <= 18 else limit + 1
+        if n > limit:
             raise ApiError(413, "payload_too_large", "The body is %s bytes; the relay takes at most %d (AGENT_RELAY_MAX_BODY_BYTES)."
                            % (digits[:30], limit))
-        return int(digits)
+        return n
 
     def read_body(self):
         """The body, delimited as framing() decided, within AGENT_RELAY_BODY_TIMEOUT_MS. An error raised here
