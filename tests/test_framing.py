@@ -95,6 +95,7 @@ REFUSED = [
      400, "invalid_field", "Content-Length"),
     ("Content-Length: 0x2d", post("Content-Length: 0x%x\r\n" % len(BODY), BODY), 400, "invalid_field", "Content-Length"),
     ("an empty Content-Length", post("Content-Length: \r\n", BODY), 400, "invalid_field", "Content-Length"),
+    ("a Content-Length of 30 digits", post("Content-Length: %s\r\n" % ("9" * 30), BODY), 413, "payload_too_large", "262144"),
     ("two different Content-Lengths", post("Content-Length: %d\r\nContent-Length: 10\r\n" % len(BODY), BODY),
      400, "invalid_field", "Content-Length"),
     ("a Content-Length list of different values", post("Content-Length: %d, 10\r\n" % len(BODY), BODY),
@@ -188,6 +189,7 @@ ACCEPTED = [
     ("the same Content-Length twice", "Content-Length: %d\r\nContent-Length: %d\r\n" % (len(BODY), len(BODY)), BODY),
     ("a Content-Length list of one value", "Content-Length: %d, %d\r\n" % (len(BODY), len(BODY)), BODY),
     ("Content-Length with leading zeros", "Content-Length: 000%d\r\n" % len(BODY), BODY),
+    ("Content-Length with 30 leading zeros", "Content-Length: %s%d\r\n" % ("0" * 30, len(BODY)), BODY),
 ]
 
 
