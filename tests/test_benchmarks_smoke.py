@@ -1,4 +1,5 @@
-"""The benchmark keeps working: `benchmarks/run.py --quick` runs every item end to end.
+"""The benchmarks keep working: `benchmarks/run.py --quick` runs every item end to end, and
+`benchmarks/connections.py --quick` measures the connection cap.
 
 No timing is asserted here (speed claims live in the benchmark's own output,
 beside a baseline measured in the same run); this only shows that each item
@@ -8,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "benchmarks", "run.py")
@@ -78,3 +81,21 @@ def test_quick_benchmark_runs_every_item(tmp_path):
     assert len(res["targets"]) == TARGETS
     for t in res["targets"]:
         assert isinstance(t["met"], bool) and t["value"] is not None and t["limit"], t
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and lowers a Linux process's descriptor limit")
+def test_the_connection_cap_benchmark_runs(tmp_path):
+    """benchmarks/connections.py --quick: a relay held at a cap of 100, and one whose descriptors run out first."""
+    out = tmp_path / "connections.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "connections.py"), "--quick", "--out", str(out)],
+                          cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
+    text = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0, text[-3000:]
+    res = json.loads(out.read_text())
+    cap = res["cap"]
+    assert cap["connections_held"] >= 100 and cap["at_cap"]["rss_mb"] > 0, cap
+    assert (cap["next"]["status"], cap["next"]["code"]) == (503, "unavailable"), cap
+    assert cap["serves_again_after_s"] is not None, cap
+    fd = res["out_of_descriptors"]
+    assert (fd["next"]["status"], fd["next"]["code"]) == (503, "unavailable") and fd["log_lines"] == 1, fd
+    assert fd["serves_again_after_s"] is not None, fd

@@ -108,6 +108,94 @@ def test_the_relays_own_page_may_write_and_reads_carry_no_cors(relay):
     assert status >= 400 and not any(k.startswith("access-control-") for k in hdrs)
 
 
+def delivery_state(relay, agent_id):
+    """What an inbox read moves: the agent's kept cursor and its delivery receipts."""
+    return (relay.sql("SELECT cursor FROM agents WHERE id = ?", (agent_id,))[0]["cursor"],
+            relay.sql("SELECT COUNT(*) AS n FROM receipts WHERE agent_id = ?", (agent_id,))[0]["n"])
+
+
+# what a browser sends for a request another page makes: a fetch() carries Origin; an <img> or <script> tag carries
+# only Sec-Fetch-Site; a page on another port of the same host is same-site, yet another origin
+FOREIGN = [{"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+           {"Origin": "http://evil.example"},
+           {"Sec-Fetch-Site": "cross-site"},
+           {"Sec-Fetch-Site": "same-site"},
+           {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site"},
+           {"Origin": "null", "Sec-Fetch-Site": "cross-site"}]
+
+
+def test_a_foreign_page_cannot_drain_an_agents_inbox(relay):
+    """An inbox read records delivery and moves the kept cursor: from another page it is 403 and moves nothing,
+    so the agent still gets every message."""
+    relay.register("alice")
+    relay.register("victim")
+    sent = [relay.send("alice", "victim", "secret %d" % i)["id"] for i in range(3)]
+    host = "127.0.0.1:%d" % relay.port
+    before = delivery_state(relay, "victim")
+    for foreign in FOREIGN:
+        for path in ("/api/agents/victim/inbox", "/api/agents/victim/inbox?since=0", "/api/agents/victim/inbox?wait=1"):
+            headers = dict(foreign, Host=host)
+            for method in ("GET", "HEAD"):
+                status, hdrs, payload = raw_request(relay.port, method, path, headers)
+                assert status == 403, (foreign, method, path, status, payload[:200])
+                if method == "GET":
+                    err = json.loads(payload)["error"]
+                    assert err["code"] == "forbidden" and "cross-site" in err["message"], err
+                    assert b"secret" not in payload
+                assert not any(k.startswith("access-control-") for k in hdrs)
+    assert delivery_state(relay, "victim") == before
+    assert relay.get("/api/agents/victim").json["listening"] is False
+    # the agent itself (curl, a script: no Origin) gets every message, and that read moves the cursor
+    got = relay.inbox("victim")
+    assert [m["id"] for m in got["messages"]] == sent
+    assert delivery_state(relay, "victim") == (sent[-1], 3)
+
+
+def test_a_foreign_page_cannot_open_an_agents_narrowed_stream(relay):
+    """A stream narrowed to an agent marks it listening: from another page it is 403 and the agent is not listening."""
+    relay.register("alice")
+    relay.register("victim")
+    host = "127.0.0.1:%d" % relay.port
+    for foreign in FOREIGN:
+        status, hdrs, payload = raw_request(relay.port, "GET", "/api/events?agentId=victim", dict(foreign, Host=host))
+        assert status == 403, (foreign, status, payload[:200])
+        assert json.loads(payload)["error"]["code"] == "forbidden"
+        assert relay.get("/api/agents/victim").json["listening"] is False
+    # the agent's own narrowed stream from a script (no Origin) works and marks it listening
+    s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    try:
+        s.sendall(("GET /api/events?agentId=victim HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+        assert wait_for(lambda: relay.get("/api/agents/victim").json["listening"], timeout=10)
+    finally:
+        s.close()
+
+
+def test_the_relays_own_page_and_scripts_still_read_inboxes_and_streams(relay):
+    relay.register("alice")
+    relay.register("bob")
+    m = relay.send("alice", "bob", "for bob")
+    host = "127.0.0.1:%d" % relay.port
+    own = {"Host": host, "Origin": "http://" + host, "Sec-Fetch-Site": "same-origin"}
+    status, _, payload = raw_request(relay.port, "GET", "/api/agents/bob/inbox", own)
+    assert status == 200 and [x["id"] for x in json.loads(payload)["messages"]] == [m["id"]]
+    assert delivery_state(relay, "bob") == (m["id"], 1)
+    # a URL typed into the address bar (Sec-Fetch-Site: none), and a plain script
+    for headers in ({"Host": host, "Sec-Fetch-Site": "none"}, {"Host": host}):
+        status, _, payload = raw_request(relay.port, "GET", "/api/agents/bob/inbox?since=0", headers)
+        assert status == 200 and [x["id"] for x in json.loads(payload)["messages"]] == [m["id"]], payload[:200]
+    s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    try:
+        s.sendall(("GET /api/events?agentId=bob HTTP/1.1\r\nHost: %s\r\nOrigin: http://%s\r\nSec-Fetch-Site: same-origin\r\n\r\n"
+                   % (host, host)).encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        s.close()
+    # a read that moves nothing is still answered to another page (without CORS headers, the page cannot read it)
+    status, hdrs, _ = raw_request(relay.port, "GET", "/api/messages/%d" % m["id"], {"Host": host, "Sec-Fetch-Site": "cross-site"})
+    assert status == 200 and not any(k.startswith("access-control-") for k in hdrs)
+
+
 class Receiver(BaseHTTPRequestHandler):
     """A callback receiver that fails every other delivery, so that the relay logs its retries."""
 
