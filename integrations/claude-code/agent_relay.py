@@ -43,10 +43,12 @@ import binascii
 import bisect
 import collections
 import contextlib
+import errno
 import gzip
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import os
 import plistlib
@@ -200,6 +202,24 @@ def default_db_path(system=None):
     return os.path.join(base, "agent-relay", "relay.db")
 
 
+MAX_CONNECTIONS_CEILING = 4096  # a connection is a thread: the default is never more, nor where the limit is unknown
+FD_RESERVE = 96  # descriptors kept for the database (a writer and up to 16 pooled readers, two each), the listening
+# socket, the standard streams and callback deliveries
+
+
+def default_max_connections():
+    """AGENT_RELAY_MAX_CONNECTIONS when unset: the descriptor limit less a reserve, so that the cap is met
+    before descriptors run out (resource is POSIX only: elsewhere a fixed number)."""
+    try:
+        import resource
+    except ImportError:
+        return MAX_CONNECTIONS_CEILING
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_CEILING
+    return max(1, min(soft - min(FD_RESERVE, soft // 2), MAX_CONNECTIONS_CEILING))
+
+
 def _parse_int(lo=0, hi=None):
     def parse(text):
         try:
@@ -289,6 +309,13 @@ SETTINGS = [
     ("offline_prune_ms", "OFFLINE_PRUNE_MS", "--offline-prune-ms", _parse_int(0), 604800000, "Offline time before removal"),
     ("retention_days", "RETENTION_DAYS", "--retention-days", _parse_int(0), 14, "Age at which old rows go (0 keeps all)"),
     ("max_body_bytes", "AGENT_RELAY_MAX_BODY_BYTES", "--max-body-bytes", _parse_int(1024), 262144, "Largest request body"),
+    ("head_timeout_ms", "AGENT_RELAY_HEAD_TIMEOUT_MS", "--head-timeout-ms", _parse_int(100), 10000,
+     "Time a request's head may take from its first byte (then 408)"),
+    ("body_timeout_ms", "AGENT_RELAY_BODY_TIMEOUT_MS", "--body-timeout-ms", _parse_int(100), 30000,
+     "Time a request's body may take (then 408)"),
+    ("max_connections", "AGENT_RELAY_MAX_CONNECTIONS", "--max-connections", _parse_int(1), None,
+     "Most connections open at once, long-polls and streams included (then 503); "
+     "by default the descriptor limit less a reserve, at most %d" % MAX_CONNECTIONS_CEILING),
     ("integrations", "AGENT_RELAY_INTEGRATIONS", "--integrations", _parse_integrations, [], "Integrations, a JSON list"),
     (
         "integration_rate_limit",
@@ -315,6 +342,8 @@ class Config:
             setattr(self, attr, values.get(attr, default))
         if self.db is None:
             self.db = default_db_path()
+        if self.max_connections is None:
+            self.max_connections = default_max_connections()
 
     @classmethod
     def from_sources(cls, env=None, flags=None):
@@ -3117,7 +3146,13 @@ class Auth:
 
 
 class Route:
-    def __init__(self, method, path, handler, summary, query=None, body=None, auth="token", ok=200, stream=False):
+    """One route. `changes` says whether a request to it changes state, which another site's page may not
+    make it do (Handler.check_origin): every write does; a read does when it records something (True: an
+    inbox read records delivery and moves the kept cursor), or when the query parameter it names is given
+    (a stream narrowed to an agent marks it listening)."""
+
+    def __init__(self, method, path, handler, summary, query=None, body=None, auth="token", ok=200, stream=False,
+                 changes=None):
         self.method = method
         self.path = path
         self.handler = handler
@@ -3127,7 +3162,11 @@ class Route:
         self.auth = auth
         self.ok = ok
         self.stream = stream
+        self.changes = method != "GET" if changes is None else changes
         self.regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+
+    def changes_state(self, query):
+        return self.changes is True or bool(self.changes and query.get(self.changes))
 
 
 S, I, B, O, A, L = "string", "integer", "boolean", "object", "array", "any"
@@ -3156,7 +3195,7 @@ ROUTES = [
     Route("POST", "/api/agents/{id}/heartbeat", "heartbeat", "Keep an agent online (fenced by instanceId/epoch).",
           body={"instanceId": (S,), "epoch": (I,), "status": (S,)}),
     Route("GET", "/api/agents/{id}/inbox", "inbox", "Messages visible to the agent after `since` (or its cursor); `wait` long-polls.",
-          query={"since": I, "wait": I, "limit": I, "unread": B}),
+          query={"since": I, "wait": I, "limit": I, "unread": B}, changes=True),
     Route("POST", "/api/agents/{id}/read", "read_upto", "Mark every visible message up to `upTo` read.", body={"upTo": (I, True)}),
     Route("POST", "/api/messages", "send", "Send a message to an agent, tag:X, cap:X, label:X or broadcast.", body=_MSG_BODY, ok=201),
     Route("GET", "/api/messages", "history", "History, newest first.",
@@ -3183,7 +3222,7 @@ ROUTES = [
                 "severity": (S,), "externalUrl": (S,), "metadata": (O,)}, auth="integration", ok=201),
     Route("GET", "/api/callbacks", "callbacks", "Callback deliveries.", query={"taskId": I, "status": S, "limit": I}),
     Route("GET", "/api/events", "events", "Server-Sent Events: the live stream (Last-Event-ID or ?since= replays).",
-          query={"since": I, "agentId": S, "types": S}, stream=True),
+          query={"since": I, "agentId": S, "types": S}, stream=True, changes="agentId"),
 ]
 
 
@@ -3520,8 +3559,13 @@ STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified"
                429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 WRITE_METHODS = ("POST", "PATCH", "DELETE", "PUT")
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
 HTTP_VERSION_RE = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})\Z")
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a token (RFC 9110)
+CONTENT_LENGTH_RE = re.compile(r"[0-9]+\Z")
+CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+MAX_CHUNK_LINE = 4096  # a chunk's size line with its extensions, or a trailer line
+CHUNKED = "chunked"  # Handler.body_length of a chunked body
 SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -3592,21 +3636,88 @@ def _check_strings(value, depth=0):
 
 
 class RequestHeaders:
-    """A request's header fields: get() is one dict lookup by lower-case name (first occurrence wins).
+    """A request's header fields: get() is one dict lookup by lower-case name (first occurrence wins);
+    values() gives every occurrence, for the fields where a repeat matters (the body's framing).
 
     Read straight from the socket by Handler.parse_request; the stdlib's parser runs each request's head
     through the email package, which took about half of a bare request's CPU.
     """
 
-    __slots__ = ("_index",)
+    __slots__ = ("_index", "_repeats")
 
     def __init__(self, fields=()):
-        self._index = {}
+        index, self._repeats = {}, None
         for k, v in fields:  # (name, value) in the order received
-            self._index.setdefault(k.lower(), v)
+            key = k.lower()
+            if key not in index:
+                index[key] = v
+            else:  # rare: kept aside so that the common case costs nothing more
+                if self._repeats is None:
+                    self._repeats = {}
+                self._repeats.setdefault(key, [index[key]]).append(v)
+        self._index = index
 
     def get(self, name, failobj=None):
         return self._index.get(name.lower(), failobj)
+
+    def values(self, name):
+        """Every value of the field, in the order received; [] when it is absent."""
+        key = name.lower()
+        if self._repeats is not None and key in self._repeats:
+            return self._repeats[key]
+        value = self._index.get(key)
+        return [] if value is None else [value]
+
+
+class RequestTimeout(socket.timeout):
+    """A request's head or body did not arrive within its deadline; `part` says which."""
+
+    def __init__(self, part):
+        socket.timeout.__init__(self, "the request's %s did not arrive in time" % part)
+        self.part = part
+
+
+class RequestReader(socket.SocketIO):
+    """The reading side of a connection, which holds each request to its deadlines. The socket's own timeout
+    bounds a single recv, so a client that trickles a byte at a time would reset it forever: while a
+    deadline runs, each recv may wait only for what is left of it. The head's clock starts at its first
+    byte (a kept-alive connection waiting for its next request is under the socket timeout alone), the
+    body's when the relay starts to read it. Past a deadline, reading raises RequestTimeout."""
+
+    def __init__(self, sock, idle):
+        socket.SocketIO.__init__(self, sock, "rb")
+        self.sock = sock
+        self.idle = idle  # the socket's own timeout, in seconds
+        self.deadline = None  # time.monotonic() by which the part being read must be in
+        self.part = "head"
+        self.head_seconds = None  # set while waiting for a request: the head's clock starts with its first byte
+
+    def await_request(self, head_seconds):
+        self.deadline, self.part, self.head_seconds = None, "head", head_seconds
+
+    def expect_body(self, seconds):
+        self.deadline, self.part, self.head_seconds = time.monotonic() + seconds, "body", None
+
+    def readinto(self, b):
+        deadline = self.deadline
+        if deadline is None:
+            n = socket.SocketIO.readinto(self, b)
+            if n and self.head_seconds is not None:
+                self.deadline, self.head_seconds = time.monotonic() + self.head_seconds, None
+            return n
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeout(self.part)
+        shorter = left < self.idle  # most requests arrive in one recv and never get here: no extra system calls
+        if shorter:
+            self.sock.settimeout(left)
+        try:
+            return socket.SocketIO.readinto(self, b)
+        except socket.timeout:
+            raise RequestTimeout(self.part)
+        finally:
+            if shorter:
+                self.sock.settimeout(self.idle)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -3615,7 +3726,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "agent-relay/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True
-    timeout = 30  # seconds a client may take to send a request; an idle keep-alive connection closes after it
+    timeout = 30  # seconds one read may wait: an idle keep-alive connection closes after it (a request has its deadlines)
 
     # set by make_server
     relay = None
@@ -3632,9 +3743,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # no access log: request lines are not worth a write per request (and must never show a token)
 
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        self.rfile.close()  # the stdlib's reader gives way to one that holds each request to its deadlines
+        self.reader = RequestReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
     def handle_one_request(self):
         th = threading.current_thread()
         try:
+            self.reader.await_request(self.relay.config.head_timeout_ms / 1000.0)
             th.relay_idle = True  # waiting for a request on a kept-alive connection: nothing to finish at stop
             try:
                 self.raw_requestline = self.rfile.readline(65537)
@@ -3661,6 +3779,11 @@ class Handler(BaseHTTPRequestHandler):
             if not parsed:
                 return
             self.dispatch()
+        except RequestTimeout as e:
+            if self.await_answer():
+                self.command = ""  # whatever the request line said, the answer has a body
+                self.refuse(self.request_timeout(e.part))
+            self.close_connection = True
         except (socket.timeout, ConnectionError, OSError):
             self.close_connection = True
 
@@ -3767,20 +3890,36 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif conntype == "keep-alive":
             self.close_connection = False
+        try:
+            self.body_length = self.framing(headers, number)
+        except ApiError as e:
+            self.refuse(e)
+            return False
         if (headers.get("Expect") or "").lower() == "100-continue" and number >= (1, 1):
             return self.handle_expect_100()
         return True
 
     def send_error(self, code, message=None, explain=None):
         """Errors found while parsing the request line and headers, in the relay's envelope."""
-        self.close_connection = True
         # the contract's codes: an oversized head is payload_too_large, anything else malformed names the field
         kind = "payload_too_large" if code in (413, 414, 431) else "invalid_field"
-        err = ApiError(code, kind, "request: %s" % (message or STATUS_TEXT.get(code, "Error")), field="request")
+        self.refuse(ApiError(code, kind, "request: %s" % (message or STATUS_TEXT.get(code, "Error")), field="request"))
+
+    def refuse(self, err):
+        """Answers an error found before the request could be dispatched, and ends the connection: what
+        follows on the wire cannot be told apart from the next request."""
+        self.close_connection = True
         try:
-            self.send_json(code, err.body())
+            self.send_json(err.status, err.body(), err.headers)
         except OSError:
             pass
+
+    def request_timeout(self, part):
+        """408 for a request whose head or body (`part`) did not arrive within its deadline."""
+        cfg = self.relay.config
+        ms, name = (cfg.head_timeout_ms, "AGENT_RELAY_HEAD_TIMEOUT_MS") if part == "head" else (cfg.body_timeout_ms, "AGENT_RELAY_BODY_TIMEOUT_MS")
+        return ApiError(408, "request_timeout", "The request's %s did not arrive in time: it may take %d ms (%s), with no "
+                        "pause of %d s; send a request without stopping in the middle of it." % (part, ms, name, self.timeout))
 
     # -- writing -----------------------------------------------------------
     def send_head(self, status, headers):
@@ -3792,14 +3931,18 @@ class Handler(BaseHTTPRequestHandler):
                 lines.append("Connection: close")
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
-    def send_bytes(self, status, body, headers):
-        lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Status")), "Server: " + self.server_version,
-                 "Content-Length: %d" % len(body)]
+    @classmethod
+    def response_head(cls, status, length, headers, close):
+        lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Status")), "Server: " + cls.server_version,
+                 "Content-Length: %d" % length]
         for k, v in headers.items():
             lines.append("%s: %s" % (k, v))
-        if self.close_connection:
+        if close:
             lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send_bytes(self, status, body, headers):
+        head = self.response_head(status, len(body), headers, self.close_connection)
         self._write(head + body if self.command != "HEAD" else head)
 
     def write_pieces(self, pieces, size):
@@ -3816,7 +3959,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"".join(buf))
 
     def send_json(self, status, obj, headers=None):
-        h = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
+        h = dict(JSON_HEADERS)
         if headers:
             h.update(headers)
         self.send_bytes(status, dumps(obj).encode("utf-8"), h)
@@ -3842,48 +3985,111 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     # -- reading -----------------------------------------------------------
-    def read_body(self):
+    def framing(self, headers, version):
+        """How the request's body is delimited, decided once from its head (RFC 9112 section 6): its length
+        in bytes (0 for none) or CHUNKED. Anything ambiguous is refused, not guessed at: a guess that differs
+        from a proxy's would read part of a body as the next request. Repeats of one Content-Length value
+        (as fields or as a list) are that value."""
+        codings, lengths = headers.values("Transfer-Encoding"), headers.values("Content-Length")
+        if codings:
+            if lengths:
+                raise invalid("Transfer-Encoding", "a request may not carry both Content-Length and Transfer-Encoding; send one of them")
+            if version < (1, 1):
+                raise invalid("Transfer-Encoding", "HTTP/1.0 has no transfer codings; send Content-Length")
+            names = [c.strip().lower() for field in codings for c in field.split(",") if c.strip()]
+            other = [c for c in names if c != CHUNKED]
+            if other:
+                raise ApiError(501, "invalid_field", "Transfer-Encoding: %s is not supported; send the body as it is, with "
+                               "Content-Length, or chunked." % ", ".join(other)[:100], field="Transfer-Encoding")
+            if len(names) != 1:
+                raise invalid("Transfer-Encoding", "chunked may be applied once" if names else "the field is empty")
+            return CHUNKED
+        if not lengths:
+            return 0
+        digits = lengths[0] if len(lengths) == 1 else ""
+        if not CONTENT_LENGTH_RE.match(digits):  # not one plain number: repeats or a list must all be the same number
+            values = [v.strip() for field in lengths for v in field.split(",")]
+            for v in values:
+                if not CONTENT_LENGTH_RE.match(v):
+                    raise invalid("Content-Length", "%r is not a number of bytes (digits only)" % v[:40])
+            numbers = {v.lstrip("0") or "0" for v in values}
+            if len(numbers) > 1:
+                raise invalid("Content-Length", "the request gives different lengths (%s)" % ", ".join(sorted(numbers))[:100])
+            digits = numbers.pop()
+        if len(digits) > 18:
+            digits = digits.lstrip("0") or "0"
         limit = self.relay.config.max_body_bytes
-        te = (self.headers.get("Transfer-Encoding") or "").lower()
-        if "chunked" in te:
-            chunks, size = [], 0
-            while True:
-                line = self.rfile.readline(1024)
-                try:
-                    n = int(line.split(b";")[0].strip() or b"x", 16)
-                except ValueError:
-                    self.close_connection = True
-                    raise ApiError(400, "invalid_field", "Transfer-Encoding: the chunked body is malformed.", field="Transfer-Encoding")
-                if n == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                size += n
-                if size > limit:
-                    self.close_connection = True
-                    raise ApiError(413, "payload_too_large", "The body is larger than %d bytes (AGENT_RELAY_MAX_BODY_BYTES)." % limit)
-                chunks.append(self.rfile.read(n))
-                self.rfile.readline(8)
-            return b"".join(chunks)
-        length = self.headers.get("Content-Length")
-        if not length:
-            return b""
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "invalid_field", "Content-Length: %r is not a number." % length, field="Content-Length")
+        n = int(digits) if len(digits) <= 18 else limit + 1
         if n > limit:
-            self.close_connection = True
-            raise ApiError(413, "payload_too_large", "The body is %d bytes; the relay takes at most %d (AGENT_RELAY_MAX_BODY_BYTES)." % (n, limit))
-        data = self.rfile.read(n)
-        if len(data) < n:
-            self.close_connection = True
-            raise ApiError(400, "invalid_field", "Content-Length: the body ended after %d of %d bytes." % (len(data), n),
-                           field="Content-Length")
+            raise ApiError(413, "payload_too_large", "The body is %s bytes; the relay takes at most %d (AGENT_RELAY_MAX_BODY_BYTES)."
+                           % (digits[:30], limit))
+        return n
+
+    def read_body(self):
+        """The body, delimited as framing() decided, within AGENT_RELAY_BODY_TIMEOUT_MS. An error raised here
+        ends the connection (discard_body_if_unread): the rest of the body is still on the wire."""
+        length = self.body_length
+        if length == 0:
+            return b""
+        self.reader.expect_body(self.relay.config.body_timeout_ms / 1000.0)
+        try:
+            if length is CHUNKED:
+                return self.read_chunked()
+            data = self.rfile.read(length)
+        except RequestTimeout:
+            raise self.request_timeout("body")
+        if len(data) < length:
+            raise invalid("Content-Length", "the body ended after %d of %d bytes" % (len(data), length))
         return data
+
+    def read_chunked(self):
+        """A chunked body (RFC 9112 section 7.1). Each chunk is a size in hex digits (with optional
+        `;extensions`), then exactly that much data and CRLF; a size of 0 ends it, followed by trailer fields
+        (read and dropped) and an empty line. Everything on the wire counts against
+        AGENT_RELAY_MAX_BODY_BYTES as it arrives, framing and trailers included."""
+        limit = self.relay.config.max_body_bytes
+        read, readline = self.rfile.read, self.rfile.readline
+        ended = invalid("Transfer-Encoding", "the chunked body ended before its last chunk and the empty line after it")
+        chunks, size = [], 0
+
+        def line(what):
+            raw = readline(MAX_CHUNK_LINE + 1)
+            if not raw.endswith(b"\n"):
+                raise invalid("Transfer-Encoding", "a %s is longer than %d bytes" % (what, MAX_CHUNK_LINE)) if raw[MAX_CHUNK_LINE:] else ended
+            return raw
+
+        def count(n):
+            nonlocal size
+            size += n
+            if size > limit:
+                raise ApiError(413, "payload_too_large", "The body is larger than %d bytes (AGENT_RELAY_MAX_BODY_BYTES)." % limit)
+
+        while True:
+            raw = line("chunk size line")
+            count(len(raw))
+            digits = raw.split(b";", 1)[0].rstrip(b" \t\r\n")
+            if not CHUNK_SIZE_RE.match(digits):
+                raise invalid("Transfer-Encoding", "chunk size %r is not 1 to 16 hex digits" % digits[:40].decode("latin-1"))
+            n = int(digits, 16)
+            if n == 0:
+                break
+            count(n + 2)
+            data = read(n)
+            if len(data) < n:
+                raise ended
+            end = readline(3)
+            if end not in (b"\r\n", b"\n"):
+                raise ended if end in (b"", b"\r") else invalid(
+                    "Transfer-Encoding", "a chunk's data is not followed by CRLF where its size (%d) says it ends" % n)
+            chunks.append(data)
+        while True:
+            raw = line("trailer line")
+            count(len(raw))
+            if raw in (b"\r\n", b"\n"):
+                return b"".join(chunks)
+            name, sep, _value = raw.decode("iso-8859-1").partition(":")
+            if not sep or not HEADER_NAME_RE.match(name):
+                raise invalid("Transfer-Encoding", "malformed trailer line %r" % raw[:100].decode("iso-8859-1"))
 
     # -- the request pipeline ----------------------------------------------
     def dispatch(self):
@@ -3891,8 +4097,7 @@ class Handler(BaseHTTPRequestHandler):
         split = urllib.parse.urlsplit(self.path)
         path = split.path
         # a body still on the wire when the request is refused (host, token, origin) must not be read as the next request
-        self._body_read = self.headers.get("Content-Length") in (None, "", "0") and "chunked" not in (
-            self.headers.get("Transfer-Encoding") or "").lower()
+        self._body_read = self.body_length == 0
         if not self._body_read and method not in WRITE_METHODS:
             self.close_connection = True  # only writes read a body: after a read that carried one, the connection ends
         def route():
@@ -3962,13 +4167,20 @@ class Handler(BaseHTTPRequestHandler):
                            "AGENT_RELAY_ALLOWED_HOSTS if it is yours." % host[:100])
 
     def check_origin(self):
+        """The cross-site request forgery guard, for a request that changes state (Route.changes), with or
+        without a token: refused when its Origin is present and is not exactly the relay's own (another
+        port is another origin), or when the browser says another site's page made it (Sec-Fetch-Site;
+        an <img> or <script> tag sends no Origin). Clients that are not browsers send neither."""
         origin = self.headers.get("Origin")
-        if origin is None:
+        site = (self.headers.get("Sec-Fetch-Site") or "none").lower()
+        if origin is None and site in ("none", "same-origin"):
             return
-        host = self.headers.get("Host") or ""
-        if origin.lower() not in ("http://" + host.lower(), "https://" + host.lower()):
-            raise ApiError(403, "forbidden", "A write from origin %r is refused (cross-site request); only the relay's own "
-                           "page may write from a browser." % origin[:100])
+        host = (self.headers.get("Host") or "").lower()
+        if site in ("none", "same-origin") and origin.lower() in ("http://" + host, "https://" + host):
+            return
+        raise ApiError(403, "forbidden", "A cross-site request that changes state is refused (Origin %r, Sec-Fetch-Site %r): "
+                       "only the relay's own page, or a client that is not a browser, may make it."
+                       % ((origin or "none")[:100], site[:40]))
 
     def authenticate(self, route):
         """Returns Auth; raises 401/403. The admin token also opens every route."""
@@ -4025,8 +4237,9 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "invalid_field", "token: tokens are not accepted in URLs (they end up in logs); "
                            "send Authorization: Bearer <token>.", field="token")
         req = Request(self, method, path, query, params, auth)
-        if method in WRITE_METHODS:
+        if route.changes_state(query):
             self.check_origin()
+        if method in WRITE_METHODS:
             raw = self.read_body()
             self._body_read = True
             if raw.strip():
@@ -4070,13 +4283,94 @@ class RelayServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024
     allow_reuse_address = True
+    ACCEPT_BACKOFF_S = 0.1  # when no descriptor is left to accept with
 
-    def __init__(self, addr, handler):
+    def __init__(self, addr, handler, max_connections):
         self.active = set()
         self.active_lock = threading.Lock()
+        self.max_connections = max_connections
+        self.connections = 0  # open now: counted when accepted, so that a burst cannot overshoot the cap
+        self.starved = False  # descriptors ran out (said once, until an accept succeeds again)
+        self.spare_fd = None
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         ThreadingHTTPServer.__init__(self, addr, handler)
+        self.spare_fd = self._take_spare()
+
+    @staticmethod
+    def _take_spare():
+        """A descriptor held in reserve, given up to accept (and turn away) a connection when none is left."""
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def get_request(self):
+        try:
+            request = self.socket.accept()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self.out_of_descriptors(e)
+            raise  # socketserver skips this connection attempt
+        if self.starved:
+            self.starved = False
+            log("accepting connections again")
+        return request
+
+    def out_of_descriptors(self, e):
+        """accept() failed for want of a descriptor. The connection stays in the backlog, so the accept loop
+        would spin on it: the spare descriptor takes it instead, to answer 503; without one, the loop backs off."""
+        if not self.starved:
+            self.starved = True
+            log("out of file descriptors (%s): new connections get 503 until some close; raise the limit (ulimit -n) or "
+                "lower AGENT_RELAY_MAX_CONNECTIONS (now %d)" % (errno.errorcode.get(e.errno, e.errno), self.max_connections))
+        request = None
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            try:
+                request = self.socket.accept()[0]
+            except OSError:
+                pass
+            if request is not None:
+                self.turn_away(request, "The relay is out of file descriptors (too many connections); try again shortly.")
+        self.spare_fd = self._take_spare()
+        if request is None:
+            time.sleep(self.ACCEPT_BACKOFF_S)
+
+    def process_request(self, request, client_address):
+        with self.active_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            self.turn_away(request, "The relay has too many connections open (%d, AGENT_RELAY_MAX_CONNECTIONS); "
+                           "try again shortly." % self.max_connections)
+            return
+        try:
+            ThreadingHTTPServer.process_request(self, request, client_address)
+        except RuntimeError:  # no thread to be had
+            with self.active_lock:
+                self.connections -= 1
+            self.turn_away(request, "The relay cannot start another thread (too many connections); try again shortly.")
+
+    def turn_away(self, request, message):
+        """503 at once, written by the accept loop without waiting on the client, then the close. What the client
+        sent already is read first: closing with it unread would reset the connection and could lose the answer."""
+        err = ApiError(503, "unavailable", message, headers={"Retry-After": "1"})
+        body = dumps(err.body()).encode("utf-8")
+        data = self.RequestHandlerClass.response_head(503, len(body), dict(JSON_HEADERS, **err.headers), True) + body
+        try:
+            request.setblocking(False)
+            try:
+                request.recv(65536)
+            except OSError:
+                pass
+            request.send(data)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            request.close()
 
     def process_request_thread(self, request, client_address):
         th = threading.current_thread()
@@ -4087,6 +4381,13 @@ class RelayServer(ThreadingHTTPServer):
         finally:
             with self.active_lock:
                 self.active.discard(th)
+                self.connections -= 1
+
+    def server_close(self):
+        ThreadingHTTPServer.server_close(self)
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -4114,7 +4415,7 @@ def make_server(config, relay=None):
                               "user (SQLite keeps -wal and -shm files beside it)" % (config.db, e))
     handler = type("RelayHandler", (Handler,), {"relay": relay, "api": Api(relay)})
     try:
-        server = RelayServer((config.host, config.port), handler)
+        server = RelayServer((config.host, config.port), handler, config.max_connections)
     except OSError as e:
         relay.close()
         raise ConfigError("PORT: cannot listen on %s:%d (%s)" % (config.host, config.port, e.strerror or e))
