@@ -4106,6 +4106,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.dispatch_api(method, path, split.query)
             elif method in ("GET", "HEAD") and path in ("/", "/index.html", "/dashboard"):
                 self.serve_dashboard()
+            elif method in ("GET", "HEAD") and path in ("/install.sh", "/agent_relay.py"):
+                self.serve_installer(path)
             elif method in ("GET", "HEAD") and path == "/favicon.ico":
                 self.send_bytes(204, b"", {"Cache-Control": "max-age=86400"})
             else:
@@ -4256,6 +4258,23 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(status, body)
 
     # -- the page ----------------------------------------------------------
+    def serve_installer(self, path):
+        """`curl -fsSL http://RELAY:4850/install.sh | sh`: the installer, set to fetch this file from this relay, so a
+        machine that reaches the relay joins with no other network. Public, like the page."""
+        host = (self.headers.get("Host") or "").strip()
+        if not re.match(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$", host):
+            raise ApiError(400, "invalid_field", "Host: the installer names this relay by its Host header, and %r is not a "
+                           "host name or address with an optional port." % host[:100], field="Host")
+        if path == "/agent_relay.py":
+            body = relay_source()
+            ctype = "text/x-python; charset=utf-8"
+        else:
+            proto = "https" if (self.headers.get("X-Forwarded-Proto") or "").lower() == "https" else "http"
+            body = installer_script("%s://%s/agent_relay.py" % (proto, host))
+            ctype = "text/x-shellscript; charset=utf-8"
+        self.send_bytes(200, body, {"Content-Type": ctype, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                    "Content-Disposition": "inline; filename=%s" % path[1:]})
+
     def serve_dashboard(self):
         page = dashboard_assets()
         tags = [t.strip() for t in (self.headers.get("If-None-Match") or "").split(",")]
@@ -4435,6 +4454,25 @@ def dashboard_assets():
         html = gzip.decompress(gz)
         _DASHBOARD.update(gzip=gz, html=html, etag='"%s"' % hashlib.sha256(html).hexdigest()[:20])
     return _DASHBOARD
+
+
+def relay_source():
+    """This file's own bytes, as GET /agent_relay.py serves them."""
+    if "source" not in _DASHBOARD:
+        with open(os.path.abspath(__file__), "rb") as f:
+            _DASHBOARD["source"] = f.read()
+    return _DASHBOARD["source"]
+
+
+INSTALLER_DEFAULT_SOURCE = "https://raw.githubusercontent.com/agent-relay/agent-relay/main/agent_relay.py"
+
+
+def installer_script(source_url):
+    """install.sh (its embedded copy) with its default source set to `source_url`."""
+    if "installer" not in _DASHBOARD:
+        _DASHBOARD["installer"] = gzip.decompress(base64.b64decode("".join(INSTALLER_GZIP_B64))).decode("utf-8")
+    text = _DASHBOARD["installer"]
+    return text.replace('DEFAULT_SOURCE="%s"' % INSTALLER_DEFAULT_SOURCE, 'DEFAULT_SOURCE="%s"' % source_url, 1).encode("utf-8")
 
 
 # BEGIN EMBEDDED DASHBOARD
@@ -4805,6 +4843,45 @@ DASHBOARD_GZIP_B64 = [
     "57Pje/8v/YJRFS2DAQA=",
 ]
 # END EMBEDDED DASHBOARD
+# The installer served at /install.sh: a copy of install.sh, refreshed with tests/refresh_dashboard.py like the page.
+# BEGIN EMBEDDED INSTALLER
+INSTALLER_GZIP_B64 = [
+    "H4sIAAAAAAACA6VZ+2/bOBL+XX/FrOKurV4kx8kWLew6uGLXvS3QbYokBfbQFFlFom0hEqkjpbi+NPe33wwp6uFH4MO5QevwMZzH",
+    "Nx+H06OfhncJH6qlcwTvFowXcMnScA0JV0WYpkzCXEj4mPDyO4Q8hiyMLq4C5wiXA0SlTMGfq6uPsCyKXI2HQxmugkVSLMu7UjEZ",
+    "CV6gzCAS2TAk6b4k6Z3vWYjnV8cFagk/QCvTkR4EweYS8BX4Pv7EIcsE1ztwtLXqq537ptX9YGYU6MNv9eFBvoZQgeAM2HcWlUV4",
+    "lzKYJyk7ht7ju3/MPl3fXs4+vvvn7efL2fsPf4793u8Xf8yGQSqiMH3SrmvZgn6Bq3DOoBAgS44noW1jSAqQLE/DiCkolgxEGkMk",
+    "6OhCZAkKStfGo7MHJtfFMuEL2q5gLkUG5J+Bh2v1XloBjMfHoAQO4GjJY4zSX9pb6CftnL9QGBctSXcMw8i0hNVSoI0qkklewDKk",
+    "OcZRwTAOHEexAvzScX6bvX/35eP17dXFl8tfZ1P3/wxv1+UunhOu0aZHB4MGuUx4MYd+a5cN4xheqBveB7f30nWeHCdO2GHbmJRC",
+    "tnfD+c+nehv7juEYkbBS4dZaXISufPt2dvHe+ULj471goq9Llubf9LYuTt/i1/M9SG3B0amx2E65AcHwM8Zf8AqCnLFY2aGz4A1g",
+    "KnK2YhLhoPD4m90YvXkWpI5zkReJ4GqMEqxOZEc4L5hchRKPJPB2HIu4KHNcvWaqr3mgsvEYsahzBsesP6oPzkuDWSMCkRbCXRjd",
+    "L6RAzKJI+ZBETPMLIlUBIYpUWh6D8TAltFiZSfrdcWb8IZGCZ6gYad823iAVEN5M6gRcIJS7uBujAl8uP8JgzopoyWJYIZJN+ITc",
+    "0N5+VijGI7+HoN2pIwN5WCz3bBjEbB6WaTGGXjeJvA2FTbTAehLxzObJ99b+Thg9h6CJqD2CS0ropEB3ykVJrlDGEBTDYwwfSszL",
+    "wpDHMGYPQ16iePQL31ySKMMTaByGPkt4iKnT5hPNJcRfiaoiqQoQcxMSQyGBg2C5jVkRkkvrdErm8BX8Ak7g24S28tpdbu/vrsnE",
+    "VLHOKLyt1dXj84QMRrHR/W2uk6At/ifk0CwjLPoPYKbP4Lwx+PT859HG0Ugf4NqlKwQk2T7XaMQU+Pzu+vegk5F7829cRw19M2DB",
+    "IoC+KmMBYV74BLw6qOaw/jH07yRbbY2TRMutq9UqMOOBkIthLFY8FWGshp7OOMpJ7ffmatb3S+BaZ2lWXN/iFaEwv6e9gTXVj6Cf",
+    "ZLnAfFRrNTHUOXBfxIH+ceEFjQfVxtuEz8XX8dk3r49ObBzaRMeDm9qnP34Yt/Zrkwa9wXZkPA9iwYzH0ZID/VzZpqO9zxjSnEh9",
+    "cELrNu2A8ykMzo7hjafxBiM0qjHkOXwktUa9xqn7jJscaI+tQjDj9EC9qL7OGz9Kk+fHWscDwq/JQVMbVGT42+zqekylRsJUxX2b",
+    "TIZESasCR29s3Yboq94ID6udQzBFlL5EUrCIpe9zM+p16BAD0fKSppLnMxO271Ifr54Ci51T8AXSw6mLf43cGm+RKLGMIjjZRCF9",
+    "B1rAPETTYs/tiGdpVyti9gO10kv9f4F/cbgies8eRVq814EeZ8jjGFhtBMdQaSGtmMcN8WCxcEzRpIptxz2IcbVx1qUmkvZmEdY+",
+    "vmIP+5lM6l83IqtkNO09jo4IPBj3p84kMj5a0cM1LnyrHaREKSNTVTeEi9cjLoPBtuob3kKZ870yE1VdX5ItyjSU+pD/RbR8Xt1K",
+    "PhXHVOUcLDnKrVyNl22o6JjoFbv8zlQYOZWGyoho9KOsVMCyvFjrmrh6H5i8NdXc9MRwAiW7XCBk9PU6QYDWp5kEN7MdFWxF6FlZ",
+    "ozYa9Aoqa02F5oEuoiemqj7ZXPmymqfie2K0L/k9xzQBoWvQsVbBbe+rbY8R4Y7+ZiIy7Ra7xu/4IOtWWU/V24Bqqenu8vipVaD8",
+    "Gz1jFrtbhQpOk+MeqQrDXe0Y0JAFBybgZCsLq+IOszBaCqFYU5ZW+dvE3eraKvbaFzpW73Eip5WWVMwb72AlNu2ZyW51r6PbqpmM",
+    "C/FWcktF70F7vx1wq7lG2krIe63DILsvEHjgx53CAL3STPhV1W3U8XZhH9OpYLrmpGs8RI5H6SwqhKxYCT20YPHUNb8dYRHK0lTb",
+    "hCsVZeL06tfTs9Frmkz4g7jHYv5urUvUQoa5Mk5IWcjLvM4N+sgMc574pLKpCYPBAwXcnF7jQe+ZN+MTGxmDIzrPHgWzPz9cN6N9",
+    "89Y8O+nDh0/b47/gHX89u/zDaSKkL2EKUs9g3q0ywdwrU6v1xnvawEVf/K7diN/stiqKR3Cx3eYwL4ewBgV6+i7E8webTZKUOHBt",
+    "HnXVewPz0wsqqEpV3KYJxyQdLHEhOXLUVsGzaZmHkm0aUiG3oaVGXpud+kc/DUsl9XuW8Rqmfc/QbX2WSWl9UIdZcH8fGekRGObk",
+    "XmkYdLy0yYC/nbalTuAJzvdIPkQq9RcOEEf0tyNnqnXQbHCayrgp+NtPsTqm7VN836Y8lTveBuPZloptm1Rrm+ZJXalQpllb8KgN",
+    "tLQrfRjYinZzVa1L39ZJk7ppRY+zuuipK1z9b0bAAZ9CbujP3c8xdkWL8WOKApJnk9/mVqUxovSwIaMJXvyZeGD0yHvuBdZQwhFc",
+    "EUlgbf+9ILLXbkLB+LKm686W8oyHGRYTnV4giq2ahPQ61y1JVbA8aBOi5fug3XMssjzo9Zy67GiC3VDZtoNWMin0fdRxUbTMRAyv",
+    "X716dm8W3qNrzXyLUIyI7KHDlrW3t8XYStYs2EH8mhJrFJh1eFVVqLG3k6YMd9x7pPc73tNjt00aL3HGWDh26bnS/D7EAQ/9fEvN",
+    "nG6V0xo/2arJNIzcXrXAhemOHofWHG2kitGcZqsFzLw1MrRtNsSxfuHpDgIG4z/DIJdCEzPWbnqhvvv6CI7IFLfuVrbecNPX1E9i",
+    "kjt1X6hx74Vyb7jJY5snNNnJpcoWU+mRKaPdpiDyOablGPb0BBulOgxkY99a2fQL9rYXDRm4B2hQ9S4tkHwfDaVywiDF96vepO+b",
+    "XuQhqu4Taed3C231Qzo9kf3Kds208dipUsPZtVxr4AaBunsAWkcVoiyetpSamKYIjWqRNZEdCgwq0setJq/pWXA90ur1DuJQLe9E",
+    "KPHdV/URRqevgxP8Mxr/8ubViRfAtVxjtqAq1dtiR5OwPjKAT8iw460es65L+loItZdZ/4CT9St6B7VrWXV/vPofHboJdvexO30Y",
+    "epOZRud/Abh02UlgGwAA",
+]
+# END EMBEDDED INSTALLER
 
 
 # ============================================================================
