@@ -427,3 +427,40 @@ def test_cancelled_inbox_wait_ends_and_keeps_the_message(relay):
             assert [m["id"] for m in result.structured_content["messages"]] == [mid]
 
     run(go)
+
+
+def test_modern_listen_pushes_inbox_updates_over_stdio(relay):
+    """2026-07-28: subscriptions/listen is acknowledged, then carries resources/updated tagged with its id, until
+    notifications/cancelled ends it (with no answer)."""
+    proc = subprocess.Popen([sys.executable, RELAY_PY, "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=dict(os.environ, **stdio_env(relay, "listener")))
+
+    def write(message):
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    write({"jsonrpc": "2.0", "id": "sub-1", "method": "subscriptions/listen",
+           "params": {"_meta": meta, "notifications": {"resourceSubscriptions": ["relay://inbox"], "toolsListChanged": True}}})
+    ack = json.loads(proc.stdout.readline())
+    assert ack["method"] == "notifications/subscriptions/acknowledged"
+    assert ack["params"] == {"_meta": {"io.modelcontextprotocol/subscriptionId": "sub-1"},
+                             "notifications": {"resourceSubscriptions": ["relay://inbox"]}}  # what it honours
+    wait_for(lambda: card(relay, "listener") and card(relay, "listener")["listening"])
+    relay.register("talker")
+    relay.send("talker", "listener", "hello")
+    note = json.loads(proc.stdout.readline())
+    assert note == {"jsonrpc": "2.0", "method": "notifications/resources/updated",
+                    "params": {"uri": "relay://inbox", "_meta": {"io.modelcontextprotocol/subscriptionId": "sub-1"}}}
+    write({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "sub-1"}})
+    write({"jsonrpc": "2.0", "id": 2, "method": "server/discover", "params": {"_meta": meta}})
+    answer = json.loads(proc.stdout.readline())  # the listen request gets no answer: the next line is discover's
+    assert answer["id"] == 2 and "2026-07-28" in answer["result"]["supportedVersions"]
+    assert answer["result"]["resultType"] == "complete"
+    write({"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"_meta": dict(meta, **{
+        "io.modelcontextprotocol/protocolVersion": "1999-01-01"})}})
+    refused = json.loads(proc.stdout.readline())
+    assert refused["error"]["code"] == -32022 and "2026-07-28" in refused["error"]["data"]["supported"]
+    proc.stdin.close()
+    assert proc.wait(10) == 0
+    assert card(relay, "listener")["status"] == "offline"
