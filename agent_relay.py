@@ -7304,11 +7304,16 @@ class CodexLauncher:
         self.signalled = None
         self.poll_client = None
         self.poll_thread = None
+        self.offline = False
         self.exit_code = 0
 
     def tell(self, text):
-        self.err.write("agent-relay codex: %s\n" % text)
-        self.err.flush()
+        """A line for the person: on stderr, or, once the TUI owns the terminal, in the launcher's log file."""
+        try:
+            self.err.write("agent-relay codex: %s\n" % text)
+            self.err.flush()
+        except (OSError, ValueError):
+            pass
 
     # -- app-server messages, from the reader thread -----------------------------
     def _on_message(self, msg):
@@ -7444,6 +7449,8 @@ class CodexLauncher:
         self.events.put(("tui-exit", code))
 
     def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.tui is not None and self.tui.poll() is None:
+            return  # Ctrl-C belongs to the TUI; the launcher stops when the TUI exits
         self.signalled = signum
 
     # -- delivery --------------------------------------------------------------------
@@ -7580,8 +7587,11 @@ class CodexLauncher:
                       "input or send SIGTERM to stop." % (thread["id"], self.session.client().url, card["id"], self.mode))
             threading.Thread(target=self._watch_stdin, name="agent-relay-codex-stdin", daemon=True).start()
         else:
-            self.tell("opening the Codex TUI attached to this launcher's app-server (codex --remote); relay messages "
-                      "arrive in it as turns")
+            log_path = os.path.join(state_dir(self.env), "codex-launcher.log")
+            self.tell("opening the Codex TUI attached to this launcher's app-server (codex --remote unix://...): relay "
+                      "messages arrive in it as turns. The launcher's own lines go to %s" % log_path)
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            self.err = open(log_path, "a", encoding="utf-8")
             self.tui = subprocess.Popen([binary, "--remote", "unix://" + self.socket_path] + self.codex_args,
                                         env=dict(self.env))
             threading.Thread(target=self._watch_tui, name="agent-relay-codex-tui", daemon=True).start()
@@ -7658,13 +7668,24 @@ class CodexLauncher:
             self.session.update(ended=True, origin=None, monitorPid=None, launcherPid=None)
             if not self.session.data.get("superseded"):
                 try:
-                    self.session.client(timeout=5).delete(self.agent_id, timeout=5)
+                    client = self.session.client(timeout=5)
+                    client.delete(self.agent_id, timeout=5)
+                    if client.agent(self.agent_id).get("status") != "offline":  # a straggling request of the session's
+                        client.delete(self.agent_id, timeout=5)
+                    self.offline = True
                     self.tell("%s is offline" % self.agent_id)
                 except RelayError as e:
                     self.tell("could not mark %s offline: %s" % (self.agent_id, e))
             self.session.close()
         if self.sock_dir:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
+        if self.err is not sys.stderr and self.err is not None and not self.headless:
+            with contextlib.suppress(OSError):
+                self.err.close()
+            self.err = sys.stderr
+            if self.agent_id:
+                self.tell("Codex exited; %s is %s" % (self.agent_id, "offline" if self.offline else "not marked offline "
+                                                      "(see the log)"))
 
 
 # -- the PermissionDenied hook (Claude Code) -------------------------------------------

@@ -9,6 +9,7 @@ the time from the peer's send to the reply landing in the peer's inbox.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,8 @@ from conftest import ROOT as _ROOT
 sys.path.insert(0, _ROOT)
 import agent_relay  # noqa: E402
 from conftest import RELAY_PY, ROOT, need, wait_for  # noqa: E402
-from realcli import (CodexHome, RefusingProxy, agent, cli_ready, describe_proc, exec_thread_id, print_timing,
-                     processes_with, replies_to, toml_str)
+from realcli import (CodexHome, RefusingProxy, Tmux, agent, agents_by_host, cli_ready, describe_proc,  # noqa: E402
+                     exec_thread_id, print_timing, processes_with, replies_to, toml_str)
 from scripted_model import ScriptedModel, Text, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@openai/codex"
@@ -146,7 +147,17 @@ class Launcher:
 
 
 def codex_processes(home):
-    return processes_with("codex", home.home)
+    """Codex processes (and launchers) of this HOME, the test's own tmux server aside."""
+    out = []
+    for pid in processes_with("codex", home.home):
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                argv0 = f.read().split(b"\0")[0]
+        except OSError:
+            continue
+        if os.path.basename(argv0) != b"tmux":
+            out.append(pid)
+    return out
 
 
 def model_turn_requests(model):
@@ -518,3 +529,40 @@ def test_embedded_codex_files_match_integrations():
     settings = agent_relay.CodexSettings(home="/nowhere", argv=["agent-relay"])
     for event, group, handler in settings.ours():
         assert template[event] == [group], (event, template[event], group)
+
+
+def test_interactive_launcher_opens_the_tui_on_the_same_app_server(codex_ready, relay, proxy, model_factory, tmp_path):
+    """`agent-relay codex` in a terminal (tmux): Codex 0.171.0's TUI attaches to the launcher's app-server (`codex
+    --remote unix://...`); the session is on the relay as soon as the TUI has its thread, a message shows up in the
+    TUI as a turn and is answered with nothing typed; when the person quits the TUI (Ctrl-C), the agent is offline
+    and no Codex process is left."""
+    need(shutil.which("tmux"), "tmux is not installed")
+    relay.register("peer")
+    model = model_factory(relay_reply_policy(RELAY_PY, REPLY_TEXT))
+    home = BareCodexHome(tmp_path, model.url, relay.url, proxy)
+    home.install()
+    tui = Tmux(os.path.join(str(tmp_path), "tmux.sock"), "%s codex" % home.relay_bin, home.env, home.project)
+    try:
+        cards = wait_for(lambda: agents_by_host(relay, "codex"), timeout=60)
+        assert len(cards) == 1, tui.screen()
+        aid = cards[0]["id"]
+        assert wait_for(lambda: agent(relay, aid)["listening"], timeout=20), agent(relay, aid)
+        assert wait_for(lambda: "Ask Codex to do anything" in tui.screen() or "OpenAI Codex" in tui.screen(),
+                        timeout=30), tui.screen()
+        started = time.time()
+        sent = relay.send("peer", aid, "ping to the interactive session")
+        replies = wait_for(lambda: replies_to(relay, "peer", sent["id"]), timeout=60)
+        landed = time.time()
+        assert replies and replies[0]["from"] == aid, "no reply\n%s\n%s" % (tui.screen(), model.describe())
+        print_timing("agent-relay codex (TUI attached), message to the idle session", sent, replies[0], started, landed)
+        assert wait_for(lambda: "[msg:%d] from peer: ping to the interactive session" % sent["id"] in tui.screen(),
+                        timeout=20), tui.screen()
+        assert wait_for(lambda: agent(relay, aid)["status"] == "idle", timeout=20), agent(relay, aid)
+        tui.send_keys("C-c")
+        time.sleep(0.3)
+        tui.send_keys("C-c")
+        assert wait_for(tui.pane_dead, timeout=60) and "is offline" in tui.screen(), tui.screen()
+        assert agent(relay, aid)["status"] == "offline", agent(relay, aid)
+        assert codex_processes(home) == [], "processes left: %s" % codex_processes(home)
+    finally:
+        tui.close()
