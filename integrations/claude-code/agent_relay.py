@@ -7324,13 +7324,15 @@ class CodexLauncher:
 
     def _on_server_request(self, msg):
         """Approvals for turns the launcher started: nobody is there to approve, so they are declined."""
-        method = msg.get("method")
+        method, rpc = msg.get("method"), self.rpc
+        if rpc is None:
+            return
         if method in ("item/commandExecution/requestApproval", "item/fileChange/requestApproval"):
-            self.rpc.answer(msg["id"], {"decision": "decline"})
+            rpc.answer(msg["id"], {"decision": "decline"})
         elif method in ("applyPatchApproval", "execCommandApproval"):
-            self.rpc.answer(msg["id"], {"decision": "denied"})
+            rpc.answer(msg["id"], {"decision": "denied"})
         else:
-            self.rpc.answer(msg["id"], error={"code": -32601, "message": "agent-relay codex does not handle %s" % method})
+            rpc.answer(msg["id"], error={"code": -32601, "message": "agent-relay codex does not handle %s" % method})
 
     # -- starting ------------------------------------------------------------------
     def _server_args(self):
