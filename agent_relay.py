@@ -1374,7 +1374,7 @@ class Hub:
                     w.event.set()
 
 # ============================================================================
-# The relay: domain operations over storage, publishing to the hub
+# The writer: write transactions and group commit
 # ============================================================================
 
 
@@ -1382,14 +1382,14 @@ class Tx:
     """A write transaction plus the events it will publish once committed.
 
     New messages and events are held back (insert) and written together, one statement per table, before the
-    next statement of the transaction or its commit: a batch of sends (Relay.group_tx) costs SQLite less than
+    next statement of the transaction or its commit: a batch of sends (Writer.group_tx) costs SQLite less than
     half the CPU per message that a statement per row does.
     """
 
     EVENT_COLUMNS = ("id", "type", "agent_id", "audience", "data", "created_at")
 
-    def __init__(self, relay, con):
-        self.relay = relay
+    def __init__(self, db, con):
+        self.db = db
         self._con = con
         self._held = {}  # (table, columns) -> rows waiting to be written
         self.held_rows = 0  # rows ever held by this transaction
@@ -1410,7 +1410,7 @@ class Tx:
 
     def insert(self, table, columns, values):
         """Holds a new row of messages or events (columns start with "id"); returns its id."""
-        row_id = self.relay.db.next_id(self._con, table)
+        row_id = self.db.next_id(self._con, table)
         self._held.setdefault((table, columns), []).append((row_id,) + values)
         self.held_rows += 1
         return row_id
@@ -1421,7 +1421,7 @@ class Tx:
         held, self._held = self._held, {}
         try:
             for (table, columns), rows in held.items():
-                self.relay.db.insert_rows(self._con, table, columns, rows)
+                self.db.insert_rows(self._con, table, columns, rows)
         except BaseException as e:
             self.broken = e
             raise
@@ -1439,7 +1439,7 @@ class Tx:
 
 
 class _Job:
-    """A request's part of a group commit (Relay.group_tx)."""
+    """A request's part of a group commit (Writer.group_tx)."""
 
     __slots__ = ("job", "then", "ready", "leads", "state", "result", "error")
 
@@ -1452,7 +1452,7 @@ class _Job:
         self.result = self.error = None
 
 
-# what Relay.group_tx returns when a request is answered later, by the thread that commits its job
+# what Writer.group_tx returns when a request is answered later, by the thread that commits its job
 DEFERRED = object()
 
 
@@ -1460,35 +1460,20 @@ class _BatchAborted(Exception):
     """A job of a group commit failed after writing: the batch is rolled back and its other jobs run again."""
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+class Writer:
+    """Every write of the relay: a transaction of its own (tx), or a share of one that the requests waiting at the same
+    moment commit together (group_tx); a transaction's events go to the Hub once it has committed.
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+    Owns the write transactions, the queue of group-commit jobs, the committer thread, and the undo journal of the
+    agent directory's cache (the cards a transaction changed, put back when it does not commit). May call: the
+    Storage, the Hub, and the two hooks that Relay wires in: put_back(agent_id, card) (the agent directory restores a
+    cached card; None: it had none) and callbacks_queued() (a commit queued callbacks: callback delivery wakes)."""
 
-
-CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
-
-
-class Relay:
-    """Agents, messages, tasks and integrations: the rules of the relay."""
-
-    def __init__(self, config):
-        self.config = config
-        self.db = Storage(config.db)
-        self.hub = Hub()
-        self.started = time.monotonic()  # for uptimeMs: a duration
-        self.agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
-        self.index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
-        self.dirty_seen = set()  # agents whose lastSeen changed in memory only
-        self.integrations = {i["name"]: i for i in config.integrations}
-        self.rate = {name: collections.deque() for name in self.integrations}
-        self.rate_lock = threading.Lock()
-        self.callback_cv = threading.Condition()
-        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
-        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
-        self.stopping = threading.Event()
-        self.threads = []
+    def __init__(self, db, hub):
+        self.db = db
+        self.hub = hub
+        self.put_back = None
+        self.callbacks_queued = None
         self._undo = None  # agent id -> its cached card before the running transaction changed it
         self._jobs = []  # group commit: jobs waiting for the next batch (group_tx)
         self._jobs_lock = threading.Lock()
@@ -1496,67 +1481,27 @@ class Relay:
         self._commit_cv = threading.Condition()
         self._commit_due = False  # the committer thread is to lead the next batch
         self._committer = None  # started the first time a batch has no waiting thread to lead it
-        self._load()
 
-    # -- startup -----------------------------------------------------------
-    def _load(self):
-        ts = now_ms()
-        with self.db.write() as c:
-            for sid in SYSTEM_AGENTS:
-                c.execute(
-                    "INSERT OR IGNORE INTO agents(id, name, status, last_seen, created_at, system) VALUES (?,?,?,?,?,1)",
-                    (sid, "Human (dashboard)" if sid == "human" else "Relay", "online", ts, ts),
-                )
-        wall, mono = now_ms(), monotonic_ms()
-        for row in self.db.query("SELECT * FROM agents"):
-            agent = agent_from_row(row)
-            # Presence counts silence on the monotonic clock; the stored stamps are all a restart has, read once here
-            # (a stamp ahead of the wall clock, which was set back meanwhile, counts as now).
-            agent["seenMono"] = mono - max(0, wall - agent["lastSeen"])
-            since = agent["offlineSince"] or agent["lastSeen"]
-            agent["offlineMono"] = mono - max(0, wall - since) if agent["status"] == "offline" else None
-            self._cache(agent)
-        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
-        self.hub.head = head
-        self.release_orphaned_claims()
+    def connect(self, put_back, callbacks_queued):
+        self.put_back = put_back
+        self.callbacks_queued = callbacks_queued
 
-    def _cache(self, agent):
-        old = self.agents.get(agent["id"])
+    def remember(self, agent_id, old):
+        """Inside a transaction, the agent directory records a cached card (None: there was none) before its first
+        change, to be put back if the transaction does not commit."""
         if self._undo is not None:
-            self._undo.setdefault(agent["id"], old)
-        if old is not None:
-            self._unindex(old)
-        self.agents[agent["id"]] = agent
-        if not agent["system"]:
-            for t in agent_targets(agent):
-                if t != agent["id"]:
-                    self.index[t].add(agent["id"])
-
-    def _uncache(self, agent_id):
-        if self._undo is not None:
-            self._undo.setdefault(agent_id, self.agents.get(agent_id))
-        old = self.agents.pop(agent_id, None)
-        if old is not None:
-            self._unindex(old)
-
-    def _unindex(self, agent):
-        for t in agent_targets(agent):
-            ids = self.index.get(t)  # not self.index[t]: that would leave an empty set behind for every id ever seen
-            if ids is not None:
-                ids.discard(agent["id"])
-                if not ids:
-                    del self.index[t]
+            self._undo.setdefault(agent_id, old)
 
     @contextlib.contextmanager
     def tx(self):
         """One write transaction; its events are published, in order, after the commit."""
         with self.db.locked():
             if self._undo is not None:
-                raise RuntimeError("Relay.tx() inside a transaction: pass the open Tx down instead")
+                raise RuntimeError("Writer.tx() inside a transaction: pass the open Tx down instead")
             self._undo = {}
             try:
                 with self.db.write() as c:
-                    t = Tx(self, c)
+                    t = Tx(self.db, c)
                     yield t
                     t.flush()
             except BaseException:
@@ -1568,18 +1513,13 @@ class Relay:
             if t.wake:
                 self.hub.wake(t.wake)
         if t.callbacks:
-            with self.callback_cv:
-                self.callback_news += 1
-                self.callback_cv.notify_all()
+            self.callbacks_queued()
 
     def _forget(self, undo):
         """Puts back the cached cards that `undo` recorded (a transaction, or one job of a batch, did not commit)."""
         kept, self._undo = self._undo, None  # restoring is not itself a change to record
         for agent_id, old in undo.items():
-            if old is None:
-                self._uncache(agent_id)
-            else:
-                self._cache(old)
+            self.put_back(agent_id, old)
         self._undo = kept
 
     def group_tx(self, job, then=None):
@@ -1708,6 +1648,111 @@ class Relay:
                 outer.setdefault(agent_id, old)
             self._undo = outer
 
+    def close(self):
+        with self._commit_cv:  # the committer runs the batch still due, if any, and ends
+            committer, self._committer = self._committer, None
+            self._commit_cv.notify_all()
+        if committer is not None:
+            committer.join(Storage.WRITE_WAIT_S * 2)
+
+
+# ============================================================================
+# The relay: domain operations over storage, publishing to the hub
+# ============================================================================
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+class Relay:
+    """Agents, messages, tasks and integrations: the rules of the relay."""
+
+    def __init__(self, config):
+        self.config = config
+        self.db = Storage(config.db)
+        self.hub = Hub()
+        self.started = time.monotonic()  # for uptimeMs: a duration
+        self.agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
+        self.index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
+        self.dirty_seen = set()  # agents whose lastSeen changed in memory only
+        self.integrations = {i["name"]: i for i in config.integrations}
+        self.rate = {name: collections.deque() for name in self.integrations}
+        self.rate_lock = threading.Lock()
+        self.callback_cv = threading.Condition()
+        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
+        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
+        self.stopping = threading.Event()
+        self.threads = []
+        self.writer = Writer(self.db, self.hub)
+        self.writer.connect(put_back=self.put_back, callbacks_queued=self.callbacks_queued)
+        self._load()
+
+    # -- startup -----------------------------------------------------------
+    def _load(self):
+        ts = now_ms()
+        with self.db.write() as c:
+            for sid in SYSTEM_AGENTS:
+                c.execute(
+                    "INSERT OR IGNORE INTO agents(id, name, status, last_seen, created_at, system) VALUES (?,?,?,?,?,1)",
+                    (sid, "Human (dashboard)" if sid == "human" else "Relay", "online", ts, ts),
+                )
+        wall, mono = now_ms(), monotonic_ms()
+        for row in self.db.query("SELECT * FROM agents"):
+            agent = agent_from_row(row)
+            # Presence counts silence on the monotonic clock; the stored stamps are all a restart has, read once here
+            # (a stamp ahead of the wall clock, which was set back meanwhile, counts as now).
+            agent["seenMono"] = mono - max(0, wall - agent["lastSeen"])
+            since = agent["offlineSince"] or agent["lastSeen"]
+            agent["offlineMono"] = mono - max(0, wall - since) if agent["status"] == "offline" else None
+            self._cache(agent)
+        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
+        self.hub.head = head
+        self.release_orphaned_claims()
+
+    def _cache(self, agent):
+        old = self.agents.get(agent["id"])
+        self.writer.remember(agent["id"], old)
+        if old is not None:
+            self._unindex(old)
+        self.agents[agent["id"]] = agent
+        if not agent["system"]:
+            for t in agent_targets(agent):
+                if t != agent["id"]:
+                    self.index[t].add(agent["id"])
+
+    def _uncache(self, agent_id):
+        self.writer.remember(agent_id, self.agents.get(agent_id))
+        old = self.agents.pop(agent_id, None)
+        if old is not None:
+            self._unindex(old)
+
+    def _unindex(self, agent):
+        for t in agent_targets(agent):
+            ids = self.index.get(t)  # not self.index[t]: that would leave an empty set behind for every id ever seen
+            if ids is not None:
+                ids.discard(agent["id"])
+                if not ids:
+                    del self.index[t]
+
+    def put_back(self, agent_id, old):
+        """A transaction did not commit: the cached card is again what it was before it (None: there was none)."""
+        if old is None:
+            self._uncache(agent_id)
+        else:
+            self._cache(old)
+
+    def callbacks_queued(self):
+        with self.callback_cv:
+            self.callback_news += 1
+            self.callback_cv.notify_all()
+
     # -- agents ------------------------------------------------------------
     def card(self, agent):
         card = {k: agent[k] for k in CARD_FIELDS}
@@ -1728,7 +1773,7 @@ class Relay:
         self._seen(agent)
         if agent["status"] == "offline":
             try:
-                with self.tx() as t:
+                with self.writer.tx() as t:
                     self._set_agent(t, agent, {"status": "online", "offlineSince": None})
             except StorageUnavailable:
                 pass  # presence is best effort: the request it rides on (often a read, or a write already committed) goes on
@@ -1822,7 +1867,7 @@ class Relay:
             raise invalid("channels", "needs at least one channel (use [\"all\"] to see every fan-out)")
         fields = {k: v for k, v in fields.items() if v is not None}
         key = None
-        with self.tx() as t:
+        with self.writer.tx() as t:
             existing = self.agents.get(agent_id)
             if existing is not None:
                 auth.act_as(existing, registering=True)
@@ -1961,7 +2006,7 @@ class Relay:
             raise ApiError(403, "forbidden", "Built-in agent %r cannot be changed." % agent_id)
         if not changes:
             return self.card(agent)
-        with self.tx() as t:
+        with self.writer.tx() as t:
             agent = self._set_agent(t, self.get_agent(agent_id), changes)
             if any(k in changes for k in ("tags", "capabilities", "channels", "label", "approvalMode")):
                 self._hold_unapproved(t, agent)
@@ -1977,7 +2022,7 @@ class Relay:
         self.touch(agent_id)  # lastSeen, and an offline agent comes back online
         agent = self.get_agent(agent_id)
         if status and status != agent["status"]:
-            with self.tx() as t:
+            with self.writer.tx() as t:
                 agent = self._set_agent(t, agent, {"status": status, "offlineSince": None})
         return {"ok": True, "agent": self.card(agent)}
 
@@ -1988,7 +2033,7 @@ class Relay:
             raise ApiError(403, "forbidden", "Built-in agent %r cannot be removed." % agent_id)
         if purge and agent["approvalMode"] != "open":
             auth.change_mode(agent, "open")  # purged, it could come back unguarded
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if purge:
                 return self._remove_agent(t, self.get_agent(agent_id))
             self.release_claims_of(t, agent_id)
@@ -2028,7 +2073,7 @@ class Relay:
                                  "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
         gone = [r[0] for r in claimers if r[0] not in self.agents or self.agents[r[0]]["status"] == "offline"]
         if gone:
-            with self.tx() as t:
+            with self.writer.tx() as t:
                 for agent_id in gone:
                     self.release_claims_of(t, agent_id)
 
@@ -2078,7 +2123,7 @@ class Relay:
 
     def send(self, body, auth, then=None):
         """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
-        (Relay.group_tx)."""
+        (Writer.group_tx)."""
         f = Fields(body)
         sender = f.string("from", required=True, max_len=128)
         to = f.string("to", required=True, max_len=200)
@@ -2113,8 +2158,8 @@ class Relay:
             return out, created
 
         if then is None:
-            return committed(self.group_tx(job))
-        got = self.group_tx(job, then=lambda outcome: then(lambda: committed(outcome())))
+            return committed(self.writer.group_tx(job))
+        got = self.writer.group_tx(job, then=lambda outcome: then(lambda: committed(outcome())))
         return got if got is DEFERRED else committed(got)
 
     MESSAGE_COLUMNS = ("id", "from_agent", "to_target", "subject", "body", "kind", "channel", "claimable", "reply_to", "thread_id",
@@ -2128,7 +2173,7 @@ class Relay:
         if agent["approvalMode"] == "read-only" and claimable:
             raise ApiError(403, "read_only", "%s is read-only: it may not hand out claimable work." % sender)
         owns_tx = t is None
-        with (contextlib.nullcontext(t) if t is not None else self.tx()) as t:
+        with (contextlib.nullcontext(t) if t is not None else self.writer.tx()) as t:
             if idem is not None:
                 row = t.execute("SELECT * FROM messages WHERE from_agent = ? AND idempotency_key = ?", (sender, idem)).fetchone()
                 if row is not None:
@@ -2299,7 +2344,7 @@ class Relay:
         if not messages and not redelivered and cursor <= agent["cursor"]:
             return
         ts = now_ms()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if messages:
                 t.c.executemany(
                     "INSERT INTO receipts(message_id, agent_id, state, delivered_at) VALUES (?,?,'delivered',?) "
@@ -2325,7 +2370,7 @@ class Relay:
         agent = self.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         ts = now_ms()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             row = self.get_message_row(t.c, message_id)
             if not self.visible_to(agent, row, self.receipt_state(t.c, message_id, agent["id"])):
                 raise ApiError(403, "not_addressed", "Message %d is not addressed to %s." % (message_id, agent["id"]))
@@ -2346,7 +2391,7 @@ class Relay:
         up_to = Fields(body).integer("upTo", required=True)
         vis, params = self._visibility_sql(agent)
         ts = now_ms()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             ids = [r[0] for r in t.execute(
                 "SELECT m.id FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
                 " AND m.id <= ? AND (m.id > ? OR m.claimable = 1 OR r.state IS NOT NULL) AND (r.state IS NULL OR r.state NOT IN "
@@ -2369,7 +2414,7 @@ class Relay:
         agent = self.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
-        with self.tx() as t:
+        with self.writer.tx() as t:
             agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.get_message_row(t.c, message_id)
             if not row["claimable"]:
@@ -2416,7 +2461,7 @@ class Relay:
     def release_message(self, message_id, body, auth):
         agent = self.get_agent(Fields(body).string("agentId", required=True, max_len=128))
         auth.act_as(agent)
-        with self.tx() as t:
+        with self.writer.tx() as t:
             row = self.get_message_row(t.c, message_id)
             if not row["claimable"]:
                 raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
@@ -2446,7 +2491,7 @@ class Relay:
         auth.person()
         agent_id = Fields(body).string("agentId", max_len=128)
         state = "approved" if approve else "rejected"
-        with self.tx() as t:
+        with self.writer.tx() as t:
             row = self.get_message_row(t.c, message_id)
             held = [r[0] for r in t.execute(
                 "SELECT agent_id FROM receipts WHERE message_id = ? AND state = 'held'", (message_id,))]
@@ -2579,7 +2624,7 @@ class Relay:
 
     def _create_or_count(self, f, source, integration, actor, fields=None):
         fields = fields or self._task_fields(f)
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if fields["dedupeKey"] is not None:
                 row = t.execute("SELECT * FROM tasks WHERE source = ? AND dedupe_key = ? AND status IN ('open','claimed','blocked')",
                                 (source, fields["dedupeKey"])).fetchone()
@@ -2637,7 +2682,7 @@ class Relay:
         agent = self.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
-        with self.tx() as t:
+        with self.writer.tx() as t:
             agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.get_task_row(t.c, task_id)
             if agent["approvalMode"] == "read-only":
@@ -2712,7 +2757,7 @@ class Relay:
                 raise ApiError(403, "read_only", "%s is read-only and may not change tasks." % agent["id"])
         else:
             auth.person()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             row = self.get_task_row(t.c, task_id)
             old = row["status"]
             new = status or old
@@ -2784,7 +2829,7 @@ class Relay:
         if status == "resolved":
             key = f.string("dedupeKey", required=True, max_len=256)
             f.string("title", max_len=1024)
-            with self.tx() as t:
+            with self.writer.tx() as t:
                 row = t.execute("SELECT * FROM tasks WHERE source = ? AND dedupe_key = ? AND status IN ('open','claimed','blocked')",
                                 (source, key)).fetchone()
                 if row is None:
@@ -2896,7 +2941,7 @@ class Relay:
             error = "delivery failed: %s" % (getattr(e, "reason", None) or e)
         ts = now_ms()
         self.callback_due.pop(row["id"], None)
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if error is None:
                 t.execute("UPDATE callbacks SET status = 'delivered', attempts = ?, delivered_at = ?, last_error = NULL WHERE id = ?",
                           (attempt, ts, row["id"]))
@@ -2936,7 +2981,7 @@ class Relay:
             if agent is not None:
                 rows.append((agent["lastSeen"], a))
         if rows:
-            with self.tx() as t:
+            with self.writer.tx() as t:
                 t.c.executemany("UPDATE agents SET last_seen = ? WHERE id = ?", rows)
 
     def sweep_presence(self):
@@ -2957,14 +3002,14 @@ class Relay:
             if agent["system"]:
                 continue
             if agent["status"] != "offline" and now - agent["seenMono"] > ttl and not self.hub.listening(agent["id"]):
-                with self.tx() as t:
+                with self.writer.tx() as t:
                     current = self.agents.get(agent["id"])
                     if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
                         continue
                     self.release_claims_of(t, agent["id"])
                     self._set_agent(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
             elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
-                with self.tx() as t:
+                with self.writer.tx() as t:
                     current = self.agents.get(agent["id"])
                     if current is None or current["status"] != "offline":
                         continue  # gone already, or back online since the snapshot above
@@ -3000,7 +3045,7 @@ class Relay:
         for name, (select_sql, deletes) in steps.items():
             counts[name] = 0
             while not self.stopping.is_set():
-                with self.tx() as t:
+                with self.writer.tx() as t:
                     params = (cutoff, self.RETENTION_BATCH)
                     if name in ("messages", "events"):  # only rows older than the cutoff's first id are read
                         params = (self.db.first_id_since(t.c, name, cutoff),) + params
@@ -3051,11 +3096,7 @@ class Relay:
             self.callback_cv.notify_all()
 
     def close(self):
-        with self._commit_cv:  # the committer runs the batch still due, if any, and ends
-            committer, self._committer = self._committer, None
-            self._commit_cv.notify_all()
-        if committer is not None:
-            committer.join(Storage.WRITE_WAIT_S * 2)
+        self.writer.close()
         try:
             self.flush_presence()
         except (StorageUnavailable, sqlite3.Error):
@@ -3621,7 +3662,7 @@ class Handler(BaseHTTPRequestHandler):
     relay = None
     api = None
 
-    # A send may be answered by the thread that commits it (Relay.group_tx), writing to the socket without
+    # A send may be answered by the thread that commits it (Writer.group_tx), writing to the socket without
     # blocking; that needs a socket that is a file descriptor in non-blocking mode (POSIX, with a timeout set).
     ANSWER_LATER = os.name == "posix"
     _answering = None  # an Event set once the answer to the last request is written, when another thread writes it
@@ -3669,7 +3710,7 @@ class Handler(BaseHTTPRequestHandler):
         BaseHTTPRequestHandler.finish(self)
 
     def answer_later(self, compute):
-        """A `then` for Relay.group_tx that answers this request from the thread that commits it, with the
+        """A `then` for Writer.group_tx that answers this request from the thread that commits it, with the
         (status, body) that compute(outcome) returns; None where that is not possible."""
         if not self.ANSWER_LATER or self.connection.gettimeout() is None:
             return None
