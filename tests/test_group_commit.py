@@ -79,7 +79,7 @@ def make_relay(tmp_path):
     relay = agent_relay.Relay(agent_relay.Config.from_sources({}, {"db": str(tmp_path / "relay.db"), "port": "0"}))
     auth = agent_relay.Auth(relay, {}, False)
     for a in ("a", "b"):
-        relay.register({"id": a}, auth)
+        relay.agents.register({"id": a}, auth)
     return relay
 
 

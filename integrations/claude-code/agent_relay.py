@@ -1657,45 +1657,36 @@ class Writer:
 
 
 # ============================================================================
-# The relay: domain operations over storage, publishing to the hub
+# The agent directory: cards, the routing index, presence
 # ============================================================================
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+class AgentDirectory:
+    """Who is on the relay: every agent's card, cached in memory and written through to storage under the write
+    lock; the index that routes a fan-out to the agents it reaches; presence (activity is kept in memory and
+    flushed, a silent agent goes offline, a long-offline one is removed); registration, card edits, heartbeats
+    and the end of a session.
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+    Owns the agents table and its cache. May call: the writer (its transactions; the cache's undo journal), the
+    Hub (a card says whether its agent listens), config; and two parts that are built on it, wired in by Relay:
+    messages (what starts to reach an agent whose reach grew: held messages, open work) and claims (what an
+    agent that goes offline or is removed held goes back to the pool)."""
 
-
-CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
-
-
-class Relay:
-    """Agents, messages, tasks and integrations: the rules of the relay."""
-
-    def __init__(self, config):
+    def __init__(self, config, db, hub, writer):
         self.config = config
-        self.db = Storage(config.db)
-        self.hub = Hub()
-        self.started = time.monotonic()  # for uptimeMs: a duration
-        self.agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
-        self.index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
-        self.dirty_seen = set()  # agents whose lastSeen changed in memory only
-        self.integrations = {i["name"]: i for i in config.integrations}
-        self.rate = {name: collections.deque() for name in self.integrations}
-        self.rate_lock = threading.Lock()
-        self.callback_cv = threading.Condition()
-        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
-        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
-        self.stopping = threading.Event()
-        self.threads = []
-        self.writer = Writer(self.db, self.hub)
-        self.writer.connect(put_back=self.put_back, callbacks_queued=self.callbacks_queued)
-        self._load()
+        self.db = db
+        self.hub = hub
+        self.writer = writer
+        self.messages = self.claims = None  # wired by Relay (connect)
+        self._agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
+        self._index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
+        self._dirty_seen = set()  # agents whose lastSeen changed in memory only
 
-    # -- startup -----------------------------------------------------------
-    def _load(self):
+    def connect(self, messages, claims):
+        self.messages, self.claims = messages, claims
+
+    def load(self):
+        """At start: the built-in agents exist, and every stored agent is in the cache."""
         ts = now_ms()
         with self.db.write() as c:
             for sid in SYSTEM_AGENTS:
@@ -1712,34 +1703,32 @@ class Relay:
             since = agent["offlineSince"] or agent["lastSeen"]
             agent["offlineMono"] = mono - max(0, wall - since) if agent["status"] == "offline" else None
             self._cache(agent)
-        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
-        self.hub.head = head
-        self.release_orphaned_claims()
 
+    # -- the cache -----------------------------------------------------------
     def _cache(self, agent):
-        old = self.agents.get(agent["id"])
+        old = self._agents.get(agent["id"])
         self.writer.remember(agent["id"], old)
         if old is not None:
             self._unindex(old)
-        self.agents[agent["id"]] = agent
+        self._agents[agent["id"]] = agent
         if not agent["system"]:
             for t in agent_targets(agent):
                 if t != agent["id"]:
-                    self.index[t].add(agent["id"])
+                    self._index[t].add(agent["id"])
 
     def _uncache(self, agent_id):
-        self.writer.remember(agent_id, self.agents.get(agent_id))
-        old = self.agents.pop(agent_id, None)
+        self.writer.remember(agent_id, self._agents.get(agent_id))
+        old = self._agents.pop(agent_id, None)
         if old is not None:
             self._unindex(old)
 
     def _unindex(self, agent):
         for t in agent_targets(agent):
-            ids = self.index.get(t)  # not self.index[t]: that would leave an empty set behind for every id ever seen
+            ids = self._index.get(t)  # not self._index[t]: that would leave an empty set behind for every id ever seen
             if ids is not None:
                 ids.discard(agent["id"])
                 if not ids:
-                    del self.index[t]
+                    del self._index[t]
 
     def put_back(self, agent_id, old):
         """A transaction did not commit: the cached card is again what it was before it (None: there was none)."""
@@ -1748,33 +1737,77 @@ class Relay:
         else:
             self._cache(old)
 
-    def callbacks_queued(self):
-        with self.callback_cv:
-            self.callback_news += 1
-            self.callback_cv.notify_all()
-
-    # -- agents ------------------------------------------------------------
+    # -- lookups -------------------------------------------------------------
     def card(self, agent):
         card = {k: agent[k] for k in CARD_FIELDS}
         card["listening"] = self.hub.listening(agent["id"])
         return card
 
+    def find(self, agent_id):
+        """The agent as cached, or None. The dict is the directory's: read it, never change it."""
+        return self._agents.get(agent_id)
+
+    def knows(self, agent_id):
+        return agent_id in self._agents
+
     def get_agent(self, agent_id):
-        agent = self.agents.get(agent_id)
+        agent = self._agents.get(agent_id)
         if agent is None:
             raise unknown_agent(agent_id)
         return agent
 
+    def all(self):
+        """Every agent in the cache, built-in ones included (the list is a snapshot, the dicts are the directory's)."""
+        return list(self._agents.values())
+
+    def online(self, agent_id):
+        """Whether the agent exists and is not offline."""
+        agent = self._agents.get(agent_id)
+        return agent is not None and agent["status"] != "offline"
+
+    def online_count(self, ids):
+        """How many of these agents are online (not offline)."""
+        return sum(1 for a in ids if a in self._agents and self._agents[a]["status"] != "offline")
+
+    def list_agents(self, status=None, tag=None, cap=None, label=None):
+        out = []
+        for a in list(self._agents.values()):
+            if status and a["status"] != status:
+                continue
+            if tag and tag not in a["tags"]:
+                continue
+            if cap and cap not in a["capabilities"]:
+                continue
+            if label and a.get("label") != label:
+                continue
+            out.append(self.card(a))
+        out.sort(key=lambda a: (-a["lastSeen"], a["id"]))
+        return out
+
+    def matching_agents(self, to, channel, sender):
+        """Agent ids a message reaches now (the sender never gets its own fan-out)."""
+        if to in self._agents and not to.startswith(FANOUT_PREFIXES) and to != "broadcast":
+            return [to]
+        ids = self._agents.keys() if to == "broadcast" else self._index.get(to, ())
+        out = []
+        for aid in list(ids):
+            a = self._agents.get(aid)
+            if a is not None and fanout_reaches(a, to, channel, sender):
+                out.append(aid)
+        out.sort()
+        return out
+
+    # -- presence ------------------------------------------------------------
     def touch(self, agent_id):
         """Activity: keeps an agent online; an offline one comes back."""
-        agent = self.agents.get(agent_id)
+        agent = self._agents.get(agent_id)
         if agent is None or agent["system"]:
             return
         self._seen(agent)
         if agent["status"] == "offline":
             try:
                 with self.writer.tx() as t:
-                    self._set_agent(t, agent, {"status": "online", "offlineSince": None})
+                    self.update_card(t, agent, {"status": "online", "offlineSince": None})
             except StorageUnavailable:
                 pass  # presence is best effort: the request it rides on (often a read, or a write already committed) goes on
 
@@ -1783,7 +1816,11 @@ class Relay:
         the monotonic time that the sweeper counts silence from."""
         agent["lastSeen"] = now_ms()
         agent["seenMono"] = monotonic_ms()
-        self.dirty_seen.add(agent["id"])
+        self._dirty_seen.add(agent["id"])
+
+    def mark_seen(self, agent_id):
+        """Activity recorded inside a transaction (a claim): in memory only, no write and no status change of its own."""
+        self._seen(self._agents[agent_id])
 
     def check_fence(self, agent, instance_id, epoch):
         if instance_id is not None and agent["instanceId"] is not None and instance_id != agent["instanceId"]:
@@ -1793,6 +1830,50 @@ class Relay:
             raise ApiError(409, "superseded", "Epoch %d of %s is not the current one (%d); a newer instance registered."
                            % (epoch, agent["id"], agent["epoch"]), epoch=agent["epoch"])
 
+    def flush_presence(self):
+        """Write the lastSeen values kept in memory (activity is not a write of its own)."""
+        dirty, self._dirty_seen = self._dirty_seen, set()
+        rows = []
+        for a in list(dirty):  # list(): an add racing the swap must not break the loop
+            agent = self._agents.get(a)
+            if agent is not None:
+                rows.append((agent["lastSeen"], a))
+        if rows:
+            with self.writer.tx() as t:
+                t.c.executemany("UPDATE agents SET last_seen = ? WHERE id = ?", rows)
+
+    def sweep_presence(self):
+        """Silent agents go offline (their work back to the pool); long-offline ones are removed.
+
+        Silence is counted on the monotonic clock (seenMono, offlineMono), never as the wall clock's now minus
+        lastSeen: a clock set back an hour would keep a dead agent's claims for that hour, and one set forward
+        would take every agent offline at once."""
+        for aid in list(self._agents):
+            if self.hub.listening(aid):
+                a = self._agents.get(aid)
+                if a is not None:
+                    self._seen(a)
+        self.flush_presence()
+        ttl, prune = self.config.stale_ttl_ms, self.config.offline_prune_ms
+        now = monotonic_ms()
+        for agent in list(self._agents.values()):
+            if agent["system"]:
+                continue
+            if agent["status"] != "offline" and now - agent["seenMono"] > ttl and not self.hub.listening(agent["id"]):
+                with self.writer.tx() as t:
+                    current = self._agents.get(agent["id"])
+                    if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
+                        continue
+                    self.claims.release_claims_of(t, agent["id"])
+                    self.update_card(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
+            elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
+                with self.writer.tx() as t:
+                    current = self._agents.get(agent["id"])
+                    if current is None or current["status"] != "offline":
+                        continue  # gone already, or back online since the snapshot above
+                    self._remove_agent(t, current)
+
+    # -- cards ---------------------------------------------------------------
     COLUMN = {
         "name": "name", "label": "label", "machine": "machine", "rig": "rig", "project": "project",
         "tags": "tags", "capabilities": "capabilities", "channels": "channels", "status": "status",
@@ -1801,13 +1882,13 @@ class Relay:
         "keyHash": "key_hash",
     }
 
-    def _set_agent(self, t, agent, changes, event="agent.updated"):
+    def update_card(self, t, agent, changes, event="agent.updated"):
         """Write changed card fields of an agent and publish the new card.
 
         The base is the directory's current card, read here under the write lock, never the
         caller's copy: a copy taken before the lock may predate a PATCH or a purge.
         """
-        current = self.agents.get(agent["id"])
+        current = self._agents.get(agent["id"])
         if current is None:
             raise unknown_agent(agent["id"])
         agent = current
@@ -1868,7 +1949,7 @@ class Relay:
         fields = {k: v for k, v in fields.items() if v is not None}
         key = None
         with self.writer.tx() as t:
-            existing = self.agents.get(agent_id)
+            existing = self._agents.get(agent_id)
             if existing is not None:
                 auth.act_as(existing, registering=True)
                 auth.change_mode(existing, fields.get("approvalMode"))
@@ -1881,7 +1962,7 @@ class Relay:
                 if self.config.agent_keys and not existing["keyHash"]:
                     key = secrets.token_urlsafe(24)
                     changes["keyHash"] = hashlib.sha256(key.encode()).hexdigest()
-                agent = self._set_agent(t, existing, changes)
+                agent = self.update_card(t, existing, changes)
                 created = False
             else:
                 ts = now_ms()
@@ -1911,59 +1992,12 @@ class Relay:
                 self._cache(agent)
                 t.emit("agent.registered", {"agent": self.card(agent)}, agent_id=agent_id)
                 created = True
-            self._hold_unapproved(t, agent)
-            self._queue_open_work(t, agent)
+            self.messages.hold_unapproved(t, agent)
+            self.messages.queue_open_work(t, agent)
         card = self.card(agent)
         if key:
             card["agentKey"] = key
         return card, created
-
-    def _hold_unapproved(self, t, agent):
-        """A guarded agent sees another agent's message only after a person approves it.
-
-        Messages are held at send time for the guarded agents they reach then; this holds the ones that
-        reach it later, not yet delivered: it registered, gained a tag or channel, or became guarded.
-        """
-        if agent["approvalMode"] != "guarded":
-            return
-        vis, params = self._visibility_sql(agent)
-        rows = t.execute(
-            "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
-            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
-            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
-            [agent["id"]] + params + [agent["id"], agent["cursor"]],
-        ).fetchall()
-        for row in rows:
-            t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (row["id"], agent["id"]))
-            t.emit("message.held", {"message": message_from_row(row), "agentId": agent["id"]}, audience={row["from_agent"]})
-
-    def _queue_open_work(self, t, agent):
-        """Unclaimed claimable messages that now reach the agent but lie behind its cursor: deliver them once."""
-        targets = agent_targets(agent)
-        rows = t.execute(
-            "SELECT id, from_agent, to_target, channel FROM messages WHERE claimable = 1 AND claimed_by IS NULL "
-            "AND id <= ? AND to_target IN (%s)" % ",".join("?" * len(targets)),
-            [agent["cursor"]] + targets,
-        ).fetchall()
-        for r in rows:
-            if fanout_reaches(agent, r["to_target"], r["channel"], r["from_agent"]):
-                t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (agent["id"], r["id"]))
-                t.wake.add(agent["id"])
-
-    def list_agents(self, status=None, tag=None, cap=None, label=None):
-        out = []
-        for a in list(self.agents.values()):
-            if status and a["status"] != status:
-                continue
-            if tag and tag not in a["tags"]:
-                continue
-            if cap and cap not in a["capabilities"]:
-                continue
-            if label and a.get("label") != label:
-                continue
-            out.append(self.card(a))
-        out.sort(key=lambda a: (-a["lastSeen"], a["id"]))
-        return out
 
     def patch_agent(self, agent_id, body, auth):
         agent = self.get_agent(agent_id)
@@ -2007,10 +2041,10 @@ class Relay:
         if not changes:
             return self.card(agent)
         with self.writer.tx() as t:
-            agent = self._set_agent(t, self.get_agent(agent_id), changes)
+            agent = self.update_card(t, self.get_agent(agent_id), changes)
             if any(k in changes for k in ("tags", "capabilities", "channels", "label", "approvalMode")):
-                self._hold_unapproved(t, agent)
-                self._queue_open_work(t, agent)
+                self.messages.hold_unapproved(t, agent)
+                self.messages.queue_open_work(t, agent)
         return self.card(agent)  # a card edit is not the agent's activity (a person may make it)
 
     def heartbeat(self, agent_id, body, auth):
@@ -2023,7 +2057,7 @@ class Relay:
         agent = self.get_agent(agent_id)
         if status and status != agent["status"]:
             with self.writer.tx() as t:
-                agent = self._set_agent(t, agent, {"status": status, "offlineSince": None})
+                agent = self.update_card(t, agent, {"status": status, "offlineSince": None})
         return {"ok": True, "agent": self.card(agent)}
 
     def end_session(self, agent_id, purge, auth):
@@ -2036,15 +2070,15 @@ class Relay:
         with self.writer.tx() as t:
             if purge:
                 return self._remove_agent(t, self.get_agent(agent_id))
-            self.release_claims_of(t, agent_id)
-            agent = self._set_agent(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
+            self.claims.release_claims_of(t, agent_id)
+            agent = self.update_card(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
         self.hub.wake([agent_id])
         return self.card(agent)
 
     def _remove_agent(self, t, agent):
         """Delete an agent (purge or prune); its claims go back to the pool and what was held for it is released,
         so retention can take it in time."""
-        self.release_claims_of(t, agent["id"])
+        self.claims.release_claims_of(t, agent["id"])
         t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
         t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
         t.execute("DELETE FROM receipts WHERE agent_id = ? AND state = 'held'", (agent["id"],))
@@ -2053,6 +2087,89 @@ class Relay:
         card["status"] = "offline"
         t.emit("agent.removed", {"agent": card}, agent_id=agent["id"])
         return card
+
+
+# ============================================================================
+# The relay: domain operations over storage, publishing to the hub
+# ============================================================================
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+class Relay:
+    """Agents, messages, tasks and integrations: the rules of the relay."""
+
+    def __init__(self, config):
+        self.config = config
+        self.db = Storage(config.db)
+        self.hub = Hub()
+        self.started = time.monotonic()  # for uptimeMs: a duration
+        self.integrations = {i["name"]: i for i in config.integrations}
+        self.rate = {name: collections.deque() for name in self.integrations}
+        self.rate_lock = threading.Lock()
+        self.callback_cv = threading.Condition()
+        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
+        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
+        self.stopping = threading.Event()
+        self.threads = []
+        self.writer = Writer(self.db, self.hub)
+        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
+        self.agents.connect(messages=self, claims=self)
+        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks_queued)
+        self._load()
+
+    # -- startup -----------------------------------------------------------
+    def _load(self):
+        self.agents.load()
+        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
+        self.hub.head = head
+        self.release_orphaned_claims()
+
+    def callbacks_queued(self):
+        with self.callback_cv:
+            self.callback_news += 1
+            self.callback_cv.notify_all()
+
+    # -- agents ------------------------------------------------------------
+    def hold_unapproved(self, t, agent):
+        """A guarded agent sees another agent's message only after a person approves it.
+
+        Messages are held at send time for the guarded agents they reach then; this holds the ones that
+        reach it later, not yet delivered: it registered, gained a tag or channel, or became guarded.
+        """
+        if agent["approvalMode"] != "guarded":
+            return
+        vis, params = self._visibility_sql(agent)
+        rows = t.execute(
+            "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
+            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
+            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
+            [agent["id"]] + params + [agent["id"], agent["cursor"]],
+        ).fetchall()
+        for row in rows:
+            t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (row["id"], agent["id"]))
+            t.emit("message.held", {"message": message_from_row(row), "agentId": agent["id"]}, audience={row["from_agent"]})
+
+    def queue_open_work(self, t, agent):
+        """Unclaimed claimable messages that now reach the agent but lie behind its cursor: deliver them once."""
+        targets = agent_targets(agent)
+        rows = t.execute(
+            "SELECT id, from_agent, to_target, channel FROM messages WHERE claimable = 1 AND claimed_by IS NULL "
+            "AND id <= ? AND to_target IN (%s)" % ",".join("?" * len(targets)),
+            [agent["cursor"]] + targets,
+        ).fetchall()
+        for r in rows:
+            if fanout_reaches(agent, r["to_target"], r["channel"], r["from_agent"]):
+                t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (agent["id"], r["id"]))
+                t.wake.add(agent["id"])
 
     def release_claims_of(self, t, agent_id):
         """Give back every message and unfinished task the agent had claimed."""
@@ -2071,26 +2188,13 @@ class Relay:
         without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
         claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
                                  "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
-        gone = [r[0] for r in claimers if r[0] not in self.agents or self.agents[r[0]]["status"] == "offline"]
+        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
         if gone:
             with self.writer.tx() as t:
                 for agent_id in gone:
                     self.release_claims_of(t, agent_id)
 
     # -- messages ----------------------------------------------------------
-    def matching_agents(self, to, channel, sender):
-        """Agent ids a message reaches now (the sender never gets its own fan-out)."""
-        if to in self.agents and not to.startswith(FANOUT_PREFIXES) and to != "broadcast":
-            return [to]
-        ids = self.agents.keys() if to == "broadcast" else self.index.get(to, ())
-        out = []
-        for aid in list(ids):
-            a = self.agents.get(aid)
-            if a is not None and fanout_reaches(a, to, channel, sender):
-                out.append(aid)
-        out.sort()
-        return out
-
     def held_for(self, agent, sender, outside=False):
         """Whether a message from `sender` waits for a person before it reaches `agent`: a guarded agent gets a person's
         (human, system) messages at once, and another agent's, or work from outside (`outside`: an integration's
@@ -2104,7 +2208,7 @@ class Relay:
         """Who may see a stored message's text on their stream: the agents it reaches now, except those it is held
         (or was rejected) for, and its sender. Every event that carries the text of a message, or of the task it
         announces, goes to these agents; _send applies the same rule as it creates the message."""
-        audience = set(self.matching_agents(row["to_target"], row["channel"], row["from_agent"]))
+        audience = set(self.agents.matching_agents(row["to_target"], row["channel"], row["from_agent"]))
         if audience:
             audience.difference_update(r[0] for r in t.execute(
                 "SELECT agent_id FROM receipts WHERE message_id = ? AND state IN ('held','rejected')", (row["id"],)))
@@ -2141,11 +2245,11 @@ class Relay:
         payload = f.obj("payload", default={})
         meta = f.obj("meta", default={})
         target_kind, _ = parse_target(to)
-        agent = self.agents.get(sender)
+        agent = self.agents.find(sender)
         if agent is None:
             raise unknown_agent(sender)
         auth.act_as(agent)
-        if target_kind == "agent" and to not in self.agents:
+        if target_kind == "agent" and not self.agents.knows(to):
             raise unknown_agent(to)
         def job(t):
             return self._send(sender, to, text, subject=subject, kind=kind, channel=channel, claimable=claimable,
@@ -2154,7 +2258,7 @@ class Relay:
         def committed(result):
             out, created = result
             if created and sender not in SYSTEM_AGENTS:
-                self.touch(sender)
+                self.agents.touch(sender)
             return out, created
 
         if then is None:
@@ -2167,7 +2271,7 @@ class Relay:
 
     def _send(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
               idem=None, payload=None, meta=None, t=None, outside=False):
-        agent = self.get_agent(sender)
+        agent = self.agents.get_agent(sender)
         if agent["approvalMode"] == "read-only" and reply_to is None:
             raise ApiError(403, "read_only", "%s is read-only: it may reply to messages (replyTo) but not start conversations." % sender)
         if agent["approvalMode"] == "read-only" and claimable:
@@ -2178,8 +2282,8 @@ class Relay:
                 row = t.execute("SELECT * FROM messages WHERE from_agent = ? AND idempotency_key = ?", (sender, idem)).fetchone()
                 if row is not None:
                     msg = message_from_row(row)
-                    matched = self.matching_agents(msg["to"], msg["channel"], sender)
-                    return {"message": msg, "matched": matched, "online": self._online(matched), "duplicate": True}, False
+                    matched = self.agents.matching_agents(msg["to"], msg["channel"], sender)
+                    return {"message": msg, "matched": matched, "online": self.agents.online_count(matched), "duplicate": True}, False
             thread = None
             if reply_to is not None:
                 parent = t.execute("SELECT * FROM messages WHERE id = ?", (reply_to,)).fetchone()
@@ -2193,8 +2297,8 @@ class Relay:
                     raise ApiError(403, "read_only", "%s is read-only: its reply to message %d may go only to that message's "
                                    "sender, %s, not to %s." % (sender, reply_to, parent["from_agent"], to))
                 thread = parent["thread_id"] if parent["thread_id"] is not None else parent["id"]
-            matched = self.matching_agents(to, channel, sender)
-            held = [a for a in matched if self.held_for(self.agents[a], sender, outside)]
+            matched = self.agents.matching_agents(to, channel, sender)
+            held = [a for a in matched if self.held_for(self.agents.find(a), sender, outside)]
             ts = now_ms()
             mid = t.insert("messages", self.MESSAGE_COLUMNS, (sender, to, subject, text, kind, channel, int(claimable), reply_to,
                                                               thread, idem, dumps(payload) if payload else "{}",
@@ -2212,11 +2316,8 @@ class Relay:
                 t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (mid, a))
                 t.emit("message.held", {"message": msg, "agentId": a}, audience={sender})
         if sender not in SYSTEM_AGENTS and owns_tx:
-            self.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
-        return {"message": msg, "matched": matched, "online": self._online(matched)}, True
-
-    def _online(self, ids):
-        return sum(1 for a in ids if a in self.agents and self.agents[a]["status"] != "offline")
+            self.agents.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
+        return {"message": msg, "matched": matched, "online": self.agents.online_count(matched)}, True
 
     def get_message_row(self, c, message_id):
         row = c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
@@ -2302,17 +2403,17 @@ class Relay:
     HANGUP_CHECK_S = 5.0
 
     def inbox(self, agent_id, since, limit, unread, wait, auth, client_gone=None):
-        agent = self.get_agent(agent_id)
+        agent = self.agents.get_agent(agent_id)
         auth.act_as(agent)
         start = since if since is not None else agent["cursor"]
         waiter = self.hub.subscribe(agent_id, "poll") if wait > 0 else None
-        self.touch(agent_id)
+        self.agents.touch(agent_id)
         try:
             deadline = time.monotonic() + wait
             while True:
                 if waiter is not None:
                     waiter.event.clear()
-                agent = self.get_agent(agent_id)
+                agent = self.agents.get_agent(agent_id)
                 messages, more, redelivered, cursor = self.visible_messages_for(agent, start, limit, unread)
                 if messages or waiter is None or self.hub.stopping:
                     break
@@ -2332,7 +2433,7 @@ class Relay:
         if waiter is not None and client_gone is not None and client_gone():
             return None  # nobody to hand it to: keep it for the next poll (and a client gone is no activity)
         if waiter is not None:
-            self.touch(agent_id)
+            self.agents.touch(agent_id)
 
         try:
             self.record_delivery(agent, messages, redelivered, cursor)
@@ -2355,19 +2456,19 @@ class Relay:
             if redelivered:
                 t.c.executemany("DELETE FROM redeliveries WHERE agent_id = ? AND message_id = ?",
                                 [(agent["id"], mid) for mid in redelivered])
-            current = self.agents.get(agent["id"])
+            current = self.agents.find(agent["id"])
             if current is not None and cursor > current["cursor"]:
                 # a `since` beyond the newest message must not carry the kept cursor past messages still to come
                 head = t.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
                 if min(cursor, head) > current["cursor"]:
-                    self._set_agent(t, current, {"cursor": min(cursor, head)}, event=None)
+                    self.agents.update_card(t, current, {"cursor": min(cursor, head)}, event=None)
 
     def cursor(self):
         return {"cursor": self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM messages")[0]}
 
     def mark_read(self, message_id, body, auth):
         f = Fields(body)
-        agent = self.get_agent(f.string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         ts = now_ms()
         with self.writer.tx() as t:
@@ -2382,11 +2483,11 @@ class Relay:
             )
             t.emit("message.read", {"messageId": message_id, "agentId": agent["id"]}, agent_id=agent["id"],
                    audience={row["from_agent"]})
-        self.touch(agent["id"])
+        self.agents.touch(agent["id"])
         return {"ok": True, "messageId": message_id, "agentId": agent["id"], "readAt": ts}
 
     def mark_read_upto(self, agent_id, body, auth):
-        agent = self.get_agent(agent_id)
+        agent = self.agents.get_agent(agent_id)
         auth.act_as(agent)
         up_to = Fields(body).integer("upTo", required=True)
         vis, params = self._visibility_sql(agent)
@@ -2406,12 +2507,12 @@ class Relay:
             )
             if ids:
                 t.emit("message.read", {"agentId": agent["id"], "upTo": up_to, "count": len(ids)}, agent_id=agent["id"])
-        self.touch(agent["id"])
+        self.agents.touch(agent["id"])
         return {"count": len(ids)}
 
     def claim_message(self, message_id, body, auth):
         f = Fields(body)
-        agent = self.get_agent(f.string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
         with self.writer.tx() as t:
@@ -2436,7 +2537,7 @@ class Relay:
                 self._emit_message(t, "message.claimed", row, agentId=agent["id"])
                 if task is not None and task["status"] == "open":
                     self._claim_task_row(t, task, agent["id"], ts, also_message=False)
-            self._seen(self.agents[agent["id"]])  # in here, not touch() after: a session end committed next must stand
+            self.agents.mark_seen(agent["id"])  # in here, not touch() after: a session end committed next must stand
         return {"message": message_from_row(row)}
 
     def _claimer(self, t, agent_id, instance_id, epoch):
@@ -2447,7 +2548,7 @@ class Relay:
         if row is None:
             raise unknown_agent(agent_id)
         agent = agent_from_row(row)
-        self.check_fence(agent, instance_id, epoch)
+        self.agents.check_fence(agent, instance_id, epoch)
         if agent["status"] == "offline":
             raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
                            "claim work; send a heartbeat (or register again) first." % agent_id)
@@ -2459,7 +2560,7 @@ class Relay:
         t.emit(type, data, audience=self.readers_of(t, row))
 
     def release_message(self, message_id, body, auth):
-        agent = self.get_agent(Fields(body).string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(Fields(body).string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         with self.writer.tx() as t:
             row = self.get_message_row(t.c, message_id)
@@ -2475,13 +2576,13 @@ class Relay:
             if task is not None and task["status"] in ("claimed", "blocked"):
                 self._release_task(t, task, agent["id"], also_message=False)
             row = self.get_message_row(t.c, message_id)
-        self.touch(agent["id"])
+        self.agents.touch(agent["id"])
         return {"message": message_from_row(row)}
 
     def _release_message(self, t, row, releaser):
         """Back to the pool: every agent it reaches gets it (again) once, except the one that gave it back."""
         t.execute("UPDATE messages SET claimed_by = NULL, claimed_at = NULL WHERE id = ?", (row["id"],))
-        for aid in self.matching_agents(row["to_target"], row["channel"], row["from_agent"]):
+        for aid in self.agents.matching_agents(row["to_target"], row["channel"], row["from_agent"]):
             if aid != releaser:
                 t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (aid, row["id"]))
                 t.wake.add(aid)
@@ -2515,7 +2616,7 @@ class Relay:
     def history(self, q):
         where, params = [], []
         if q.get("agent"):
-            agent = self.agents.get(q["agent"])
+            agent = self.agents.find(q["agent"])
             if agent is None:
                 raise unknown_agent(q["agent"])
             vis, p = self._visibility_sql(agent)
@@ -2571,7 +2672,7 @@ class Relay:
         if msg is not None:
             audience = self.readers_of(t, msg)  # a task's text is its message's: not for whom that is held
         else:
-            audience = set(self.matching_agents(task["target"], task["channel"], None))
+            audience = set(self.agents.matching_agents(task["target"], task["channel"], None))
         if task["claimedBy"]:
             audience.add(task["claimedBy"])
         t.emit("task.created" if callback_event == "task.created" else "task.updated", {"task": task}, audience=audience)
@@ -2588,7 +2689,7 @@ class Relay:
         f = Fields(body)
         sender = f.string("from", max_len=128)
         if sender is not None:
-            agent = self.get_agent(sender)
+            agent = self.agents.get_agent(sender)
             auth.act_as(agent)
             if agent["approvalMode"] == "read-only":
                 raise ApiError(403, "read_only", "%s is read-only and may not hand out work." % sender)
@@ -2597,14 +2698,14 @@ class Relay:
         source = ("agent:" + sender) if sender else "api"
         out = self._create_or_count(f, source, None, sender or "system")
         if sender is not None:
-            self.touch(sender)
+            self.agents.touch(sender)
         return out
 
     def _task_fields(self, f, target=None, channel=None):
         title = f.string("title", required=True, max_len=1024)
         target = target or f.string("target", required=True, max_len=200)
         kind, _ = parse_target(target, "target")
-        if kind == "agent" and target not in self.agents:
+        if kind == "agent" and not self.agents.knows(target):
             raise unknown_agent(target)
         if channel is None:
             channel = f.string("channel", max_len=64)
@@ -2643,7 +2744,7 @@ class Relay:
                  source, integration, fields["externalUrl"], dumps(fields["metadata"]), ts, ts, ts, ts),
             )
             task_id = cur.lastrowid
-            sender = actor if actor in self.agents else "system"
+            sender = actor if self.agents.knows(actor) else "system"
             payload = {"taskId": task_id, "severity": fields["severity"], "source": source,
                        "externalUrl": fields["externalUrl"], "dedupeKey": fields["dedupeKey"]}
             result, _ = self._send(sender, fields["target"], fields["body"] or fields["title"], subject=fields["title"],
@@ -2679,7 +2780,7 @@ class Relay:
 
     def claim_task(self, task_id, body, auth):
         f = Fields(body)
-        agent = self.get_agent(f.string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
         with self.writer.tx() as t:
@@ -2697,7 +2798,7 @@ class Relay:
                 task = self._claim_task_row(t, row, agent["id"], now_ms(), also_message=True)
             else:
                 task = task_from_row(row)
-            self._seen(self.agents[agent["id"]])
+            self.agents.mark_seen(agent["id"])
         return {"task": task}
 
     def _check_task_addressed(self, t, agent, row):
@@ -2751,7 +2852,7 @@ class Relay:
             raise invalid("status", "send at least one of status, progress or result")
         agent = None
         if actor_id is not None:
-            agent = self.get_agent(actor_id)
+            agent = self.agents.get_agent(actor_id)
             auth.act_as(agent)
             if agent["approvalMode"] == "read-only":
                 raise ApiError(403, "read_only", "%s is read-only and may not change tasks." % agent["id"])
@@ -2785,7 +2886,7 @@ class Relay:
                 t.execute("UPDATE tasks SET result = ?, updated_at = ? WHERE id = ?", (dumps(result), ts, task_id))
             task = self._task_changed(t, task_id, "task.status")
         if agent is not None:
-            self.touch(agent["id"])
+            self.agents.touch(agent["id"])
         return {"task": task}
 
     # -- integrations ------------------------------------------------------
@@ -2967,53 +3068,10 @@ class Relay:
         next_retention = 0.0  # the first retention pass runs with the first sweep, seconds after start
         while not sleep_unless(self.stopping, self.sweep_interval()):
             self.db.verify(now=False)  # an idle relay notices its database file deleted or replaced, too
-            self.sweep_presence()
+            self.agents.sweep_presence()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self.RETENTION_EVERY_S
                 self.apply_retention()
-
-    def flush_presence(self):
-        """Write the lastSeen values kept in memory (activity is not a write of its own)."""
-        dirty, self.dirty_seen = self.dirty_seen, set()
-        rows = []
-        for a in list(dirty):  # list(): an add racing the swap must not break the loop
-            agent = self.agents.get(a)
-            if agent is not None:
-                rows.append((agent["lastSeen"], a))
-        if rows:
-            with self.writer.tx() as t:
-                t.c.executemany("UPDATE agents SET last_seen = ? WHERE id = ?", rows)
-
-    def sweep_presence(self):
-        """Silent agents go offline (their work back to the pool); long-offline ones are removed.
-
-        Silence is counted on the monotonic clock (seenMono, offlineMono), never as the wall clock's now minus
-        lastSeen: a clock set back an hour would keep a dead agent's claims for that hour, and one set forward
-        would take every agent offline at once."""
-        for aid in list(self.agents):
-            if self.hub.listening(aid):
-                a = self.agents.get(aid)
-                if a is not None:
-                    self._seen(a)
-        self.flush_presence()
-        ttl, prune = self.config.stale_ttl_ms, self.config.offline_prune_ms
-        now = monotonic_ms()
-        for agent in list(self.agents.values()):
-            if agent["system"]:
-                continue
-            if agent["status"] != "offline" and now - agent["seenMono"] > ttl and not self.hub.listening(agent["id"]):
-                with self.writer.tx() as t:
-                    current = self.agents.get(agent["id"])
-                    if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
-                        continue
-                    self.release_claims_of(t, agent["id"])
-                    self._set_agent(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
-            elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
-                with self.writer.tx() as t:
-                    current = self.agents.get(agent["id"])
-                    if current is None or current["status"] != "offline":
-                        continue  # gone already, or back online since the snapshot above
-                    self._remove_agent(t, current)
 
     RETENTION_BATCH = 500
 
@@ -3061,7 +3119,7 @@ class Relay:
     # -- health and stats --------------------------------------------------
     def stats(self):
         agents = {"total": 0, "online": 0, "idle": 0, "busy": 0, "offline": 0, "listening": 0}
-        for a in list(self.agents.values()):
+        for a in self.agents.all():
             if a["system"]:
                 continue
             agents["total"] += 1
@@ -3098,7 +3156,7 @@ class Relay:
     def close(self):
         self.writer.close()
         try:
-            self.flush_presence()
+            self.agents.flush_presence()
         except (StorageUnavailable, sqlite3.Error):
             pass
         self.db.close()
@@ -3369,26 +3427,26 @@ class Api:
 
     # -- agents ------------------------------------------------------------
     def register(self, req):
-        card, created = self.relay.register(req.body, req.auth)
+        card, created = self.relay.agents.register(req.body, req.auth)
         return (201 if created else 200), card
 
     def list_agents(self, req):
         status = req.q("status", 16)
         if status is not None and status not in STATUSES:
             raise invalid("status", "must be one of %s" % ", ".join(STATUSES))
-        return 200, {"agents": self.relay.list_agents(status, req.q("tag", 64), req.q("cap", 64), req.q("label", 64))}
+        return 200, {"agents": self.relay.agents.list_agents(status, req.q("tag", 64), req.q("cap", 64), req.q("label", 64))}
 
     def get_agent(self, req):
-        return 200, self.relay.card(self.relay.get_agent(req.agent_id()))
+        return 200, self.relay.agents.card(self.relay.agents.get_agent(req.agent_id()))
 
     def patch_agent(self, req):
-        return 200, self.relay.patch_agent(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.agents.patch_agent(req.agent_id(), req.body, req.auth)
 
     def delete_agent(self, req):
-        return 200, self.relay.end_session(req.agent_id(), req.qbool("purge"), req.auth)
+        return 200, self.relay.agents.end_session(req.agent_id(), req.qbool("purge"), req.auth)
 
     def heartbeat(self, req):
-        return 200, self.relay.heartbeat(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.agents.heartbeat(req.agent_id(), req.body, req.auth)
 
     def inbox(self, req):
         since = req.qint("since")
@@ -3489,7 +3547,7 @@ class Api:
         relay = self.relay
         agent_id = req.q("agentId", 128)
         if agent_id is not None:
-            req.auth.act_as(relay.get_agent(agent_id))
+            req.auth.act_as(relay.agents.get_agent(agent_id))
         types = set(_parse_list(req.q("types", 1024) or "")) or None
         last = req.handler.headers.get("Last-Event-ID")
         if last is not None and last.strip():
@@ -3510,7 +3568,7 @@ class Api:
             h.close_connection = True
             h.wfile.write(b"retry: 2000\n: connected\n\n")
             if agent_id:
-                relay.touch(agent_id)
+                relay.agents.touch(agent_id)
             ping = relay.config.sse_ping_ms / 1000.0
             next_ping = time.monotonic() + ping
             while not relay.hub.stopping:
@@ -3534,7 +3592,7 @@ class Api:
         finally:
             relay.hub.unsubscribe(waiter)
             if agent_id:
-                relay.touch(agent_id)
+                relay.agents.touch(agent_id)
         return None, None
 
     def _stored_events(self, since):
