@@ -85,7 +85,7 @@ def make_relay(tmp_path):
 
 def write(t, body):
     # messages are added only through Tx.insert, which hands out their ids
-    t.insert("messages", agent_relay.Relay.MESSAGE_COLUMNS, ("a", "b", None, body, "chat", None, 0, None, None, None, "{}", "{}", 0))
+    t.insert("messages", agent_relay.Messages.MESSAGE_COLUMNS, ("a", "b", None, body, "chat", None, 0, None, None, None, "{}", "{}", 0))
     return body
 
 
@@ -158,11 +158,11 @@ def test_held_rows_are_read_back_in_their_transaction_and_ids_follow_a_rollback(
     relay = make_relay(tmp_path)
     try:
         auth = agent_relay.Auth(relay, {}, False)
-        first, _ = relay.send({"from": "a", "to": "b", "body": "one"}, auth)
+        first, _ = relay.messages.send({"from": "a", "to": "b", "body": "one"}, auth)
         head = relay.db.query_one("SELECT MAX(id) FROM events")[0]
 
         def held_then_read(t):
-            out, _ = relay._send("a", "b", "two", t=t)
+            out, _ = relay.messages.create("a", "b", "two", t=t)
             seen = t.execute("SELECT body FROM messages WHERE id = ?", (out["message"]["id"],)).fetchone()
             assert seen is not None and seen[0] == "two"  # written before the read
             raise ValueError("rolled back after writing")
@@ -170,7 +170,7 @@ def test_held_rows_are_read_back_in_their_transaction_and_ids_follow_a_rollback(
         results = run_in_one_batch(relay, [("held", held_then_read)])
         assert results["held"][0] == "error" and str(results["held"][1]) == "rolled back after writing"
         assert bodies(relay) == ["first", "one"]
-        second, _ = relay.send({"from": "a", "to": "b", "body": "three"}, auth)
+        second, _ = relay.messages.send({"from": "a", "to": "b", "body": "three"}, auth)
         assert second["message"]["id"] == first["message"]["id"] + 2  # "first" (the helper's write) took the id between
         stored = relay.db.query("SELECT id, type FROM events WHERE id > ? ORDER BY id", (head,))
         assert [r["type"] for r in stored] == ["message.created"] and stored[0]["id"] == head + 1

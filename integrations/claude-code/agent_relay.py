@@ -2090,111 +2090,27 @@ class AgentDirectory:
 
 
 # ============================================================================
-# The relay: domain operations over storage, publishing to the hub
+# Messages: sending, who sees what, the inbox, receipts, holds, history
 # ============================================================================
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+class Messages:
+    """Messages between agents: sending (to one agent, or fanned out to a tag, capability, label, channel or
+    everyone), which agents may see a message, the inbox and its long-poll, receipts (delivered, read),
+    messages held for a guarded agent until a person approves or rejects them, a message's thread, history,
+    and a claimable message given back to the pool (queued again for every agent it reaches).
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+    Owns the rules of the messages, receipts and redeliveries tables. May call: the writer, the Hub (an inbox
+    waits on it), config, and the agent directory (who exists, whom a target reaches, activity)."""
 
-
-CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
-
-
-class Relay:
-    """Agents, messages, tasks and integrations: the rules of the relay."""
-
-    def __init__(self, config):
+    def __init__(self, config, db, hub, writer, agents):
         self.config = config
-        self.db = Storage(config.db)
-        self.hub = Hub()
-        self.started = time.monotonic()  # for uptimeMs: a duration
-        self.integrations = {i["name"]: i for i in config.integrations}
-        self.rate = {name: collections.deque() for name in self.integrations}
-        self.rate_lock = threading.Lock()
-        self.callback_cv = threading.Condition()
-        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
-        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
-        self.stopping = threading.Event()
-        self.threads = []
-        self.writer = Writer(self.db, self.hub)
-        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
-        self.agents.connect(messages=self, claims=self)
-        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks_queued)
-        self._load()
+        self.db = db
+        self.hub = hub
+        self.writer = writer
+        self.agents = agents
 
-    # -- startup -----------------------------------------------------------
-    def _load(self):
-        self.agents.load()
-        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
-        self.hub.head = head
-        self.release_orphaned_claims()
-
-    def callbacks_queued(self):
-        with self.callback_cv:
-            self.callback_news += 1
-            self.callback_cv.notify_all()
-
-    # -- agents ------------------------------------------------------------
-    def hold_unapproved(self, t, agent):
-        """A guarded agent sees another agent's message only after a person approves it.
-
-        Messages are held at send time for the guarded agents they reach then; this holds the ones that
-        reach it later, not yet delivered: it registered, gained a tag or channel, or became guarded.
-        """
-        if agent["approvalMode"] != "guarded":
-            return
-        vis, params = self._visibility_sql(agent)
-        rows = t.execute(
-            "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
-            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
-            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
-            [agent["id"]] + params + [agent["id"], agent["cursor"]],
-        ).fetchall()
-        for row in rows:
-            t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (row["id"], agent["id"]))
-            t.emit("message.held", {"message": message_from_row(row), "agentId": agent["id"]}, audience={row["from_agent"]})
-
-    def queue_open_work(self, t, agent):
-        """Unclaimed claimable messages that now reach the agent but lie behind its cursor: deliver them once."""
-        targets = agent_targets(agent)
-        rows = t.execute(
-            "SELECT id, from_agent, to_target, channel FROM messages WHERE claimable = 1 AND claimed_by IS NULL "
-            "AND id <= ? AND to_target IN (%s)" % ",".join("?" * len(targets)),
-            [agent["cursor"]] + targets,
-        ).fetchall()
-        for r in rows:
-            if fanout_reaches(agent, r["to_target"], r["channel"], r["from_agent"]):
-                t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (agent["id"], r["id"]))
-                t.wake.add(agent["id"])
-
-    def release_claims_of(self, t, agent_id):
-        """Give back every message and unfinished task the agent had claimed."""
-        rows = t.execute(
-            "SELECT m.* FROM messages m WHERE m.claimed_by = ? AND m.claimable = 1 AND NOT EXISTS "
-            "(SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.status IN ('done','failed','canceled'))",
-            (agent_id,),
-        ).fetchall()
-        for row in rows:
-            self._release_message(t, row, agent_id)
-        for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
-            self._release_task(t, row, agent_id, also_message=False)
-
-    def release_orphaned_claims(self):
-        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
-        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
-        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
-                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
-        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
-        if gone:
-            with self.writer.tx() as t:
-                for agent_id in gone:
-                    self.release_claims_of(t, agent_id)
-
-    # -- messages ----------------------------------------------------------
+    # -- who sees a message --------------------------------------------------
     def held_for(self, agent, sender, outside=False):
         """Whether a message from `sender` waits for a person before it reaches `agent`: a guarded agent gets a person's
         (human, system) messages at once, and another agent's, or work from outside (`outside`: an integration's
@@ -2207,7 +2123,7 @@ class Relay:
     def readers_of(self, t, row):
         """Who may see a stored message's text on their stream: the agents it reaches now, except those it is held
         (or was rejected) for, and its sender. Every event that carries the text of a message, or of the task it
-        announces, goes to these agents; _send applies the same rule as it creates the message."""
+        announces, goes to these agents; create applies the same rule as it stores the message."""
         audience = set(self.agents.matching_agents(row["to_target"], row["channel"], row["from_agent"]))
         if audience:
             audience.difference_update(r[0] for r in t.execute(
@@ -2225,6 +2141,17 @@ class Relay:
         r = c.execute("SELECT state FROM receipts WHERE message_id = ? AND agent_id = ?", (message_id, agent_id)).fetchone()
         return r[0] if r else None
 
+    def _visibility_sql(self, agent, targets=None):
+        """WHERE clause (and its parameters) for messages addressed to this agent (by `targets`, default all of its own)."""
+        targets = targets or agent_targets(agent)
+        sql = "m.to_target IN (%s) AND (m.to_target = ? OR m.from_agent != ?)" % ",".join("?" * len(targets))
+        params = targets + [agent["id"], agent["id"]]
+        if "all" not in agent["channels"]:
+            sql += " AND (m.to_target = ? OR m.channel IN (%s))" % ",".join("?" * len(agent["channels"]))
+            params += [agent["id"]] + agent["channels"]
+        return sql, params
+
+    # -- sending -------------------------------------------------------------
     def send(self, body, auth, then=None):
         """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
         (Writer.group_tx)."""
@@ -2252,7 +2179,7 @@ class Relay:
         if target_kind == "agent" and not self.agents.knows(to):
             raise unknown_agent(to)
         def job(t):
-            return self._send(sender, to, text, subject=subject, kind=kind, channel=channel, claimable=claimable,
+            return self.create(sender, to, text, subject=subject, kind=kind, channel=channel, claimable=claimable,
                               reply_to=reply_to, idem=idem, payload=payload, meta=meta, t=t)
 
         def committed(result):
@@ -2269,7 +2196,7 @@ class Relay:
     MESSAGE_COLUMNS = ("id", "from_agent", "to_target", "subject", "body", "kind", "channel", "claimable", "reply_to", "thread_id",
                        "idempotency_key", "payload", "meta", "created_at")
 
-    def _send(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
+    def create(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
               idem=None, payload=None, meta=None, t=None, outside=False):
         agent = self.agents.get_agent(sender)
         if agent["approvalMode"] == "read-only" and reply_to is None:
@@ -2319,6 +2246,11 @@ class Relay:
             self.agents.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
         return {"message": msg, "matched": matched, "online": self.agents.online_count(matched)}, True
 
+    def emit_message(self, t, type, row, **extra):
+        data = {"message": message_from_row(row)}
+        data.update(extra)
+        t.emit(type, data, audience=self.readers_of(t, row))
+
     def get_message_row(self, c, message_id):
         row = c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
@@ -2341,16 +2273,7 @@ class Relay:
             rows = c.execute("SELECT * FROM messages WHERE id = ? OR thread_id = ? ORDER BY id", (tid, tid)).fetchall()
         return {"threadId": tid, "messages": [message_from_row(r) for r in rows]}
 
-    def _visibility_sql(self, agent, targets=None):
-        """WHERE clause (and its parameters) for messages addressed to this agent (by `targets`, default all of its own)."""
-        targets = targets or agent_targets(agent)
-        sql = "m.to_target IN (%s) AND (m.to_target = ? OR m.from_agent != ?)" % ",".join("?" * len(targets))
-        params = targets + [agent["id"], agent["id"]]
-        if "all" not in agent["channels"]:
-            sql += " AND (m.to_target = ? OR m.channel IN (%s))" % ",".join("?" * len(agent["channels"]))
-            params += [agent["id"]] + agent["channels"]
-        return sql, params
-
+    # -- the inbox and receipts ----------------------------------------------
     def visible_messages_for(self, agent, since, limit, unread=False):
         """(messages, more, redelivered ids): what the inbox returns for `since`."""
         # One branch per target, each an index range read in id order and cut at the page size, merged:
@@ -2510,83 +2433,47 @@ class Relay:
         self.agents.touch(agent["id"])
         return {"count": len(ids)}
 
-    def claim_message(self, message_id, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
-        with self.writer.tx() as t:
-            agent = self._claimer(t, agent["id"], instance_id, epoch)
-            row = self.get_message_row(t.c, message_id)
-            if not row["claimable"]:
-                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
-            if agent["approvalMode"] == "read-only":
-                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
-            if not self.visible_to(agent, row, self.receipt_state(t.c, message_id, agent["id"])):
-                raise ApiError(403, "not_addressed", "Message %d (to %s) is not addressed to %s." % (message_id, row["to_target"], agent["id"]))
-            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
-            if task is not None and task["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task["id"], task["status"]))
-            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "already_claimed", "Message %d is already claimed by %s." % (message_id, row["claimed_by"]),
-                               claimedBy=row["claimed_by"])
-            if row["claimed_by"] is None:
-                ts = now_ms()
-                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent["id"], ts, message_id))
-                row = self.get_message_row(t.c, message_id)
-                self._emit_message(t, "message.claimed", row, agentId=agent["id"])
-                if task is not None and task["status"] == "open":
-                    self._claim_task_row(t, task, agent["id"], ts, also_message=False)
-            self.agents.mark_seen(agent["id"])  # in here, not touch() after: a session end committed next must stand
-        return {"message": message_from_row(row)}
-
-    def _claimer(self, t, agent_id, instance_id, epoch):
-        """The agent about to take work, read from the database inside the claim's transaction (under the write
-        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
-        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
-        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
-        if row is None:
-            raise unknown_agent(agent_id)
-        agent = agent_from_row(row)
-        self.agents.check_fence(agent, instance_id, epoch)
-        if agent["status"] == "offline":
-            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
-                           "claim work; send a heartbeat (or register again) first." % agent_id)
-        return agent
-
-    def _emit_message(self, t, type, row, **extra):
-        data = {"message": message_from_row(row)}
-        data.update(extra)
-        t.emit(type, data, audience=self.readers_of(t, row))
-
-    def release_message(self, message_id, body, auth):
-        agent = self.agents.get_agent(Fields(body).string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        with self.writer.tx() as t:
-            row = self.get_message_row(t.c, message_id)
-            if not row["claimable"]:
-                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
-            if row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "not_owner", "Message %d is claimed by %s, not %s." % (message_id, row["claimed_by"] or "nobody", agent["id"]),
-                               claimedBy=row["claimed_by"])
-            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
-            if task is not None and task["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; its claim cannot be released." % (task["id"], task["status"]))
-            self._release_message(t, row, agent["id"])
-            if task is not None and task["status"] in ("claimed", "blocked"):
-                self._release_task(t, task, agent["id"], also_message=False)
-            row = self.get_message_row(t.c, message_id)
-        self.agents.touch(agent["id"])
-        return {"message": message_from_row(row)}
-
-    def _release_message(self, t, row, releaser):
+    def return_to_pool(self, t, row, releaser):
         """Back to the pool: every agent it reaches gets it (again) once, except the one that gave it back."""
         t.execute("UPDATE messages SET claimed_by = NULL, claimed_at = NULL WHERE id = ?", (row["id"],))
         for aid in self.agents.matching_agents(row["to_target"], row["channel"], row["from_agent"]):
             if aid != releaser:
                 t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (aid, row["id"]))
                 t.wake.add(aid)
-        self._emit_message(t, "message.released", self.get_message_row(t.c, row["id"]), agentId=releaser)
+        self.emit_message(t, "message.released", self.get_message_row(t.c, row["id"]), agentId=releaser)
+
+    # -- holds and approvals -------------------------------------------------
+    def hold_unapproved(self, t, agent):
+        """A guarded agent sees another agent's message only after a person approves it.
+
+        Messages are held at send time for the guarded agents they reach then; this holds the ones that
+        reach it later, not yet delivered: it registered, gained a tag or channel, or became guarded.
+        """
+        if agent["approvalMode"] != "guarded":
+            return
+        vis, params = self._visibility_sql(agent)
+        rows = t.execute(
+            "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
+            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
+            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
+            [agent["id"]] + params + [agent["id"], agent["cursor"]],
+        ).fetchall()
+        for row in rows:
+            t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (row["id"], agent["id"]))
+            t.emit("message.held", {"message": message_from_row(row), "agentId": agent["id"]}, audience={row["from_agent"]})
+
+    def queue_open_work(self, t, agent):
+        """Unclaimed claimable messages that now reach the agent but lie behind its cursor: deliver them once."""
+        targets = agent_targets(agent)
+        rows = t.execute(
+            "SELECT id, from_agent, to_target, channel FROM messages WHERE claimable = 1 AND claimed_by IS NULL "
+            "AND id <= ? AND to_target IN (%s)" % ",".join("?" * len(targets)),
+            [agent["cursor"]] + targets,
+        ).fetchall()
+        for r in rows:
+            if fanout_reaches(agent, r["to_target"], r["channel"], r["from_agent"]):
+                t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (agent["id"], r["id"]))
+                t.wake.add(agent["id"])
 
     def decide(self, message_id, body, approve, auth):
         auth.person()
@@ -2613,6 +2500,7 @@ class Relay:
                        audience={msg["from"]})
         return self.message_detail(message_id)
 
+    # -- history -------------------------------------------------------------
     def history(self, q):
         where, params = [], []
         if q.get("agent"):
@@ -2653,6 +2541,146 @@ class Relay:
                     m["heldFor"] = held.get(m["id"], [])
         return {"messages": messages, "more": more}
 
+
+# ============================================================================
+# The relay: domain operations over storage, publishing to the hub
+# ============================================================================
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+class Relay:
+    """Agents, messages, tasks and integrations: the rules of the relay."""
+
+    def __init__(self, config):
+        self.config = config
+        self.db = Storage(config.db)
+        self.hub = Hub()
+        self.started = time.monotonic()  # for uptimeMs: a duration
+        self.integrations = {i["name"]: i for i in config.integrations}
+        self.rate = {name: collections.deque() for name in self.integrations}
+        self.rate_lock = threading.Lock()
+        self.callback_cv = threading.Condition()
+        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
+        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
+        self.stopping = threading.Event()
+        self.threads = []
+        self.writer = Writer(self.db, self.hub)
+        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
+        self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
+        self.agents.connect(messages=self.messages, claims=self)
+        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks_queued)
+        self._load()
+
+    # -- startup -----------------------------------------------------------
+    def _load(self):
+        self.agents.load()
+        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
+        self.hub.head = head
+        self.release_orphaned_claims()
+
+    def callbacks_queued(self):
+        with self.callback_cv:
+            self.callback_news += 1
+            self.callback_cv.notify_all()
+
+    # -- agents ------------------------------------------------------------
+    def release_claims_of(self, t, agent_id):
+        """Give back every message and unfinished task the agent had claimed."""
+        rows = t.execute(
+            "SELECT m.* FROM messages m WHERE m.claimed_by = ? AND m.claimable = 1 AND NOT EXISTS "
+            "(SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.status IN ('done','failed','canceled'))",
+            (agent_id,),
+        ).fetchall()
+        for row in rows:
+            self.messages.return_to_pool(t, row, agent_id)
+        for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
+            self._release_task(t, row, agent_id, also_message=False)
+
+    def release_orphaned_claims(self):
+        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
+        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
+        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
+                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
+        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
+        if gone:
+            with self.writer.tx() as t:
+                for agent_id in gone:
+                    self.release_claims_of(t, agent_id)
+
+    # -- messages ----------------------------------------------------------
+    def claim_message(self, message_id, body, auth):
+        f = Fields(body)
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
+        with self.writer.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
+            row = self.messages.get_message_row(t.c, message_id)
+            if not row["claimable"]:
+                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
+            if agent["approvalMode"] == "read-only":
+                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
+            if not self.messages.visible_to(agent, row, self.messages.receipt_state(t.c, message_id, agent["id"])):
+                raise ApiError(403, "not_addressed", "Message %d (to %s) is not addressed to %s." % (message_id, row["to_target"], agent["id"]))
+            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
+            if task is not None and task["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task["id"], task["status"]))
+            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "already_claimed", "Message %d is already claimed by %s." % (message_id, row["claimed_by"]),
+                               claimedBy=row["claimed_by"])
+            if row["claimed_by"] is None:
+                ts = now_ms()
+                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent["id"], ts, message_id))
+                row = self.messages.get_message_row(t.c, message_id)
+                self.messages.emit_message(t, "message.claimed", row, agentId=agent["id"])
+                if task is not None and task["status"] == "open":
+                    self._claim_task_row(t, task, agent["id"], ts, also_message=False)
+            self.agents.mark_seen(agent["id"])  # in here, not touch() after: a session end committed next must stand
+        return {"message": message_from_row(row)}
+
+    def _claimer(self, t, agent_id, instance_id, epoch):
+        """The agent about to take work, read from the database inside the claim's transaction (under the write
+        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
+        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
+        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise unknown_agent(agent_id)
+        agent = agent_from_row(row)
+        self.agents.check_fence(agent, instance_id, epoch)
+        if agent["status"] == "offline":
+            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
+                           "claim work; send a heartbeat (or register again) first." % agent_id)
+        return agent
+
+    def release_message(self, message_id, body, auth):
+        agent = self.agents.get_agent(Fields(body).string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        with self.writer.tx() as t:
+            row = self.messages.get_message_row(t.c, message_id)
+            if not row["claimable"]:
+                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
+            if row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "not_owner", "Message %d is claimed by %s, not %s." % (message_id, row["claimed_by"] or "nobody", agent["id"]),
+                               claimedBy=row["claimed_by"])
+            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
+            if task is not None and task["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; its claim cannot be released." % (task["id"], task["status"]))
+            self.messages.return_to_pool(t, row, agent["id"])
+            if task is not None and task["status"] in ("claimed", "blocked"):
+                self._release_task(t, task, agent["id"], also_message=False)
+            row = self.messages.get_message_row(t.c, message_id)
+        self.agents.touch(agent["id"])
+        return {"message": message_from_row(row)}
+
     # -- tasks -------------------------------------------------------------
     def get_task_row(self, c, task_id):
         row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
@@ -2670,7 +2698,7 @@ class Relay:
         task = task_from_row(row)
         msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
         if msg is not None:
-            audience = self.readers_of(t, msg)  # a task's text is its message's: not for whom that is held
+            audience = self.messages.readers_of(t, msg)  # a task's text is its message's: not for whom that is held
         else:
             audience = set(self.agents.matching_agents(task["target"], task["channel"], None))
         if task["claimedBy"]:
@@ -2747,7 +2775,7 @@ class Relay:
             sender = actor if self.agents.knows(actor) else "system"
             payload = {"taskId": task_id, "severity": fields["severity"], "source": source,
                        "externalUrl": fields["externalUrl"], "dedupeKey": fields["dedupeKey"]}
-            result, _ = self._send(sender, fields["target"], fields["body"] or fields["title"], subject=fields["title"],
+            result, _ = self.messages.create(sender, fields["target"], fields["body"] or fields["title"], subject=fields["title"],
                                    kind="task", channel=fields["channel"], claimable=True, payload=payload, t=t,
                                    outside=integration is not None)
             t.execute("UPDATE tasks SET message_id = ? WHERE id = ?", (result["message"]["id"], task_id))
@@ -2805,7 +2833,7 @@ class Relay:
         """An agent acts on an unclaimed task only if its announcing message is visible to it (not held for it)."""
         msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
         if msg is not None:
-            ok = self.visible_to(agent, msg, self.receipt_state(t.c, msg["id"], agent["id"]))
+            ok = self.messages.visible_to(agent, msg, self.messages.receipt_state(t.c, msg["id"], agent["id"]))
         else:
             ok = fanout_reaches(agent, row["target"], row["channel"], None)
         if not ok:
@@ -2825,7 +2853,7 @@ class Relay:
             msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
             if msg is not None and msg["claimed_by"] is None:
                 t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent_id, ts, msg["id"]))
-                self._emit_message(t, "message.claimed", self.get_message_row(t.c, msg["id"]), agentId=agent_id)
+                self.messages.emit_message(t, "message.claimed", self.messages.get_message_row(t.c, msg["id"]), agentId=agent_id)
         self._task_event(t, row["id"], "claimed", agent_id)
         return self._task_changed(t, row["id"], "task.claimed")
 
@@ -2836,7 +2864,7 @@ class Relay:
         if also_message and row["message_id"]:
             msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
             if msg is not None and msg["claimed_by"] is not None:
-                self._release_message(t, msg, agent_id)
+                self.messages.return_to_pool(t, msg, agent_id)
         self._task_event(t, row["id"], "released", agent_id, {"from": row["status"]})
         if publish:
             self._task_changed(t, row["id"], "task.status")
@@ -3423,7 +3451,7 @@ class Api:
         return 200, self._spec
 
     def cursor(self, req):
-        return 200, self.relay.cursor()
+        return 200, self.relay.messages.cursor()
 
     # -- agents ------------------------------------------------------------
     def register(self, req):
@@ -3453,13 +3481,13 @@ class Api:
         wait = req.qint("wait", 0, 60, 0)
         limit = req.qint("limit", 1, 500, 100)
         unread = req.qbool("unread")
-        out = self.relay.inbox(req.agent_id(), since, limit, unread, wait, req.auth, client_gone=req.handler.client_gone)
+        out = self.relay.messages.inbox(req.agent_id(), since, limit, unread, wait, req.auth, client_gone=req.handler.client_gone)
         if out is None:
             return None, None
         return 200, out
 
     def read_upto(self, req):
-        return 200, self.relay.mark_read_upto(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.messages.mark_read_upto(req.agent_id(), req.body, req.auth)
 
     # -- messages ----------------------------------------------------------
     def send(self, req):
@@ -3467,7 +3495,7 @@ class Api:
             out, created = result
             return (201 if created else 200), out
 
-        got = self.relay.send(req.body, req.auth, then=req.handler.answer_later(lambda outcome: answer(outcome())))
+        got = self.relay.messages.send(req.body, req.auth, then=req.handler.answer_later(lambda outcome: answer(outcome())))
         return (DEFERRED, None) if got is DEFERRED else answer(got)
 
     def history(self, req):
@@ -3475,16 +3503,16 @@ class Api:
         q["before"] = req.qint("before")
         q["limit"] = req.qint("limit", 1, 500, 50)
         q["held"] = req.qbool("held")
-        return 200, self.relay.history(q)
+        return 200, self.relay.messages.history(q)
 
     def get_message(self, req):
-        return 200, self.relay.message_detail(req.id())
+        return 200, self.relay.messages.message_detail(req.id())
 
     def thread(self, req):
-        return 200, self.relay.thread(req.id())
+        return 200, self.relay.messages.thread(req.id())
 
     def read_message(self, req):
-        return 200, self.relay.mark_read(req.id(), req.body, req.auth)
+        return 200, self.relay.messages.mark_read(req.id(), req.body, req.auth)
 
     def claim_message(self, req):
         return 200, self.relay.claim_message(req.id(), req.body, req.auth)
@@ -3493,10 +3521,10 @@ class Api:
         return 200, self.relay.release_message(req.id(), req.body, req.auth)
 
     def approve(self, req):
-        return 200, self.relay.decide(req.id(), req.body, True, req.auth)
+        return 200, self.relay.messages.decide(req.id(), req.body, True, req.auth)
 
     def reject(self, req):
-        return 200, self.relay.decide(req.id(), req.body, False, req.auth)
+        return 200, self.relay.messages.decide(req.id(), req.body, False, req.auth)
 
     # -- tasks and integrations --------------------------------------------
     def create_task(self, req):
