@@ -2543,145 +2543,30 @@ class Messages:
 
 
 # ============================================================================
-# The relay: domain operations over storage, publishing to the hub
+# Tasks and the integrations that raise them
 # ============================================================================
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+class Tasks:
+    """Tracked work: a task is announced by a claimable message and moves open, claimed, blocked, done, failed or
+    canceled; each change is a task event. Integrations (outside systems with a token) raise tasks, deduplicated
+    by their key and rate-limited, resolve them, and get each change called back (queued here, in the change's
+    transaction; sent by callback delivery).
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+    Owns the tasks, task_events and callbacks tables (a callback's delivery is CallbackDelivery's) and the
+    integrations' rate windows. May call: the writer, config, the agent directory (who exists, activity) and
+    messages (a task's announcing message: creating it, who may see it, giving it back)."""
 
-
-CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
-
-
-class Relay:
-    """Agents, messages, tasks and integrations: the rules of the relay."""
-
-    def __init__(self, config):
+    def __init__(self, config, db, writer, agents, messages, integrations):
         self.config = config
-        self.db = Storage(config.db)
-        self.hub = Hub()
-        self.started = time.monotonic()  # for uptimeMs: a duration
-        self.integrations = {i["name"]: i for i in config.integrations}
+        self.db = db
+        self.writer = writer
+        self.agents = agents
+        self.messages = messages
+        self.integrations = integrations  # name -> integration, from the configuration
         self.rate = {name: collections.deque() for name in self.integrations}
         self.rate_lock = threading.Lock()
-        self.callback_cv = threading.Condition()
-        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
-        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
-        self.stopping = threading.Event()
-        self.threads = []
-        self.writer = Writer(self.db, self.hub)
-        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
-        self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
-        self.agents.connect(messages=self.messages, claims=self)
-        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks_queued)
-        self._load()
 
-    # -- startup -----------------------------------------------------------
-    def _load(self):
-        self.agents.load()
-        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
-        self.hub.head = head
-        self.release_orphaned_claims()
-
-    def callbacks_queued(self):
-        with self.callback_cv:
-            self.callback_news += 1
-            self.callback_cv.notify_all()
-
-    # -- agents ------------------------------------------------------------
-    def release_claims_of(self, t, agent_id):
-        """Give back every message and unfinished task the agent had claimed."""
-        rows = t.execute(
-            "SELECT m.* FROM messages m WHERE m.claimed_by = ? AND m.claimable = 1 AND NOT EXISTS "
-            "(SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.status IN ('done','failed','canceled'))",
-            (agent_id,),
-        ).fetchall()
-        for row in rows:
-            self.messages.return_to_pool(t, row, agent_id)
-        for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
-            self._release_task(t, row, agent_id, also_message=False)
-
-    def release_orphaned_claims(self):
-        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
-        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
-        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
-                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
-        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
-        if gone:
-            with self.writer.tx() as t:
-                for agent_id in gone:
-                    self.release_claims_of(t, agent_id)
-
-    # -- messages ----------------------------------------------------------
-    def claim_message(self, message_id, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
-        with self.writer.tx() as t:
-            agent = self._claimer(t, agent["id"], instance_id, epoch)
-            row = self.messages.get_message_row(t.c, message_id)
-            if not row["claimable"]:
-                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
-            if agent["approvalMode"] == "read-only":
-                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
-            if not self.messages.visible_to(agent, row, self.messages.receipt_state(t.c, message_id, agent["id"])):
-                raise ApiError(403, "not_addressed", "Message %d (to %s) is not addressed to %s." % (message_id, row["to_target"], agent["id"]))
-            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
-            if task is not None and task["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task["id"], task["status"]))
-            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "already_claimed", "Message %d is already claimed by %s." % (message_id, row["claimed_by"]),
-                               claimedBy=row["claimed_by"])
-            if row["claimed_by"] is None:
-                ts = now_ms()
-                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent["id"], ts, message_id))
-                row = self.messages.get_message_row(t.c, message_id)
-                self.messages.emit_message(t, "message.claimed", row, agentId=agent["id"])
-                if task is not None and task["status"] == "open":
-                    self._claim_task_row(t, task, agent["id"], ts, also_message=False)
-            self.agents.mark_seen(agent["id"])  # in here, not touch() after: a session end committed next must stand
-        return {"message": message_from_row(row)}
-
-    def _claimer(self, t, agent_id, instance_id, epoch):
-        """The agent about to take work, read from the database inside the claim's transaction (under the write
-        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
-        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
-        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
-        if row is None:
-            raise unknown_agent(agent_id)
-        agent = agent_from_row(row)
-        self.agents.check_fence(agent, instance_id, epoch)
-        if agent["status"] == "offline":
-            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
-                           "claim work; send a heartbeat (or register again) first." % agent_id)
-        return agent
-
-    def release_message(self, message_id, body, auth):
-        agent = self.agents.get_agent(Fields(body).string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        with self.writer.tx() as t:
-            row = self.messages.get_message_row(t.c, message_id)
-            if not row["claimable"]:
-                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
-            if row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "not_owner", "Message %d is claimed by %s, not %s." % (message_id, row["claimed_by"] or "nobody", agent["id"]),
-                               claimedBy=row["claimed_by"])
-            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
-            if task is not None and task["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; its claim cannot be released." % (task["id"], task["status"]))
-            self.messages.return_to_pool(t, row, agent["id"])
-            if task is not None and task["status"] in ("claimed", "blocked"):
-                self._release_task(t, task, agent["id"], also_message=False)
-            row = self.messages.get_message_row(t.c, message_id)
-        self.agents.touch(agent["id"])
-        return {"message": message_from_row(row)}
-
-    # -- tasks -------------------------------------------------------------
     def get_task_row(self, c, task_id):
         row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
@@ -2806,69 +2691,6 @@ class Relay:
             task = task_from_row(self.get_task_row(c, task_id))
         return {"task": task, "events": self.task_events(task_id)}
 
-    def claim_task(self, task_id, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
-        with self.writer.tx() as t:
-            agent = self._claimer(t, agent["id"], instance_id, epoch)
-            row = self.get_task_row(t.c, task_id)
-            if agent["approvalMode"] == "read-only":
-                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
-            self._check_task_addressed(t, agent, row)
-            if row["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task_id, row["status"]))
-            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "already_claimed", "Task %d is already claimed by %s." % (task_id, row["claimed_by"]),
-                               claimedBy=row["claimed_by"])
-            if row["claimed_by"] is None:
-                task = self._claim_task_row(t, row, agent["id"], now_ms(), also_message=True)
-            else:
-                task = task_from_row(row)
-            self.agents.mark_seen(agent["id"])
-        return {"task": task}
-
-    def _check_task_addressed(self, t, agent, row):
-        """An agent acts on an unclaimed task only if its announcing message is visible to it (not held for it)."""
-        msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
-        if msg is not None:
-            ok = self.messages.visible_to(agent, msg, self.messages.receipt_state(t.c, msg["id"], agent["id"]))
-        else:
-            ok = fanout_reaches(agent, row["target"], row["channel"], None)
-        if not ok:
-            raise ApiError(403, "not_addressed", "Task %d (for %s) is not addressed to %s, or waits for a person's approval."
-                           % (row["id"], row["target"], agent["id"]))
-
-    def _close_task_message(self, t, row, actor, ts):
-        """A finished task's announcing message stops being open work (claimed by whoever ended it, if nobody had)."""
-        if row["message_id"]:
-            t.execute("UPDATE messages SET claimed_by = COALESCE(claimed_by, ?), claimed_at = COALESCE(claimed_at, ?) "
-                      "WHERE id = ?", (actor, ts, row["message_id"]))
-
-    def _claim_task_row(self, t, row, agent_id, ts, also_message):
-        t.execute("UPDATE tasks SET status = 'claimed', claimed_by = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
-                  (agent_id, ts, ts, row["id"]))
-        if also_message and row["message_id"]:
-            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
-            if msg is not None and msg["claimed_by"] is None:
-                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent_id, ts, msg["id"]))
-                self.messages.emit_message(t, "message.claimed", self.messages.get_message_row(t.c, msg["id"]), agentId=agent_id)
-        self._task_event(t, row["id"], "claimed", agent_id)
-        return self._task_changed(t, row["id"], "task.claimed")
-
-    def _release_task(self, t, row, agent_id, also_message=True, publish=True):
-        ts = now_ms()
-        t.execute("UPDATE tasks SET status = 'open', claimed_by = NULL, claimed_at = NULL, updated_at = ? WHERE id = ?",
-                  (ts, row["id"]))
-        if also_message and row["message_id"]:
-            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
-            if msg is not None and msg["claimed_by"] is not None:
-                self.messages.return_to_pool(t, msg, agent_id)
-        self._task_event(t, row["id"], "released", agent_id, {"from": row["status"]})
-        if publish:
-            self._task_changed(t, row["id"], "task.status")
-
     def update_task(self, task_id, body, auth):
         f = Fields(body)
         actor_id = f.string("agentId", max_len=128)
@@ -2897,11 +2719,11 @@ class Relay:
             if new == "claimed" and old != "claimed" and row["claimed_by"] is None:
                 raise ApiError(409, "invalid_transition", "Use POST /api/tasks/%d/claim to claim a task." % task_id)
             if agent is not None and row["claimed_by"] is None:
-                self._check_task_addressed(t, agent, row)
+                self.check_addressed(t, agent, row)
             actor = actor_id or "human"
             ts = now_ms()
             if new == "open" and old != "open":
-                self._release_task(t, row, row["claimed_by"] or actor, publish=False)  # published once, below
+                self.reopen(t, row, row["claimed_by"] or actor, publish=False)  # published once, below
             elif new != old:
                 t.execute("UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?", (new, ts, task_id))
                 self._task_event(t, task_id, "status", actor, {"from": old, "to": new})
@@ -2917,7 +2739,51 @@ class Relay:
             self.agents.touch(agent["id"])
         return {"task": task}
 
-    # -- integrations ------------------------------------------------------
+    # -- claims of a task (Claims decides who may claim) ---------------------
+    def check_addressed(self, t, agent, row):
+        """An agent acts on an unclaimed task only if its announcing message is visible to it (not held for it)."""
+        msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
+        if msg is not None:
+            ok = self.messages.visible_to(agent, msg, self.messages.receipt_state(t.c, msg["id"], agent["id"]))
+        else:
+            ok = fanout_reaches(agent, row["target"], row["channel"], None)
+        if not ok:
+            raise ApiError(403, "not_addressed", "Task %d (for %s) is not addressed to %s, or waits for a person's approval."
+                           % (row["id"], row["target"], agent["id"]))
+
+    def _close_task_message(self, t, row, actor, ts):
+        """A finished task's announcing message stops being open work (claimed by whoever ended it, if nobody had)."""
+        if row["message_id"]:
+            t.execute("UPDATE messages SET claimed_by = COALESCE(claimed_by, ?), claimed_at = COALESCE(claimed_at, ?) "
+                      "WHERE id = ?", (actor, ts, row["message_id"]))
+
+    def mark_claimed(self, t, row, agent_id, ts, also_message):
+        """The task is agent_id's now (also_message: its announcing message too, unless someone holds that)."""
+        t.execute("UPDATE tasks SET status = 'claimed', claimed_by = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
+                  (agent_id, ts, ts, row["id"]))
+        if also_message and row["message_id"]:
+            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
+            if msg is not None and msg["claimed_by"] is None:
+                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent_id, ts, msg["id"]))
+                self.messages.emit_message(t, "message.claimed", self.messages.get_message_row(t.c, msg["id"]), agentId=agent_id)
+        self._task_event(t, row["id"], "claimed", agent_id)
+        return self._task_changed(t, row["id"], "task.claimed")
+
+    def reopen(self, t, row, agent_id, also_message=True, publish=True):
+        """The task is open again, claimed by nobody (also_message: its message goes back to the pool too;
+        publish=False: the caller publishes the change)."""
+        ts = now_ms()
+        t.execute("UPDATE tasks SET status = 'open', claimed_by = NULL, claimed_at = NULL, updated_at = ? WHERE id = ?",
+                  (ts, row["id"]))
+        if also_message and row["message_id"]:
+            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
+            if msg is not None and msg["claimed_by"] is not None:
+                self.messages.return_to_pool(t, msg, agent_id)
+        self._task_event(t, row["id"], "released", agent_id, {"from": row["status"]})
+        if publish:
+            self._task_changed(t, row["id"], "task.status")
+
+    # -- integrations --------------------------------------------------------
     def integration_for_token(self, token):
         found = None
         for integ in self.integrations.values():
@@ -2973,6 +2839,192 @@ class Relay:
         task, created = self._create_or_count(f, source, integ["name"], source, fields=fields)
         return {"task": task, "created": created}, (201 if created else 200)
 
+
+# ============================================================================
+# Claims: who holds which work
+# ============================================================================
+
+
+class Claims:
+    """Claimable work held by one agent at a time: claiming and giving back a claimable message or a task (a task
+    and the message that announces it are claimed and given back together), and everything an agent held going
+    back to the pool when it goes offline or is removed.
+
+    Owns the claimed_by of messages and tasks. May call: the writer, the agent directory (the claimer, read
+    inside the claim's transaction; activity), messages (the message, who may see it, back to the pool) and
+    tasks (a task's state and transitions)."""
+
+    def __init__(self, writer, agents, messages, tasks):
+        self.writer = writer
+        self.agents = agents
+        self.messages = messages
+        self.tasks = tasks
+
+    def claim_message(self, message_id, body, auth):
+        f = Fields(body)
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
+        with self.writer.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
+            row = self.messages.get_message_row(t.c, message_id)
+            if not row["claimable"]:
+                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
+            if agent["approvalMode"] == "read-only":
+                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
+            if not self.messages.visible_to(agent, row, self.messages.receipt_state(t.c, message_id, agent["id"])):
+                raise ApiError(403, "not_addressed", "Message %d (to %s) is not addressed to %s." % (message_id, row["to_target"], agent["id"]))
+            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
+            if task is not None and task["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task["id"], task["status"]))
+            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "already_claimed", "Message %d is already claimed by %s." % (message_id, row["claimed_by"]),
+                               claimedBy=row["claimed_by"])
+            if row["claimed_by"] is None:
+                ts = now_ms()
+                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent["id"], ts, message_id))
+                row = self.messages.get_message_row(t.c, message_id)
+                self.messages.emit_message(t, "message.claimed", row, agentId=agent["id"])
+                if task is not None and task["status"] == "open":
+                    self.tasks.mark_claimed(t, task, agent["id"], ts, also_message=False)
+            self.agents.mark_seen(agent["id"])  # in here, not touch() after: a session end committed next must stand
+        return {"message": message_from_row(row)}
+
+    def release_message(self, message_id, body, auth):
+        agent = self.agents.get_agent(Fields(body).string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        with self.writer.tx() as t:
+            row = self.messages.get_message_row(t.c, message_id)
+            if not row["claimable"]:
+                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
+            if row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "not_owner", "Message %d is claimed by %s, not %s." % (message_id, row["claimed_by"] or "nobody", agent["id"]),
+                               claimedBy=row["claimed_by"])
+            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
+            if task is not None and task["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; its claim cannot be released." % (task["id"], task["status"]))
+            self.messages.return_to_pool(t, row, agent["id"])
+            if task is not None and task["status"] in ("claimed", "blocked"):
+                self.tasks.reopen(t, task, agent["id"], also_message=False)
+            row = self.messages.get_message_row(t.c, message_id)
+        self.agents.touch(agent["id"])
+        return {"message": message_from_row(row)}
+
+    def claim_task(self, task_id, body, auth):
+        f = Fields(body)
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
+        with self.writer.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
+            row = self.tasks.get_task_row(t.c, task_id)
+            if agent["approvalMode"] == "read-only":
+                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
+            self.tasks.check_addressed(t, agent, row)
+            if row["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task_id, row["status"]))
+            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "already_claimed", "Task %d is already claimed by %s." % (task_id, row["claimed_by"]),
+                               claimedBy=row["claimed_by"])
+            if row["claimed_by"] is None:
+                task = self.tasks.mark_claimed(t, row, agent["id"], now_ms(), also_message=True)
+            else:
+                task = task_from_row(row)
+            self.agents.mark_seen(agent["id"])
+        return {"task": task}
+
+    def _claimer(self, t, agent_id, instance_id, epoch):
+        """The agent about to take work, read from the database inside the claim's transaction (under the write
+        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
+        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
+        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise unknown_agent(agent_id)
+        agent = agent_from_row(row)
+        self.agents.check_fence(agent, instance_id, epoch)
+        if agent["status"] == "offline":
+            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
+                           "claim work; send a heartbeat (or register again) first." % agent_id)
+        return agent
+
+    def release_claims_of(self, t, agent_id):
+        """Give back every message and unfinished task the agent had claimed."""
+        rows = t.execute(
+            "SELECT m.* FROM messages m WHERE m.claimed_by = ? AND m.claimable = 1 AND NOT EXISTS "
+            "(SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.status IN ('done','failed','canceled'))",
+            (agent_id,),
+        ).fetchall()
+        for row in rows:
+            self.messages.return_to_pool(t, row, agent_id)
+        for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
+            self.tasks.reopen(t, row, agent_id, also_message=False)
+
+
+# ============================================================================
+# The relay: domain operations over storage, publishing to the hub
+# ============================================================================
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+class Relay:
+    """Agents, messages, tasks and integrations: the rules of the relay."""
+
+    def __init__(self, config):
+        self.config = config
+        self.db = Storage(config.db)
+        self.hub = Hub()
+        self.started = time.monotonic()  # for uptimeMs: a duration
+        self.integrations = {i["name"]: i for i in config.integrations}
+        self.callback_cv = threading.Condition()
+        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
+        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
+        self.stopping = threading.Event()
+        self.threads = []
+        self.writer = Writer(self.db, self.hub)
+        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
+        self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
+        self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
+        self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
+        self.agents.connect(messages=self.messages, claims=self.claims)
+        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks_queued)
+        self._load()
+
+    # -- startup -----------------------------------------------------------
+    def _load(self):
+        self.agents.load()
+        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
+        self.hub.head = head
+        self.release_orphaned_claims()
+
+    def callbacks_queued(self):
+        with self.callback_cv:
+            self.callback_news += 1
+            self.callback_cv.notify_all()
+
+    # -- agents ------------------------------------------------------------
+    def release_orphaned_claims(self):
+        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
+        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
+        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
+                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
+        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
+        if gone:
+            with self.writer.tx() as t:
+                for agent_id in gone:
+                    self.claims.release_claims_of(t, agent_id)
+
+    # -- messages ----------------------------------------------------------
+    # -- tasks -------------------------------------------------------------
+    # -- integrations ------------------------------------------------------
     def list_callbacks(self, q):
         where, params = [], []
         if q.get("taskId") is not None:
@@ -3515,10 +3567,10 @@ class Api:
         return 200, self.relay.messages.mark_read(req.id(), req.body, req.auth)
 
     def claim_message(self, req):
-        return 200, self.relay.claim_message(req.id(), req.body, req.auth)
+        return 200, self.relay.claims.claim_message(req.id(), req.body, req.auth)
 
     def release_message(self, req):
-        return 200, self.relay.release_message(req.id(), req.body, req.auth)
+        return 200, self.relay.claims.release_message(req.id(), req.body, req.auth)
 
     def approve(self, req):
         return 200, self.relay.messages.decide(req.id(), req.body, True, req.auth)
@@ -3528,7 +3580,7 @@ class Api:
 
     # -- tasks and integrations --------------------------------------------
     def create_task(self, req):
-        task, created = self.relay.create_task(req.body, req.auth)
+        task, created = self.relay.tasks.create_task(req.body, req.auth)
         return (201 if created else 200), {"task": task, "created": created}
 
     def list_tasks(self, req):
@@ -3537,22 +3589,22 @@ class Api:
         if q["status"] is not None and q["status"] not in TASK_STATUSES:
             raise invalid("status", "must be one of %s" % ", ".join(TASK_STATUSES))
         q["limit"] = req.qint("limit", 1, 500, 100)
-        return 200, self.relay.list_tasks(q)
+        return 200, self.relay.tasks.list_tasks(q)
 
     def get_task(self, req):
-        return 200, self.relay.task_detail(req.id("Task"))
+        return 200, self.relay.tasks.task_detail(req.id("Task"))
 
     def claim_task(self, req):
-        return 200, self.relay.claim_task(req.id("Task"), req.body, req.auth)
+        return 200, self.relay.claims.claim_task(req.id("Task"), req.body, req.auth)
 
     def task_status(self, req):
-        return 200, self.relay.update_task(req.id("Task"), req.body, req.auth)
+        return 200, self.relay.tasks.update_task(req.id("Task"), req.body, req.auth)
 
     def task_events(self, req):
-        return 200, {"events": self.relay.task_events(req.id("Task"))}
+        return 200, {"events": self.relay.tasks.task_events(req.id("Task"))}
 
     def integration_event(self, req):
-        body, status = self.relay.integration_event(req.auth.integration, req.body)
+        body, status = self.relay.tasks.integration_event(req.auth.integration, req.body)
         return status, body
 
     def callbacks(self, req):
@@ -4111,7 +4163,7 @@ class Handler(BaseHTTPRequestHandler):
         is_admin = bool(cfg.admin_token) and any(
             t is not None and hmac.compare_digest(t.encode(), cfg.admin_token.encode()) for t in (given, admin_given))
         if route is not None and route.auth == "integration":
-            integ = relay.integration_for_token(given) if given else None
+            integ = relay.tasks.integration_for_token(given) if given else None
             if integ is None:
                 raise ApiError(401, "unauthorized", "This route needs an integration's token (Authorization: Bearer <token>).")
             auth = Auth(relay, self.headers, False)
@@ -4121,12 +4173,12 @@ class Handler(BaseHTTPRequestHandler):
             return Auth(relay, self.headers, is_admin)
         if cfg.token and not is_admin:
             if given is None or not hmac.compare_digest(given.encode(), cfg.token.encode()):
-                if given is not None and relay.integration_for_token(given) is not None:
+                if given is not None and relay.tasks.integration_for_token(given) is not None:
                     raise ApiError(403, "forbidden", "An integration token opens only POST /api/integrations/events.")
                 if "token=" in (urllib.parse.urlsplit(self.path).query or ""):
                     raise ApiError(401, "unauthorized", "Tokens are not accepted in URLs; send Authorization: Bearer <token>.")
                 raise ApiError(401, "unauthorized", "A valid token is needed: Authorization: Bearer <token> or X-Agent-Relay-Token.")
-        elif given is not None and relay.integration_for_token(given) is not None and not is_admin:
+        elif given is not None and relay.tasks.integration_for_token(given) is not None and not is_admin:
             raise ApiError(403, "forbidden", "An integration token opens only POST /api/integrations/events.")
         return Auth(relay, self.headers, is_admin)
 
