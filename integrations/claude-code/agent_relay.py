@@ -2961,7 +2961,7 @@ class Claims:
 
 
 # ============================================================================
-# The relay: domain operations over storage, publishing to the hub
+# Callback delivery: an integration hears what became of its tasks
 # ============================================================================
 
 
@@ -2975,92 +2975,35 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
 CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
-class Relay:
-    """Agents, messages, tasks and integrations: the rules of the relay."""
+class CallbackDelivery:
+    """Sends the callbacks that task changes queue (Tasks) to the integration that raised the task: signed, each
+    task's in order, retried with a growing delay, then recorded as delivered or failed. A worker thread per
+    integration with a callbackUrl runs callback_loop (Relay starts them).
 
-    def __init__(self, config):
+    Owns the delivery of the callbacks table's rows and the retry schedule. May call: the writer, the Storage
+    (it reads what is pending), config; it ends when the relay's `stopping` is set."""
+
+    CALLBACK_MAX_DELAY_MS = 300000  # retries wait 1 s, doubling up to this
+
+    def __init__(self, config, db, writer, stopping):
         self.config = config
-        self.db = Storage(config.db)
-        self.hub = Hub()
-        self.started = time.monotonic()  # for uptimeMs: a duration
-        self.integrations = {i["name"]: i for i in config.integrations}
+        self.db = db
+        self.writer = writer
+        self.stopping = stopping
         self.callback_cv = threading.Condition()
         self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
         self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
-        self.stopping = threading.Event()
-        self.threads = []
-        self.writer = Writer(self.db, self.hub)
-        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
-        self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
-        self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
-        self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
-        self.agents.connect(messages=self.messages, claims=self.claims)
-        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks_queued)
-        self._load()
 
-    # -- startup -----------------------------------------------------------
-    def _load(self):
-        self.agents.load()
-        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
-        self.hub.head = head
-        self.release_orphaned_claims()
-
-    def callbacks_queued(self):
+    def queued(self):
+        """A commit queued callbacks: the workers look again."""
         with self.callback_cv:
             self.callback_news += 1
             self.callback_cv.notify_all()
 
-    # -- agents ------------------------------------------------------------
-    def release_orphaned_claims(self):
-        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
-        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
-        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
-                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
-        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
-        if gone:
-            with self.writer.tx() as t:
-                for agent_id in gone:
-                    self.claims.release_claims_of(t, agent_id)
-
-    # -- messages ----------------------------------------------------------
-    # -- tasks -------------------------------------------------------------
-    # -- integrations ------------------------------------------------------
-    def list_callbacks(self, q):
-        where, params = [], []
-        if q.get("taskId") is not None:
-            where.append("task_id = ?")
-            params.append(q["taskId"])
-        if q.get("status"):
-            where.append("status = ?")
-            params.append(q["status"])
-        sql = "SELECT * FROM callbacks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-        return {"callbacks": [callback_from_row(r) for r in self.db.query(sql, params + [q["limit"]])]}
-
-    # -- background workers ------------------------------------------------
-    def start_workers(self):
-        workers = [("sweeper", self.sweep_loop)]
-        for integ in self.integrations.values():
-            if integ.get("callbackUrl"):
-                workers.append(("callbacks-" + integ["name"], lambda i=integ: self.callback_loop(i)))
-        for name, fn in workers:
-            th = threading.Thread(target=self._guarded, args=(fn,), name=name, daemon=True)
-            th.start()
-            self.threads.append(th)
-
-    def _guarded(self, fn):
-        """Run a worker forever: a storage fault pauses it, never kills it."""
-        while not self.stopping.is_set():
-            try:
-                fn()
-                return
-            except StorageUnavailable as e:
-                if not isinstance(e, StorageFailed):  # that one was logged once, where it was found
-                    log("worker paused: %s" % e)
-            except Exception:
-                log("worker error:\n" + traceback.format_exc())
-            self.stopping.wait(1.0)
-
-    CALLBACK_MAX_DELAY_MS = 300000  # retries wait 1 s, doubling up to this
+    def stop(self):
+        """The relay stops (`stopping` is set): a worker waiting for news sees it now."""
+        with self.callback_cv:
+            self.callback_cv.notify_all()
 
     def callback_loop(self, integ):
         """Delivers an integration's pending callbacks when due, each task's in order.
@@ -3139,6 +3082,53 @@ class Relay:
             if kind:
                 t.emit(kind, {"callback": callback_from_row(t.execute("SELECT * FROM callbacks WHERE id = ?", (row["id"],)).fetchone())})
 
+    def list_callbacks(self, q):
+        where, params = [], []
+        if q.get("taskId") is not None:
+            where.append("task_id = ?")
+            params.append(q["taskId"])
+        if q.get("status"):
+            where.append("status = ?")
+            params.append(q["status"])
+        sql = "SELECT * FROM callbacks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        return {"callbacks": [callback_from_row(r) for r in self.db.query(sql, params + [q["limit"]])]}
+
+
+# ============================================================================
+# Housekeeping: orphaned claims at start, the sweeper, retention, stats
+# ============================================================================
+
+
+class Housekeeping:
+    """What the relay does by itself rather than on request: at start, work left claimed by an agent that is gone
+    or offline goes back to the pool; the sweeper (every few seconds: the database file is still the one it
+    opened, presence is swept; every ten minutes, rows older than the retention go, in small batches); and the
+    counts that /api/stats shows.
+
+    Owns no table (retention deletes old rows of all of them). May call: the Storage, the writer, the Hub (who
+    listens), config, the agent directory (its presence sweep, the agents) and claims (giving back what an
+    agent held); it ends when the relay's `stopping` is set."""
+
+    def __init__(self, config, db, hub, writer, agents, claims, stopping):
+        self.config = config
+        self.db = db
+        self.hub = hub
+        self.writer = writer
+        self.agents = agents
+        self.claims = claims
+        self.stopping = stopping
+
+    def release_orphaned_claims(self):
+        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
+        without the claimer check in Claims._claimer could leave such claims behind, which nobody could ever release."""
+        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
+                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
+        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
+        if gone:
+            with self.writer.tx() as t:
+                for agent_id in gone:
+                    self.claims.release_claims_of(t, agent_id)
+
     def sweep_interval(self):
         return min(max(self.config.stale_ttl_ms / 4000.0, 0.1), 5.0)
 
@@ -3196,7 +3186,6 @@ class Relay:
                 self.stopping.wait(0.01)  # let waiting requests take the write lock between batches
         return counts
 
-    # -- health and stats --------------------------------------------------
     def stats(self):
         agents = {"total": 0, "online": 0, "idle": 0, "busy": 0, "offline": 0, "listening": 0}
         for a in self.agents.all():
@@ -3227,11 +3216,75 @@ class Relay:
             "streams": streams,
         }
 
+
+# ============================================================================
+# The relay: its parts, built and wired (the composition root)
+# ============================================================================
+
+
+class Relay:
+    """The relay as one object: it builds the parts on one Storage and one Hub, wires them, starts and stops the
+    workers. It holds no rule of its own.
+
+    The HTTP layer calls the parts themselves: relay.agents (AgentDirectory), relay.messages (Messages),
+    relay.claims (Claims), relay.tasks (Tasks), relay.callbacks (CallbackDelivery), relay.housekeeping
+    (Housekeeping); and relay.config, relay.db, relay.hub, relay.started, which are the relay's own. The
+    parts are built in the order they call each other; the two that also call parts built after them (the
+    writer, the agent directory) are wired once those exist."""
+
+    def __init__(self, config):
+        self.config = config
+        self.db = Storage(config.db)
+        self.hub = Hub()
+        self.started = time.monotonic()  # for uptimeMs: a duration
+        self.integrations = {i["name"]: i for i in config.integrations}
+        self.stopping = threading.Event()
+        self.threads = []
+        self.writer = Writer(self.db, self.hub)
+        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
+        self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
+        self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
+        self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
+        self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
+        self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping)
+        self.agents.connect(messages=self.messages, claims=self.claims)
+        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks.queued)
+        self._load()
+
+    def _load(self):
+        """At start: every agent in the cache, streams going on from the newest stored event, orphaned claims released."""
+        self.agents.load()
+        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
+        self.hub.head = head
+        self.housekeeping.release_orphaned_claims()
+
+    def start_workers(self):
+        workers = [("sweeper", self.housekeeping.sweep_loop)]
+        for integ in self.integrations.values():
+            if integ.get("callbackUrl"):
+                workers.append(("callbacks-" + integ["name"], lambda i=integ: self.callbacks.callback_loop(i)))
+        for name, fn in workers:
+            th = threading.Thread(target=self._guarded, args=(fn,), name=name, daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def _guarded(self, fn):
+        """Run a worker forever: a storage fault pauses it, never kills it."""
+        while not self.stopping.is_set():
+            try:
+                fn()
+                return
+            except StorageUnavailable as e:
+                if not isinstance(e, StorageFailed):  # that one was logged once, where it was found
+                    log("worker paused: %s" % e)
+            except Exception:
+                log("worker error:\n" + traceback.format_exc())
+            self.stopping.wait(1.0)
+
     def stop(self):
         self.stopping.set()
         self.hub.stop()
-        with self.callback_cv:
-            self.callback_cv.notify_all()
+        self.callbacks.stop()
 
     def close(self):
         self.writer.close()
@@ -3495,7 +3548,7 @@ class Api:
         return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000)}
 
     def stats(self, req):
-        return 200, self.relay.stats()
+        return 200, self.relay.housekeeping.stats()
 
     def spec(self, req):
         if self._spec is None:
@@ -3611,7 +3664,7 @@ class Api:
         status = req.q("status", 16)
         if status is not None and status not in ("pending", "delivered", "failed"):
             raise invalid("status", "must be one of pending, delivered, failed")
-        return 200, self.relay.list_callbacks({"taskId": req.qint("taskId"), "status": status, "limit": req.qint("limit", 1, 500, 100)})
+        return 200, self.relay.callbacks.list_callbacks({"taskId": req.qint("taskId"), "status": status, "limit": req.qint("limit", 1, 500, 100)})
 
     # -- the live stream ---------------------------------------------------
     # What one stream holds, however long the history it replays and however slowly its client reads: one page of
