@@ -16,9 +16,12 @@ operations commands (`setup`, `daemon`, `backup`). `python3 agent_relay.py
 --help` lists them.
 
 Data flow: a request enters through the route table (HTTP layer), is
-validated there, goes down to the relay's domain methods, which write through
-`Storage` in one short transaction, then publish an event to the `Hub`, which
-wakes exactly the long-polls and streams the change concerns.
+validated there, and goes down to the part of the relay that owns what it
+asks for (the agent directory, messages, claims, tasks; `Relay` builds and
+wires them), which writes through `Storage` in one short transaction of the
+writer; once that commits, its events go to the `Hub`, which wakes exactly
+the long-polls and streams the change concerns. docs/development.md maps the
+file: each section, each part, what it owns.
 
 docs/api.md lists every route; `GET /api/spec` serves them as
 OpenAPI, built from the route table, and tests/test_spec.py keeps the spec,
@@ -1483,6 +1486,7 @@ class Writer:
         self._committer = None  # started the first time a batch has no waiting thread to lead it
 
     def connect(self, put_back, callbacks_queued):
+        """Relay wires in the two hooks once the parts they call exist."""
         self.put_back = put_back
         self.callbacks_queued = callbacks_queued
 
@@ -1683,6 +1687,7 @@ class AgentDirectory:
         self._dirty_seen = set()  # agents whose lastSeen changed in memory only
 
     def connect(self, messages, claims):
+        """Relay wires in the two parts built on this one, once they exist."""
         self.messages, self.claims = messages, claims
 
     def load(self):
@@ -1704,7 +1709,7 @@ class AgentDirectory:
             agent["offlineMono"] = mono - max(0, wall - since) if agent["status"] == "offline" else None
             self._cache(agent)
 
-    # -- the cache -----------------------------------------------------------
+    # -- the cache ---------------------------------------------------------
     def _cache(self, agent):
         old = self._agents.get(agent["id"])
         self.writer.remember(agent["id"], old)
@@ -1737,7 +1742,7 @@ class AgentDirectory:
         else:
             self._cache(old)
 
-    # -- lookups -------------------------------------------------------------
+    # -- lookups -----------------------------------------------------------
     def card(self, agent):
         card = {k: agent[k] for k in CARD_FIELDS}
         card["listening"] = self.hub.listening(agent["id"])
@@ -1797,7 +1802,7 @@ class AgentDirectory:
         out.sort()
         return out
 
-    # -- presence ------------------------------------------------------------
+    # -- presence ----------------------------------------------------------
     def touch(self, agent_id):
         """Activity: keeps an agent online; an offline one comes back."""
         agent = self._agents.get(agent_id)
@@ -1873,7 +1878,7 @@ class AgentDirectory:
                         continue  # gone already, or back online since the snapshot above
                     self._remove_agent(t, current)
 
-    # -- cards ---------------------------------------------------------------
+    # -- cards -------------------------------------------------------------
     COLUMN = {
         "name": "name", "label": "label", "machine": "machine", "rig": "rig", "project": "project",
         "tags": "tags", "capabilities": "capabilities", "channels": "channels", "status": "status",
@@ -2110,7 +2115,7 @@ class Messages:
         self.writer = writer
         self.agents = agents
 
-    # -- who sees a message --------------------------------------------------
+    # -- who sees a message ------------------------------------------------
     def held_for(self, agent, sender, outside=False):
         """Whether a message from `sender` waits for a person before it reaches `agent`: a guarded agent gets a person's
         (human, system) messages at once, and another agent's, or work from outside (`outside`: an integration's
@@ -2151,7 +2156,7 @@ class Messages:
             params += [agent["id"]] + agent["channels"]
         return sql, params
 
-    # -- sending -------------------------------------------------------------
+    # -- sending -----------------------------------------------------------
     def send(self, body, auth, then=None):
         """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
         (Writer.group_tx)."""
@@ -2273,7 +2278,7 @@ class Messages:
             rows = c.execute("SELECT * FROM messages WHERE id = ? OR thread_id = ? ORDER BY id", (tid, tid)).fetchall()
         return {"threadId": tid, "messages": [message_from_row(r) for r in rows]}
 
-    # -- the inbox and receipts ----------------------------------------------
+    # -- the inbox and receipts --------------------------------------------
     def visible_messages_for(self, agent, since, limit, unread=False):
         """(messages, more, redelivered ids): what the inbox returns for `since`."""
         # One branch per target, each an index range read in id order and cut at the page size, merged:
@@ -2433,6 +2438,7 @@ class Messages:
         self.agents.touch(agent["id"])
         return {"count": len(ids)}
 
+    # -- claimed work given back (Claims decides when) ---------------------
     def return_to_pool(self, t, row, releaser):
         """Back to the pool: every agent it reaches gets it (again) once, except the one that gave it back."""
         t.execute("UPDATE messages SET claimed_by = NULL, claimed_at = NULL WHERE id = ?", (row["id"],))
@@ -2442,7 +2448,7 @@ class Messages:
                 t.wake.add(aid)
         self.emit_message(t, "message.released", self.get_message_row(t.c, row["id"]), agentId=releaser)
 
-    # -- holds and approvals -------------------------------------------------
+    # -- holds and approvals -----------------------------------------------
     def hold_unapproved(self, t, agent):
         """A guarded agent sees another agent's message only after a person approves it.
 
@@ -2500,7 +2506,7 @@ class Messages:
                        audience={msg["from"]})
         return self.message_detail(message_id)
 
-    # -- history -------------------------------------------------------------
+    # -- history -----------------------------------------------------------
     def history(self, q):
         where, params = [], []
         if q.get("agent"):
@@ -2567,6 +2573,7 @@ class Tasks:
         self.rate = {name: collections.deque() for name in self.integrations}
         self.rate_lock = threading.Lock()
 
+    # -- tasks and their events --------------------------------------------
     def get_task_row(self, c, task_id):
         row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
@@ -2739,7 +2746,7 @@ class Tasks:
             self.agents.touch(agent["id"])
         return {"task": task}
 
-    # -- claims of a task (Claims decides who may claim) ---------------------
+    # -- claims of a task (Claims decides who may claim) -------------------
     def check_addressed(self, t, agent, row):
         """An agent acts on an unclaimed task only if its announcing message is visible to it (not held for it)."""
         msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
@@ -2783,7 +2790,7 @@ class Tasks:
         if publish:
             self._task_changed(t, row["id"], "task.status")
 
-    # -- integrations --------------------------------------------------------
+    # -- integrations ------------------------------------------------------
     def integration_for_token(self, token):
         found = None
         for integ in self.integrations.values():
@@ -3228,9 +3235,9 @@ class Relay:
 
     The HTTP layer calls the parts themselves: relay.agents (AgentDirectory), relay.messages (Messages),
     relay.claims (Claims), relay.tasks (Tasks), relay.callbacks (CallbackDelivery), relay.housekeeping
-    (Housekeeping); and relay.config, relay.db, relay.hub, relay.started, which are the relay's own. The
-    parts are built in the order they call each other; the two that also call parts built after them (the
-    writer, the agent directory) are wired once those exist."""
+    (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
+    relay.writer (Writer). Each part is handed what it may call when it is built; the two that also call parts
+    built after them (the writer, the agent directory) are wired once those exist."""
 
     def __init__(self, config):
         self.config = config
@@ -3247,6 +3254,7 @@ class Relay:
         self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
         self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
         self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping)
+        # the two that also call parts built after them
         self.agents.connect(messages=self.messages, claims=self.claims)
         self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks.queued)
         self._load()
