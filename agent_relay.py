@@ -16,9 +16,12 @@ operations commands (`setup`, `daemon`, `backup`). `python3 agent_relay.py
 --help` lists them.
 
 Data flow: a request enters through the route table (HTTP layer), is
-validated there, goes down to the relay's domain methods, which write through
-`Storage` in one short transaction, then publish an event to the `Hub`, which
-wakes exactly the long-polls and streams the change concerns.
+validated there, and goes down to the part of the relay that owns what it
+asks for (the agent directory, messages, claims, tasks; `Relay` builds and
+wires them), which writes through `Storage` in one short transaction of the
+writer; once that commits, its events go to the `Hub`, which wakes exactly
+the long-polls and streams the change concerns. docs/development.md maps the
+file: each section, each part, what it owns.
 
 docs/api.md lists every route; `GET /api/spec` serves them as
 OpenAPI, built from the route table, and tests/test_spec.py keeps the spec,
@@ -1403,7 +1406,7 @@ class Hub:
                     w.event.set()
 
 # ============================================================================
-# The relay: domain operations over storage, publishing to the hub
+# The writer: write transactions and group commit
 # ============================================================================
 
 
@@ -1411,14 +1414,14 @@ class Tx:
     """A write transaction plus the events it will publish once committed.
 
     New messages and events are held back (insert) and written together, one statement per table, before the
-    next statement of the transaction or its commit: a batch of sends (Relay.group_tx) costs SQLite less than
+    next statement of the transaction or its commit: a batch of sends (Writer.group_tx) costs SQLite less than
     half the CPU per message that a statement per row does.
     """
 
     EVENT_COLUMNS = ("id", "type", "agent_id", "audience", "data", "created_at")
 
-    def __init__(self, relay, con):
-        self.relay = relay
+    def __init__(self, db, con):
+        self.db = db
         self._con = con
         self._held = {}  # (table, columns) -> rows waiting to be written
         self.held_rows = 0  # rows ever held by this transaction
@@ -1439,7 +1442,7 @@ class Tx:
 
     def insert(self, table, columns, values):
         """Holds a new row of messages or events (columns start with "id"); returns its id."""
-        row_id = self.relay.db.next_id(self._con, table)
+        row_id = self.db.next_id(self._con, table)
         self._held.setdefault((table, columns), []).append((row_id,) + values)
         self.held_rows += 1
         return row_id
@@ -1450,7 +1453,7 @@ class Tx:
         held, self._held = self._held, {}
         try:
             for (table, columns), rows in held.items():
-                self.relay.db.insert_rows(self._con, table, columns, rows)
+                self.db.insert_rows(self._con, table, columns, rows)
         except BaseException as e:
             self.broken = e
             raise
@@ -1468,7 +1471,7 @@ class Tx:
 
 
 class _Job:
-    """A request's part of a group commit (Relay.group_tx)."""
+    """A request's part of a group commit (Writer.group_tx)."""
 
     __slots__ = ("job", "then", "ready", "leads", "state", "result", "error")
 
@@ -1481,7 +1484,7 @@ class _Job:
         self.result = self.error = None
 
 
-# what Relay.group_tx returns when a request is answered later, by the thread that commits its job
+# what Writer.group_tx returns when a request is answered later, by the thread that commits its job
 DEFERRED = object()
 
 
@@ -1489,35 +1492,20 @@ class _BatchAborted(Exception):
     """A job of a group commit failed after writing: the batch is rolled back and its other jobs run again."""
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+class Writer:
+    """Every write of the relay: a transaction of its own (tx), or a share of one that the requests waiting at the same
+    moment commit together (group_tx); a transaction's events go to the Hub once it has committed.
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+    Owns the write transactions, the queue of group-commit jobs, the committer thread, and the undo journal of the
+    agent directory's cache (the cards a transaction changed, put back when it does not commit). May call: the
+    Storage, the Hub, and the two hooks that Relay wires in: put_back(agent_id, card) (the agent directory restores a
+    cached card; None: it had none) and callbacks_queued() (a commit queued callbacks: callback delivery wakes)."""
 
-
-CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
-
-
-class Relay:
-    """Agents, messages, tasks and integrations: the rules of the relay."""
-
-    def __init__(self, config):
-        self.config = config
-        self.db = Storage(config.db)
-        self.hub = Hub()
-        self.started = time.monotonic()  # for uptimeMs: a duration
-        self.agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
-        self.index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
-        self.dirty_seen = set()  # agents whose lastSeen changed in memory only
-        self.integrations = {i["name"]: i for i in config.integrations}
-        self.rate = {name: collections.deque() for name in self.integrations}
-        self.rate_lock = threading.Lock()
-        self.callback_cv = threading.Condition()
-        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
-        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
-        self.stopping = threading.Event()
-        self.threads = []
+    def __init__(self, db, hub):
+        self.db = db
+        self.hub = hub
+        self.put_back = None
+        self.callbacks_queued = None
         self._undo = None  # agent id -> its cached card before the running transaction changed it
         self._jobs = []  # group commit: jobs waiting for the next batch (group_tx)
         self._jobs_lock = threading.Lock()
@@ -1525,67 +1513,28 @@ class Relay:
         self._commit_cv = threading.Condition()
         self._commit_due = False  # the committer thread is to lead the next batch
         self._committer = None  # started the first time a batch has no waiting thread to lead it
-        self._load()
 
-    # -- startup -----------------------------------------------------------
-    def _load(self):
-        ts = now_ms()
-        with self.db.write() as c:
-            for sid in SYSTEM_AGENTS:
-                c.execute(
-                    "INSERT OR IGNORE INTO agents(id, name, status, last_seen, created_at, system) VALUES (?,?,?,?,?,1)",
-                    (sid, "Human (dashboard)" if sid == "human" else "Relay", "online", ts, ts),
-                )
-        wall, mono = now_ms(), monotonic_ms()
-        for row in self.db.query("SELECT * FROM agents"):
-            agent = agent_from_row(row)
-            # Presence counts silence on the monotonic clock; the stored stamps are all a restart has, read once here
-            # (a stamp ahead of the wall clock, which was set back meanwhile, counts as now).
-            agent["seenMono"] = mono - max(0, wall - agent["lastSeen"])
-            since = agent["offlineSince"] or agent["lastSeen"]
-            agent["offlineMono"] = mono - max(0, wall - since) if agent["status"] == "offline" else None
-            self._cache(agent)
-        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
-        self.hub.head = head
-        self.release_orphaned_claims()
+    def connect(self, put_back, callbacks_queued):
+        """Relay wires in the two hooks once the parts they call exist."""
+        self.put_back = put_back
+        self.callbacks_queued = callbacks_queued
 
-    def _cache(self, agent):
-        old = self.agents.get(agent["id"])
+    def remember(self, agent_id, old):
+        """Inside a transaction, the agent directory records a cached card (None: there was none) before its first
+        change, to be put back if the transaction does not commit."""
         if self._undo is not None:
-            self._undo.setdefault(agent["id"], old)
-        if old is not None:
-            self._unindex(old)
-        self.agents[agent["id"]] = agent
-        if not agent["system"]:
-            for t in agent_targets(agent):
-                if t != agent["id"]:
-                    self.index[t].add(agent["id"])
-
-    def _uncache(self, agent_id):
-        if self._undo is not None:
-            self._undo.setdefault(agent_id, self.agents.get(agent_id))
-        old = self.agents.pop(agent_id, None)
-        if old is not None:
-            self._unindex(old)
-
-    def _unindex(self, agent):
-        for t in agent_targets(agent):
-            ids = self.index.get(t)  # not self.index[t]: that would leave an empty set behind for every id ever seen
-            if ids is not None:
-                ids.discard(agent["id"])
-                if not ids:
-                    del self.index[t]
+            self._undo.setdefault(agent_id, old)
 
     @contextlib.contextmanager
     def tx(self):
         """One write transaction; its events are published, in order, after the commit."""
         with self.db.locked():
             if self._undo is not None:
-                raise RuntimeError("Relay.tx() inside a transaction: pass the open Tx down instead")
+                raise RuntimeError("Writer.tx() inside a transaction: pass the open Tx down instead")
             self._undo = {}
             try:
                 with self.db.write() as c:
-                    t = Tx(self, c)
+                    t = Tx(self.db, c)
                     yield t
                     t.flush()
             except BaseException:
@@ -1597,18 +1546,13 @@ class Relay:
             if t.wake:
                 self.hub.wake(t.wake)
         if t.callbacks:
-            with self.callback_cv:
-                self.callback_news += 1
-                self.callback_cv.notify_all()
+            self.callbacks_queued()
 
     def _forget(self, undo):
         """Puts back the cached cards that `undo` recorded (a transaction, or one job of a batch, did not commit)."""
         kept, self._undo = self._undo, None  # restoring is not itself a change to record
         for agent_id, old in undo.items():
-            if old is None:
-                self._uncache(agent_id)
-            else:
-                self._cache(old)
+            self.put_back(agent_id, old)
         self._undo = kept
 
     def group_tx(self, job, then=None):
@@ -1737,28 +1681,167 @@ class Relay:
                 outer.setdefault(agent_id, old)
             self._undo = outer
 
-    # -- agents ------------------------------------------------------------
+    def close(self):
+        with self._commit_cv:  # the committer runs the batch still due, if any, and ends
+            committer, self._committer = self._committer, None
+            self._commit_cv.notify_all()
+        if committer is not None:
+            committer.join(Storage.WRITE_WAIT_S * 2)
+
+
+# ============================================================================
+# The agent directory: cards, the routing index, presence
+# ============================================================================
+
+
+class AgentDirectory:
+    """Who is on the relay: every agent's card, cached in memory and written through to storage under the write
+    lock; the index that routes a fan-out to the agents it reaches; presence (activity is kept in memory and
+    flushed, a silent agent goes offline, a long-offline one is removed); registration, card edits, heartbeats
+    and the end of a session.
+
+    Owns the agents table and its cache. May call: the writer (its transactions; the cache's undo journal), the
+    Hub (a card says whether its agent listens), config; and two parts that are built on it, wired in by Relay:
+    messages (what starts to reach an agent whose reach grew: held messages, open work) and claims (what an
+    agent that goes offline or is removed held goes back to the pool)."""
+
+    def __init__(self, config, db, hub, writer):
+        self.config = config
+        self.db = db
+        self.hub = hub
+        self.writer = writer
+        self.messages = self.claims = None  # wired by Relay (connect)
+        self._agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
+        self._index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
+        self._dirty_seen = set()  # agents whose lastSeen changed in memory only
+
+    def connect(self, messages, claims):
+        """Relay wires in the two parts built on this one, once they exist."""
+        self.messages, self.claims = messages, claims
+
+    def load(self):
+        """At start: the built-in agents exist, and every stored agent is in the cache."""
+        ts = now_ms()
+        with self.db.write() as c:
+            for sid in SYSTEM_AGENTS:
+                c.execute(
+                    "INSERT OR IGNORE INTO agents(id, name, status, last_seen, created_at, system) VALUES (?,?,?,?,?,1)",
+                    (sid, "Human (dashboard)" if sid == "human" else "Relay", "online", ts, ts),
+                )
+        wall, mono = now_ms(), monotonic_ms()
+        for row in self.db.query("SELECT * FROM agents"):
+            agent = agent_from_row(row)
+            # Presence counts silence on the monotonic clock; the stored stamps are all a restart has, read once here
+            # (a stamp ahead of the wall clock, which was set back meanwhile, counts as now).
+            agent["seenMono"] = mono - max(0, wall - agent["lastSeen"])
+            since = agent["offlineSince"] or agent["lastSeen"]
+            agent["offlineMono"] = mono - max(0, wall - since) if agent["status"] == "offline" else None
+            self._cache(agent)
+
+    # -- the cache ---------------------------------------------------------
+    def _cache(self, agent):
+        old = self._agents.get(agent["id"])
+        self.writer.remember(agent["id"], old)
+        if old is not None:
+            self._unindex(old)
+        self._agents[agent["id"]] = agent
+        if not agent["system"]:
+            for t in agent_targets(agent):
+                if t != agent["id"]:
+                    self._index[t].add(agent["id"])
+
+    def _uncache(self, agent_id):
+        self.writer.remember(agent_id, self._agents.get(agent_id))
+        old = self._agents.pop(agent_id, None)
+        if old is not None:
+            self._unindex(old)
+
+    def _unindex(self, agent):
+        for t in agent_targets(agent):
+            ids = self._index.get(t)  # not self._index[t]: that would leave an empty set behind for every id ever seen
+            if ids is not None:
+                ids.discard(agent["id"])
+                if not ids:
+                    del self._index[t]
+
+    def put_back(self, agent_id, old):
+        """A transaction did not commit: the cached card is again what it was before it (None: there was none)."""
+        if old is None:
+            self._uncache(agent_id)
+        else:
+            self._cache(old)
+
+    # -- lookups -----------------------------------------------------------
     def card(self, agent):
         card = {k: agent[k] for k in CARD_FIELDS}
         card["listening"] = self.hub.listening(agent["id"])
         return card
 
+    def find(self, agent_id):
+        """The agent as cached, or None. The dict is the directory's: read it, never change it."""
+        return self._agents.get(agent_id)
+
+    def knows(self, agent_id):
+        return agent_id in self._agents
+
     def get_agent(self, agent_id):
-        agent = self.agents.get(agent_id)
+        agent = self._agents.get(agent_id)
         if agent is None:
             raise unknown_agent(agent_id)
         return agent
 
+    def all(self):
+        """Every agent in the cache, built-in ones included (the list is a snapshot, the dicts are the directory's)."""
+        return list(self._agents.values())
+
+    def online(self, agent_id):
+        """Whether the agent exists and is not offline."""
+        agent = self._agents.get(agent_id)
+        return agent is not None and agent["status"] != "offline"
+
+    def online_count(self, ids):
+        """How many of these agents are online (not offline)."""
+        return sum(1 for a in ids if a in self._agents and self._agents[a]["status"] != "offline")
+
+    def list_agents(self, status=None, tag=None, cap=None, label=None):
+        out = []
+        for a in list(self._agents.values()):
+            if status and a["status"] != status:
+                continue
+            if tag and tag not in a["tags"]:
+                continue
+            if cap and cap not in a["capabilities"]:
+                continue
+            if label and a.get("label") != label:
+                continue
+            out.append(self.card(a))
+        out.sort(key=lambda a: (-a["lastSeen"], a["id"]))
+        return out
+
+    def matching_agents(self, to, channel, sender):
+        """Agent ids a message reaches now (the sender never gets its own fan-out)."""
+        if to in self._agents and not to.startswith(FANOUT_PREFIXES) and to != "broadcast":
+            return [to]
+        ids = self._agents.keys() if to == "broadcast" else self._index.get(to, ())
+        out = []
+        for aid in list(ids):
+            a = self._agents.get(aid)
+            if a is not None and fanout_reaches(a, to, channel, sender):
+                out.append(aid)
+        out.sort()
+        return out
+
+    # -- presence ----------------------------------------------------------
     def touch(self, agent_id):
         """Activity: keeps an agent online; an offline one comes back."""
-        agent = self.agents.get(agent_id)
+        agent = self._agents.get(agent_id)
         if agent is None or agent["system"]:
             return
         self._seen(agent)
         if agent["status"] == "offline":
             try:
-                with self.tx() as t:
-                    self._set_agent(t, agent, {"status": "online", "offlineSince": None})
+                with self.writer.tx() as t:
+                    self.update_card(t, agent, {"status": "online", "offlineSince": None})
             except StorageUnavailable:
                 pass  # presence is best effort: the request it rides on (often a read, or a write already committed) goes on
 
@@ -1767,7 +1850,11 @@ class Relay:
         the monotonic time that the sweeper counts silence from."""
         agent["lastSeen"] = now_ms()
         agent["seenMono"] = monotonic_ms()
-        self.dirty_seen.add(agent["id"])
+        self._dirty_seen.add(agent["id"])
+
+    def mark_seen(self, agent_id):
+        """Activity recorded inside a transaction (a claim): in memory only, no write and no status change of its own."""
+        self._seen(self._agents[agent_id])
 
     def check_fence(self, agent, instance_id, epoch):
         if instance_id is not None and agent["instanceId"] is not None and instance_id != agent["instanceId"]:
@@ -1777,6 +1864,50 @@ class Relay:
             raise ApiError(409, "superseded", "Epoch %d of %s is not the current one (%d); a newer instance registered."
                            % (epoch, agent["id"], agent["epoch"]), epoch=agent["epoch"])
 
+    def flush_presence(self):
+        """Write the lastSeen values kept in memory (activity is not a write of its own)."""
+        dirty, self._dirty_seen = self._dirty_seen, set()
+        rows = []
+        for a in list(dirty):  # list(): an add racing the swap must not break the loop
+            agent = self._agents.get(a)
+            if agent is not None:
+                rows.append((agent["lastSeen"], a))
+        if rows:
+            with self.writer.tx() as t:
+                t.c.executemany("UPDATE agents SET last_seen = ? WHERE id = ?", rows)
+
+    def sweep_presence(self):
+        """Silent agents go offline (their work back to the pool); long-offline ones are removed.
+
+        Silence is counted on the monotonic clock (seenMono, offlineMono), never as the wall clock's now minus
+        lastSeen: a clock set back an hour would keep a dead agent's claims for that hour, and one set forward
+        would take every agent offline at once."""
+        for aid in list(self._agents):
+            if self.hub.listening(aid):
+                a = self._agents.get(aid)
+                if a is not None:
+                    self._seen(a)
+        self.flush_presence()
+        ttl, prune = self.config.stale_ttl_ms, self.config.offline_prune_ms
+        now = monotonic_ms()
+        for agent in list(self._agents.values()):
+            if agent["system"]:
+                continue
+            if agent["status"] != "offline" and now - agent["seenMono"] > ttl and not self.hub.listening(agent["id"]):
+                with self.writer.tx() as t:
+                    current = self._agents.get(agent["id"])
+                    if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
+                        continue
+                    self.claims.release_claims_of(t, agent["id"])
+                    self.update_card(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
+            elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
+                with self.writer.tx() as t:
+                    current = self._agents.get(agent["id"])
+                    if current is None or current["status"] != "offline":
+                        continue  # gone already, or back online since the snapshot above
+                    self._remove_agent(t, current)
+
+    # -- cards -------------------------------------------------------------
     COLUMN = {
         "name": "name", "label": "label", "machine": "machine", "rig": "rig", "project": "project",
         "tags": "tags", "capabilities": "capabilities", "channels": "channels", "status": "status",
@@ -1785,13 +1916,13 @@ class Relay:
         "keyHash": "key_hash",
     }
 
-    def _set_agent(self, t, agent, changes, event="agent.updated"):
+    def update_card(self, t, agent, changes, event="agent.updated"):
         """Write changed card fields of an agent and publish the new card.
 
         The base is the directory's current card, read here under the write lock, never the
         caller's copy: a copy taken before the lock may predate a PATCH or a purge.
         """
-        current = self.agents.get(agent["id"])
+        current = self._agents.get(agent["id"])
         if current is None:
             raise unknown_agent(agent["id"])
         agent = current
@@ -1851,8 +1982,8 @@ class Relay:
             raise invalid("channels", "needs at least one channel (use [\"all\"] to see every fan-out)")
         fields = {k: v for k, v in fields.items() if v is not None}
         key = None
-        with self.tx() as t:
-            existing = self.agents.get(agent_id)
+        with self.writer.tx() as t:
+            existing = self._agents.get(agent_id)
             if existing is not None:
                 auth.act_as(existing, registering=True)
                 auth.change_mode(existing, fields.get("approvalMode"))
@@ -1865,7 +1996,7 @@ class Relay:
                 if self.config.agent_keys and not existing["keyHash"]:
                     key = secrets.token_urlsafe(24)
                     changes["keyHash"] = hashlib.sha256(key.encode()).hexdigest()
-                agent = self._set_agent(t, existing, changes)
+                agent = self.update_card(t, existing, changes)
                 created = False
             else:
                 ts = now_ms()
@@ -1895,59 +2026,12 @@ class Relay:
                 self._cache(agent)
                 t.emit("agent.registered", {"agent": self.card(agent)}, agent_id=agent_id)
                 created = True
-            self._hold_unapproved(t, agent)
-            self._queue_open_work(t, agent)
+            self.messages.hold_unapproved(t, agent)
+            self.messages.queue_open_work(t, agent)
         card = self.card(agent)
         if key:
             card["agentKey"] = key
         return card, created
-
-    def _hold_unapproved(self, t, agent):
-        """A guarded agent sees another agent's message only after a person approves it.
-
-        Messages are held at send time for the guarded agents they reach then; this holds the ones that
-        reach it later, not yet delivered: it registered, gained a tag or channel, or became guarded.
-        """
-        if agent["approvalMode"] != "guarded":
-            return
-        vis, params = self._visibility_sql(agent)
-        rows = t.execute(
-            "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
-            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
-            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
-            [agent["id"]] + params + [agent["id"], agent["cursor"]],
-        ).fetchall()
-        for row in rows:
-            t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (row["id"], agent["id"]))
-            t.emit("message.held", {"message": message_from_row(row), "agentId": agent["id"]}, audience={row["from_agent"]})
-
-    def _queue_open_work(self, t, agent):
-        """Unclaimed claimable messages that now reach the agent but lie behind its cursor: deliver them once."""
-        targets = agent_targets(agent)
-        rows = t.execute(
-            "SELECT id, from_agent, to_target, channel FROM messages WHERE claimable = 1 AND claimed_by IS NULL "
-            "AND id <= ? AND to_target IN (%s)" % ",".join("?" * len(targets)),
-            [agent["cursor"]] + targets,
-        ).fetchall()
-        for r in rows:
-            if fanout_reaches(agent, r["to_target"], r["channel"], r["from_agent"]):
-                t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (agent["id"], r["id"]))
-                t.wake.add(agent["id"])
-
-    def list_agents(self, status=None, tag=None, cap=None, label=None):
-        out = []
-        for a in list(self.agents.values()):
-            if status and a["status"] != status:
-                continue
-            if tag and tag not in a["tags"]:
-                continue
-            if cap and cap not in a["capabilities"]:
-                continue
-            if label and a.get("label") != label:
-                continue
-            out.append(self.card(a))
-        out.sort(key=lambda a: (-a["lastSeen"], a["id"]))
-        return out
 
     def patch_agent(self, agent_id, body, auth):
         agent = self.get_agent(agent_id)
@@ -1990,11 +2074,11 @@ class Relay:
             raise ApiError(403, "forbidden", "Built-in agent %r cannot be changed." % agent_id)
         if not changes:
             return self.card(agent)
-        with self.tx() as t:
-            agent = self._set_agent(t, self.get_agent(agent_id), changes)
+        with self.writer.tx() as t:
+            agent = self.update_card(t, self.get_agent(agent_id), changes)
             if any(k in changes for k in ("tags", "capabilities", "channels", "label", "approvalMode")):
-                self._hold_unapproved(t, agent)
-                self._queue_open_work(t, agent)
+                self.messages.hold_unapproved(t, agent)
+                self.messages.queue_open_work(t, agent)
         return self.card(agent)  # a card edit is not the agent's activity (a person may make it)
 
     def heartbeat(self, agent_id, body, auth):
@@ -2006,8 +2090,8 @@ class Relay:
         self.touch(agent_id)  # lastSeen, and an offline agent comes back online
         agent = self.get_agent(agent_id)
         if status and status != agent["status"]:
-            with self.tx() as t:
-                agent = self._set_agent(t, agent, {"status": status, "offlineSince": None})
+            with self.writer.tx() as t:
+                agent = self.update_card(t, agent, {"status": status, "offlineSince": None})
         return {"ok": True, "agent": self.card(agent)}
 
     def end_session(self, agent_id, purge, auth):
@@ -2017,18 +2101,18 @@ class Relay:
             raise ApiError(403, "forbidden", "Built-in agent %r cannot be removed." % agent_id)
         if purge and agent["approvalMode"] != "open":
             auth.change_mode(agent, "open")  # purged, it could come back unguarded
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if purge:
                 return self._remove_agent(t, self.get_agent(agent_id))
-            self.release_claims_of(t, agent_id)
-            agent = self._set_agent(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
+            self.claims.release_claims_of(t, agent_id)
+            agent = self.update_card(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
         self.hub.wake([agent_id])
         return self.card(agent)
 
     def _remove_agent(self, t, agent):
         """Delete an agent (purge or prune); its claims go back to the pool and what was held for it is released,
         so retention can take it in time."""
-        self.release_claims_of(t, agent["id"])
+        self.claims.release_claims_of(t, agent["id"])
         t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
         t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
         t.execute("DELETE FROM receipts WHERE agent_id = ? AND state = 'held'", (agent["id"],))
@@ -2038,43 +2122,29 @@ class Relay:
         t.emit("agent.removed", {"agent": card}, agent_id=agent["id"])
         return card
 
-    def release_claims_of(self, t, agent_id):
-        """Give back every message and unfinished task the agent had claimed."""
-        rows = t.execute(
-            "SELECT m.* FROM messages m WHERE m.claimed_by = ? AND m.claimable = 1 AND NOT EXISTS "
-            "(SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.status IN ('done','failed','canceled'))",
-            (agent_id,),
-        ).fetchall()
-        for row in rows:
-            self._release_message(t, row, agent_id)
-        for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
-            self._release_task(t, row, agent_id, also_message=False)
 
-    def release_orphaned_claims(self):
-        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
-        without the claimer check in _claimer could leave such claims behind, which nobody could ever release."""
-        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
-                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
-        gone = [r[0] for r in claimers if r[0] not in self.agents or self.agents[r[0]]["status"] == "offline"]
-        if gone:
-            with self.tx() as t:
-                for agent_id in gone:
-                    self.release_claims_of(t, agent_id)
+# ============================================================================
+# Messages: sending, who sees what, the inbox, receipts, holds, history
+# ============================================================================
 
-    # -- messages ----------------------------------------------------------
-    def matching_agents(self, to, channel, sender):
-        """Agent ids a message reaches now (the sender never gets its own fan-out)."""
-        if to in self.agents and not to.startswith(FANOUT_PREFIXES) and to != "broadcast":
-            return [to]
-        ids = self.agents.keys() if to == "broadcast" else self.index.get(to, ())
-        out = []
-        for aid in list(ids):
-            a = self.agents.get(aid)
-            if a is not None and fanout_reaches(a, to, channel, sender):
-                out.append(aid)
-        out.sort()
-        return out
 
+class Messages:
+    """Messages between agents: sending (to one agent, or fanned out to a tag, capability, label, channel or
+    everyone), which agents may see a message, the inbox and its long-poll, receipts (delivered, read),
+    messages held for a guarded agent until a person approves or rejects them, a message's thread, history,
+    and a claimable message given back to the pool (queued again for every agent it reaches).
+
+    Owns the rules of the messages, receipts and redeliveries tables. May call: the writer, the Hub (an inbox
+    waits on it), config, and the agent directory (who exists, whom a target reaches, activity)."""
+
+    def __init__(self, config, db, hub, writer, agents):
+        self.config = config
+        self.db = db
+        self.hub = hub
+        self.writer = writer
+        self.agents = agents
+
+    # -- who sees a message ------------------------------------------------
     def held_for(self, agent, sender, outside=False):
         """Whether a message from `sender` waits for a person before it reaches `agent`: a guarded agent gets a person's
         (human, system) messages at once, and another agent's, or work from outside (`outside`: an integration's
@@ -2087,8 +2157,8 @@ class Relay:
     def readers_of(self, t, row):
         """Who may see a stored message's text on their stream: the agents it reaches now, except those it is held
         (or was rejected) for, and its sender. Every event that carries the text of a message, or of the task it
-        announces, goes to these agents; _send applies the same rule as it creates the message."""
-        audience = set(self.matching_agents(row["to_target"], row["channel"], row["from_agent"]))
+        announces, goes to these agents; create applies the same rule as it stores the message."""
+        audience = set(self.agents.matching_agents(row["to_target"], row["channel"], row["from_agent"]))
         if audience:
             audience.difference_update(r[0] for r in t.execute(
                 "SELECT agent_id FROM receipts WHERE message_id = ? AND state IN ('held','rejected')", (row["id"],)))
@@ -2105,9 +2175,20 @@ class Relay:
         r = c.execute("SELECT state FROM receipts WHERE message_id = ? AND agent_id = ?", (message_id, agent_id)).fetchone()
         return r[0] if r else None
 
+    def _visibility_sql(self, agent, targets=None):
+        """WHERE clause (and its parameters) for messages addressed to this agent (by `targets`, default all of its own)."""
+        targets = targets or agent_targets(agent)
+        sql = "m.to_target IN (%s) AND (m.to_target = ? OR m.from_agent != ?)" % ",".join("?" * len(targets))
+        params = targets + [agent["id"], agent["id"]]
+        if "all" not in agent["channels"]:
+            sql += " AND (m.to_target = ? OR m.channel IN (%s))" % ",".join("?" * len(agent["channels"]))
+            params += [agent["id"]] + agent["channels"]
+        return sql, params
+
+    # -- sending -----------------------------------------------------------
     def send(self, body, auth, then=None):
         """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
-        (Relay.group_tx)."""
+        (Writer.group_tx)."""
         f = Fields(body)
         sender = f.string("from", required=True, max_len=128)
         to = f.string("to", required=True, max_len=200)
@@ -2125,45 +2206,45 @@ class Relay:
         payload = f.obj("payload", default={})
         meta = f.obj("meta", default={})
         target_kind, _ = parse_target(to)
-        agent = self.agents.get(sender)
+        agent = self.agents.find(sender)
         if agent is None:
             raise unknown_agent(sender)
         auth.act_as(agent)
-        if target_kind == "agent" and to not in self.agents:
+        if target_kind == "agent" and not self.agents.knows(to):
             raise unknown_agent(to)
         def job(t):
-            return self._send(sender, to, text, subject=subject, kind=kind, channel=channel, claimable=claimable,
+            return self.create(sender, to, text, subject=subject, kind=kind, channel=channel, claimable=claimable,
                               reply_to=reply_to, idem=idem, payload=payload, meta=meta, t=t)
 
         def committed(result):
             out, created = result
             if created and sender not in SYSTEM_AGENTS:
-                self.touch(sender)
+                self.agents.touch(sender)
             return out, created
 
         if then is None:
-            return committed(self.group_tx(job))
-        got = self.group_tx(job, then=lambda outcome: then(lambda: committed(outcome())))
+            return committed(self.writer.group_tx(job))
+        got = self.writer.group_tx(job, then=lambda outcome: then(lambda: committed(outcome())))
         return got if got is DEFERRED else committed(got)
 
     MESSAGE_COLUMNS = ("id", "from_agent", "to_target", "subject", "body", "kind", "channel", "claimable", "reply_to", "thread_id",
                        "idempotency_key", "payload", "meta", "created_at")
 
-    def _send(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
+    def create(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
               idem=None, payload=None, meta=None, t=None, outside=False):
-        agent = self.get_agent(sender)
+        agent = self.agents.get_agent(sender)
         if agent["approvalMode"] == "read-only" and reply_to is None:
             raise ApiError(403, "read_only", "%s is read-only: it may reply to messages (replyTo) but not start conversations." % sender)
         if agent["approvalMode"] == "read-only" and claimable:
             raise ApiError(403, "read_only", "%s is read-only: it may not hand out claimable work." % sender)
         owns_tx = t is None
-        with (contextlib.nullcontext(t) if t is not None else self.tx()) as t:
+        with (contextlib.nullcontext(t) if t is not None else self.writer.tx()) as t:
             if idem is not None:
                 row = t.execute("SELECT * FROM messages WHERE from_agent = ? AND idempotency_key = ?", (sender, idem)).fetchone()
                 if row is not None:
                     msg = message_from_row(row)
-                    matched = self.matching_agents(msg["to"], msg["channel"], sender)
-                    return {"message": msg, "matched": matched, "online": self._online(matched), "duplicate": True}, False
+                    matched = self.agents.matching_agents(msg["to"], msg["channel"], sender)
+                    return {"message": msg, "matched": matched, "online": self.agents.online_count(matched), "duplicate": True}, False
             thread = None
             if reply_to is not None:
                 parent = t.execute("SELECT * FROM messages WHERE id = ?", (reply_to,)).fetchone()
@@ -2177,8 +2258,8 @@ class Relay:
                     raise ApiError(403, "read_only", "%s is read-only: its reply to message %d may go only to that message's "
                                    "sender, %s, not to %s." % (sender, reply_to, parent["from_agent"], to))
                 thread = parent["thread_id"] if parent["thread_id"] is not None else parent["id"]
-            matched = self.matching_agents(to, channel, sender)
-            held = [a for a in matched if self.held_for(self.agents[a], sender, outside)]
+            matched = self.agents.matching_agents(to, channel, sender)
+            held = [a for a in matched if self.held_for(self.agents.find(a), sender, outside)]
             ts = now_ms()
             mid = t.insert("messages", self.MESSAGE_COLUMNS, (sender, to, subject, text, kind, channel, int(claimable), reply_to,
                                                               thread, idem, dumps(payload) if payload else "{}",
@@ -2196,11 +2277,13 @@ class Relay:
                 t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (mid, a))
                 t.emit("message.held", {"message": msg, "agentId": a}, audience={sender})
         if sender not in SYSTEM_AGENTS and owns_tx:
-            self.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
-        return {"message": msg, "matched": matched, "online": self._online(matched)}, True
+            self.agents.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
+        return {"message": msg, "matched": matched, "online": self.agents.online_count(matched)}, True
 
-    def _online(self, ids):
-        return sum(1 for a in ids if a in self.agents and self.agents[a]["status"] != "offline")
+    def emit_message(self, t, type, row, **extra):
+        data = {"message": message_from_row(row)}
+        data.update(extra)
+        t.emit(type, data, audience=self.readers_of(t, row))
 
     def get_message_row(self, c, message_id):
         row = c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
@@ -2224,16 +2307,7 @@ class Relay:
             rows = c.execute("SELECT * FROM messages WHERE id = ? OR thread_id = ? ORDER BY id", (tid, tid)).fetchall()
         return {"threadId": tid, "messages": [message_from_row(r) for r in rows]}
 
-    def _visibility_sql(self, agent, targets=None):
-        """WHERE clause (and its parameters) for messages addressed to this agent (by `targets`, default all of its own)."""
-        targets = targets or agent_targets(agent)
-        sql = "m.to_target IN (%s) AND (m.to_target = ? OR m.from_agent != ?)" % ",".join("?" * len(targets))
-        params = targets + [agent["id"], agent["id"]]
-        if "all" not in agent["channels"]:
-            sql += " AND (m.to_target = ? OR m.channel IN (%s))" % ",".join("?" * len(agent["channels"]))
-            params += [agent["id"]] + agent["channels"]
-        return sql, params
-
+    # -- the inbox and receipts --------------------------------------------
     def visible_messages_for(self, agent, since, limit, unread=False):
         """(messages, more, redelivered ids): what the inbox returns for `since`."""
         # One branch per target, each an index range read in id order and cut at the page size, merged:
@@ -2286,17 +2360,17 @@ class Relay:
     HANGUP_CHECK_S = 5.0
 
     def inbox(self, agent_id, since, limit, unread, wait, auth, client_gone=None):
-        agent = self.get_agent(agent_id)
+        agent = self.agents.get_agent(agent_id)
         auth.act_as(agent)
         start = since if since is not None else agent["cursor"]
         waiter = self.hub.subscribe(agent_id, "poll") if wait > 0 else None
-        self.touch(agent_id)
+        self.agents.touch(agent_id)
         try:
             deadline = time.monotonic() + wait
             while True:
                 if waiter is not None:
                     waiter.event.clear()
-                agent = self.get_agent(agent_id)
+                agent = self.agents.get_agent(agent_id)
                 messages, more, redelivered, cursor = self.visible_messages_for(agent, start, limit, unread)
                 if messages or waiter is None or self.hub.stopping:
                     break
@@ -2316,7 +2390,7 @@ class Relay:
         if waiter is not None and client_gone is not None and client_gone():
             return None  # nobody to hand it to: keep it for the next poll (and a client gone is no activity)
         if waiter is not None:
-            self.touch(agent_id)
+            self.agents.touch(agent_id)
 
         try:
             self.record_delivery(agent, messages, redelivered, cursor)
@@ -2328,7 +2402,7 @@ class Relay:
         if not messages and not redelivered and cursor <= agent["cursor"]:
             return
         ts = now_ms()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if messages:
                 t.c.executemany(
                     "INSERT INTO receipts(message_id, agent_id, state, delivered_at) VALUES (?,?,'delivered',?) "
@@ -2339,22 +2413,22 @@ class Relay:
             if redelivered:
                 t.c.executemany("DELETE FROM redeliveries WHERE agent_id = ? AND message_id = ?",
                                 [(agent["id"], mid) for mid in redelivered])
-            current = self.agents.get(agent["id"])
+            current = self.agents.find(agent["id"])
             if current is not None and cursor > current["cursor"]:
                 # a `since` beyond the newest message must not carry the kept cursor past messages still to come
                 head = t.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
                 if min(cursor, head) > current["cursor"]:
-                    self._set_agent(t, current, {"cursor": min(cursor, head)}, event=None)
+                    self.agents.update_card(t, current, {"cursor": min(cursor, head)}, event=None)
 
     def cursor(self):
         return {"cursor": self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM messages")[0]}
 
     def mark_read(self, message_id, body, auth):
         f = Fields(body)
-        agent = self.get_agent(f.string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
         auth.act_as(agent)
         ts = now_ms()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             row = self.get_message_row(t.c, message_id)
             if not self.visible_to(agent, row, self.receipt_state(t.c, message_id, agent["id"])):
                 raise ApiError(403, "not_addressed", "Message %d is not addressed to %s." % (message_id, agent["id"]))
@@ -2366,16 +2440,16 @@ class Relay:
             )
             t.emit("message.read", {"messageId": message_id, "agentId": agent["id"]}, agent_id=agent["id"],
                    audience={row["from_agent"]})
-        self.touch(agent["id"])
+        self.agents.touch(agent["id"])
         return {"ok": True, "messageId": message_id, "agentId": agent["id"], "readAt": ts}
 
     def mark_read_upto(self, agent_id, body, auth):
-        agent = self.get_agent(agent_id)
+        agent = self.agents.get_agent(agent_id)
         auth.act_as(agent)
         up_to = Fields(body).integer("upTo", required=True)
         vis, params = self._visibility_sql(agent)
         ts = now_ms()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             ids = [r[0] for r in t.execute(
                 "SELECT m.id FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
                 " AND m.id <= ? AND (m.id > ? OR m.claimable = 1 OR r.state IS NOT NULL) AND (r.state IS NULL OR r.state NOT IN "
@@ -2390,92 +2464,57 @@ class Relay:
             )
             if ids:
                 t.emit("message.read", {"agentId": agent["id"], "upTo": up_to, "count": len(ids)}, agent_id=agent["id"])
-        self.touch(agent["id"])
+        self.agents.touch(agent["id"])
         return {"count": len(ids)}
 
-    def claim_message(self, message_id, body, auth):
-        f = Fields(body)
-        agent = self.get_agent(f.string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
-        with self.tx() as t:
-            agent = self._claimer(t, agent["id"], instance_id, epoch)
-            row = self.get_message_row(t.c, message_id)
-            if not row["claimable"]:
-                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
-            if agent["approvalMode"] == "read-only":
-                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
-            if not self.visible_to(agent, row, self.receipt_state(t.c, message_id, agent["id"])):
-                raise ApiError(403, "not_addressed", "Message %d (to %s) is not addressed to %s." % (message_id, row["to_target"], agent["id"]))
-            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
-            if task is not None and task["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task["id"], task["status"]))
-            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "already_claimed", "Message %d is already claimed by %s." % (message_id, row["claimed_by"]),
-                               claimedBy=row["claimed_by"])
-            if row["claimed_by"] is None:
-                ts = now_ms()
-                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent["id"], ts, message_id))
-                row = self.get_message_row(t.c, message_id)
-                self._emit_message(t, "message.claimed", row, agentId=agent["id"])
-                if task is not None and task["status"] == "open":
-                    self._claim_task_row(t, task, agent["id"], ts, also_message=False)
-            self._seen(self.agents[agent["id"]])  # in here, not touch() after: a session end committed next must stand
-        return {"message": message_from_row(row)}
-
-    def _claimer(self, t, agent_id, instance_id, epoch):
-        """The agent about to take work, read from the database inside the claim's transaction (under the write
-        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
-        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
-        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
-        if row is None:
-            raise unknown_agent(agent_id)
-        agent = agent_from_row(row)
-        self.check_fence(agent, instance_id, epoch)
-        if agent["status"] == "offline":
-            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
-                           "claim work; send a heartbeat (or register again) first." % agent_id)
-        return agent
-
-    def _emit_message(self, t, type, row, **extra):
-        data = {"message": message_from_row(row)}
-        data.update(extra)
-        t.emit(type, data, audience=self.readers_of(t, row))
-
-    def release_message(self, message_id, body, auth):
-        agent = self.get_agent(Fields(body).string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        with self.tx() as t:
-            row = self.get_message_row(t.c, message_id)
-            if not row["claimable"]:
-                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
-            if row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "not_owner", "Message %d is claimed by %s, not %s." % (message_id, row["claimed_by"] or "nobody", agent["id"]),
-                               claimedBy=row["claimed_by"])
-            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
-            if task is not None and task["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; its claim cannot be released." % (task["id"], task["status"]))
-            self._release_message(t, row, agent["id"])
-            if task is not None and task["status"] in ("claimed", "blocked"):
-                self._release_task(t, task, agent["id"], also_message=False)
-            row = self.get_message_row(t.c, message_id)
-        self.touch(agent["id"])
-        return {"message": message_from_row(row)}
-
-    def _release_message(self, t, row, releaser):
+    # -- claimed work given back (Claims decides when) ---------------------
+    def return_to_pool(self, t, row, releaser):
         """Back to the pool: every agent it reaches gets it (again) once, except the one that gave it back."""
         t.execute("UPDATE messages SET claimed_by = NULL, claimed_at = NULL WHERE id = ?", (row["id"],))
-        for aid in self.matching_agents(row["to_target"], row["channel"], row["from_agent"]):
+        for aid in self.agents.matching_agents(row["to_target"], row["channel"], row["from_agent"]):
             if aid != releaser:
                 t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (aid, row["id"]))
                 t.wake.add(aid)
-        self._emit_message(t, "message.released", self.get_message_row(t.c, row["id"]), agentId=releaser)
+        self.emit_message(t, "message.released", self.get_message_row(t.c, row["id"]), agentId=releaser)
+
+    # -- holds and approvals -----------------------------------------------
+    def hold_unapproved(self, t, agent):
+        """A guarded agent sees another agent's message only after a person approves it.
+
+        Messages are held at send time for the guarded agents they reach then; this holds the ones that
+        reach it later, not yet delivered: it registered, gained a tag or channel, or became guarded.
+        """
+        if agent["approvalMode"] != "guarded":
+            return
+        vis, params = self._visibility_sql(agent)
+        rows = t.execute(
+            "SELECT m.* FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
+            " AND r.state IS NULL AND (m.from_agent NOT IN ('human', 'system') OR " + self.FROM_OUTSIDE_SQL + ")"
+            " AND m.from_agent != ? AND (m.id > ? OR (m.claimable = 1 AND m.claimed_by IS NULL))",
+            [agent["id"]] + params + [agent["id"], agent["cursor"]],
+        ).fetchall()
+        for row in rows:
+            t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (row["id"], agent["id"]))
+            t.emit("message.held", {"message": message_from_row(row), "agentId": agent["id"]}, audience={row["from_agent"]})
+
+    def queue_open_work(self, t, agent):
+        """Unclaimed claimable messages that now reach the agent but lie behind its cursor: deliver them once."""
+        targets = agent_targets(agent)
+        rows = t.execute(
+            "SELECT id, from_agent, to_target, channel FROM messages WHERE claimable = 1 AND claimed_by IS NULL "
+            "AND id <= ? AND to_target IN (%s)" % ",".join("?" * len(targets)),
+            [agent["cursor"]] + targets,
+        ).fetchall()
+        for r in rows:
+            if fanout_reaches(agent, r["to_target"], r["channel"], r["from_agent"]):
+                t.execute("INSERT OR IGNORE INTO redeliveries(agent_id, message_id) VALUES (?,?)", (agent["id"], r["id"]))
+                t.wake.add(agent["id"])
 
     def decide(self, message_id, body, approve, auth):
         auth.person()
         agent_id = Fields(body).string("agentId", max_len=128)
         state = "approved" if approve else "rejected"
-        with self.tx() as t:
+        with self.writer.tx() as t:
             row = self.get_message_row(t.c, message_id)
             held = [r[0] for r in t.execute(
                 "SELECT agent_id FROM receipts WHERE message_id = ? AND state = 'held'", (message_id,))]
@@ -2496,10 +2535,11 @@ class Relay:
                        audience={msg["from"]})
         return self.message_detail(message_id)
 
+    # -- history -----------------------------------------------------------
     def history(self, q):
         where, params = [], []
         if q.get("agent"):
-            agent = self.agents.get(q["agent"])
+            agent = self.agents.find(q["agent"])
             if agent is None:
                 raise unknown_agent(q["agent"])
             vis, p = self._visibility_sql(agent)
@@ -2536,7 +2576,33 @@ class Relay:
                     m["heldFor"] = held.get(m["id"], [])
         return {"messages": messages, "more": more}
 
-    # -- tasks -------------------------------------------------------------
+
+# ============================================================================
+# Tasks and the integrations that raise them
+# ============================================================================
+
+
+class Tasks:
+    """Tracked work: a task is announced by a claimable message and moves open, claimed, blocked, done, failed or
+    canceled; each change is a task event. Integrations (outside systems with a token) raise tasks, deduplicated
+    by their key and rate-limited, resolve them, and get each change called back (queued here, in the change's
+    transaction; sent by callback delivery).
+
+    Owns the tasks, task_events and callbacks tables (a callback's delivery is CallbackDelivery's) and the
+    integrations' rate windows. May call: the writer, config, the agent directory (who exists, activity) and
+    messages (a task's announcing message: creating it, who may see it, giving it back)."""
+
+    def __init__(self, config, db, writer, agents, messages, integrations):
+        self.config = config
+        self.db = db
+        self.writer = writer
+        self.agents = agents
+        self.messages = messages
+        self.integrations = integrations  # name -> integration, from the configuration
+        self.rate = {name: collections.deque() for name in self.integrations}
+        self.rate_lock = threading.Lock()
+
+    # -- tasks and their events --------------------------------------------
     def get_task_row(self, c, task_id):
         row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
@@ -2553,9 +2619,9 @@ class Relay:
         task = task_from_row(row)
         msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
         if msg is not None:
-            audience = self.readers_of(t, msg)  # a task's text is its message's: not for whom that is held
+            audience = self.messages.readers_of(t, msg)  # a task's text is its message's: not for whom that is held
         else:
-            audience = set(self.matching_agents(task["target"], task["channel"], None))
+            audience = set(self.agents.matching_agents(task["target"], task["channel"], None))
         if task["claimedBy"]:
             audience.add(task["claimedBy"])
         t.emit("task.created" if callback_event == "task.created" else "task.updated", {"task": task}, audience=audience)
@@ -2572,7 +2638,7 @@ class Relay:
         f = Fields(body)
         sender = f.string("from", max_len=128)
         if sender is not None:
-            agent = self.get_agent(sender)
+            agent = self.agents.get_agent(sender)
             auth.act_as(agent)
             if agent["approvalMode"] == "read-only":
                 raise ApiError(403, "read_only", "%s is read-only and may not hand out work." % sender)
@@ -2581,14 +2647,14 @@ class Relay:
         source = ("agent:" + sender) if sender else "api"
         out = self._create_or_count(f, source, None, sender or "system")
         if sender is not None:
-            self.touch(sender)
+            self.agents.touch(sender)
         return out
 
     def _task_fields(self, f, target=None, channel=None):
         title = f.string("title", required=True, max_len=1024)
         target = target or f.string("target", required=True, max_len=200)
         kind, _ = parse_target(target, "target")
-        if kind == "agent" and target not in self.agents:
+        if kind == "agent" and not self.agents.knows(target):
             raise unknown_agent(target)
         if channel is None:
             channel = f.string("channel", max_len=64)
@@ -2608,7 +2674,7 @@ class Relay:
 
     def _create_or_count(self, f, source, integration, actor, fields=None):
         fields = fields or self._task_fields(f)
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if fields["dedupeKey"] is not None:
                 row = t.execute("SELECT * FROM tasks WHERE source = ? AND dedupe_key = ? AND status IN ('open','claimed','blocked')",
                                 (source, fields["dedupeKey"])).fetchone()
@@ -2627,10 +2693,10 @@ class Relay:
                  source, integration, fields["externalUrl"], dumps(fields["metadata"]), ts, ts, ts, ts),
             )
             task_id = cur.lastrowid
-            sender = actor if actor in self.agents else "system"
+            sender = actor if self.agents.knows(actor) else "system"
             payload = {"taskId": task_id, "severity": fields["severity"], "source": source,
                        "externalUrl": fields["externalUrl"], "dedupeKey": fields["dedupeKey"]}
-            result, _ = self._send(sender, fields["target"], fields["body"] or fields["title"], subject=fields["title"],
+            result, _ = self.messages.create(sender, fields["target"], fields["body"] or fields["title"], subject=fields["title"],
                                    kind="task", channel=fields["channel"], claimable=True, payload=payload, t=t,
                                    outside=integration is not None)
             t.execute("UPDATE tasks SET message_id = ? WHERE id = ?", (result["message"]["id"], task_id))
@@ -2661,69 +2727,6 @@ class Relay:
             task = task_from_row(self.get_task_row(c, task_id))
         return {"task": task, "events": self.task_events(task_id)}
 
-    def claim_task(self, task_id, body, auth):
-        f = Fields(body)
-        agent = self.get_agent(f.string("agentId", required=True, max_len=128))
-        auth.act_as(agent)
-        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
-        with self.tx() as t:
-            agent = self._claimer(t, agent["id"], instance_id, epoch)
-            row = self.get_task_row(t.c, task_id)
-            if agent["approvalMode"] == "read-only":
-                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
-            self._check_task_addressed(t, agent, row)
-            if row["status"] in TASK_FINAL:
-                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task_id, row["status"]))
-            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
-                raise ApiError(409, "already_claimed", "Task %d is already claimed by %s." % (task_id, row["claimed_by"]),
-                               claimedBy=row["claimed_by"])
-            if row["claimed_by"] is None:
-                task = self._claim_task_row(t, row, agent["id"], now_ms(), also_message=True)
-            else:
-                task = task_from_row(row)
-            self._seen(self.agents[agent["id"]])
-        return {"task": task}
-
-    def _check_task_addressed(self, t, agent, row):
-        """An agent acts on an unclaimed task only if its announcing message is visible to it (not held for it)."""
-        msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
-        if msg is not None:
-            ok = self.visible_to(agent, msg, self.receipt_state(t.c, msg["id"], agent["id"]))
-        else:
-            ok = fanout_reaches(agent, row["target"], row["channel"], None)
-        if not ok:
-            raise ApiError(403, "not_addressed", "Task %d (for %s) is not addressed to %s, or waits for a person's approval."
-                           % (row["id"], row["target"], agent["id"]))
-
-    def _close_task_message(self, t, row, actor, ts):
-        """A finished task's announcing message stops being open work (claimed by whoever ended it, if nobody had)."""
-        if row["message_id"]:
-            t.execute("UPDATE messages SET claimed_by = COALESCE(claimed_by, ?), claimed_at = COALESCE(claimed_at, ?) "
-                      "WHERE id = ?", (actor, ts, row["message_id"]))
-
-    def _claim_task_row(self, t, row, agent_id, ts, also_message):
-        t.execute("UPDATE tasks SET status = 'claimed', claimed_by = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
-                  (agent_id, ts, ts, row["id"]))
-        if also_message and row["message_id"]:
-            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
-            if msg is not None and msg["claimed_by"] is None:
-                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent_id, ts, msg["id"]))
-                self._emit_message(t, "message.claimed", self.get_message_row(t.c, msg["id"]), agentId=agent_id)
-        self._task_event(t, row["id"], "claimed", agent_id)
-        return self._task_changed(t, row["id"], "task.claimed")
-
-    def _release_task(self, t, row, agent_id, also_message=True, publish=True):
-        ts = now_ms()
-        t.execute("UPDATE tasks SET status = 'open', claimed_by = NULL, claimed_at = NULL, updated_at = ? WHERE id = ?",
-                  (ts, row["id"]))
-        if also_message and row["message_id"]:
-            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
-            if msg is not None and msg["claimed_by"] is not None:
-                self._release_message(t, msg, agent_id)
-        self._task_event(t, row["id"], "released", agent_id, {"from": row["status"]})
-        if publish:
-            self._task_changed(t, row["id"], "task.status")
-
     def update_task(self, task_id, body, auth):
         f = Fields(body)
         actor_id = f.string("agentId", max_len=128)
@@ -2735,13 +2738,13 @@ class Relay:
             raise invalid("status", "send at least one of status, progress or result")
         agent = None
         if actor_id is not None:
-            agent = self.get_agent(actor_id)
+            agent = self.agents.get_agent(actor_id)
             auth.act_as(agent)
             if agent["approvalMode"] == "read-only":
                 raise ApiError(403, "read_only", "%s is read-only and may not change tasks." % agent["id"])
         else:
             auth.person()
-        with self.tx() as t:
+        with self.writer.tx() as t:
             row = self.get_task_row(t.c, task_id)
             old = row["status"]
             new = status or old
@@ -2752,11 +2755,11 @@ class Relay:
             if new == "claimed" and old != "claimed" and row["claimed_by"] is None:
                 raise ApiError(409, "invalid_transition", "Use POST /api/tasks/%d/claim to claim a task." % task_id)
             if agent is not None and row["claimed_by"] is None:
-                self._check_task_addressed(t, agent, row)
+                self.check_addressed(t, agent, row)
             actor = actor_id or "human"
             ts = now_ms()
             if new == "open" and old != "open":
-                self._release_task(t, row, row["claimed_by"] or actor, publish=False)  # published once, below
+                self.reopen(t, row, row["claimed_by"] or actor, publish=False)  # published once, below
             elif new != old:
                 t.execute("UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?", (new, ts, task_id))
                 self._task_event(t, task_id, "status", actor, {"from": old, "to": new})
@@ -2769,8 +2772,52 @@ class Relay:
                 t.execute("UPDATE tasks SET result = ?, updated_at = ? WHERE id = ?", (dumps(result), ts, task_id))
             task = self._task_changed(t, task_id, "task.status")
         if agent is not None:
-            self.touch(agent["id"])
+            self.agents.touch(agent["id"])
         return {"task": task}
+
+    # -- claims of a task (Claims decides who may claim) -------------------
+    def check_addressed(self, t, agent, row):
+        """An agent acts on an unclaimed task only if its announcing message is visible to it (not held for it)."""
+        msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone() if row["message_id"] else None
+        if msg is not None:
+            ok = self.messages.visible_to(agent, msg, self.messages.receipt_state(t.c, msg["id"], agent["id"]))
+        else:
+            ok = fanout_reaches(agent, row["target"], row["channel"], None)
+        if not ok:
+            raise ApiError(403, "not_addressed", "Task %d (for %s) is not addressed to %s, or waits for a person's approval."
+                           % (row["id"], row["target"], agent["id"]))
+
+    def _close_task_message(self, t, row, actor, ts):
+        """A finished task's announcing message stops being open work (claimed by whoever ended it, if nobody had)."""
+        if row["message_id"]:
+            t.execute("UPDATE messages SET claimed_by = COALESCE(claimed_by, ?), claimed_at = COALESCE(claimed_at, ?) "
+                      "WHERE id = ?", (actor, ts, row["message_id"]))
+
+    def mark_claimed(self, t, row, agent_id, ts, also_message):
+        """The task is agent_id's now (also_message: its announcing message too, unless someone holds that)."""
+        t.execute("UPDATE tasks SET status = 'claimed', claimed_by = ?, claimed_at = ?, updated_at = ? WHERE id = ?",
+                  (agent_id, ts, ts, row["id"]))
+        if also_message and row["message_id"]:
+            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
+            if msg is not None and msg["claimed_by"] is None:
+                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent_id, ts, msg["id"]))
+                self.messages.emit_message(t, "message.claimed", self.messages.get_message_row(t.c, msg["id"]), agentId=agent_id)
+        self._task_event(t, row["id"], "claimed", agent_id)
+        return self._task_changed(t, row["id"], "task.claimed")
+
+    def reopen(self, t, row, agent_id, also_message=True, publish=True):
+        """The task is open again, claimed by nobody (also_message: its message goes back to the pool too;
+        publish=False: the caller publishes the change)."""
+        ts = now_ms()
+        t.execute("UPDATE tasks SET status = 'open', claimed_by = NULL, claimed_at = NULL, updated_at = ? WHERE id = ?",
+                  (ts, row["id"]))
+        if also_message and row["message_id"]:
+            msg = t.execute("SELECT * FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
+            if msg is not None and msg["claimed_by"] is not None:
+                self.messages.return_to_pool(t, msg, agent_id)
+        self._task_event(t, row["id"], "released", agent_id, {"from": row["status"]})
+        if publish:
+            self._task_changed(t, row["id"], "task.status")
 
     # -- integrations ------------------------------------------------------
     def integration_for_token(self, token):
@@ -2813,7 +2860,7 @@ class Relay:
         if status == "resolved":
             key = f.string("dedupeKey", required=True, max_len=256)
             f.string("title", max_len=1024)
-            with self.tx() as t:
+            with self.writer.tx() as t:
                 row = t.execute("SELECT * FROM tasks WHERE source = ? AND dedupe_key = ? AND status IN ('open','claimed','blocked')",
                                 (source, key)).fetchone()
                 if row is None:
@@ -2828,42 +2875,171 @@ class Relay:
         task, created = self._create_or_count(f, source, integ["name"], source, fields=fields)
         return {"task": task, "created": created}, (201 if created else 200)
 
-    def list_callbacks(self, q):
-        where, params = [], []
-        if q.get("taskId") is not None:
-            where.append("task_id = ?")
-            params.append(q["taskId"])
-        if q.get("status"):
-            where.append("status = ?")
-            params.append(q["status"])
-        sql = "SELECT * FROM callbacks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-        return {"callbacks": [callback_from_row(r) for r in self.db.query(sql, params + [q["limit"]])]}
 
-    # -- background workers ------------------------------------------------
-    def start_workers(self):
-        workers = [("sweeper", self.sweep_loop)]
-        for integ in self.integrations.values():
-            if integ.get("callbackUrl"):
-                workers.append(("callbacks-" + integ["name"], lambda i=integ: self.callback_loop(i)))
-        for name, fn in workers:
-            th = threading.Thread(target=self._guarded, args=(fn,), name=name, daemon=True)
-            th.start()
-            self.threads.append(th)
+# ============================================================================
+# Claims: who holds which work
+# ============================================================================
 
-    def _guarded(self, fn):
-        """Run a worker forever: a storage fault pauses it, never kills it."""
-        while not self.stopping.is_set():
-            try:
-                fn()
-                return
-            except StorageUnavailable as e:
-                if not isinstance(e, StorageFailed):  # that one was logged once, where it was found
-                    log("worker paused: %s" % e)
-            except Exception:
-                log("worker error:\n" + traceback.format_exc())
-            self.stopping.wait(1.0)
+
+class Claims:
+    """Claimable work held by one agent at a time: claiming and giving back a claimable message or a task (a task
+    and the message that announces it are claimed and given back together), and everything an agent held going
+    back to the pool when it goes offline or is removed.
+
+    Owns the claimed_by of messages and tasks. May call: the writer, the agent directory (the claimer, read
+    inside the claim's transaction; activity), messages (the message, who may see it, back to the pool) and
+    tasks (a task's state and transitions)."""
+
+    def __init__(self, writer, agents, messages, tasks):
+        self.writer = writer
+        self.agents = agents
+        self.messages = messages
+        self.tasks = tasks
+
+    def claim_message(self, message_id, body, auth):
+        f = Fields(body)
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
+        with self.writer.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
+            row = self.messages.get_message_row(t.c, message_id)
+            if not row["claimable"]:
+                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
+            if agent["approvalMode"] == "read-only":
+                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
+            if not self.messages.visible_to(agent, row, self.messages.receipt_state(t.c, message_id, agent["id"])):
+                raise ApiError(403, "not_addressed", "Message %d (to %s) is not addressed to %s." % (message_id, row["to_target"], agent["id"]))
+            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
+            if task is not None and task["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task["id"], task["status"]))
+            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "already_claimed", "Message %d is already claimed by %s." % (message_id, row["claimed_by"]),
+                               claimedBy=row["claimed_by"])
+            if row["claimed_by"] is None:
+                ts = now_ms()
+                t.execute("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?", (agent["id"], ts, message_id))
+                row = self.messages.get_message_row(t.c, message_id)
+                self.messages.emit_message(t, "message.claimed", row, agentId=agent["id"])
+                if task is not None and task["status"] == "open":
+                    self.tasks.mark_claimed(t, task, agent["id"], ts, also_message=False)
+            self.agents.mark_seen(agent["id"])  # in here, not touch() after: a session end committed next must stand
+        return {"message": message_from_row(row)}
+
+    def release_message(self, message_id, body, auth):
+        agent = self.agents.get_agent(Fields(body).string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        with self.writer.tx() as t:
+            row = self.messages.get_message_row(t.c, message_id)
+            if not row["claimable"]:
+                raise ApiError(400, "not_claimable", "Message %d is not claimable work." % message_id)
+            if row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "not_owner", "Message %d is claimed by %s, not %s." % (message_id, row["claimed_by"] or "nobody", agent["id"]),
+                               claimedBy=row["claimed_by"])
+            task = t.execute("SELECT * FROM tasks WHERE message_id = ?", (message_id,)).fetchone()
+            if task is not None and task["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; its claim cannot be released." % (task["id"], task["status"]))
+            self.messages.return_to_pool(t, row, agent["id"])
+            if task is not None and task["status"] in ("claimed", "blocked"):
+                self.tasks.reopen(t, task, agent["id"], also_message=False)
+            row = self.messages.get_message_row(t.c, message_id)
+        self.agents.touch(agent["id"])
+        return {"message": message_from_row(row)}
+
+    def claim_task(self, task_id, body, auth):
+        f = Fields(body)
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        auth.act_as(agent)
+        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
+        with self.writer.tx() as t:
+            agent = self._claimer(t, agent["id"], instance_id, epoch)
+            row = self.tasks.get_task_row(t.c, task_id)
+            if agent["approvalMode"] == "read-only":
+                raise ApiError(403, "read_only", "%s is read-only and may not claim work." % agent["id"])
+            self.tasks.check_addressed(t, agent, row)
+            if row["status"] in TASK_FINAL:
+                raise ApiError(409, "invalid_transition", "Task %d is %s; there is nothing left to claim." % (task_id, row["status"]))
+            if row["claimed_by"] is not None and row["claimed_by"] != agent["id"]:
+                raise ApiError(409, "already_claimed", "Task %d is already claimed by %s." % (task_id, row["claimed_by"]),
+                               claimedBy=row["claimed_by"])
+            if row["claimed_by"] is None:
+                task = self.tasks.mark_claimed(t, row, agent["id"], now_ms(), also_message=True)
+            else:
+                task = task_from_row(row)
+            self.agents.mark_seen(agent["id"])
+        return {"task": task}
+
+    def _claimer(self, t, agent_id, instance_id, epoch):
+        """The agent about to take work, read from the database inside the claim's transaction (under the write
+        lock): one removed or gone offline since the request came in (a purge, a session end, the sweeper) never
+        ends up holding work that nobody would release. An offline agent says it is back (heartbeat) first."""
+        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise unknown_agent(agent_id)
+        agent = agent_from_row(row)
+        self.agents.check_fence(agent, instance_id, epoch)
+        if agent["status"] == "offline":
+            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
+                           "claim work; send a heartbeat (or register again) first." % agent_id)
+        return agent
+
+    def release_claims_of(self, t, agent_id):
+        """Give back every message and unfinished task the agent had claimed."""
+        rows = t.execute(
+            "SELECT m.* FROM messages m WHERE m.claimed_by = ? AND m.claimable = 1 AND NOT EXISTS "
+            "(SELECT 1 FROM tasks k WHERE k.message_id = m.id AND k.status IN ('done','failed','canceled'))",
+            (agent_id,),
+        ).fetchall()
+        for row in rows:
+            self.messages.return_to_pool(t, row, agent_id)
+        for row in t.execute("SELECT * FROM tasks WHERE claimed_by = ? AND status IN ('claimed','blocked')", (agent_id,)).fetchall():
+            self.tasks.reopen(t, row, agent_id, also_message=False)
+
+
+# ============================================================================
+# Callback delivery: an integration hears what became of its tasks
+# ============================================================================
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A signed callback goes to its configured URL only: a 3xx stays an HTTPError (a failed attempt), never a second request."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+CALLBACK_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+class CallbackDelivery:
+    """Sends the callbacks that task changes queue (Tasks) to the integration that raised the task: signed, each
+    task's in order, retried with a growing delay, then recorded as delivered or failed. A worker thread per
+    integration with a callbackUrl runs callback_loop (Relay starts them).
+
+    Owns the delivery of the callbacks table's rows and the retry schedule. May call: the writer, the Storage
+    (it reads what is pending), config; it ends when the relay's `stopping` is set."""
 
     CALLBACK_MAX_DELAY_MS = 300000  # retries wait 1 s, doubling up to this
+
+    def __init__(self, config, db, writer, stopping):
+        self.config = config
+        self.db = db
+        self.writer = writer
+        self.stopping = stopping
+        self.callback_cv = threading.Condition()
+        self.callback_news = 0  # bumped under callback_cv by each commit that queues callbacks: no wake-up is lost
+        self.callback_due = {}  # callback id -> monotonic ms of its next try, as scheduled by this process (see callback_loop)
+
+    def queued(self):
+        """A commit queued callbacks: the workers look again."""
+        with self.callback_cv:
+            self.callback_news += 1
+            self.callback_cv.notify_all()
+
+    def stop(self):
+        """The relay stops (`stopping` is set): a worker waiting for news sees it now."""
+        with self.callback_cv:
+            self.callback_cv.notify_all()
 
     def callback_loop(self, integ):
         """Delivers an integration's pending callbacks when due, each task's in order.
@@ -2925,7 +3101,7 @@ class Relay:
             error = "delivery failed: %s" % (getattr(e, "reason", None) or e)
         ts = now_ms()
         self.callback_due.pop(row["id"], None)
-        with self.tx() as t:
+        with self.writer.tx() as t:
             if error is None:
                 t.execute("UPDATE callbacks SET status = 'delivered', attempts = ?, delivered_at = ?, last_error = NULL WHERE id = ?",
                           (attempt, ts, row["id"]))
@@ -2942,6 +3118,53 @@ class Relay:
             if kind:
                 t.emit(kind, {"callback": callback_from_row(t.execute("SELECT * FROM callbacks WHERE id = ?", (row["id"],)).fetchone())})
 
+    def list_callbacks(self, q):
+        where, params = [], []
+        if q.get("taskId") is not None:
+            where.append("task_id = ?")
+            params.append(q["taskId"])
+        if q.get("status"):
+            where.append("status = ?")
+            params.append(q["status"])
+        sql = "SELECT * FROM callbacks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        return {"callbacks": [callback_from_row(r) for r in self.db.query(sql, params + [q["limit"]])]}
+
+
+# ============================================================================
+# Housekeeping: orphaned claims at start, the sweeper, retention, stats
+# ============================================================================
+
+
+class Housekeeping:
+    """What the relay does by itself rather than on request: at start, work left claimed by an agent that is gone
+    or offline goes back to the pool; the sweeper (every few seconds: the database file is still the one it
+    opened, presence is swept; every ten minutes, rows older than the retention go, in small batches); and the
+    counts that /api/stats shows.
+
+    Owns no table (retention deletes old rows of all of them). May call: the Storage, the writer, the Hub (who
+    listens), config, the agent directory (its presence sweep, the agents) and claims (giving back what an
+    agent held); it ends when the relay's `stopping` is set."""
+
+    def __init__(self, config, db, hub, writer, agents, claims, stopping):
+        self.config = config
+        self.db = db
+        self.hub = hub
+        self.writer = writer
+        self.agents = agents
+        self.claims = claims
+        self.stopping = stopping
+
+    def release_orphaned_claims(self):
+        """At startup: work claimed by an agent that no longer exists or is offline goes back to the pool. A relay
+        without the claimer check in Claims._claimer could leave such claims behind, which nobody could ever release."""
+        claimers = self.db.query("SELECT DISTINCT claimed_by FROM messages WHERE claimed_by IS NOT NULL "
+                                 "UNION SELECT claimed_by FROM tasks WHERE claimed_by IS NOT NULL AND status IN ('claimed','blocked')")
+        gone = [r[0] for r in claimers if not self.agents.online(r[0])]
+        if gone:
+            with self.writer.tx() as t:
+                for agent_id in gone:
+                    self.claims.release_claims_of(t, agent_id)
+
     def sweep_interval(self):
         return min(max(self.config.stale_ttl_ms / 4000.0, 0.1), 5.0)
 
@@ -2951,53 +3174,10 @@ class Relay:
         next_retention = 0.0  # the first retention pass runs with the first sweep, seconds after start
         while not sleep_unless(self.stopping, self.sweep_interval()):
             self.db.verify(now=False)  # an idle relay notices its database file deleted or replaced, too
-            self.sweep_presence()
+            self.agents.sweep_presence()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self.RETENTION_EVERY_S
                 self.apply_retention()
-
-    def flush_presence(self):
-        """Write the lastSeen values kept in memory (activity is not a write of its own)."""
-        dirty, self.dirty_seen = self.dirty_seen, set()
-        rows = []
-        for a in list(dirty):  # list(): an add racing the swap must not break the loop
-            agent = self.agents.get(a)
-            if agent is not None:
-                rows.append((agent["lastSeen"], a))
-        if rows:
-            with self.tx() as t:
-                t.c.executemany("UPDATE agents SET last_seen = ? WHERE id = ?", rows)
-
-    def sweep_presence(self):
-        """Silent agents go offline (their work back to the pool); long-offline ones are removed.
-
-        Silence is counted on the monotonic clock (seenMono, offlineMono), never as the wall clock's now minus
-        lastSeen: a clock set back an hour would keep a dead agent's claims for that hour, and one set forward
-        would take every agent offline at once."""
-        for aid in list(self.agents):
-            if self.hub.listening(aid):
-                a = self.agents.get(aid)
-                if a is not None:
-                    self._seen(a)
-        self.flush_presence()
-        ttl, prune = self.config.stale_ttl_ms, self.config.offline_prune_ms
-        now = monotonic_ms()
-        for agent in list(self.agents.values()):
-            if agent["system"]:
-                continue
-            if agent["status"] != "offline" and now - agent["seenMono"] > ttl and not self.hub.listening(agent["id"]):
-                with self.tx() as t:
-                    current = self.agents.get(agent["id"])
-                    if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
-                        continue
-                    self.release_claims_of(t, agent["id"])
-                    self._set_agent(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
-            elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
-                with self.tx() as t:
-                    current = self.agents.get(agent["id"])
-                    if current is None or current["status"] != "offline":
-                        continue  # gone already, or back online since the snapshot above
-                    self._remove_agent(t, current)
 
     RETENTION_BATCH = 500
 
@@ -3029,7 +3209,7 @@ class Relay:
         for name, (select_sql, deletes) in steps.items():
             counts[name] = 0
             while not self.stopping.is_set():
-                with self.tx() as t:
+                with self.writer.tx() as t:
                     params = (cutoff, self.RETENTION_BATCH)
                     if name in ("messages", "events"):  # only rows older than the cutoff's first id are read
                         params = (self.db.first_id_since(t.c, name, cutoff),) + params
@@ -3042,10 +3222,9 @@ class Relay:
                 self.stopping.wait(0.01)  # let waiting requests take the write lock between batches
         return counts
 
-    # -- health and stats --------------------------------------------------
     def stats(self):
         agents = {"total": 0, "online": 0, "idle": 0, "busy": 0, "offline": 0, "listening": 0}
-        for a in list(self.agents.values()):
+        for a in self.agents.all():
             if a["system"]:
                 continue
             agents["total"] += 1
@@ -3073,20 +3252,81 @@ class Relay:
             "streams": streams,
         }
 
+
+# ============================================================================
+# The relay: its parts, built and wired (the composition root)
+# ============================================================================
+
+
+class Relay:
+    """The relay as one object: it builds the parts on one Storage and one Hub, wires them, starts and stops the
+    workers. It holds no rule of its own.
+
+    The HTTP layer calls the parts themselves: relay.agents (AgentDirectory), relay.messages (Messages),
+    relay.claims (Claims), relay.tasks (Tasks), relay.callbacks (CallbackDelivery), relay.housekeeping
+    (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
+    relay.writer (Writer). Each part is handed what it may call when it is built; the two that also call parts
+    built after them (the writer, the agent directory) are wired once those exist."""
+
+    def __init__(self, config):
+        self.config = config
+        self.db = Storage(config.db)
+        self.hub = Hub()
+        self.started = time.monotonic()  # for uptimeMs: a duration
+        self.integrations = {i["name"]: i for i in config.integrations}
+        self.stopping = threading.Event()
+        self.threads = []
+        self.writer = Writer(self.db, self.hub)
+        self.agents = AgentDirectory(config, self.db, self.hub, self.writer)
+        self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
+        self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
+        self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
+        self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
+        self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping)
+        # the two that also call parts built after them
+        self.agents.connect(messages=self.messages, claims=self.claims)
+        self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks.queued)
+        self._load()
+
+    def _load(self):
+        """At start: every agent in the cache, streams going on from the newest stored event, orphaned claims released."""
+        self.agents.load()
+        head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
+        self.hub.head = head
+        self.housekeeping.release_orphaned_claims()
+
+    def start_workers(self):
+        workers = [("sweeper", self.housekeeping.sweep_loop)]
+        for integ in self.integrations.values():
+            if integ.get("callbackUrl"):
+                workers.append(("callbacks-" + integ["name"], lambda i=integ: self.callbacks.callback_loop(i)))
+        for name, fn in workers:
+            th = threading.Thread(target=self._guarded, args=(fn,), name=name, daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def _guarded(self, fn):
+        """Run a worker forever: a storage fault pauses it, never kills it."""
+        while not self.stopping.is_set():
+            try:
+                fn()
+                return
+            except StorageUnavailable as e:
+                if not isinstance(e, StorageFailed):  # that one was logged once, where it was found
+                    log("worker paused: %s" % e)
+            except Exception:
+                log("worker error:\n" + traceback.format_exc())
+            self.stopping.wait(1.0)
+
     def stop(self):
         self.stopping.set()
         self.hub.stop()
-        with self.callback_cv:
-            self.callback_cv.notify_all()
+        self.callbacks.stop()
 
     def close(self):
-        with self._commit_cv:  # the committer runs the batch still due, if any, and ends
-            committer, self._committer = self._committer, None
-            self._commit_cv.notify_all()
-        if committer is not None:
-            committer.join(Storage.WRITE_WAIT_S * 2)
+        self.writer.close()
         try:
-            self.flush_presence()
+            self.agents.flush_presence()
         except (StorageUnavailable, sqlite3.Error):
             pass
         self.db.close()
@@ -3360,7 +3600,7 @@ class Api:
         return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000)}
 
     def stats(self, req):
-        return 200, self.relay.stats()
+        return 200, self.relay.housekeeping.stats()
 
     def spec(self, req):
         if self._spec is None:
@@ -3368,43 +3608,43 @@ class Api:
         return 200, self._spec
 
     def cursor(self, req):
-        return 200, self.relay.cursor()
+        return 200, self.relay.messages.cursor()
 
     # -- agents ------------------------------------------------------------
     def register(self, req):
-        card, created = self.relay.register(req.body, req.auth)
+        card, created = self.relay.agents.register(req.body, req.auth)
         return (201 if created else 200), card
 
     def list_agents(self, req):
         status = req.q("status", 16)
         if status is not None and status not in STATUSES:
             raise invalid("status", "must be one of %s" % ", ".join(STATUSES))
-        return 200, {"agents": self.relay.list_agents(status, req.q("tag", 64), req.q("cap", 64), req.q("label", 64))}
+        return 200, {"agents": self.relay.agents.list_agents(status, req.q("tag", 64), req.q("cap", 64), req.q("label", 64))}
 
     def get_agent(self, req):
-        return 200, self.relay.card(self.relay.get_agent(req.agent_id()))
+        return 200, self.relay.agents.card(self.relay.agents.get_agent(req.agent_id()))
 
     def patch_agent(self, req):
-        return 200, self.relay.patch_agent(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.agents.patch_agent(req.agent_id(), req.body, req.auth)
 
     def delete_agent(self, req):
-        return 200, self.relay.end_session(req.agent_id(), req.qbool("purge"), req.auth)
+        return 200, self.relay.agents.end_session(req.agent_id(), req.qbool("purge"), req.auth)
 
     def heartbeat(self, req):
-        return 200, self.relay.heartbeat(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.agents.heartbeat(req.agent_id(), req.body, req.auth)
 
     def inbox(self, req):
         since = req.qint("since")
         wait = req.qint("wait", 0, 60, 0)
         limit = req.qint("limit", 1, 500, 100)
         unread = req.qbool("unread")
-        out = self.relay.inbox(req.agent_id(), since, limit, unread, wait, req.auth, client_gone=req.handler.client_gone)
+        out = self.relay.messages.inbox(req.agent_id(), since, limit, unread, wait, req.auth, client_gone=req.handler.client_gone)
         if out is None:
             return None, None
         return 200, out
 
     def read_upto(self, req):
-        return 200, self.relay.mark_read_upto(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.messages.mark_read_upto(req.agent_id(), req.body, req.auth)
 
     # -- messages ----------------------------------------------------------
     def send(self, req):
@@ -3412,7 +3652,7 @@ class Api:
             out, created = result
             return (201 if created else 200), out
 
-        got = self.relay.send(req.body, req.auth, then=req.handler.answer_later(lambda outcome: answer(outcome())))
+        got = self.relay.messages.send(req.body, req.auth, then=req.handler.answer_later(lambda outcome: answer(outcome())))
         return (DEFERRED, None) if got is DEFERRED else answer(got)
 
     def history(self, req):
@@ -3420,32 +3660,32 @@ class Api:
         q["before"] = req.qint("before")
         q["limit"] = req.qint("limit", 1, 500, 50)
         q["held"] = req.qbool("held")
-        return 200, self.relay.history(q)
+        return 200, self.relay.messages.history(q)
 
     def get_message(self, req):
-        return 200, self.relay.message_detail(req.id())
+        return 200, self.relay.messages.message_detail(req.id())
 
     def thread(self, req):
-        return 200, self.relay.thread(req.id())
+        return 200, self.relay.messages.thread(req.id())
 
     def read_message(self, req):
-        return 200, self.relay.mark_read(req.id(), req.body, req.auth)
+        return 200, self.relay.messages.mark_read(req.id(), req.body, req.auth)
 
     def claim_message(self, req):
-        return 200, self.relay.claim_message(req.id(), req.body, req.auth)
+        return 200, self.relay.claims.claim_message(req.id(), req.body, req.auth)
 
     def release_message(self, req):
-        return 200, self.relay.release_message(req.id(), req.body, req.auth)
+        return 200, self.relay.claims.release_message(req.id(), req.body, req.auth)
 
     def approve(self, req):
-        return 200, self.relay.decide(req.id(), req.body, True, req.auth)
+        return 200, self.relay.messages.decide(req.id(), req.body, True, req.auth)
 
     def reject(self, req):
-        return 200, self.relay.decide(req.id(), req.body, False, req.auth)
+        return 200, self.relay.messages.decide(req.id(), req.body, False, req.auth)
 
     # -- tasks and integrations --------------------------------------------
     def create_task(self, req):
-        task, created = self.relay.create_task(req.body, req.auth)
+        task, created = self.relay.tasks.create_task(req.body, req.auth)
         return (201 if created else 200), {"task": task, "created": created}
 
     def list_tasks(self, req):
@@ -3454,29 +3694,29 @@ class Api:
         if q["status"] is not None and q["status"] not in TASK_STATUSES:
             raise invalid("status", "must be one of %s" % ", ".join(TASK_STATUSES))
         q["limit"] = req.qint("limit", 1, 500, 100)
-        return 200, self.relay.list_tasks(q)
+        return 200, self.relay.tasks.list_tasks(q)
 
     def get_task(self, req):
-        return 200, self.relay.task_detail(req.id("Task"))
+        return 200, self.relay.tasks.task_detail(req.id("Task"))
 
     def claim_task(self, req):
-        return 200, self.relay.claim_task(req.id("Task"), req.body, req.auth)
+        return 200, self.relay.claims.claim_task(req.id("Task"), req.body, req.auth)
 
     def task_status(self, req):
-        return 200, self.relay.update_task(req.id("Task"), req.body, req.auth)
+        return 200, self.relay.tasks.update_task(req.id("Task"), req.body, req.auth)
 
     def task_events(self, req):
-        return 200, {"events": self.relay.task_events(req.id("Task"))}
+        return 200, {"events": self.relay.tasks.task_events(req.id("Task"))}
 
     def integration_event(self, req):
-        body, status = self.relay.integration_event(req.auth.integration, req.body)
+        body, status = self.relay.tasks.integration_event(req.auth.integration, req.body)
         return status, body
 
     def callbacks(self, req):
         status = req.q("status", 16)
         if status is not None and status not in ("pending", "delivered", "failed"):
             raise invalid("status", "must be one of pending, delivered, failed")
-        return 200, self.relay.list_callbacks({"taskId": req.qint("taskId"), "status": status, "limit": req.qint("limit", 1, 500, 100)})
+        return 200, self.relay.callbacks.list_callbacks({"taskId": req.qint("taskId"), "status": status, "limit": req.qint("limit", 1, 500, 100)})
 
     # -- the live stream ---------------------------------------------------
     # What one stream holds, however long the history it replays and however slowly its client reads: one page of
@@ -3492,7 +3732,7 @@ class Api:
         relay = self.relay
         agent_id = req.q("agentId", 128)
         if agent_id is not None:
-            req.auth.act_as(relay.get_agent(agent_id))
+            req.auth.act_as(relay.agents.get_agent(agent_id))
         types = set(_parse_list(req.q("types", 1024) or "")) or None
         last = req.handler.headers.get("Last-Event-ID")
         if last is not None and last.strip():
@@ -3513,7 +3753,7 @@ class Api:
             h.close_connection = True
             h.wfile.write(b"retry: 2000\n: connected\n\n")
             if agent_id:
-                relay.touch(agent_id)
+                relay.agents.touch(agent_id)
             ping = relay.config.sse_ping_ms / 1000.0
             next_ping = time.monotonic() + ping
             while not relay.hub.stopping:
@@ -3537,7 +3777,7 @@ class Api:
         finally:
             relay.hub.unsubscribe(waiter)
             if agent_id:
-                relay.touch(agent_id)
+                relay.agents.touch(agent_id)
         return None, None
 
     # -- MCP: the Streamable HTTP transport (the protocol lives in the MCP section) --
@@ -3741,7 +3981,7 @@ class Handler(BaseHTTPRequestHandler):
     relay = None
     api = None
 
-    # A send may be answered by the thread that commits it (Relay.group_tx), writing to the socket without
+    # A send may be answered by the thread that commits it (Writer.group_tx), writing to the socket without
     # blocking; that needs a socket that is a file descriptor in non-blocking mode (POSIX, with a timeout set).
     ANSWER_LATER = os.name == "posix"
     _answering = None  # an Event set once the answer to the last request is written, when another thread writes it
@@ -3801,7 +4041,7 @@ class Handler(BaseHTTPRequestHandler):
         BaseHTTPRequestHandler.finish(self)
 
     def answer_later(self, compute):
-        """A `then` for Relay.group_tx that answers this request from the thread that commits it, with the
+        """A `then` for Writer.group_tx that answers this request from the thread that commits it, with the
         (status, body) that compute(outcome) returns; None where that is not possible."""
         if not self.ANSWER_LATER or self.connection.gettimeout() is None:
             return None
@@ -4207,7 +4447,7 @@ class Handler(BaseHTTPRequestHandler):
         is_admin = bool(cfg.admin_token) and any(
             t is not None and hmac.compare_digest(t.encode(), cfg.admin_token.encode()) for t in (given, admin_given))
         if route is not None and route.auth == "integration":
-            integ = relay.integration_for_token(given) if given else None
+            integ = relay.tasks.integration_for_token(given) if given else None
             if integ is None:
                 raise ApiError(401, "unauthorized", "This route needs an integration's token (Authorization: Bearer <token>).")
             auth = Auth(relay, self.headers, False)
@@ -4217,12 +4457,12 @@ class Handler(BaseHTTPRequestHandler):
             return Auth(relay, self.headers, is_admin)
         if cfg.token and not is_admin:
             if given is None or not hmac.compare_digest(given.encode(), cfg.token.encode()):
-                if given is not None and relay.integration_for_token(given) is not None:
+                if given is not None and relay.tasks.integration_for_token(given) is not None:
                     raise ApiError(403, "forbidden", "An integration token opens only POST /api/integrations/events.")
                 if "token=" in (urllib.parse.urlsplit(self.path).query or ""):
                     raise ApiError(401, "unauthorized", "Tokens are not accepted in URLs; send Authorization: Bearer <token>.")
                 raise ApiError(401, "unauthorized", "A valid token is needed: Authorization: Bearer <token> or X-Agent-Relay-Token.")
-        elif given is not None and relay.integration_for_token(given) is not None and not is_admin:
+        elif given is not None and relay.tasks.integration_for_token(given) is not None and not is_admin:
             raise ApiError(403, "forbidden", "An integration token opens only POST /api/integrations/events.")
         return Auth(relay, self.headers, is_admin)
 
