@@ -8718,7 +8718,7 @@ class McpHttp:
                     waiter = relay.hub.subscribe(agent, "stream") if agent else None
                     watching = agent
                     if agent:
-                        relay.touch(agent)
+                        relay.agents.touch(agent)
                 if waiter is not None:
                     waiter.event.clear()
                 batch = relay.hub.after(since, 500)
