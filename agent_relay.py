@@ -7641,15 +7641,29 @@ class McpSession:
                     cancel.set()
         # anything else (roots/list_changed, progress, ...) needs nothing from this server
 
+    def join(self, backend):
+        """stdio: the session's agent joins the relay as the client connects, whether that is `initialize` or the
+        first request of revision 2026-07-28 (server/discover, which Claude Code sends instead of initialize).
+        Should the relay be away, the tools try again."""
+        if self.transport != "stdio" or self.registered:
+            return
+        try:
+            self.ensure_agent(backend)
+        except (RelayError, McpRefusal) as e:
+            log("MCP: could not register agent %s yet: %s (%s)" % (self.agent_id, e.message, e.code))
+
     def dispatch(self, method, params, call, message):
         revision = mcp_modern_revision(message)
         if revision is not None:
+            if revision in MCP_MODERN_REVISIONS:
+                self.join(call.backend)
             return self.modern(method, params, call, revision)
         if method == "initialize":
             return self.initialize(params, call)
         if method == "ping":
             return {}
         if method == "server/discover":
+            self.join(call.backend)
             return self.discover()
         if not self.initialized:
             raise McpError(JSONRPC_INVALID_REQUEST, "Invalid Request: send initialize first (or, with revision "
@@ -7700,11 +7714,7 @@ class McpSession:
             experimental = caps.get("experimental")
             self.channel = isinstance(experimental, dict) and isinstance(experimental.get("claude/channel"), dict)
             self.initialized = True
-        if self.transport == "stdio":  # the agent joins now; should the relay be away, the tools try again
-            try:
-                self.ensure_agent(call.backend)
-            except (RelayError, McpRefusal) as e:
-                log("MCP: could not register agent %s yet: %s (%s)" % (self.agent_id, e.message, e.code))
+        self.join(call.backend)
         info = dict(self.SERVER_INFO)
         if mcp_revision_at_least(self.revision, "2025-06-18"):
             info["title"] = "Agent Relay"

@@ -252,7 +252,9 @@ def test_read_only_agent_is_refused_with_a_tool_error(relay, transport):
 
 
 def test_modern_revision_through_server_discover(relay):
-    """The SDK's default client probes server/discover at 2026-07-28 and stays there: no initialize, no session."""
+    """The SDK's default client probes server/discover at 2026-07-28 and stays there: no initialize, no session.
+    Over stdio the agent joins (listening) as the client connects, before any tool is called, as it does at
+    initialize: Claude Code connects this way."""
     from mcp.client import Client
 
     async def go():
@@ -260,6 +262,10 @@ def test_modern_revision_through_server_discover(relay):
                                              env=stdio_env(relay, "modern-stdio")),):
             async with Client(server) as c:
                 assert c.session.protocol_version == "2026-07-28"
+                joined = await anyio.to_thread.run_sync(
+                    lambda: wait_for(lambda: (card(relay, "modern-stdio") or {}).get("listening"), timeout=10))
+                assert joined, card(relay, "modern-stdio")
+                assert relay.get("/api/messages", query={"agent": "modern-stdio"}).json["messages"] == []
                 names = {t.name for t in (await c.list_tools()).tools}
                 assert names == TOOLS
                 result = await c.call_tool("send", {"to": "modern-stdio", "body": "note to self"})
