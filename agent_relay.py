@@ -7135,7 +7135,7 @@ class McpTool:
     """One tool: its schema (what an agent reads to call it) and run(call, args) -> (structured result, text)."""
 
     def __init__(self, name, title, description, params, run, output, required=(), one_of=(), read_only=False,
-                 waits=None):
+                 additive=False, waits=None):
         self.name = name
         self.title = title
         self.description = description
@@ -7145,6 +7145,10 @@ class McpTool:
         self.run = run
         self.output = output
         self.read_only = read_only
+        # additive: it changes state only by adding to it (a message, a claim, a read mark, the inbox cursor), and
+        # says so (destructiveHint false): without it the hint defaults to true, and Codex then asks before each
+        # call, or refuses it outright under `codex exec`
+        self.additive = additive
         self.waits = waits  # args -> True when the call may wait (a long-poll)
 
     def describe(self, revision):
@@ -7154,6 +7158,8 @@ class McpTool:
         out = {"name": self.name, "description": self.description, "inputSchema": schema}
         if mcp_revision_at_least(revision, "2025-03-26"):
             out["annotations"] = {"title": self.title, "readOnlyHint": self.read_only, "openWorldHint": False}
+            if self.additive and not self.read_only:
+                out["annotations"]["destructiveHint"] = False
         if mcp_revision_at_least(revision, "2025-06-18"):
             out["title"] = self.title
             out["outputSchema"] = self.output
@@ -7378,12 +7384,12 @@ MCP_TOOLS = [
              "claimable": _arg("boolean", "Offer it as work: exactly one agent can claim it."),
              "replyTo": dict(_MCP_MESSAGE_ID, description="The message this answers (joins its thread)."),
              "idempotencyKey": _arg("string", "Sending twice with the same key stores one message.", maxLength=256)},
-            _mcp_send, _MCP_SEND_OUT, required=("to", "body")),
+            _mcp_send, _MCP_SEND_OUT, required=("to", "body"), additive=True),
     McpTool("reply", "Reply to a message",
             "Answer a message: it goes to the message's sender, in its thread.",
             {"messageId": dict(_MCP_MESSAGE_ID, description="The message to answer: 42 for [msg:42]."),
              "body": _arg("string", "The answer.", minLength=1)},
-            _mcp_reply, _MCP_SEND_OUT, required=("messageId", "body")),
+            _mcp_reply, _MCP_SEND_OUT, required=("messageId", "body"), additive=True),
     McpTool("inbox", "Read the inbox",
             "The messages that reached this agent since the last look, oldest first, as lines like "
             "`[msg:42] from backend-agent: ...`. It follows the relay's kept cursor, so each message comes once. "
@@ -7394,22 +7400,22 @@ MCP_TOOLS = [
              "unread": _arg("boolean", "Only messages not marked read.")},
             _mcp_inbox, _mcp_out(("messages", "cursor"), messages=_MCP_OBJECTS, cursor={"type": "integer"},
                                  more={"type": "boolean"}),
-            waits=lambda args: bool(args.get("wait"))),
+            additive=True, waits=lambda args: bool(args.get("wait"))),
     McpTool("read", "Mark a message read",
             "Mark a message as read by this agent (its sender can see that it was read).",
             {"messageId": dict(_MCP_MESSAGE_ID, description="The message: 42 for [msg:42].")},
-            _mcp_read, _mcp_out(("ok",), ok={"type": "boolean"}), required=("messageId",)),
+            _mcp_read, _mcp_out(("ok",), ok={"type": "boolean"}), required=("messageId",), additive=True),
     McpTool("claim", "Claim work",
             "Claim claimable work (a message marked claimable, or a task) so that no other agent takes it. "
             "Exactly one claimer wins; the others are told who holds it. Give messageId or taskId.",
             {"messageId": dict(_MCP_MESSAGE_ID, description="A claimable message: 42 for [msg:42]."),
              "taskId": dict(_MCP_TASK_ID, description="A task: 3 for [task:3].")},
-            _mcp_claim, _MCP_WORK_OUT, one_of=("messageId", "taskId")),
+            _mcp_claim, _MCP_WORK_OUT, one_of=("messageId", "taskId"), additive=True),
     McpTool("release", "Release work",
             "Give claimed work back to the pool for another agent. Give messageId or taskId.",
             {"messageId": dict(_MCP_MESSAGE_ID, description="A message this agent claimed."),
              "taskId": dict(_MCP_TASK_ID, description="A task this agent claimed.")},
-            _mcp_release, _MCP_WORK_OUT, one_of=("messageId", "taskId")),
+            _mcp_release, _MCP_WORK_OUT, one_of=("messageId", "taskId"), additive=True),
     McpTool("agents", "List agents",
             "The agents on the relay, most recently seen first, with status and whether they listen now.",
             {"status": _arg("string", "Only agents with this status.", enum=list(STATUSES)),

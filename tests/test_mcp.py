@@ -110,6 +110,14 @@ def test_initialize_and_tool_schemas(relay, transport):
             assert (wait["type"], wait["minimum"], wait["maximum"]) == ("integer", 0, 60)
             assert tools["update_task"].input_schema["properties"]["status"]["enum"] == [
                 "open", "claimed", "blocked", "done", "failed", "canceled"]
+            # what a client decides approvals by (Codex asks before, or under `codex exec` refuses, a tool that may be
+            # destructive, the default): only whoami (approval mode, tags) and update_task overwrite anything
+            hints = {name: (t.annotations.read_only_hint, t.annotations.destructive_hint, t.annotations.open_world_hint)
+                     for name, t in tools.items()}
+            assert hints == {"agents": (True, None, False), "thread": (True, None, False), "tasks": (True, None, False),
+                             "send": (False, False, False), "reply": (False, False, False), "inbox": (False, False, False),
+                             "read": (False, False, False), "claim": (False, False, False), "release": (False, False, False),
+                             "whoami": (False, None, False), "update_task": (False, None, False)}, hints
             me, text = await s.call("whoami")
             assert not me.is_error and me.structured_content["id"] == "schema-" + transport
             assert text.startswith("you are agent schema-" + transport)
