@@ -7095,10 +7095,15 @@ MCP_REFUSAL_HINTS = {
 }
 
 
-def mcp_refusal_text(code, message, extra=None):
-    hint = MCP_REFUSAL_HINTS.get(code)
+def mcp_refusal_hint(code, extra=None):
+    """What an agent does about a refusal, or None."""
     if code == "already_claimed" and (extra or {}).get("claimedBy"):
-        hint = "%s holds it; leave it and pick other work" % extra["claimedBy"]
+        return "%s holds it; leave it and pick other work" % extra["claimedBy"]
+    return MCP_REFUSAL_HINTS.get(code)
+
+
+def mcp_refusal_text(code, message, extra=None):
+    hint = mcp_refusal_hint(code, extra)
     text = "%s: %s" % (code, hint) if hint else "%s: %s" % (code, message)
     if hint and message:
         text += " (the relay said: %s)" % message
@@ -7820,8 +7825,12 @@ class McpSession:
     def tool_error(self, code, message, extra, structured):
         out = {"content": [{"type": "text", "text": mcp_refusal_text(code, message, extra)}], "isError": True}
         if structured:
+            # the hint too: Codex shows its model a result's structuredContent, never the text beside it
             err = {"code": code, "message": message}
             err.update(extra or {})
+            hint = mcp_refusal_hint(code, extra)
+            if hint:
+                err["hint"] = hint
             out["structuredContent"] = {"error": err}
         return out
 

@@ -233,6 +233,7 @@ def test_claim_race_between_an_mcp_agent_and_an_http_agent(relay):
                 if mine.is_error:
                     assert text.startswith("already_claimed: http-worker holds it")
                     assert mine.structured_content["error"]["code"] == "already_claimed"
+                    assert mine.structured_content["error"]["hint"] == "http-worker holds it; leave it and pick other work"
                 else:
                     assert r.code == "already_claimed"
                 outcomes.append(holder)
@@ -254,6 +255,7 @@ def test_read_only_agent_is_refused_with_a_tool_error(relay, transport):
             assert result.is_error
             assert text.startswith("read_only: this session is read-only"), text
             assert result.structured_content["error"]["code"] == "read_only"
+            assert result.structured_content["error"]["hint"].startswith("this session is read-only; it may read")
 
     run(go)
     assert relay.get("/api/messages", query={"from": agent}).json["messages"] == []
