@@ -480,3 +480,46 @@ def test_modern_listen_pushes_inbox_updates_over_stdio(relay):
     proc.stdin.close()
     assert proc.wait(10) == 0
     assert card(relay, "listener")["status"] == "offline"
+
+
+def test_claude_channel_mode_pushes_channel_events_to_a_client_that_declares_nothing(relay):
+    """`agent-relay mcp --claude-channel`, as Claude Code talks to it (its own initialize, captured from 2.1.332):
+    server/discover is refused as by a server of the handshake era, so the client initializes; the client declares
+    no claude/channel, the server does, and each message for the agent comes as a notifications/claude/channel."""
+    proc = subprocess.Popen([sys.executable, RELAY_PY, "mcp", "--claude-channel"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=dict(os.environ, **stdio_env(relay, "channel-stdio")))
+
+    def write(message):
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+
+    client = {"name": "claude-code", "title": "Claude Code", "version": "2.1.332"}
+    caps = {"roots": {"listChanged": True}, "elicitation": {"form": {}, "url": {}}}
+    write({"jsonrpc": "2.0", "id": "server-discover-probe-1", "method": "server/discover", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientInfo": client,
+        "io.modelcontextprotocol/clientCapabilities": caps}}})
+    probe = json.loads(proc.stdout.readline())
+    assert probe["id"] == "server-discover-probe-1" and probe["error"]["code"] == -32601, probe
+    write({"jsonrpc": "2.0", "id": "stateless", "method": "tools/list", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": caps}}})
+    refused = json.loads(proc.stdout.readline())  # no stateless requests in this mode: the handshake comes first
+    assert refused["error"]["code"] == -32600 and "initialize" in refused["error"]["message"], refused
+    write({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+           "params": {"protocolVersion": "2025-11-25", "capabilities": caps, "clientInfo": client}})
+    init = json.loads(proc.stdout.readline())["result"]
+    assert init["protocolVersion"] == "2025-11-25" and init["capabilities"]["experimental"] == {"claude/channel": {}}
+    write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    write({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert {t["name"] for t in json.loads(proc.stdout.readline())["result"]["tools"]} == TOOLS
+    assert wait_for(lambda: card(relay, "channel-stdio") and card(relay, "channel-stdio")["listening"])
+    relay.register("peer")
+    sent = relay.send("peer", "channel-stdio", "ping through the channel")
+    note = json.loads(proc.stdout.readline())
+    assert note == {"jsonrpc": "2.0", "method": "notifications/claude/channel", "params": {
+        "content": "[msg:%d] from peer: ping through the channel" % sent["id"],
+        "meta": {"message_id": str(sent["id"]), "from": "peer", "to": "channel-stdio", "kind": "chat"}}}, note
+    proc.stdin.close()
+    assert proc.wait(10) == 0
+    assert card(relay, "channel-stdio")["status"] == "offline"
+    assert "Traceback" not in proc.stderr.read().decode()
