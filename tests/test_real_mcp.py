@@ -161,7 +161,7 @@ def peer_messages(relay):
 def print_landing(label, asked_at, message, landed_at):
     """From the scripted model answering with the call to the message landing (createdAt; the test seeing it)."""
     print("\n[timing] %s: model's request -> message in the peer's inbox: %d ms by the message's createdAt "
-          "(msg %s); %.0f ms until the test saw it" % (label, message["createdAt"] - asked_at * 1000, message["id"],
+          "(msg %s); %.0f ms until the test saw it, looking once the CLI had exited" % (label, message["createdAt"] - asked_at * 1000, message["id"],
                                                          (landed_at - asked_at) * 1000))
 
 
