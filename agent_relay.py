@@ -7681,7 +7681,8 @@ class McpSession:
         if method == "server/discover":
             if self.claude_channel:
                 raise McpError(JSONRPC_METHOD_NOT_FOUND, "Method not found: server/discover (this server serves "
-                               "Claude Code channels, which need a handshake revision: send initialize).", http_status=404)
+                               "Claude Code channels, which need a handshake revision: send initialize).",
+                               http_status=404)
             self.join(call.backend)
             return self.discover()
         if not self.initialized:
@@ -8249,8 +8250,8 @@ def _configure_mcp(p):
     p.add_argument("--claude-channel", action="store_true",
                    help="serve as a Claude Code channel: each message for this agent is pushed into the session as "
                         "a notifications/claude/channel event (start Claude Code with "
-                        "--dangerously-load-development-channels server:NAME); only the handshake revisions are offered, "
-                        "since Claude Code takes channel events on no other")
+                        "--dangerously-load-development-channels server:NAME); only the handshake revisions are "
+                        "offered, since Claude Code takes channel events on no other")
 
 
 cmd_mcp.configure = _configure_mcp

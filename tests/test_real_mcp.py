@@ -161,8 +161,8 @@ def peer_messages(relay):
 def print_landing(label, asked_at, message, landed_at):
     """From the scripted model answering with the call to the message landing (createdAt; the test seeing it)."""
     print("\n[timing] %s: model's request -> message in the peer's inbox: %d ms by the message's createdAt "
-          "(msg %s); %.0f ms until the test saw it, looking once the CLI had exited" % (label, message["createdAt"] - asked_at * 1000, message["id"],
-                                                         (landed_at - asked_at) * 1000))
+          "(msg %s); %.0f ms until the test saw it, looking once the CLI had exited"
+          % (label, message["createdAt"] - asked_at * 1000, message["id"], (landed_at - asked_at) * 1000))
 
 
 def print_answer(label, sent, reply, started_at, landed_at):
@@ -281,11 +281,11 @@ def test_claude_code_send_lands_in_a_peers_inbox(claude_ready, relay, proxy, mod
     # every tool, under the name Claude Code gives it; the send's result came back as a success
     requests = [r.model_request for r in model.model_requests("anthropic")]
     assert deferred_relay_tools(requests[0]) == TOOLS, model.describe()
-    assert "## relay\n" + INSTRUCTIONS in requests[0].all_text(), requests[0].system[-3000:]  # the server's instructions
+    assert "## relay\n" + INSTRUCTIONS in requests[0].all_text(), requests[0].system[-3000:]  # server instructions
     results = [t for r in requests for t in r.tool_results()]
     assert any(t.startswith(UNKNOWN_AGENT_HINT) for t in results), results  # a refusal: its text
     assert any('"id":%d' % message["id"] in t.replace(" ", "") for t in results), results  # a result: its JSON
-    assert wait_for(lambda: card(relay, message["from"])["status"] == "offline", timeout=10), card(relay, message["from"])
+    assert wait_for(lambda: card(relay, message["from"])["status"] == "offline", timeout=10), message["from"]
     print_landing("claude -p, mcp__relay__send (stdio)", state["asked_at"], message, landed)
 
 
@@ -329,7 +329,8 @@ def test_claude_code_reads_a_peers_message_with_inbox_and_answers_with_reply(cla
     inbox_results = [t for r in model.model_requests("anthropic") for t in r.model_request.tool_results()
                      if peer_message_id(t) == sent["id"]]
     assert inbox_results and json.loads(inbox_results[0])["messages"][0]["body"] == sent["body"], model.describe()
-    print_answer("claude -p, mcp__relay__inbox then mcp__relay__reply (stdio)", sent, replies[0], state["started"], landed)
+    print_answer("claude -p, mcp__relay__inbox then mcp__relay__reply (stdio)", sent, replies[0], state["started"],
+                 landed)
 
 
 def test_claude_code_over_streamable_http(claude_ready, relay, proxy, model_factory, tmp_path):
@@ -463,7 +464,7 @@ def test_codex_send_lands_in_a_peers_inbox(codex_ready, relay, proxy, model_fact
     assert refusal, model.describe()
     error = json.loads(refusal[0].split("Output:\n", 1)[1])["error"]
     assert error["code"] == "unknown_agent" and error["hint"].startswith("no such agent: list them"), error
-    assert wait_for(lambda: card(relay, message["from"])["status"] == "offline", timeout=10), card(relay, message["from"])
+    assert wait_for(lambda: card(relay, message["from"])["status"] == "offline", timeout=10), message["from"]
     print_landing("codex exec, send in namespace mcp__relay (stdio)", state["asked_at"], message, landed)
 
 
