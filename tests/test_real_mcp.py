@@ -535,7 +535,10 @@ def start_interactive(home, tmp_path, *args, confirm=True):
     term = Tmux(os.path.join(str(tmp_path), "tmux.sock"), command, home.env, home.project)
     if confirm:
         shown = wait_for(lambda: DEV_CHANNEL_DIALOG in term.screen(), timeout=30)
-        assert shown, term.screen()
+        if not shown:
+            screen = term.screen()
+            term.close()
+            raise AssertionError("no development-channels confirmation:\n" + screen)
         term.send_keys("Enter")  # the first choice: local development
     return term
 
