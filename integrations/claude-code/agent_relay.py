@@ -8709,19 +8709,8 @@ class McpHttp:
                 status_of = lambda a: 400 if isinstance(a, dict) and "error" in a and a.get("id") is None else 200  # noqa: E731
             return self.reply(req, status_of(answer), answer, headers)
         h = req.handler
-        frames = []
-        lock = threading.Lock()
-
-        def emit(msg):
-            with lock:
-                frames.append(msg)
-
-        def flush():
-            with lock:
-                out, frames[:] = list(frames), []
-            for msg in out:
-                h.wfile.write(b"event: message\ndata: " + mcp_encode(msg) + b"\n\n")
-
+        outbox = McpSseOutbox(h)
+        emit, flush = outbox.put, outbox.flush
         sse = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "Connection": "close"}
         sse.update(headers)
@@ -8738,7 +8727,7 @@ class McpHttp:
                                     pump=lambda: self.pump(h, session, cancel, flush))
             flush()
             if answer is not None:
-                h.wfile.write(b"event: message\ndata: " + mcp_encode(answer) + b"\n\n")
+                outbox.write(answer)
         except OSError:
             cancel.set()
         finally:
@@ -8858,19 +8847,8 @@ class McpHttp:
                                                "already; close it first.", http_status=409))
             entry.streaming = True
         h = req.handler
-        frames = []
-        lock = threading.Lock()
-
-        def send(msg):
-            with lock:
-                frames.append(msg)
-
-        def flush():
-            with lock:
-                out, frames[:] = list(frames), []
-            for msg in out:
-                h.wfile.write(b"event: message\ndata: " + mcp_encode(msg) + b"\n\n")
-
+        outbox = McpSseOutbox(h)
+        send, flush = outbox.put, outbox.flush
         session = entry.session
         try:
             h.close_connection = True
@@ -8905,6 +8883,29 @@ class McpHttp:
                                                "marked offline: %s" % mcp_refusal_text(e.code, e.message, e.extra),
                                                http_status=e.status or 400))
         return self.reply(req, 200, {"ok": True})
+
+
+class McpSseOutbox:
+    """Messages for an MCP client's SSE answer: any thread may put one; the thread that owns the connection writes
+    them (flush), each as one `event: message` frame."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.lock = threading.Lock()
+        self.frames = []
+
+    def put(self, msg):
+        with self.lock:
+            self.frames.append(msg)
+
+    def flush(self):
+        with self.lock:
+            out, self.frames = self.frames, []
+        for msg in out:
+            self.write(msg)
+
+    def write(self, msg):
+        self.handler.wfile.write(b"event: message\ndata: " + mcp_encode(msg) + b"\n\n")
 
 
 def mcp_http(api, req):
