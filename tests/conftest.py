@@ -277,3 +277,33 @@ def relay_factory(tmp_path):
 @pytest.fixture
 def relay(relay_factory):
     return relay_factory()
+
+
+# -- the real CLIs' surroundings (tests/test_real_*.py, tests/test_codex_launcher.py) ------------------------------
+
+
+@pytest.fixture
+def proxy():
+    """A loopback proxy port that refuses every connection: the real CLIs' outbound traffic goes nowhere."""
+    from realcli import RefusingProxy
+
+    p = RefusingProxy()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def model_factory():
+    """Starts scripted model endpoints (tests/scripted_model.py) for the real CLIs, stopped after the test."""
+    from scripted_model import ScriptedModel
+
+    started = []
+
+    def make(policy):
+        m = ScriptedModel(policy).start()
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        m.stop()

@@ -35,9 +35,9 @@ import time
 import pytest
 
 from conftest import ROOT, need, wait_for
-from realcli import (RELAY_PY, ClaudeHome, RefusingProxy, Tmux, cli_ready, codex_bin, describe_proc, exec_events,
+from realcli import (RELAY_PY, ClaudeHome, Tmux, cli_ready, codex_bin, describe_proc, exec_events,
                      offline_env, replies_to, run, toml_str)
-from scripted_model import ScriptedModel, Text, ToolCall
+from scripted_model import Text, ToolCall
 
 INSTRUCTIONS = "Agent Relay connects you with other coding agents."
 TOOLS = {"whoami", "send", "reply", "inbox", "read", "claim", "release", "agents", "thread", "tasks", "update_task"}
@@ -169,27 +169,6 @@ def print_answer(label, sent, reply, started_at, landed_at):
     print("\n[timing] %s: peer's send -> answer in the peer's inbox: %d ms by the relay's clock (msg %s, answer %s); "
           "%.2f s by the test's clock" % (label, reply["createdAt"] - sent["createdAt"], sent["id"], reply["id"],
                                           landed_at - started_at))
-
-
-@pytest.fixture
-def proxy():
-    p = RefusingProxy()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def model_factory():
-    started = []
-
-    def make(policy):
-        m = ScriptedModel(policy).start()
-        started.append(m)
-        return m
-
-    yield make
-    for m in started:
-        m.stop()
 
 
 # -- Claude Code -------------------------------------------------------------------------------------------------
