@@ -173,8 +173,8 @@ def unbounded(schema):
     """What a request field's schema leaves unbounded, or None."""
     kinds = schema.get("type")
     kinds = [kinds] if isinstance(kinds, str) else list(kinds or ())
-    if "string" in kinds and not ({"maxLength", "enum", "const"} & set(schema)):
-        return "a string without maxLength or enum"
+    if "string" in kinds and not ({"maxLength", "enum", "const", "x-boundedBy"} & set(schema)):
+        return "a string without maxLength or enum (or x-boundedBy: the request's size)"
     if "integer" in kinds and not ({"minimum", "maximum"} <= set(schema)):
         return "a whole number without minimum and maximum"
     if "array" in kinds and "maxItems" not in schema:

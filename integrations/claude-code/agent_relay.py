@@ -3619,13 +3619,17 @@ def _field(schema, required, desc, default, messages=None, nullable=True):
     return Field(schema, required)
 
 
+BY_REQUEST_SIZE = "AGENT_RELAY_MAX_BODY_BYTES: the whole request is at most that many bytes (else 413)"
+
+
 def Str(max_len=256, required=False, blank=False, pattern=None, rule=None, enum=None, desc=None, default=None,
         nullable=True):
-    """A string of at most max_len characters, not only spaces unless `blank`; one that matches `pattern`
-    (`rule` says how to a person), or one of `enum`."""
+    """A string of at most max_len characters (None: as long as the request may be), not only spaces unless
+    `blank`; one that matches `pattern` (`rule` says how to a person), or one of `enum`."""
     if enum is not None:
         return _field({"type": "string", "enum": list(enum)}, required, desc, default, nullable=nullable)
-    schema = {"type": "string", "maxLength": max_len}
+    schema = {"type": "string", "maxLength": max_len} if max_len is not None else {"type": "string",
+                                                                                  "x-boundedBy": BY_REQUEST_SIZE}
     if not blank:
         schema["minLength"] = 1
     if pattern is None and not blank:
@@ -3653,8 +3657,8 @@ def Obj(max_bytes=64 * 1024, props=None, desc=None):
 
 
 def Json(max_bytes=None, desc=None):
-    """Any JSON value (null too), at most max_bytes as JSON."""
-    schema = {"x-maxJsonBytes": max_bytes} if max_bytes else {}
+    """Any JSON value (null too), at most max_bytes as JSON (None: as large as the request may be)."""
+    schema = {"x-maxJsonBytes": max_bytes} if max_bytes else {"x-boundedBy": BY_REQUEST_SIZE}
     if desc:
         schema["description"] = desc
     return Field(schema)
@@ -4080,7 +4084,6 @@ _STATS = _shape({
     "tasks": _shape({s: _COUNT for s in TASK_STATUSES}),
     "callbacks": _shape({"pending": _COUNT, "failed": _COUNT}),
     "longPolls": _COUNT, "streams": _COUNT})
-_SENT_TEXT = ("The message's text (at most AGENT_RELAY_MAX_BODY_BYTES, as the whole request is).")
 
 _MCP_SESSION_ID = Str(128, desc="The session, from initialize's answer (handshake revisions).")
 _MCP_HEADERS = {"Mcp-Session-Id": _MCP_SESSION_ID,
@@ -4156,7 +4159,7 @@ ROUTES = [
     Route("POST", "/api/messages", "send", "Send a message to an agent, tag:X, cap:X, label:X or broadcast.",
           body={"from": Str(128, required=True, desc="The sender: a registered agent, or human or system."),
                 "to": Str(200, required=True, pattern=TARGET, rule=TARGET_RULE),
-                "body": Str(MAX_INT, required=True, desc=_SENT_TEXT),
+                "body": Str(None, required=True, desc="The message's text."),
                 "subject": Str(1024, blank=True), "kind": Str(32, pattern="^%s$" % NAME_TEXT, rule=NAME_RULE, default="chat"),
                 "channel": CHANNEL, "claimable": Bool(default=False, desc="Work that exactly one agent claims."),
                 "replyTo": Int(1, desc="The message it answers (it joins that thread)."),
@@ -4197,7 +4200,7 @@ ROUTES = [
           acting=_PERSON),
     Route("POST", "/api/tasks", "create_task", "Create a task (or count an occurrence of an active one with the same dedupeKey).",
           body={"title": Str(1024, required=True), "target": Str(200, required=True, pattern=TARGET, rule=TARGET_RULE),
-                "body": Str(MAX_INT, blank=True), "channel": CHANNEL, "severity": Str(32),
+                "body": Str(None, blank=True), "channel": CHANNEL, "severity": Str(32),
                 "dedupeKey": Str(256, desc="While a task with this key (from the same source) is active: an occurrence."),
                 "externalUrl": Str(2048), "metadata": Obj(),
                 "from": Str(128, desc="The agent that hands out the work; without it, a person (the admin token with agent keys on).")},
@@ -4230,7 +4233,7 @@ ROUTES = [
           answers={200: _shape({"events": _list(_ref("TaskEvent"))})}, errors={404: ("not_found",)}),
     Route("POST", "/api/integrations/events", "integration_event", "Integration ingress (integration token).",
           body={"dedupeKey": Str(256, required=True), "title": Str(1024, desc="Required unless status is resolved."),
-                "body": Str(MAX_INT, blank=True), "target": Str(200, desc="One of the integration's targets (default its first)."),
+                "body": Str(None, blank=True), "target": Str(200, desc="One of the integration's targets (default its first)."),
                 "channel": Str(64, desc="One of the integration's channels (default its first)."),
                 "status": Str(enum=("firing", "resolved"), default="firing"), "severity": Str(32), "externalUrl": Str(2048),
                 "metadata": Obj()},
