@@ -143,6 +143,14 @@ class SpecCheck:
             v = self._validators[key] = jsonschema.Draft202012Validator(root)
         return v
 
+    def component_problem(self, name, value):
+        """What is wrong with `value` as the spec's components/schemas/<name>, or None."""
+        errors = list(self.validator(name, {"$ref": "#/components/schemas/" + name}).iter_errors(value))
+        if not errors:
+            return None
+        e = jsonschema.exceptions.best_match(errors)
+        return "%s: at %s: %s" % (name, "/".join(str(p) for p in e.absolute_path) or "(the value)", e.message[:500])
+
     def problem(self, method, path, status, headers, body):
         """What is wrong with this answer per the spec, or None."""
         ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
