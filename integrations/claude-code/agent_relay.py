@@ -1017,6 +1017,10 @@ def type_word(schema):
     return " or ".join(_TYPE_WORDS[t] for t in types) if types else "a value"
 
 
+_JSON_CLASSES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,),
+                 "array": (list,)}
+
+
 def _is_type(value, t):
     kind = json_type(value)
     return kind == t or (t == "number" and kind == "integer")
@@ -1044,8 +1048,12 @@ class SchemaChecker:
         messages = schema.get("x-messages") or {}
         steps = []
         types = schema.get("type")
+        types = None if types is None else [types] if isinstance(types, str) else list(types)
+        text = types is not None and [t for t in types if t != "null"] == ["string"]
+        if text and not any(k in schema for k in ("enum", "const", "anyOf", "oneOf", "if", "x-maxJsonBytes")):
+            return self._text(schema, "null" in types, messages)  # the commonest field, in one step
         if types is not None:
-            steps.append(self._type(schema, [types] if isinstance(types, str) else list(types), messages))
+            steps.append(self._type(schema, types, messages))
         if "enum" in schema or "const" in schema:
             steps.append(self._enum(schema, messages))
         if any(k in schema for k in ("minLength", "maxLength", "pattern")):
@@ -1100,8 +1108,11 @@ class SchemaChecker:
         wanted = [t for t in types if t != "null"]
         whole = "integer" in wanted
         problem = messages.get("type") or "must be %s" % type_word(schema)
+        exact = frozenset(c for t in wanted for c in _JSON_CLASSES[t])  # what json decodes each type to
 
         def check(value, where):
+            if type(value) in exact:
+                return value
             if value is None:
                 if nullable:
                     return None
@@ -1126,6 +1137,33 @@ class SchemaChecker:
         def check(value, where):
             if isinstance(value, (dict, list)) or (json_type(value), value) not in keys:
                 raise Problem(where, problem)
+            return value
+
+        return check
+
+    @staticmethod
+    def _text(schema, nullable, messages):
+        """A string field: its type, length and pattern in one step."""
+        lo, hi, pattern = schema.get("minLength") or 0, schema.get("maxLength"), schema.get("pattern")
+        search = re.compile(pattern).search if pattern is not None else None
+        not_text = messages.get("type") or "must be a string"
+        short = messages.get("minLength") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
+        long = messages.get("maxLength") or "is longer than %s characters" % hi
+        unlike = messages.get("pattern") or "does not match %s" % pattern
+
+        def check(value, where):
+            if type(value) is not str:
+                if value is None and nullable:
+                    return None
+                if not isinstance(value, str):
+                    raise Problem(where, not_text)
+            n = len(value)
+            if n < lo:
+                raise Problem(where, short)
+            if hi is not None and n > hi:
+                raise Problem(where, long)
+            if search is not None and search(value) is None:
+                raise Problem(where, unlike)
             return value
 
         return check
