@@ -3712,11 +3712,11 @@ def Names(max_items=64, at_least_one=False, desc=None, nullable=True):
     listed = {"type": "array", "maxItems": max_items,
               "items": {"type": "string", "maxLength": 80, "pattern": r"^\s*%s\s*$" % NAME_TEXT,
                         "x-messages": {"pattern": NAME_RULE}}}
-    if at_least_one:
+    if at_least_one:  # a name somewhere in the string; one item in the list
         text["pattern"] = "^(?=[^%s]*%s)" % (NAME_CHARS[1:-1], NAME_CHARS) + text["pattern"][1:]
+        text["x-messages"]["pattern"] += ", and at least one of them"
         listed["minItems"] = 1
-        listed["x-messages"] = text["x-messages"] = {"minItems": 'needs at least one channel (use ["all"] to see '
-                                                                 'every fan-out)', "pattern": text["x-messages"]["pattern"]}
+        listed["x-messages"] = {"minItems": 'needs at least one channel (use ["all"] to see every fan-out)'}
     schema = {"anyOf": [listed, text], "x-messages": {"anyOf": "must be a list of non-empty strings (names)"}}
     return _field(schema, False, desc, None, nullable=nullable)
 
@@ -3734,7 +3734,6 @@ MESSAGE_IN_PATH = {"id": PathId("Message")}
 TASK_IN_PATH = {"id": PathId("Task")}
 AGENT_PATH = {"id": AGENT_IN_PATH}
 
-AGENT_ID = Str(128, desc="An agent's id.")
 AGENT_ID_REQUIRED = Str(128, required=True, desc="The agent that acts.")
 INSTANCE_ID = Str(128, desc="The agent's running instance; when it is not the registered one: 409 superseded.")
 EPOCH = Int(desc="The agent's epoch; when it is not the current one: 409 superseded.")
@@ -3750,7 +3749,7 @@ CLAIM_BODY = {"agentId": AGENT_ID_REQUIRED, "instanceId": INSTANCE_ID, "epoch": 
 S, I, B, O, A, L = "string", "integer", "boolean", "object", "array", "any"  # the older shorthand's types
 
 
-def _legacy(spec, in_body):
+def _legacy(spec):
     """A field declared with the older shorthand: a type (and, in a body, whether it is required)."""
     kind, required = (spec, False) if isinstance(spec, str) else (spec[0], len(spec) > 1 and bool(spec[1]))
     if kind == "string":
@@ -3931,7 +3930,7 @@ class Route:
 
     def __init__(self, method, path, handler, summary, query=None, body=None, auth="token", ok=200, stream=False,
                  changes=None, params=None, headers=None, answers=None, errors=None, acting=None, about=None,
-                 body_rules=None, body_schema=None, checked_by_handler=False, operation=None):
+                 body_rules=None, body_schema=None, raw_body=False, operation=None):
         self.method = method
         self.path = path
         self.handler = handler
@@ -3941,7 +3940,7 @@ class Route:
         self.acting = acting
         self.ok = ok
         self.stream = stream
-        self.checked_by_handler = checked_by_handler  # its handler reads the request itself (MCP: JSON-RPC's errors)
+        self.raw_body = raw_body  # its handler reads the body itself (MCP: JSON-RPC answers a bad one in its own terms)
         self.operation = operation
         self.changes = method != "GET" if changes is None else changes
         self.regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
@@ -3949,10 +3948,10 @@ class Route:
         self.params = collections.OrderedDict(
             (n, params.get(n) or Field({"type": "string", "minLength": 1}, True, missing=lambda raw: not_found(repr(raw))))
             for n in self.regex.groupindex)
-        self.query = collections.OrderedDict((n, f if isinstance(f, Field) else _legacy(f, False)) for n, f in (query or {}).items())
+        self.query = collections.OrderedDict((n, f if isinstance(f, Field) else _legacy(f)) for n, f in (query or {}).items())
         self.headers = collections.OrderedDict(headers or {})
         self.body = None if body is None and body_schema is None else collections.OrderedDict(
-            (n, f if isinstance(f, Field) else _legacy(f, True)) for n, f in (body or {}).items())
+            (n, f if isinstance(f, Field) else _legacy(f)) for n, f in (body or {}).items())
         self.body_schema = body_schema
         if body is not None and body_schema is None:
             self.body_schema = {"type": "object", "properties": dict(self.body),
@@ -3967,7 +3966,7 @@ class Route:
         self._query = [(n, f, checker.compile(_param_schema(f, "query"))) for n, f in self.query.items()]
         self._headers = [(n, f, checker.compile(_param_schema(f, "header"))) for n, f in self.headers.items()]
         self._body = None
-        if self.body_schema is not None and not checked_by_handler:
+        if self.body_schema is not None and not raw_body:
             self._body = checker.compile(self.body_schema)
 
     def changes_state(self, query):
@@ -3978,8 +3977,6 @@ class Route:
         parameters, converted from text and checked, into req.args (with their defaults); the body checked in
         place. Raises ApiError: invalid_field naming the field, or the 404 of a path that names nothing."""
         args = req.args = {}
-        if self.checked_by_handler:
-            return
         for name, field, check in self._params:
             raw = urllib.parse.unquote(req.params[name])
             try:
@@ -3991,6 +3988,8 @@ class Route:
                 for name, field, check in fields:
                     raw = source.get(name)
                     if raw is None or raw == "":
+                        if field.required:
+                            raise Problem(name, "is required")
                         args[name] = field.get("default")
                     else:
                         args[name] = check(_param_value(field, raw, name), name)
@@ -4077,6 +4076,19 @@ COMMON_ANSWERS = {
                        "connections."), headers=_RETRY_AFTER),
     "505": _error(("invalid_field",), "An HTTP version other than 1.x."),
 }
+# the answers many routes share, by (status, codes): a route whose codes for a status are exactly these refers to them
+SHARED_ANSWERS = {
+    (400, ("invalid_field",)): ("BadParameter", _error(("invalid_field",), "A parameter is not what the spec says "
+                                                       "(the message names it), or the request is malformed.")),
+    (400, ("invalid_field", "invalid_json")): ("BadRequest", _error(("invalid_field", "invalid_json"), "The body is not a "
+                                                                    "JSON object, or a field is not what the spec says (the message names it).")),
+    (401, ("unauthorized",)): ("Unauthorized", dict(_error(("unauthorized",), "The token is missing or wrong."), headers={
+        "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}})),
+    (403, ("forbidden",)): ("Forbidden", _error(("forbidden",), "Another site's page (Origin), a Host that is not the "
+                                                "relay's, an integration's token, or what agent keys refuse.")),
+    (415, ("unsupported_media_type",)): ("UnsupportedMediaType", _error(("unsupported_media_type",),
+                                                                       "A body without Content-Type: application/json.")),
+}
 SECURITY_SCHEMES = {
     "bearerToken": {"type": "http", "scheme": "bearer", "description": "The shared token (AGENT_RELAY_TOKEN), as "
                     "Authorization: Bearer <token>. A relay without a token (loopback only) needs none: its operations "
@@ -4127,13 +4139,14 @@ _MCP_SESSION_ID = Str(128, desc="The session, from initialize's answer (handshak
 _MCP_HEADERS = {"Mcp-Session-Id": _MCP_SESSION_ID,
                 "MCP-Protocol-Version": Str(32, desc="The session's revision, or 2026-07-28 (stateless)."),
                 "X-Agent-Relay-Agent": Str(128, desc="The agent the session acts as (registered with rig mcp when new)."),
-                "Mcp-Method": Str(128, desc="2026-07-28: the body's method."), "Mcp-Name": Str(256, desc="2026-07-28: the "
+                "Mcp-Method": Str(128, desc="2026-07-28: the body's method."), "Mcp-Name": Str(1024, desc="2026-07-28: the "
                                                                                                   "tool, prompt or resource named.")}
 _MCP_SESSION = {"Mcp-Session-Id": {"description": "The session (initialize's answer).", "schema": {"type": "string"}}}
 _MCP_REFUSED = _answer("A JSON-RPC error (the relay's own refusals, such as a token or Host, are in its envelope).",
                        {"anyOf": [_ref("JsonRpcResponse"), _ref("Error")]})
 _MCP_ABOUT = ("The Model Context Protocol's Streamable HTTP transport: requests and answers are JSON-RPC 2.0, and its "
-              "handler reads and refuses them in JSON-RPC's terms (the body schema says what it takes).")
+              "handler reads the body and refuses it in JSON-RPC's terms (the body schema says what it takes); the "
+              "headers are checked as the spec declares them, like any route's.")
 
 ROUTES = [
     Route("GET", "/api/health", "health", "Liveness and version; needs no token.", auth="public",
@@ -4295,7 +4308,7 @@ ROUTES = [
           acting=_acts_as("agentId, when it is given")),
     Route("POST", "/api/mcp", "mcp", "MCP (Streamable HTTP): one JSON-RPC message; a JSON answer, or SSE for one that waits.",
           headers=_MCP_HEADERS, body_schema={"anyOf": [_ref("JsonRpcRequest"), _list(_ref("JsonRpcRequest"))]},
-          checked_by_handler=True, about=_MCP_ABOUT,
+          raw_body=True, about=_MCP_ABOUT,
           answers={200: _answer("The answer (a batch's answers as a list); an SSE stream of the messages that belong to "
                                 "a request that waits, its answer last.", {"anyOf": [_ref("JsonRpcResponse"),
                                 _list(_ref("JsonRpcResponse"))]}, sse={"type": "string"}, headers=_MCP_SESSION),
@@ -4305,13 +4318,13 @@ ROUTES = [
                  "key (X-Agent-Relay-Agent-Key) is needed to act as an agent registered before."),
     Route("GET", "/api/mcp", "mcp", "MCP (Streamable HTTP): the session's stream of server messages (Mcp-Session-Id).",
           headers=dict(_MCP_HEADERS, **{"Mcp-Session-Id": Str(128, required=True, desc=_MCP_SESSION_ID["description"])}),
-          stream=True, changes=True, checked_by_handler=True, about=_MCP_ABOUT,
+          stream=True, changes=True, raw_body=True, about=_MCP_ABOUT,
           answers={200: _answer("The session's server messages (inbox updates, channel events), as SSE.", sse={"type": "string"},
                                 headers=_MCP_SESSION),
                    400: _MCP_REFUSED, 404: _MCP_REFUSED, 409: _MCP_REFUSED}),
     Route("DELETE", "/api/mcp", "mcp", "MCP (Streamable HTTP): end the session (Mcp-Session-Id); its agent goes offline.",
           headers=dict(_MCP_HEADERS, **{"Mcp-Session-Id": Str(128, required=True, desc=_MCP_SESSION_ID["description"])}),
-          checked_by_handler=True, about=_MCP_ABOUT,
+          raw_body=True, about=_MCP_ABOUT,
           answers={200: _shape({"ok": _TRUE}), 400: _MCP_REFUSED, 404: _MCP_REFUSED}),
 ]
 
@@ -4376,9 +4389,8 @@ def _operation(route, token_set, names):
         errors[status] += [c for c in codes if c not in errors[status]]
     for status, codes in sorted(errors.items()):
         if str(status) not in responses:
-            responses[str(status)] = _error(codes)
-    if 401 in errors:
-        responses["401"]["headers"] = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
+            shared = SHARED_ANSWERS.get((status, tuple(codes)))
+            responses[str(status)] = {"$ref": "#/components/responses/" + shared[0]} if shared else _error(codes)
     if 429 in errors:
         responses["429"]["headers"] = _RETRY_AFTER
     for status in COMMON_ANSWERS:
@@ -4412,11 +4424,13 @@ def openapi_spec(config=None):
             "and patterns), every answer per status and its shape, and who may call it. Bodies are JSON (Content-Type: "
             "application/json on every write that carries one) of at most %d bytes on this relay "
             "(AGENT_RELAY_MAX_BODY_BYTES). Every error is {\"error\": {\"code\", \"message\"}}. This relay %s. "
-            "GET /api/events streams the events in components/schemas/Event." % (
+            "GET /api/events streams the events in components/schemas/Event. Outside /api, the page (/), /install.sh "
+            "and /agent_relay.py are served to anyone, like /api/health." % (
                 limit, "needs its token on every route but /api/health" if token_set else
                 "has no token: every route is open to whoever reaches it (loopback only)"))},
         "paths": paths,
-        "components": {"schemas": SCHEMAS, "responses": COMMON_ANSWERS, "securitySchemes": SECURITY_SCHEMES},
+        "components": {"schemas": SCHEMAS, "responses": dict(COMMON_ANSWERS, **dict(SHARED_ANSWERS.values())),
+                       "securitySchemes": SECURITY_SCHEMES},
     }
 
 
@@ -5327,7 +5341,7 @@ class Handler(BaseHTTPRequestHandler):
                 if ctype != "application/json":
                     raise ApiError(415, "unsupported_media_type", "Send the body as Content-Type: application/json (got %r)." % (ctype or "none"))
             req.raw = raw  # /api/mcp reads its own body: malformed JSON there is answered as a JSON-RPC parse error
-            req.body = parse_json_body(raw) if not route.checked_by_handler else {}
+            req.body = parse_json_body(raw) if not route.raw_body else {}
         route.check(req)
         status, body = getattr(self.api, route.handler)(req)
         if status is DEFERRED:
