@@ -545,6 +545,26 @@ SCHEMA = [
     DROP INDEX messages_thread;
     CREATE INDEX messages_thread ON messages(thread_id, id) WHERE thread_id IS NOT NULL;
     """,
+    # version 4: leases, advisory claims on paths (the Leases part). `paths` is a JSON list of normalised patterns;
+    # a lease is active while released_at is NULL and its time is not up; `cause` says how it ended.
+    """
+    CREATE TABLE leases(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent_id TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        paths TEXT NOT NULL,
+        reason TEXT,
+        exclusive INTEGER NOT NULL DEFAULT 1,
+        ttl_ms INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        released_at INTEGER,
+        cause TEXT
+    );
+    CREATE INDEX leases_active ON leases(scope, id) WHERE released_at IS NULL;
+    CREATE INDEX leases_holder ON leases(agent_id, id) WHERE released_at IS NULL;
+    CREATE INDEX leases_ended ON leases(released_at) WHERE released_at IS NOT NULL;
+    """,
 ]
 
 
@@ -1240,6 +1260,198 @@ def callback_from_row(row):
     }
 
 
+# -- lease paths: repository-relative POSIX patterns, and when two of them overlap ------
+LEASE_TTL_MIN_MS, LEASE_TTL_MAX_MS, LEASE_TTL_DEFAULT_MS = 1000, 86400000, 1800000
+LEASE_MAX_PATHS = 64  # patterns in one lease
+LEASE_MAX_PATH = 1024  # characters in one pattern
+LEASE_MAX_SEGMENT = 255  # characters between two slashes (what file systems allow in a name)
+LEASE_MAX_DEPTH = 128  # segments in one pattern
+LEASE_WILD = ("*", "?")
+
+
+def lease_pattern(text, field="paths"):
+    """The normal form of one lease path or pattern, or 400 naming `field`: relative to the repository's top
+    folder, `/`-separated, no `..`, empty and `.` segments dropped (`./src//api` is `src/api`); a trailing `/`
+    (a directory) is kept, and `src/api/**` stays as written. `*` and `?` match within one segment, `**` (a whole
+    segment) matches any number of segments, none included."""
+    if not isinstance(text, str):
+        raise invalid(field, "each path must be a string, such as \"src/api/\" or \"README.md\"")
+    p = text.strip()
+    if not p:
+        raise invalid(field, "a path must not be empty")
+    if len(p) > LEASE_MAX_PATH:
+        raise invalid(field, "%r... is longer than %d characters" % (p[:40], LEASE_MAX_PATH))
+    if "\x00" in p:
+        raise invalid(field, "%r holds a NUL character" % p[:80])
+    if any(ord(c) < 32 or ord(c) == 127 for c in p):
+        raise invalid(field, "%r holds a control character" % p[:80])
+    if "\\" in p:
+        raise invalid(field, "%r uses \\: paths are POSIX, separated by / (src/api/routes.py)" % p[:80])
+    if p.startswith("/") or p == "~" or p.startswith("~/"):
+        raise invalid(field, "%r is not relative to the repository's top folder: drop the leading %s (src/api/, not "
+                      "/home/me/repo/src/api/)" % (p[:80], p[0]))
+    directory = p.endswith("/")
+    segments = [s for s in p.split("/") if s and s != "."]
+    if not segments:
+        raise invalid(field, "%r names no path; ** leases the whole repository" % p[:80])
+    if ".." in segments:
+        raise invalid(field, "%r has a .. segment: a path stays inside the repository" % p[:80])
+    if len(segments) > LEASE_MAX_DEPTH:
+        raise invalid(field, "%r... has more than %d segments" % (p[:40], LEASE_MAX_DEPTH))
+    for s in segments:
+        if len(s) > LEASE_MAX_SEGMENT:
+            raise invalid(field, "%r... has a segment longer than %d characters" % (p[:40], LEASE_MAX_SEGMENT))
+        if "**" in s and s != "**":
+            raise invalid(field, "%r: ** matches whole segments only (src/**/test_*.py), not part of a name" % p[:80])
+    norm = "/".join(segments)
+    return norm + "/" if directory and segments[-1] != "**" else norm
+
+
+def lease_patterns(value, field="paths"):
+    """A lease's `paths`: a list of 1..LEASE_MAX_PATHS patterns (a lone string counts as one), normalised, each once."""
+    if isinstance(value, str):
+        value = [value]
+    if value is None or value == []:
+        raise invalid(field, "is required: a list of repository-relative paths, such as [\"src/api/\", \"README.md\"]")
+    if not isinstance(value, list):
+        raise invalid(field, "must be a list of repository-relative paths, such as [\"src/api/\", \"README.md\"]")
+    if len(value) > LEASE_MAX_PATHS:
+        raise invalid(field, "has more than %d paths; lease a directory (src/api/) instead" % LEASE_MAX_PATHS)
+    out = []
+    for item in value:
+        p = lease_pattern(item, field)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _lease_segments(pattern):
+    """A normalised pattern as matching segments: a directory `d/` is `d/**`."""
+    segments = pattern.rstrip("/").split("/")
+    return segments + ["**"] if pattern.endswith("/") else segments
+
+
+def _literal_prefix(pattern):
+    """The characters every path the pattern matches starts with (up to its first wildcard; a directory's own path
+    has no trailing slash)."""
+    cut = min([i for i in (pattern.find("*"), pattern.find("?")) if i >= 0] or [len(pattern)])
+    return pattern[:cut].rstrip("/")
+
+
+def _product_reaches(a, b, wild_many, step):
+    """Whether the product of two pattern automata gets from (0, 0) to (len(a), len(b)): `wild_many` is the token
+    that matches any run (of characters, or of segments), which may also be empty; step(x, y) says whether two
+    single tokens have a common match. Iterative: patterns are bounded, but recursion would need their length."""
+    n, m = len(a), len(b)
+    seen, todo = {(0, 0)}, [(0, 0)]
+    while todo:
+        i, j = todo.pop()
+        if i == n and j == m:
+            return True
+        nxt = []
+        x = a[i] if i < n else None
+        y = b[j] if j < m else None
+        if x == wild_many:
+            nxt.append((i + 1, j))  # it matches nothing
+            if y is not None and y != wild_many:
+                nxt.append((i, j + 1))  # it takes what b's next token matches
+        if y == wild_many:
+            nxt.append((i, j + 1))
+            if x is not None and x != wild_many:
+                nxt.append((i + 1, j))
+        if x is not None and y is not None and x != wild_many and y != wild_many and step(x, y):
+            nxt.append((i + 1, j + 1))
+        for s in nxt:
+            if s not in seen:
+                seen.add(s)
+                todo.append(s)
+    return False
+
+
+def _chars_meet(x, y):
+    return x == y or x == "?" or y == "?"
+
+
+def _segments_meet(x, y):
+    """Whether two segment globs (`*`, `?`) match a common name."""
+    if not any(c in x for c in LEASE_WILD) and not any(c in y for c in LEASE_WILD):
+        return x == y
+    for a, b in ((x, y), (x[::-1], y[::-1])):  # the literal starts, then the literal ends, must agree
+        n = 0
+        while n < len(a) and n < len(b) and a[n] != "*" and b[n] != "*":
+            if not _chars_meet(a[n], b[n]):
+                return False
+            n += 1
+    return _product_reaches(x, y, "*", _chars_meet)
+
+
+def leases_overlap(a, b):
+    """Whether two normalised lease patterns overlap: some path matches both. This holds whenever one matches the
+    other taken as a path, or one is a directory that contains the other (the contract's two cases), and also for
+    two globs that can name the same file (`src/*.py` and `src/a*`). A directory covers its own path
+    (`src/api/` overlaps `src/api`): moving or deleting the folder touches everything in it."""
+    if a == b:
+        return True
+    pa, pb = _literal_prefix(a), _literal_prefix(b)
+    if not (pa.startswith(pb) or pb.startswith(pa)):
+        return False  # they part ways before either has a wildcard: no path starts with both
+    known = {}
+
+    def meet(x, y):  # each pair of segments is compared once: the work stays within (length of a) x (length of b)
+        if (x, y) not in known:
+            known[(x, y)] = _segments_meet(x, y)
+        return known[(x, y)]
+
+    return _product_reaches(_lease_segments(a), _lease_segments(b), "**", meet)
+
+
+def lease_from_row(row):
+    return {
+        "id": row["id"],
+        "agentId": row["agent_id"],
+        "scope": row["scope"],
+        "paths": loads_or(row["paths"], []),
+        "reason": row["reason"],
+        "exclusive": bool(row["exclusive"]),
+        "createdAt": row["created_at"],
+        "expiresAt": row["expires_at"],
+        "releasedAt": row["released_at"],
+    }
+
+
+def lease_scope(scope, field="scope"):
+    """A lease scope (the working copy's name, as an agent's `project`), or 400: no control characters."""
+    if scope is not None and any(ord(c) < 32 or ord(c) == 127 for c in scope):
+        raise invalid(field, "must not hold control characters")
+    return scope
+
+
+def span_text(ms):
+    """A stretch of time for a sentence: `40s`, `25 min`, `2 h 5 min`, `3 days`."""
+    s = max(0, int(ms or 0) // 1000)
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%d min" % (s // 60)
+    if s < 86400:
+        return "%d h %d min" % (s // 3600, s % 3600 // 60) if s % 3600 >= 60 else "%d h" % (s // 3600)
+    return "%d days" % (s // 86400) if s >= 172800 else "1 day"
+
+
+def lease_conflict_text(conflicts, now):
+    """The message of a 409 lease_conflict: which requested path meets which lease, whose, how long it has left and
+    why it was taken. `conflicts` is a list of (the lease's row, its entry in the error's `conflicts`)."""
+    parts = []
+    for row, c in conflicts[:3]:
+        why = ": %s" % row["reason"] if row["reason"] else ""
+        parts.append("%s overlaps %s, leased by %s (lease %d, %s, %s left%s)" % (
+            c["requested"], c["path"], c["agentId"], c["leaseId"], "exclusive" if row["exclusive"] else "shared",
+            span_text(c["expiresAt"] - now), why))
+    more = " and %d more" % (len(conflicts) - 3) if len(conflicts) > 3 else ""
+    return ("Lease refused, nothing was stored: %s%s. Work on other paths, ask the holder, or wait until it ends."
+            % ("; ".join(parts), more))
+
+
 # ============================================================================
 # The wake-up hub and the event log
 # ============================================================================
@@ -1701,23 +1913,23 @@ class AgentDirectory:
     and the end of a session.
 
     Owns the agents table and its cache. May call: the writer (its transactions; the cache's undo journal), the
-    Hub (a card says whether its agent listens), config; and two parts that are built on it, wired in by Relay:
-    messages (what starts to reach an agent whose reach grew: held messages, open work) and claims (what an
-    agent that goes offline or is removed held goes back to the pool)."""
+    Hub (a card says whether its agent listens), config; and three parts that are built on it, wired in by Relay:
+    messages (what starts to reach an agent whose reach grew: held messages, open work), claims (what an agent
+    that goes offline or is removed held goes back to the pool) and leases (its leases end then too)."""
 
     def __init__(self, config, db, hub, writer):
         self.config = config
         self.db = db
         self.hub = hub
         self.writer = writer
-        self.messages = self.claims = None  # wired by Relay (connect)
+        self.messages = self.claims = self.leases = None  # wired by Relay (connect)
         self._agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
         self._index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
         self._dirty_seen = set()  # agents whose lastSeen changed in memory only
 
-    def connect(self, messages, claims):
-        """Relay wires in the two parts built on this one, once they exist."""
-        self.messages, self.claims = messages, claims
+    def connect(self, messages, claims, leases=None):
+        """Relay wires in the parts built on this one, once they exist."""
+        self.messages, self.claims, self.leases = messages, claims, leases
 
     def load(self):
         """At start: the built-in agents exist, and every stored agent is in the cache."""
@@ -1899,6 +2111,7 @@ class AgentDirectory:
                     if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
                         continue
                     self.claims.release_claims_of(t, agent["id"])
+                    self.leases.end_leases_of(t, agent["id"], "offline")
                     self.update_card(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
             elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
                 with self.writer.tx() as t:
@@ -2105,14 +2318,16 @@ class AgentDirectory:
             if purge:
                 return self._remove_agent(t, self.get_agent(agent_id))
             self.claims.release_claims_of(t, agent_id)
+            self.leases.end_leases_of(t, agent_id, "offline")
             agent = self.update_card(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
         self.hub.wake([agent_id])
         return self.card(agent)
 
     def _remove_agent(self, t, agent):
-        """Delete an agent (purge or prune); its claims go back to the pool and what was held for it is released,
-        so retention can take it in time."""
+        """Delete an agent (purge or prune); its claims go back to the pool, its leases end and what was held for it
+        is released, so retention can take it in time."""
         self.claims.release_claims_of(t, agent["id"])
+        self.leases.end_leases_of(t, agent["id"], "removed")
         t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
         t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
         t.execute("DELETE FROM receipts WHERE agent_id = ? AND state = 'held'", (agent["id"],))
@@ -2997,6 +3212,241 @@ class Claims:
 
 
 # ============================================================================
+# Leases: who is working on which paths
+# ============================================================================
+
+
+class Leases:
+    """Advisory leases: an agent says which paths of a working copy (its scope) it is editing, so that agents sharing
+    the repository see each other before they collide. Taking one is refused (409 lease_conflict, naming the holders)
+    when one of its paths overlaps an active lease of another agent in the same scope and either of the two is
+    exclusive; the check and the insert are one write transaction, so of agents racing for overlapping paths exactly
+    one wins. A lease ends when its holder (or a person) releases it, when its time is up (the sweeper; time counts on
+    the monotonic clock, as presence does, and expiresAt is the wall-clock stamp shown), or when its holder goes
+    offline or is removed (the directory ends its leases in that same transaction).
+
+    Owns the leases table and the monotonic deadline of each active lease. May call: the Storage (its reads, and its
+    write lock, so that a deadline changes together with its row), the writer, and the agent directory (the holder,
+    read inside the transaction; activity; who works in a scope)."""
+
+    def __init__(self, db, writer, agents):
+        self.db = db
+        self.writer = writer
+        self.agents = agents
+        # lease id -> monotonic ms at which its time is up; ids of leases that ended otherwise are dropped by the sweep
+        self._deadline = {}
+
+    def load(self):
+        """At start: a deadline for every active lease from its stored expiresAt (the wall clock is all a restart has,
+        read once here; never more than the lease's own ttl ahead, should the clock have been set back meanwhile)."""
+        wall, mono = now_ms(), monotonic_ms()
+        for row in self.db.query("SELECT id, expires_at, ttl_ms FROM leases WHERE released_at IS NULL"):
+            self._deadline[row["id"]] = mono + max(0, min(row["expires_at"] - wall, row["ttl_ms"]))
+
+    @contextlib.contextmanager
+    def _write(self):
+        """A write transaction whose staged deadlines (lease id -> monotonic ms, None: forget it) take effect once it
+        commits and before the write lock is let go: the sweeper never sees a renewed row with its old deadline, and a
+        transaction that rolls back changes no deadline."""
+        staged = {}
+        with self.db.locked():
+            with self.writer.tx() as t:
+                yield t, staged
+            for lease_id, deadline in staged.items():
+                if deadline is None:
+                    self._deadline.pop(lease_id, None)
+                else:
+                    self._deadline[lease_id] = deadline
+
+    def _overdue(self, row, now=None):
+        """Whether an active lease's time is up: by its deadline on the monotonic clock (by the stored expiresAt only
+        when memory has no deadline for it)."""
+        deadline = self._deadline.get(row["id"])
+        if deadline is None:
+            return row["expires_at"] <= now_ms()
+        return deadline <= (monotonic_ms() if now is None else now)
+
+    def _holder(self, t, agent_id):
+        """The agent taking or renewing a lease, read inside the transaction (under the write lock): one removed or
+        gone offline since the request came in never ends up holding a lease that nothing would end."""
+        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise unknown_agent(agent_id)
+        agent = agent_from_row(row)
+        if agent["status"] == "offline":
+            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
+                           "hold leases; send a heartbeat (or register again) first." % agent_id)
+        if agent["approvalMode"] == "read-only":
+            raise ApiError(403, "read_only", "%s is read-only: it reads and replies, and may not lease paths to edit."
+                           % agent_id)
+        return agent
+
+    def _audience(self, t, scope, holder):
+        """Who gets a lease's events on a narrowed stream: its holder, every agent working in its scope (whose project
+        is the scope; `default` is the scope of agents with no project) and every agent holding a lease there."""
+        ids = {a["id"] for a in self.agents.all() if not a["system"] and (a["project"] or "default") == scope}
+        ids.update(r[0] for r in t.execute("SELECT DISTINCT agent_id FROM leases WHERE scope = ? AND released_at IS NULL",
+                                           (scope,)))
+        ids.add(holder)
+        return ids
+
+    def _end(self, t, row, cause):
+        ts = now_ms()
+        t.execute("UPDATE leases SET released_at = ?, cause = ? WHERE id = ?", (ts, cause, row["id"]))
+        lease = lease_from_row(row)
+        lease["releasedAt"] = ts
+        t.emit("lease.released", {"lease": lease, "cause": cause}, agent_id=row["agent_id"],
+               audience=self._audience(t, row["scope"], row["agent_id"]))
+        return lease
+
+    def _live_row(self, t, lease_id):
+        """The row of an active lease, else 404 saying how it ended."""
+        row = t.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        if row is None:
+            raise not_found("Lease %d" % lease_id)
+        if row["released_at"] is not None:
+            raise ApiError(404, "not_found", "Lease %d has ended (%s, %s ago); take a new one if the work goes on."
+                           % (lease_id, row["cause"] or "released", span_text(now_ms() - row["released_at"])))
+        if self._overdue(row):
+            raise ApiError(404, "not_found", "Lease %d has expired; take a new one if the work goes on." % lease_id)
+        return row
+
+    # -- taking, listing, renewing, releasing ------------------------------
+    def acquire(self, body, auth):
+        f = Fields(body)
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        paths = lease_patterns(f.data.get("paths"))
+        scope = lease_scope(f.string("scope", max_len=128))
+        reason = f.string("reason", max_len=1000)
+        ttl = f.integer("ttlMs", lo=LEASE_TTL_MIN_MS, hi=LEASE_TTL_MAX_MS, default=LEASE_TTL_DEFAULT_MS)
+        exclusive = f.boolean("exclusive", default=True)
+        auth.act_as(agent)
+        with self._write() as (t, staged):
+            holder = self._holder(t, agent["id"])
+            scope = scope or holder["project"] or "default"
+            mono = monotonic_ms()
+            overdue, conflicts = [], []
+            for row in t.execute("SELECT * FROM leases WHERE scope = ? AND released_at IS NULL ORDER BY id", (scope,)).fetchall():
+                if self._overdue(row, mono):
+                    overdue.append(row)  # its time is up: it ends with this lease taken, the sweeper's work done early
+                elif row["agent_id"] != holder["id"] and (exclusive or row["exclusive"]):
+                    for held in loads_or(row["paths"], []):
+                        for wanted in paths:
+                            if leases_overlap(wanted, held):
+                                conflicts.append((row, {"leaseId": row["id"], "agentId": row["agent_id"], "path": held,
+                                                        "requested": wanted, "expiresAt": row["expires_at"]}))
+            if conflicts:
+                raise ApiError(409, "lease_conflict", lease_conflict_text(conflicts, now_ms()),
+                               conflicts=[c for _row, c in conflicts[:100]])
+            for row in overdue:
+                self._end(t, row, "expired")
+                staged[row["id"]] = None
+            ts = now_ms()
+            lease = {"id": None, "agentId": holder["id"], "scope": scope, "paths": paths, "reason": reason,
+                     "exclusive": exclusive, "createdAt": ts, "expiresAt": ts + ttl, "releasedAt": None}
+            lease["id"] = t.execute(
+                "INSERT INTO leases(agent_id, scope, paths, reason, exclusive, ttl_ms, created_at, expires_at) "
+                "VALUES (?,?,?,?,?,?,?,?)", (holder["id"], scope, dumps(paths), reason, int(exclusive), ttl, ts, ts + ttl)
+            ).lastrowid
+            t.emit("lease.acquired", {"lease": lease}, agent_id=holder["id"], audience=self._audience(t, scope, holder["id"]))
+            staged[lease["id"]] = mono + ttl
+            self.agents.mark_seen(holder["id"])  # in here, as a claim does: a session end committed next must stand
+        return {"lease": lease}
+
+    def list_leases(self, agent_id=None, scope=None, path=None):
+        """Active leases, oldest first; `path` (a path or pattern) keeps those that overlap it."""
+        pattern = lease_pattern(path, "path") if path is not None else None
+        where, params = ["released_at IS NULL"], []
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if scope is not None:
+            where.append("scope = ?")
+            params.append(lease_scope(scope))
+        mono, out = monotonic_ms(), []
+        for row in self.db.query("SELECT * FROM leases WHERE %s ORDER BY id" % " AND ".join(where), params):
+            if self._overdue(row, mono):
+                continue
+            lease = lease_from_row(row)
+            if pattern is None or any(leases_overlap(pattern, held) for held in lease["paths"]):
+                out.append(lease)
+        return {"leases": out}
+
+    def renew(self, lease_id, body, auth):
+        f = Fields(body)
+        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        ttl = f.integer("ttlMs", lo=LEASE_TTL_MIN_MS, hi=LEASE_TTL_MAX_MS)
+        auth.act_as(agent)
+        with self._write() as (t, staged):
+            row = self._live_row(t, lease_id)
+            if row["agent_id"] != agent["id"]:
+                raise ApiError(409, "not_owner", "Lease %d is held by %s, not %s; only its holder renews it."
+                               % (lease_id, row["agent_id"], agent["id"]), heldBy=row["agent_id"])
+            self._holder(t, agent["id"])
+            ttl = ttl or row["ttl_ms"]  # by default, for as long as it was taken (or last renewed) for
+            mono, ts = monotonic_ms(), now_ms()
+            t.execute("UPDATE leases SET expires_at = ?, ttl_ms = ? WHERE id = ?", (ts + ttl, ttl, lease_id))
+            lease = lease_from_row(row)
+            lease["expiresAt"] = ts + ttl
+            staged[lease_id] = mono + ttl
+            self.agents.mark_seen(agent["id"])
+        return {"lease": lease}
+
+    def release(self, lease_id, agent_id, auth):
+        """Its holder (`agent_id`) releases it; without `agent_id`, a person does (the admin token, with agent keys)."""
+        agent = None
+        if agent_id is not None:
+            agent = self.agents.get_agent(agent_id)
+            auth.act_as(agent)
+        else:
+            auth.person()
+        with self._write() as (t, staged):
+            row = self._live_row(t, lease_id)
+            if agent is not None and row["agent_id"] != agent["id"]:
+                raise ApiError(409, "not_owner", "Lease %d is held by %s, not %s." % (lease_id, row["agent_id"], agent["id"]),
+                               heldBy=row["agent_id"])
+            lease = self._end(t, row, "released")
+            staged[lease_id] = None
+            if agent is not None and not agent["system"]:
+                self.agents.mark_seen(agent["id"])
+        return {"lease": lease}
+
+    # -- ends that come from elsewhere -------------------------------------
+    def end_leases_of(self, t, agent_id, cause):
+        """Inside the directory's transaction: every active lease of an agent that goes offline or is removed ends with
+        that cause (one whose time was already up, as expired)."""
+        mono = monotonic_ms()
+        for row in t.execute("SELECT * FROM leases WHERE agent_id = ? AND released_at IS NULL ORDER BY id", (agent_id,)).fetchall():
+            self._end(t, row, "expired" if self._overdue(row, mono) else cause)
+
+    def expire_due(self):
+        """The sweeper: leases whose time is up end (cause expired), and the deadlines of leases that ended otherwise
+        are forgotten. Nothing is written while no deadline has passed. Returns how many ended."""
+        mono = monotonic_ms()
+        if not any(d <= mono for d in list(self._deadline.values())):
+            return 0
+        ended = 0
+        with self._write() as (t, staged):
+            active = set()
+            for row in t.execute("SELECT * FROM leases WHERE released_at IS NULL ORDER BY id").fetchall():
+                if self._overdue(row, mono):
+                    self._end(t, row, "expired")
+                    staged[row["id"]] = None
+                    ended += 1
+                else:
+                    active.add(row["id"])
+            for lease_id in list(self._deadline):
+                if lease_id not in active:
+                    staged[lease_id] = None
+        return ended
+
+    def active_count(self):
+        mono = monotonic_ms()
+        return sum(1 for row in self.db.query("SELECT id, expires_at FROM leases WHERE released_at IS NULL")
+                   if not self._overdue(row, mono))
+
+
+# ============================================================================
 # Callback delivery: an integration hears what became of its tasks
 # ============================================================================
 
@@ -3138,20 +3588,21 @@ class CallbackDelivery:
 class Housekeeping:
     """What the relay does by itself rather than on request: at start, work left claimed by an agent that is gone
     or offline goes back to the pool; the sweeper (every few seconds: the database file is still the one it
-    opened, presence is swept; every ten minutes, rows older than the retention go, in small batches); and the
-    counts that /api/stats shows.
+    opened, presence is swept, leases whose time is up end; every ten minutes, rows older than the retention go,
+    in small batches); and the counts that /api/stats shows.
 
     Owns no table (retention deletes old rows of all of them). May call: the Storage, the writer, the Hub (who
-    listens), config, the agent directory (its presence sweep, the agents) and claims (giving back what an
-    agent held); it ends when the relay's `stopping` is set."""
+    listens), config, the agent directory (its presence sweep, the agents), claims (giving back what an
+    agent held) and leases (their expiry, how many are active); it ends when the relay's `stopping` is set."""
 
-    def __init__(self, config, db, hub, writer, agents, claims, stopping):
+    def __init__(self, config, db, hub, writer, agents, claims, stopping, leases=None):
         self.config = config
         self.db = db
         self.hub = hub
         self.writer = writer
         self.agents = agents
         self.claims = claims
+        self.leases = leases
         self.stopping = stopping
 
     def release_orphaned_claims(self):
@@ -3175,6 +3626,7 @@ class Housekeeping:
         while not sleep_unless(self.stopping, self.sweep_interval()):
             self.db.verify(now=False)  # an idle relay notices its database file deleted or replaced, too
             self.agents.sweep_presence()
+            self.leases.expire_due()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self.RETENTION_EVERY_S
                 self.apply_retention()
@@ -3203,6 +3655,10 @@ class Housekeeping:
             "callbacks": (
                 "SELECT id FROM callbacks WHERE status = 'delivered' AND created_at < ? ORDER BY id LIMIT ?",
                 ("DELETE FROM callbacks WHERE id = ?",),
+            ),
+            "leases": (
+                "SELECT id FROM leases WHERE released_at IS NOT NULL AND released_at < ? ORDER BY id LIMIT ?",
+                ("DELETE FROM leases WHERE id = ?",),
             ),
         }
         counts = {}
@@ -3248,6 +3704,7 @@ class Housekeeping:
             "messages": {"total": total, "last24h": recent, "held": held},
             "tasks": tasks,
             "callbacks": {"pending": cbs["pending"], "failed": cbs["failed"]},
+            "leases": {"active": self.leases.active_count()},
             "longPolls": polls,
             "streams": streams,
         }
@@ -3263,8 +3720,8 @@ class Relay:
     workers. It holds no rule of its own.
 
     The HTTP layer calls the parts themselves: relay.agents (AgentDirectory), relay.messages (Messages),
-    relay.claims (Claims), relay.tasks (Tasks), relay.callbacks (CallbackDelivery), relay.housekeeping
-    (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
+    relay.claims (Claims), relay.tasks (Tasks), relay.leases (Leases), relay.callbacks (CallbackDelivery),
+    relay.housekeeping (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
     relay.writer (Writer). Each part is handed what it may call when it is built; the two that also call parts
     built after them (the writer, the agent directory) are wired once those exist."""
 
@@ -3281,16 +3738,20 @@ class Relay:
         self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
         self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
         self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
+        self.leases = Leases(self.db, self.writer, self.agents)
         self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
-        self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping)
+        self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping,
+                                         leases=self.leases)
         # the two that also call parts built after them
-        self.agents.connect(messages=self.messages, claims=self.claims)
+        self.agents.connect(messages=self.messages, claims=self.claims, leases=self.leases)
         self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks.queued)
         self._load()
 
     def _load(self):
-        """At start: every agent in the cache, streams going on from the newest stored event, orphaned claims released."""
+        """At start: every agent in the cache, streams going on from the newest stored event, orphaned claims released,
+        the active leases' deadlines."""
         self.agents.load()
+        self.leases.load()
         head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
         self.hub.head = head
         self.housekeeping.release_orphaned_claims()
@@ -3461,6 +3922,14 @@ ROUTES = [
           body={"dedupeKey": (S, True), "title": (S,), "body": (S,), "target": (S,), "channel": (S,), "status": (S,),
                 "severity": (S,), "externalUrl": (S,), "metadata": (O,)}, auth="integration", ok=201),
     Route("GET", "/api/callbacks", "callbacks", "Callback deliveries.", query={"taskId": I, "status": S, "limit": I}),
+    Route("POST", "/api/leases", "acquire_lease", "Lease paths (advisory): 201, or 409 lease_conflict naming the holders.",
+          body={"agentId": (S, True), "paths": (A, True), "scope": (S,), "reason": (S,), "ttlMs": (I,), "exclusive": (B,)},
+          ok=201),
+    Route("GET", "/api/leases", "list_leases", "Active leases; `path` keeps those that overlap a path or pattern.",
+          query={"agentId": S, "scope": S, "path": S}),
+    Route("POST", "/api/leases/{id}/renew", "renew_lease", "Extend a lease (its holder).", body={"agentId": (S, True), "ttlMs": (I,)}),
+    Route("DELETE", "/api/leases/{id}", "release_lease", "Release a lease: its holder (?agentId=) or a person.",
+          query={"agentId": S}),
     Route("GET", "/api/events", "events", "Server-Sent Events: the live stream (Last-Event-ID or ?since= replays).",
           query={"since": I, "agentId": S, "types": S}, stream=True, changes="agentId"),
     Route("POST", "/api/mcp", "mcp", "MCP (Streamable HTTP): one JSON-RPC message; a JSON answer, or SSE for one that waits.",
@@ -3717,6 +4186,22 @@ class Api:
         if status is not None and status not in ("pending", "delivered", "failed"):
             raise invalid("status", "must be one of pending, delivered, failed")
         return 200, self.relay.callbacks.list_callbacks({"taskId": req.qint("taskId"), "status": status, "limit": req.qint("limit", 1, 500, 100)})
+
+    # -- leases ------------------------------------------------------------
+    def acquire_lease(self, req):
+        return 201, self.relay.leases.acquire(req.body, req.auth)
+
+    def list_leases(self, req):
+        return 200, self.relay.leases.list_leases(req.q("agentId", 128), req.q("scope", 128), req.q("path", LEASE_MAX_PATH))
+
+    def renew_lease(self, req):
+        return 200, self.relay.leases.renew(req.id("Lease"), req.body, req.auth)
+
+    def release_lease(self, req):
+        agent_id = req.q("agentId", 128)
+        if agent_id is None and req.body.get("agentId") is not None:  # in a body, as the other writes take it
+            agent_id = Fields(req.body).string("agentId", max_len=128)
+        return 200, self.relay.leases.release(req.id("Lease"), agent_id, req.auth)
 
     # -- the live stream ---------------------------------------------------
     # What one stream holds, however long the history it replays and however slowly its client reads: one page of
