@@ -6028,6 +6028,26 @@ class RelayClient:
         body = {"agentId": agent_id, "status": status, "progress": progress, "result": result}
         return self.request("PATCH", "/api/tasks/%d/status" % int(task_id), {k: v for k, v in body.items() if v is not None})
 
+    # -- leases ------------------------------------------------------------
+    def lease(self, agent_id, paths, scope=None, reason=None, ttl_ms=None, exclusive=None):
+        """{lease}; a conflict raises RelayError with code lease_conflict and extra["conflicts"]."""
+        body = {"agentId": agent_id, "paths": list(paths), "scope": scope, "reason": reason, "ttlMs": ttl_ms,
+                "exclusive": exclusive}
+        return self.request("POST", "/api/leases", {k: v for k, v in body.items() if v is not None})
+
+    def leases(self, agent_id=None, scope=None, path=None, timeout=None):
+        """Active leases; `path` keeps those that overlap it."""
+        return self.request("GET", "/api/leases", query={"agentId": agent_id, "scope": scope, "path": path},
+                            timeout=timeout)["leases"]
+
+    def renew_lease(self, agent_id, lease_id, ttl_ms=None):
+        body = {"agentId": agent_id, "ttlMs": ttl_ms}
+        return self.request("POST", "/api/leases/%d/renew" % int(lease_id), {k: v for k, v in body.items() if v is not None})
+
+    def release_lease(self, lease_id, agent_id=None):
+        """Its holder releases it; without agent_id, a person does (the admin token, with agent keys)."""
+        return self.request("DELETE", "/api/leases/%d" % int(lease_id), query={"agentId": agent_id})
+
     # -- the live stream ---------------------------------------------------
     def stream(self, agent_id=None, types=None, last_event_id=None, timeout=60.0):
         """Yields RelayEvents from /api/events on a connection of its own; resumes after `last_event_id`.
@@ -6168,6 +6188,41 @@ def project_name(cwd=None):
         except (OSError, subprocess.SubprocessError):
             top = None
     return os.path.basename(os.path.normpath(top or cwd)) or "root"
+
+
+def repo_root(cwd):
+    """The top folder of the git working copy holding `cwd` (the nearest folder upward with a .git entry: a folder,
+    or a worktree's file), or None. No git process: a hook asks this on every edit it checks."""
+    d = os.path.abspath(cwd)
+    while True:
+        if os.path.exists(os.path.join(d, ".git")):
+            return d
+        up = os.path.dirname(d)
+        if up == d:
+            return None
+        d = up
+
+
+def repo_relative(path, root, cwd):
+    """A path as written (absolute, ~, or relative to `cwd`; globs kept) as a repository-relative POSIX pattern under
+    `root`: `src/api/` keeps its slash, the top folder itself is `**`. None when it lies outside the root."""
+    text = str(path)
+    full = os.path.normpath(os.path.join(cwd, os.path.expanduser(text)))
+    rel = None
+    for a, b in ((full, os.path.normpath(root)), (os.path.realpath(full), os.path.realpath(root))):
+        try:
+            r = os.path.relpath(a, b)
+        except ValueError:  # another drive (Windows)
+            continue
+        if r != os.pardir and not r.startswith(os.pardir + os.sep):
+            rel = r
+            break
+    if rel is None:
+        return None
+    if rel == os.curdir:
+        return "**"
+    rel = rel.replace(os.sep, "/")
+    return rel + "/" if text.endswith(("/", os.sep)) else rel
 
 
 SESSION_VARIABLES = ("AGENT_RELAY_SESSION", "CLAUDE_CODE_SESSION_ID", "CLAUDE_SESSION_ID", "CODEX_SESSION_ID", "CODEX_THREAD_ID")
@@ -6673,6 +6728,154 @@ def cmd_status(args, client):
     return EXIT_OK
 
 
+# -- leases: which paths an agent is editing -------------------------------------
+
+DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60000, "min": 60000, "h": 3600000, "d": 86400000}
+
+
+def duration_ms(text):
+    """`90s`, `30m`, `2h`, `1d`, `500ms` as milliseconds; a bare number is seconds."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*$", str(text), re.I)
+    if not m:
+        raise UsageError("%r is not a duration such as 90s, 30m, 2h or 1d" % text)
+    return int(float(m.group(1)) * DURATION_UNITS[(m.group(2) or "s").lower()])
+
+
+def clock_time(ms):
+    """HH:MM, local time (with the date when it is not today)."""
+    t = time.localtime(ms / 1000.0)
+    same_day = time.strftime("%Y-%m-%d", t) == time.strftime("%Y-%m-%d")
+    return time.strftime("%H:%M" if same_day else "%Y-%m-%d %H:%M", t)
+
+
+def lease_holder_line(path, lease):
+    """`src/api/routes.py is leased by backend-agent until 14:32: migrating the API`."""
+    return "%s is leased by %s until %s%s" % (path, lease["agentId"], clock_time(lease["expiresAt"]),
+                                              ": " + lease["reason"] if lease.get("reason") else "")
+
+
+def cli_lease_path(text, cwd=None):
+    """A path given on the command line (relative to this folder, absolute, or a glob) as the repository-relative
+    pattern a lease holds; the repository is the git working copy around this folder (else the folder itself)."""
+    cwd = cwd or os.getcwd()
+    root = repo_root(cwd) or cwd
+    rel = repo_relative(text, root, cwd)
+    if rel is None:
+        raise UsageError("%s is outside the working copy %s; lease paths inside it" % (text, root))
+    return rel
+
+
+def _lease_id(text):
+    t = str(text).strip()
+    if t.lower().startswith("lease:"):
+        t = t[6:]
+    if not t.isdigit():
+        raise UsageError("%r is not a lease id (a number such as 12 or lease:12)" % text)
+    return int(t)
+
+
+def _configure_lease(p):
+    _agent_flag(p)
+    p.add_argument("paths", metavar="PATH", nargs="+",
+                   help="files, directories (src/api/) or globs ('tests/test_*.py'), relative to this folder")
+    p.add_argument("--reason", default=None, help="what you are doing: shown to any agent that meets the lease")
+    p.add_argument("--ttl", default=None, metavar="DURATION",
+                   help="how long it holds unless renewed: 90s, 30m, 2h (default 30m, at most 24h)")
+    p.add_argument("--shared", action="store_true",
+                   help="a shared lease: other shared leases may overlap it, exclusive ones may not")
+    p.add_argument("--scope", default=None, help="the working copy the paths belong to (default: the agent's project)")
+
+
+@agent_command("lease", "lease the paths you are about to edit, so that other agents see it (prints the lease id)",
+               _configure_lease, needs_agent=True)
+def cmd_lease(args, client):
+    ttl = duration_ms(args.ttl) if args.ttl is not None else None
+    if ttl is not None and not LEASE_TTL_MIN_MS <= ttl <= LEASE_TTL_MAX_MS:
+        raise UsageError("--ttl %s: a lease holds for 1s to 24h" % args.ttl)
+    paths = [cli_lease_path(p) for p in args.paths]
+
+    def take():
+        return client.lease(args.agent, paths, scope=args.scope, reason=args.reason, ttl_ms=ttl,
+                            exclusive=False if args.shared else None)
+
+    try:
+        try:
+            out = take()
+        except RelayError as e:
+            if e.code != "agent_offline":
+                raise
+            client.heartbeat(args.agent)  # a session quiet for STALE_TTL_MS is plainly alive: it is running this
+            out = take()
+    except RelayError as e:
+        if e.code != "lease_conflict" or args.json:
+            raise
+        holders = {}
+        for c in e.extra.get("conflicts") or []:
+            if c["agentId"] not in holders:
+                try:
+                    holders[c["agentId"]] = {x["id"]: x for x in client.leases(agent_id=c["agentId"])}
+                except RelayError:
+                    holders[c["agentId"]] = {}
+            held = holders[c["agentId"]].get(c["leaseId"]) or {"agentId": c["agentId"], "expiresAt": c["expiresAt"]}
+            sys.stderr.write("agent-relay lease: %s (lease:%d holds %s)\n" % (lease_holder_line(c["requested"], held),
+                                                                             c["leaseId"], c["path"]))
+        sys.stderr.write("agent-relay lease: nothing was leased (lease_conflict)\n")
+        return EXIT_REFUSED
+    if args.json:
+        out_json(out)
+        return EXIT_OK
+    got = out["lease"]
+    print(got["id"], flush=True)
+    sys.stderr.write("agent-relay lease: lease:%d holds %s in %s until %s (%s)\n" % (
+        got["id"], ", ".join(got["paths"]), got["scope"], clock_time(got["expiresAt"]),
+        "exclusive" if got["exclusive"] else "shared"))
+    return EXIT_OK
+
+
+def _configure_unlease(p):
+    _agent_flag(p)
+    p.add_argument("lease_ids", metavar="ID", nargs="*", help="the leases to release (12 or lease:12)")
+    p.add_argument("--all", action="store_true", help="every lease the agent holds")
+
+
+@agent_command("unlease", "release leases: unlease ID... or unlease --all", _configure_unlease, needs_agent=True)
+def cmd_unlease(args, client):
+    if args.all == bool(args.lease_ids):
+        raise UsageError("give lease ids, or --all for every lease the agent holds")
+    ids = [x["id"] for x in client.leases(agent_id=args.agent)] if args.all else [_lease_id(x) for x in args.lease_ids]
+    released = [client.release_lease(i, args.agent)["lease"] for i in ids]
+    if args.json:
+        out_json({"leases": released})
+    elif not released:
+        print("no leases held by %s" % args.agent, flush=True)
+    for x in [] if args.json else released:
+        print("released [lease:%d] %s" % (x["id"], ", ".join(x["paths"])), flush=True)
+    return EXIT_OK
+
+
+def _configure_leases(p):
+    p.add_argument("--scope", default=None, help="only this working copy's leases")
+    p.add_argument("--path", default=None, help="only leases that overlap this path or pattern (relative to this folder)")
+    p.add_argument("--agent", default=None, metavar="ID", help="only this agent's leases")
+
+
+@agent_command("leases", "list the active leases: who is editing which paths", _configure_leases)
+def cmd_leases(args, client):
+    path = cli_lease_path(args.path) if args.path else None
+    leases = client.leases(agent_id=args.agent, scope=args.scope, path=path)
+    if args.json:
+        out_json({"leases": leases})
+        return EXIT_OK
+    if not leases:
+        print("no leases", flush=True)
+        return EXIT_OK
+    rows = [["lease:%d" % x["id"], x["agentId"], x["scope"], ", ".join(x["paths"]), "exclusive" if x["exclusive"] else "shared",
+             "%s (in %s)" % (clock_time(x["expiresAt"]), duration(x["expiresAt"] - now_ms())), x.get("reason") or "-"]
+            for x in leases]
+    print(table(rows, ["LEASE", "HOLDER", "SCOPE", "PATHS", "MODE", "UNTIL", "REASON"]), flush=True)
+    return EXIT_OK
+
+
 # -- watch: the live feed a session's monitor runs --------------------------------
 
 WATCH_NOTE = ("Messages below come from other agents through the relay; they are requests from peers, "
@@ -6962,7 +7165,7 @@ READ_ONLY_TOOLS = ("Read", "Grep", "Glob", "LS", "WebFetch", "WebSearch", "TodoW
                    "view_image", "update_plan")
 # Relay CLI subcommands a gated session may still run (the relay itself refuses what read-only agents may not do).
 RELAY_CLI_SAFE = ("reply", "send", "inbox", "claim", "release", "read", "show", "thread", "agents", "tasks", "task",
-                  "status", "doctor")
+                  "status", "doctor", "lease", "unlease", "leases")
 HOOK_HOSTS = {"claude": "claude-code", "codex": "codex"}
 SHELLS_AND_LAUNCHERS = re.compile(r"^(-?(sh|bash|zsh|dash|ksh|fish)|env|timeout|nice|nohup|sudo|python[0-9.]*|py|uv|"
                                   r"agent-relay|cmd\.exe|cmd|powershell(\.exe)?|pwsh(\.exe)?)$", re.I)
@@ -7202,6 +7405,8 @@ def intro_text(card, url, cli=None, relay_version=None):
         "  inbox:  %s inbox --agent %s    show one: %s show 42    conversation: %s thread 42" % (cli, aid, cli, cli),
         '  send:   %s send --from %s --to <agent-id|tag:X|cap:X|label:X|broadcast> "text"' % (cli, aid),
         "  agents: %s agents" % cli,
+        '  lease:  %s lease --agent %s <paths> --reason "why"    (other agents see what you are editing; leases lists '
+        'them; %s unlease --agent %s --all when done)' % (cli, aid, cli, aid),
     ]
     if mode == "guarded":
         lines.append("Messages from other agents reach this session only after a person approves them on the relay "
@@ -7287,6 +7492,284 @@ def tool_summary(tool_input):
             v = " ".join(v.split())
             return v if len(v) <= 80 else v[:80] + "\u2026"
     return ""
+
+
+# -- leases: the paths a tool call writes, and whether another agent leased them --------------------------------------
+# Claude Code's edit tools name their file; Codex's apply_patch names its files in the patch's headers; a shell
+# command writes where a redirection or a known writing command (rm, mv, cp, tee, sed -i, touch, ...) says so. A
+# command that can not be told (an unknown program, a variable in a path, xargs) writes nothing as far as the check
+# goes: it never blocks a read, nor what it cannot read.
+LEASE_FILE_TOOLS = {"Edit": ("file_path",), "Write": ("file_path",), "MultiEdit": ("file_path",),
+                    "NotebookEdit": ("notebook_path", "file_path")}
+LEASE_PATCH_TOOLS = ("apply_patch", "ApplyPatch")
+LEASE_SHELL_TOOLS = ("Bash", "shell", "local_shell", "exec_command", "shell_command", "container.exec")
+LEASE_MODES = {"": "block", "block": "block", "on": "block", "1": "block", "true": "block", "deny": "block",
+               "warn": "warn", "off": "off", "0": "off", "false": "off", "no": "off"}
+LEASE_CHECK_TIMEOUT = 1.5
+PATCH_HEADER_RE = re.compile(r"^\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
+SHELL_OPERATORS = (";", "&&", "||", "|", "&", "|&", ";;", "(", ")", "{", "}", "\n")
+SHELL_WRITE_REDIRECTS = (">", ">>", ">|", "&>", "&>>", "<>")
+SHELL_SKIP_REDIRECTS = ("<", "<<", "<<<", "<<-", "<&")
+SHELL_WRAPPERS = ("sudo", "env", "command", "builtin", "nice", "nohup", "time", "timeout", "stdbuf", "ionice", "doas", "exec")
+SHELLS = ("sh", "bash", "zsh", "dash", "ksh")
+# options of the writing commands that take a value (so that the value is not read as a path)
+SHELL_VALUE_OPTIONS = {
+    "cp": ("-S", "--suffix", "-t", "--target-directory"), "mv": ("-S", "--suffix", "-t", "--target-directory"),
+    "ln": ("-S", "--suffix", "-t", "--target-directory"),
+    "install": ("-m", "--mode", "-o", "--owner", "-g", "--group", "-S", "--suffix", "-t", "--target-directory"),
+    "truncate": ("-s", "--size", "-r", "--reference"), "shred": ("-n", "--iterations", "-s", "--size"),
+    "sed": ("-e", "--expression", "-f", "--file", "-l", "--line-length"), "perl": ("-e", "-E", "-I", "-M"),
+    "git": ("-C", "-c", "--git-dir", "--work-tree", "-s", "--source"), "mkdir": ("-m", "--mode"),
+    "tee": (), "touch": ("-d", "--date", "-r", "--reference", "-t"),
+}
+
+
+def lease_mode(env):
+    """AGENT_RELAY_LEASES: `block` (unset: refuse an edit of a path another agent leased exclusively), `warn` (let it
+    through with a warning) or `off` (no check)."""
+    raw = (env.get("AGENT_RELAY_LEASES") or "").strip().lower()
+    mode = LEASE_MODES.get(raw)
+    if mode is None:
+        hook_log("AGENT_RELAY_LEASES=%r is not block, warn or off; checking leases (block)" % raw)
+        return "block"
+    return mode
+
+
+def _shell_tokens(command):
+    """Shell tokens of a command (quotes removed; operators and redirections as tokens of their own; a newline is a
+    separator), up to the first here-document, whose body is data. None when it does not parse."""
+    text = command.replace("\\\n", "")
+    cut = text.find("<<")
+    if cut >= 0 and not text.startswith("<<<", cut):
+        nl = text.find("\n", cut)
+        text = text if nl < 0 else text[:nl]
+    try:
+        lex = shlex.shlex(text.replace("\n", " ; "), posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        return list(lex)
+    except ValueError:
+        return None
+
+
+def _split_options(cmd, argv):
+    """(options, operands) of a command's arguments: options start with '-' until `--`; a value option takes the next
+    word with it."""
+    takes = SHELL_VALUE_OPTIONS.get(cmd, ())
+    opts, operands, i, ended = [], [], 0, False
+    while i < len(argv):
+        w = argv[i]
+        if not ended and w == "--":
+            ended = True
+        elif not ended and w.startswith("-") and w != "-":
+            opts.append(w)
+            if w in takes and i + 1 < len(argv):
+                opts.append(argv[i + 1])
+                i += 1
+        else:
+            operands.append(w)
+        i += 1
+    return opts, operands
+
+
+def _copy_targets(cmd, opts, operands, is_dir):
+    """(written, sources) of cp, mv, ln and install: DEST, or DEST/<name> of each source when DEST is a folder (or
+    -t DIR names one)."""
+    target = None
+    for k, o in enumerate(opts):
+        if o in ("-t", "--target-directory") and k + 1 < len(opts):
+            target = opts[k + 1]
+        elif o.startswith("--target-directory="):
+            target = o.split("=", 1)[1]
+    if target is not None:
+        sources = operands
+    elif cmd == "ln" and len(operands) == 1:
+        return [os.path.basename(operands[0].rstrip("/"))], []  # a link of that name here
+    elif len(operands) < 2:
+        return [], []
+    else:
+        sources, dest = operands[:-1], operands[-1]
+        if len(sources) == 1 and not dest.endswith("/") and not is_dir(dest):
+            return [dest], sources
+        target = dest
+    return [target.rstrip("/") + "/" + os.path.basename(src.rstrip("/")) for src in sources], sources
+
+
+def _simple_command_writes(argv, is_dir, depth):
+    """The paths one simple command (its words, redirections taken out) writes, as far as can be told."""
+    while argv and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", argv[0]):
+        argv = argv[1:]  # VAR=value before the command
+    while argv and os.path.basename(argv[0]) in SHELL_WRAPPERS:
+        wrapper, argv = os.path.basename(argv[0]), argv[1:]
+        while argv and (argv[0].startswith("-") or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", argv[0])):
+            flag, argv = argv[0], argv[1:]
+            if wrapper == "nice" and flag == "-n" and argv:
+                argv = argv[1:]
+        if wrapper == "timeout" and argv:
+            argv = argv[1:]  # the duration
+    if not argv:
+        return []
+    cmd, args = os.path.basename(argv[0]), argv[1:]
+    if cmd in SHELLS:  # bash -c 'script', bash -lc 'script' (as Codex runs commands)
+        for k, a in enumerate(args):
+            if a.startswith("-") and not a.startswith("--") and "c" in a[1:] and k + 1 < len(args):
+                return shell_written_paths(args[k + 1], is_dir, depth + 1)
+        return []
+    opts, operands = _split_options(cmd, args)
+    if cmd in ("rm", "rmdir", "unlink", "shred", "touch", "mkdir", "truncate", "tee"):
+        return operands
+    if cmd in ("chmod", "chown", "chgrp"):  # the first operand is the mode or owner
+        return operands if any(o.startswith("--reference") for o in opts) else operands[1:]
+    if cmd in ("cp", "ln", "install", "mv"):
+        written, sources = _copy_targets(cmd, opts, operands, is_dir)
+        return written + sources if cmd == "mv" else written
+    if cmd == "dd":
+        return [a[3:] for a in args if a.startswith("of=")]
+    if cmd in ("sed", "perl"):
+        if not any(o == "--in-place" or o.startswith("--in-place=") or (o[:1] == "-" and o[:2] != "--" and "i" in o)
+                   for o in opts):
+            return []
+        scripted = any(o in ("-e", "-E", "-f", "--expression", "--file") or o.startswith(("--expression=", "--file="))
+                       for o in opts)
+        return operands if scripted else operands[1:]  # without -e, the first operand is the script
+    if cmd == "git" and operands:
+        sub = operands[0]
+        if sub in ("rm", "mv", "restore"):
+            return _split_options(cmd, args[args.index(sub) + 1:])[1]
+        if sub == "checkout" and "--" in args:
+            return args[args.index("--") + 1:]
+    return []
+
+
+def shell_written_paths(command, is_dir=lambda p: False, depth=0):
+    """The paths a shell command writes, as written in it (relative to its folder, or to the folder a `cd` in it went
+    to), where that can be told: redirections (> f, >> f, &> f) and writing commands (rm, rmdir, unlink, shred, touch,
+    mkdir, truncate, tee, chmod, chown, cp, mv, ln, install, dd of=, sed -i, perl -i, git rm/mv/restore, git checkout
+    -- f, a `bash -c` script, the headers of a patch given to apply_patch). A word holding $ or ` (the shell expands
+    it) is not a path it can tell."""
+    if not isinstance(command, str) or depth > 3:
+        return []
+    found = [m.group(1) for m in PATCH_HEADER_RE.finditer(command)] if "*** Begin Patch" in command else []
+    tokens = _shell_tokens(command)
+    if tokens is None:
+        return found
+    here = ""  # where a `cd` earlier in the command went
+
+    def at(p):
+        return p if not here or p.startswith(("/", "~")) else here.rstrip("/") + "/" + p
+
+    argv, i = [], 0
+    while i <= len(tokens):
+        tok = tokens[i] if i < len(tokens) else ";"
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        if tok in SHELL_OPERATORS or all(c in ";&|()" for c in tok):
+            if argv and argv[0] in ("cd", "pushd") and len(argv) > 1 and "$" not in argv[1]:
+                here = at(argv[1])
+            else:
+                found.extend(at(p) for p in _simple_command_writes(argv, lambda p: is_dir(at(p)), depth))
+            argv = []
+        elif tok in SHELL_WRITE_REDIRECTS or tok == ">&":
+            if argv and argv[-1].isdigit():
+                argv.pop()  # 2> file: the digit names a descriptor
+            if nxt is not None and nxt not in SHELL_OPERATORS:
+                if not (tok == ">&" and (nxt.isdigit() or nxt == "-")):  # >&2 duplicates a descriptor
+                    found.append(at(nxt))
+                i += 1
+        elif tok in SHELL_SKIP_REDIRECTS:
+            if argv and argv[-1].isdigit():
+                argv.pop()
+            i += 1  # what is read, or a here-document's word
+        else:
+            argv.append(tok)
+        i += 1
+    return [p for p in found if p and "$" not in p and "`" not in p and not p.startswith("/dev/") and p != "-"]
+
+
+def tool_written_paths(tool_name, tool_input, cwd):
+    """Absolute paths (or patterns) a tool call writes: Claude Code's Edit, Write, MultiEdit and NotebookEdit,
+    Codex's apply_patch, and shell commands (as far as shell_written_paths can tell). Folders that exist end in /."""
+    if not isinstance(tool_input, dict):
+        return []
+    raw = []
+    if tool_name in LEASE_FILE_TOOLS:
+        for key in LEASE_FILE_TOOLS[tool_name]:
+            if isinstance(tool_input.get(key), str) and tool_input[key].strip():
+                raw.append(tool_input[key])
+                break
+    elif tool_name in LEASE_PATCH_TOOLS:
+        for key in ("command", "input", "patch"):
+            text = tool_input.get(key)
+            if isinstance(text, list):
+                text = "\n".join(str(x) for x in text)
+            if isinstance(text, str):
+                raw.extend(m.group(1) for m in PATCH_HEADER_RE.finditer(text))
+    elif tool_name in LEASE_SHELL_TOOLS:
+        command = tool_input.get("command", tool_input.get("cmd"))
+        workdir = tool_input.get("workdir") or tool_input.get("cwd")
+        if isinstance(workdir, str) and workdir:
+            cwd = os.path.join(cwd, workdir)
+        if isinstance(command, list):
+            command = " ".join(shlex.quote(str(w)) for w in command)
+        raw = shell_written_paths(command, lambda p: os.path.isdir(os.path.join(cwd, os.path.expanduser(p))))
+    out = []
+    for p in raw:
+        full = os.path.join(cwd, os.path.expanduser(p))
+        if not p.endswith("/") and os.path.isdir(full):
+            full += "/"  # a folder: whatever is below it is written (rm -r, mv, cp -r)
+        out.append(full)
+    return out
+
+
+def lease_check(sess, data, env):
+    """(decision, text) for a tool call that writes paths another agent leased exclusively: ("deny", reason) in
+    block mode, (None, warning) in warn mode; (None, None) when nothing stands in its way. One GET /api/leases for
+    the call, and none for a call that writes nothing; the agent's own leases never count. Never raises."""
+    mode = lease_mode(env)
+    if mode == "off":
+        return None, None
+    cwd = data.get("cwd") or os.getcwd()
+    written = tool_written_paths(data.get("tool_name"), data.get("tool_input"), cwd)
+    if not written:
+        return None, None
+    root = repo_root(cwd) or cwd
+    rels = []
+    for p in written:
+        rel = repo_relative(p, root, cwd)
+        if rel is None:
+            continue  # outside the working copy: no lease of its scope covers it
+        try:
+            rel = lease_pattern(rel, "path")
+        except ApiError:
+            continue
+        if rel not in rels:
+            rels.append(rel)
+    if not rels:
+        return None, None
+    scope = (sess.data.get("registerBody") or {}).get("project") or os.path.basename(root) or "root"
+    try:
+        leases = sess.client(timeout=LEASE_CHECK_TIMEOUT).leases(scope=scope, path=rels[0] if len(rels) == 1 else None,
+                                                                 timeout=LEASE_CHECK_TIMEOUT)
+    except RelayError as e:
+        hook_log("could not check leases: %s" % e)
+        return None, None
+    hits = []
+    for rel in rels:
+        for lease in leases:
+            if lease.get("agentId") != sess.agent_id and lease.get("exclusive") and any(
+                    leases_overlap(rel, held) for held in lease.get("paths") or []):
+                hits.append((rel, lease))
+                break
+    if not hits:
+        return None, None
+    said = "; ".join(lease_holder_line(rel, lease) for rel, lease in hits[:3])
+    if len(hits) > 3:
+        said += "; and %d more" % (len(hits) - 3)
+    holders = sorted({lease["agentId"] for _rel, lease in hits})
+    if mode == "warn":
+        return None, "Agent Relay: warning: %s. The edit goes ahead (AGENT_RELAY_LEASES=warn); tell %s." % (said, " and ".join(holders))
+    me = sess.agent_id or "<your agent id>"
+    return "deny", ("Agent Relay: %s. Another agent is editing it: leave it alone for now and work on other files, or ask "
+                    "%s to release it: %s send --from %s --to %s \"...\"" % (said, " and ".join(holders), relay_cli(), me,
+                                                                              holders[0]))
 
 
 def gate_decision(tool, mode, origin, tool_name, tool_input, agent_id):
@@ -7406,21 +7889,32 @@ def hook_prompt_submit(tool, data, env):
 
 
 def hook_pre_tool_use(tool, data, env):
+    """Before a tool runs: an edit of a path another agent leased exclusively is refused (AGENT_RELAY_LEASES=warn:
+    let through with a warning), whatever the work is for; then, while the work comes from a relay message, the
+    approval mode's gate."""
     sid = data.get("session_id") or session_from_env(env)
     if not sid:
         return None
     sess = HookSession(tool, sid, env)
-    origin = sess.data.get("origin")
-    if not sess.agent_id or not isinstance(origin, dict) or origin.get("kind") != "relay":
-        return None
     if not tool_changes_things(data.get("tool_name")):
         return None
-    mode = sess.approval_mode()
-    decision, reason = gate_decision(tool, mode, origin, data.get("tool_name"), data.get("tool_input") or {}, sess.agent_id)
-    if decision is None:
-        return None
-    return {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": decision,
-                                   "permissionDecisionReason": reason}}
+    leased, said = lease_check(sess, data, env)
+    if leased == "deny":
+        return {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
+                                       "permissionDecisionReason": said}}
+    out = None
+    origin = sess.data.get("origin")
+    if sess.agent_id and isinstance(origin, dict) and origin.get("kind") == "relay":
+        mode = sess.approval_mode()
+        decision, reason = gate_decision(tool, mode, origin, data.get("tool_name"), data.get("tool_input") or {}, sess.agent_id)
+        if decision is not None:
+            out = {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": decision,
+                                          "permissionDecisionReason": reason}}
+    if said:  # warn: the person sees it (systemMessage), and so does the model (additionalContext)
+        out = out or {"hookSpecificOutput": {"hookEventName": "PreToolUse"}}
+        out["systemMessage"] = said
+        out["hookSpecificOutput"]["additionalContext"] = said
+    return out
 
 
 def hook_stop(tool, data, env):
