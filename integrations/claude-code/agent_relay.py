@@ -3367,9 +3367,8 @@ class Leases:
         for row in self.db.query("SELECT * FROM leases WHERE %s ORDER BY id" % " AND ".join(where), params):
             if self._overdue(row, mono):
                 continue
-            lease = lease_from_row(row)
-            if pattern is None or any(leases_overlap(pattern, held) for held in lease["paths"]):
-                out.append(lease)
+            if pattern is None or any(leases_overlap(pattern, held) for held in loads_or(row["paths"], [])):
+                out.append(lease_from_row(row))
         return {"leases": out}
 
     def renew(self, lease_id, body, auth):
