@@ -45,6 +45,15 @@ def wait_for(predicate, timeout=20.0, every=0.05):
     return predicate()
 
 
+def hang_up(s):
+    """Closes a socket with a reset (SO_LINGER 0), as a killed client does."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    s.close()
+
+
 def raw_exchange(port, data, head_only=False, reset=False, timeout=10):
     """Send `data` exactly as given on a fresh connection (http.client would add and fix headers) and read the answer:
     only its head, or until the body is complete or the relay closes. `reset` hangs up with RST, as a killed client
