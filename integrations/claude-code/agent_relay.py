@@ -3350,7 +3350,8 @@ class Leases:
             ).lastrowid
             t.emit("lease.acquired", {"lease": lease}, agent_id=holder["id"], audience=self._audience(t, scope, holder["id"]))
             staged[lease["id"]] = mono + ttl
-            self.agents.mark_seen(holder["id"])  # in here, as a claim does: a session end committed next must stand
+            if not holder["system"]:
+                self.agents.mark_seen(holder["id"])  # in here, as a claim does: a session end committed next must stand
         return {"lease": lease}
 
     def list_leases(self, agent_id=None, scope=None, path=None):
@@ -3388,7 +3389,8 @@ class Leases:
             lease = lease_from_row(row)
             lease["expiresAt"] = ts + ttl
             staged[lease_id] = mono + ttl
-            self.agents.mark_seen(agent["id"])
+            if not agent["system"]:
+                self.agents.mark_seen(agent["id"])
         return {"lease": lease}
 
     def release(self, lease_id, agent_id, auth):
