@@ -186,6 +186,8 @@ def test_who_may_take_a_lease(relay):
     # back online (a heartbeat), it may; a lease is activity, like a claim
     assert relay.post("/api/agents/gone/heartbeat", {}).status == 200
     assert take(relay, "gone", ["src/"])["agentId"] == "gone"
+    # a person (human) may say what they are editing too; with no project, in scope default
+    assert take(relay, "human", ["docs/"])["scope"] == "default"
 
 
 # -- conflicts and the overlap rules ----------------------------------------------------------------------------
