@@ -7725,6 +7725,8 @@ def tool_written_paths(tool_name, tool_input, cwd):
         raw = shell_written_paths(command, lambda p: os.path.isdir(os.path.join(cwd, os.path.expanduser(p))))
     out = []
     for p in raw:
+        if not isinstance(p, str) or "\x00" in p or "\x00" in cwd:
+            continue  # no file has that name (and os.path would refuse it)
         full = os.path.join(cwd, os.path.expanduser(p))
         if not p.endswith("/") and os.path.isdir(full):
             full += "/"  # a folder: whatever is below it is written (rm -r, mv, cp -r)
@@ -7778,7 +7780,8 @@ def lease_check(sess, data, env):
         said += "; and %d more" % (len(hits) - 3)
     holders = sorted({lease["agentId"] for _rel, lease in hits})
     if mode == "warn":
-        return None, "Agent Relay: warning: %s. The edit goes ahead (AGENT_RELAY_LEASES=warn); tell %s." % (said, " and ".join(holders))
+        return None, ("Agent Relay: warning: %s. The edit goes ahead (AGENT_RELAY_LEASES=warn); let %s know what you "
+                      "change." % (said, " and ".join(holders)))
     me = sess.agent_id or "<your agent id>"
     return "deny", ("Agent Relay: %s. Another agent is editing it: leave it alone for now and work on other files, or ask "
                     "%s to release it: %s send --from %s --to %s \"...\"" % (said, " and ".join(holders), relay_cli(), me,
