@@ -8604,6 +8604,21 @@ def _mcp_update_task(call, args):
     return out, task_line(out.get("task") or {})
 
 
+def _mcp_lease(call, args):
+    body = {k: v for k, v in args.items() if v is not None}
+    body["agentId"] = call.agent()
+    out = call.backend.request("POST", "/api/leases", body)
+    got = out["lease"]
+    return out, "lease:%d holds %s in %s until %s (%s)" % (got["id"], ", ".join(got["paths"]), got["scope"],
+                                                          clock_time(got["expiresAt"]), "exclusive" if got["exclusive"] else "shared")
+
+
+def _mcp_unlease(call, args):
+    lid = _mcp_int(args, "leaseId")
+    out = call.backend.request("DELETE", "/api/leases/%d" % lid, query={"agentId": call.agent()})
+    return out, "released [lease:%d] %s" % (lid, ", ".join(out["lease"]["paths"]))
+
+
 # The tool table: a tool is one entry. Arguments use the HTTP field names; the acting agent is always the session's.
 MCP_TOOLS = [
     McpTool("whoami", "Who am I on the relay",
@@ -8689,6 +8704,23 @@ MCP_TOOLS = [
              "progress": _arg("string", "What has been done so far.", maxLength=4096),
              "result": _arg("string", "The outcome, when done or failed.", maxLength=65536)},
             _mcp_update_task, _mcp_out(("task",), task=_MCP_OBJECT), required=("taskId",)),
+    McpTool("lease", "Lease paths before editing them",
+            "Tell other agents you are about to edit these paths, before you start: repository-relative files "
+            "(README.md), directories (src/api/) or globs (tests/test_*.py). If another agent holds an overlapping "
+            "exclusive lease the call is refused with lease_conflict naming the holder: edit something else or "
+            "ask the holder. Release it with unlease when done; it also ends when its time is up or the session ends.",
+            {"paths": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 512}, "minItems": 1,
+                       "maxItems": 64, "description": "Repository-relative paths, directories (ending in /) or globs."},
+             "scope": _arg("string", "The working copy the paths belong to (default: this agent's project).", maxLength=128),
+             "reason": _arg("string", "What you are doing, shown to any agent that meets the lease.", maxLength=512),
+             "ttlMs": _arg("integer", "How long it holds unless renewed, in ms (default 30 minutes).",
+                           minimum=LEASE_TTL_MIN_MS, maximum=LEASE_TTL_MAX_MS),
+             "exclusive": _arg("boolean", "false for a shared lease that other shared leases may overlap (default true).")},
+            _mcp_lease, _mcp_out(("lease",), lease=_MCP_OBJECT), required=("paths",), additive=True),
+    McpTool("unlease", "Release a lease",
+            "Give back a lease this agent holds, when the edit is done, so others may edit those paths.",
+            {"leaseId": _arg("integer", "The lease: 12 for lease:12.", minimum=1)},
+            _mcp_unlease, _mcp_out(("lease",), lease=_MCP_OBJECT), required=("leaseId",)),
 ]
 MCP_TOOLS_BY_NAME = {t.name: t for t in MCP_TOOLS}
 
