@@ -22,7 +22,11 @@ Items (numbered as in the issue that asked for them):
  6. task ingress: integration events/s for new keys and for a dedupe storm;
  7. memory of streams whose clients never read: 100 streams replaying 50 MB
     of history from a tiny receive window, relay RSS before and at the peak
-    (benchmarks/stream_memory.py, which also runs alone).
+    (benchmarks/stream_memory.py, which also runs alone);
+ 8. what a lease check adds to a hook call: `agent-relay hook claude
+    pre-tool-use` for an Edit with the check off, with no lease in the scope
+    and with 200, as processes and inside one process
+    (benchmarks/lease_hook.py, which also runs alone).
 
 The figures are only comparable within a run: every ratio is against a
 baseline measured in the same run. Nothing here is a test assertion; the test
@@ -52,6 +56,7 @@ sys.path.insert(0, HERE)
 
 from loadgen import Http, closed_loop, delivery_latency, percentile, release_listeners, request_bytes, wait_for_listeners  # noqa: E402  (benchmarks/loadgen.py)
 import stream_memory  # noqa: E402  (benchmarks/stream_memory.py)
+import lease_hook  # noqa: E402  (benchmarks/lease_hook.py)
 
 INTEGRATION = {"name": "bench", "token": "bench-integration-token-0001", "scopes": ["tasks:create"],
                "targets": ["tag:oncall"], "channels": []}
@@ -65,6 +70,7 @@ FULL = {
     "idle_waiters": 200, "idle_seconds": 10.0,
     "sqlite_rounds": 3, "sqlite_seconds": 1.5, "sqlite_count": None,
     "memory_streams": 100, "memory_history_mb": 50.0,
+    "hook_runs": 100, "hook_inprocess_runs": 500, "hook_leases": 200,
 }
 QUICK = {
     "rounds": 1, "duration": None, "warmup": 0.0, "count": 300, "clients": [1, 8, 32],
@@ -74,6 +80,7 @@ QUICK = {
     "idle_waiters": 20, "idle_seconds": 2.0,
     "sqlite_rounds": 1, "sqlite_seconds": None, "sqlite_count": 300,
     "memory_streams": 100, "memory_history_mb": 50.0,  # the promise's own figures: a few seconds
+    "hook_runs": 5, "hook_inprocess_runs": 30, "hook_leases": 200,
 }
 
 # -- small helpers ------------------------------------------------------------
@@ -617,6 +624,12 @@ def bench_stream_memory(relay, cfg):
                                  say=say)
 
 
+# -- item 8: what a lease check adds to a hook call ----------------------------------------------------
+def bench_lease_hook(relay, cfg):
+    return lease_hook.measure(relay.port, RELAY[0], runs=cfg["hook_runs"], inproc_runs=cfg["hook_inprocess_runs"],
+                              leases=cfg["hook_leases"], say=say)
+
+
 # -- targets, table, JSON ------------------------------------------------------------------------------
 
 
@@ -647,6 +660,11 @@ def targets(res):
     sm = res["stream_memory"]
     add("RSS added by %d never-reading streams replaying %.0f MB" % (sm["streams_asked"], sm["history_mb"]), sm["growth_mb"],
         "<= %.0f MB" % sm["target_mb"], sm["met"], "MB", detail="%.3f MB per stream" % sm["per_stream_mb"])
+    lh = res["lease_hook"]
+    add("time a lease check adds to a hook call, %d leases in the scope (p50, the check alone)" % lh["leases_in_scope"],
+        lh["added_ms"], "<= %.0f ms" % lh["target_added_ms"], lh["met"], "ms",
+        detail="whole hook processes with the check / without: x%.3f (%.1f ms without)"
+               % (lh["process_ratio"], lh["process"]["off"]["p50_ms"]))
     return t
 
 
@@ -686,6 +704,12 @@ def print_summary(res):
     sm = res["stream_memory"]
     say("7. never-reading streams: %d replaying %.1f MB, RSS %.1f MB before, peak %.1f MB: %.1f MB added, %.3f MB per stream"
         % (sm["streams_opened"], sm["history_mb"], sm["rss_before_mb"], sm["rss_peak_mb"], sm["growth_mb"], sm["per_stream_mb"]))
+    lh = res["lease_hook"]
+    say("8. lease check in a hook call, p50 ms        off     empty   %4d leases" % lh["leases_in_scope"])
+    for kind, label in (("process", "hook process"), ("inprocess", "in one process")):
+        f = lh[kind]
+        say("   %-30s %8.2f  %8.2f  %8.2f   (x%.3f, x%.3f)" % (label, f["off"]["p50_ms"], f["empty"]["p50_ms"],
+                                                               f["leases"]["p50_ms"], f["empty"]["ratio"], f["leases"]["ratio"]))
     say("-" * 78)
     say("targets:")
     for t in res["targets"]:
@@ -755,6 +779,10 @@ def main(argv=None):
         relay = fresh_relay("streams")
         item("stream_memory", "7. memory of %d streams that never read, replaying %.0f MB"
              % (cfg["memory_streams"], cfg["memory_history_mb"]), bench_stream_memory, relay, cfg)
+        relay.stop()
+        relay = fresh_relay("leases")
+        item("lease_hook", "8. what a lease check adds to a hook call (%d hook processes per case)" % cfg["hook_runs"],
+             bench_lease_hook, relay, cfg)
         relay.stop()
         relay = None
     finally:

@@ -15,8 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "benchmarks", "run.py")
 
-ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress", "stream_memory"]
-TARGETS = 9  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle; never-reading streams' RSS
+ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress", "stream_memory", "lease_hook"]
+TARGETS = 10  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle; never-reading
+# streams' RSS; what a lease check adds to a hook call
 
 
 def test_quick_benchmark_runs_every_item(tmp_path):
@@ -28,7 +29,7 @@ def test_quick_benchmark_runs_every_item(tmp_path):
 
     # every item and every target is printed
     for heading in ("1. send throughput", "2. delivery latency", "3. scale", "4. inbox latency", "5. idle",
-                    "6. task ingress", "7. never-reading streams", "targets:"):
+                    "6. task ingress", "7. never-reading streams", "8. lease check in a hook call", "targets:"):
         assert heading in text, "missing %r in:\n%s" % (heading, text[-3000:])
     target_lines = [line for line in text.splitlines() if line.strip().startswith(("[met", "[MISSED"))]
     assert len(target_lines) == TARGETS, text[-3000:]
@@ -77,6 +78,14 @@ def test_quick_benchmark_runs_every_item(tmp_path):
     assert sm["streams_opened"] == sm["streams_stalled"] == res["config"]["memory_streams"] and not sm["aborted"]
     assert sm["history_mb"] >= res["config"]["memory_history_mb"] * 0.99
     assert 0 < sm["rss_before_mb"] <= sm["rss_peak_mb"] and sm["per_stream_mb"] >= 0
+
+    # item 8: each case ran as processes and in one process, and the check met the leases (it refused the edit)
+    lh = res["lease_hook"]
+    for kind, runs in (("process", "hook_runs"), ("inprocess", "hook_inprocess_runs")):
+        for case in ("off", "empty", "leases"):
+            assert lh[kind][case]["samples"] == res["config"][runs] and lh[kind][case]["p50_ms"] > 0, (kind, case)
+        assert lh[kind]["leases"]["ratio"] > 0 and "added_ms" in lh[kind]["empty"]
+    assert lh["leases_in_scope"] == res["config"]["hook_leases"]
 
     assert len(res["targets"]) == TARGETS
     for t in res["targets"]:

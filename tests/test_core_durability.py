@@ -122,11 +122,12 @@ def test_a_database_from_the_previous_schema_is_migrated_and_keeps_everything(re
         con.execute("CREATE INDEX messages_thread ON messages(thread_id, id)")
         con.execute("CREATE INDEX messages_created ON messages(created_at)")
         con.execute("CREATE INDEX events_created ON events(created_at)")
+        con.execute("DROP TABLE leases")  # schema 4 made it
         con.execute("PRAGMA user_version = 2")
     rows = {t: con.execute("SELECT * FROM %s ORDER BY 1, 2" % t).fetchall() for t in ("messages", "events", "receipts", "agents")}
     con.close()
     relay.start()
-    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 3
+    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 4  # on through schema 4 (leases)
     indexes = {r["name"]: r["sql"] for r in relay.sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     assert "messages_created" not in indexes and "events_created" not in indexes
     assert "WHERE thread_id IS NOT NULL" in indexes["messages_thread"]

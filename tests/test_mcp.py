@@ -21,7 +21,8 @@ from mcp import ClientSession  # noqa: E402
 from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
-TOOLS = {"whoami", "send", "reply", "inbox", "read", "claim", "release", "agents", "thread", "tasks", "update_task"}
+TOOLS = {"whoami", "send", "reply", "inbox", "read", "claim", "release", "agents", "thread", "tasks", "update_task",
+         "lease", "unlease"}
 
 
 def stdio_env(relay, agent_id, **more):
@@ -117,7 +118,8 @@ def test_initialize_and_tool_schemas(relay, transport):
             assert hints == {"agents": (True, None, False), "thread": (True, None, False), "tasks": (True, None, False),
                              "send": (False, False, False), "reply": (False, False, False), "inbox": (False, False, False),
                              "read": (False, False, False), "claim": (False, False, False), "release": (False, False, False),
-                             "whoami": (False, None, False), "update_task": (False, None, False)}, hints
+                             "whoami": (False, None, False), "update_task": (False, None, False),
+                             "lease": (False, False, False), "unlease": (False, None, False)}, hints
             me, text = await s.call("whoami")
             assert not me.is_error and me.structured_content["id"] == "schema-" + transport
             assert text.startswith("you are agent schema-" + transport)
@@ -523,3 +525,31 @@ def test_claude_channel_mode_pushes_channel_events_to_a_client_that_declares_not
     assert proc.wait(10) == 0
     assert card(relay, "channel-stdio")["status"] == "offline"
     assert "Traceback" not in proc.stderr.read().decode()
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_lease_and_unlease_through_mcp(relay, transport):
+    """The lease tool takes paths for the session's agent; a conflicting one is a tool error naming the holder;
+    unlease gives it back, after which another agent may lease the same paths."""
+    agent = "lessee-" + transport
+    relay.register("holder", project="shop")
+    held = relay.post("/api/leases", {"agentId": "holder", "paths": ["src/api/"], "scope": "shop", "reason": "migrating"})
+    assert held.status == 201, held
+
+    async def go():
+        async with Session(relay, transport, agent) as s:
+            result, text = await s.call("lease", paths=["src/api/routes.py"], scope="shop")
+            assert result.is_error and text.startswith("lease_conflict"), text
+            assert result.structured_content["error"]["conflicts"][0]["agentId"] == "holder"
+            result, text = await s.call("lease", paths=["docs/"], scope="shop", reason="docs pass")
+            assert not result.is_error, text
+            lease = result.structured_content["lease"]
+            assert lease["agentId"] == agent and lease["paths"] == ["docs/"] and "lease:%d holds docs/" % lease["id"] in text
+            assert relay.get("/api/leases", query={"scope": "shop", "path": "docs/index.md"}).json["leases"][0]["id"] == lease["id"]
+            result, text = await s.call("unlease", leaseId=lease["id"])
+            assert not result.is_error and result.structured_content["lease"]["releasedAt"], text
+
+    run(go)
+    assert relay.get("/api/leases", query={"agentId": agent}).json["leases"] == []
+    relay.register("other", project="shop")
+    assert relay.post("/api/leases", {"agentId": "other", "paths": ["docs/"], "scope": "shop"}).status == 201

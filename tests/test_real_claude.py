@@ -5,12 +5,15 @@ refusing loopback proxy, HOME is thrown away after each test.
 `claude -p` runs the plugin's hooks but never its monitor, so those tests cover registration (SessionStart),
 delivery with the prompt (UserPromptSubmit) and at Stop, the model answering through `agent_relay.py reply` with
 its Bash tool, and session end. An interactive session in tmux covers the monitor: a message reaches an idle
-session with no prompt typed. Each prints the time from the peer's send to the reply landing in its inbox.
+session with no prompt typed. Each prints the time from the peer's send to the reply landing in its inbox. A model
+asking for an Edit of a file another agent leased is refused by the PreToolUse hook (and let through under
+AGENT_RELAY_LEASES=warn).
 """
 import os
 import re
 import shlex
 import shutil
+import subprocess
 import time
 import uuid
 
@@ -19,7 +22,7 @@ import pytest
 from conftest import need, wait_for
 from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, Tmux, agent, agents_by_host, cli_ready,
                      describe_proc, print_timing, process_tree_has, processes_with, replies_to)
-from scripted_model import Text, act_then_reply, relay_message_ids, relay_reply_policy
+from scripted_model import Text, ToolCall, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@anthropic-ai/claude-code"
 # Only the reply command may run without a prompt (claude -p refuses every other Bash command).
@@ -146,6 +149,56 @@ def test_read_only_gate_refuses_bash_for_relay_work(claude_ready, relay, proxy, 
     assert any("this agent is read-only on the relay" in t for t in results), results
     replies = wait_for(lambda: replies_to(relay, "peer", sent["id"]), timeout=10)
     assert replies and replies[0]["body"] == REPLY_TEXT, model.describe()
+
+
+def edit_a_file_policy(path, old, new):
+    """A model that reads `path`, then edits it (Claude Code's Edit needs a Read first), then says it is done."""
+    def policy(req):
+        if "Edit" not in req.tools:
+            return Text("ok")
+        done = len(req.tool_results())
+        if done == 0:
+            return ToolCall("Read", {"file_path": path})
+        if done == 1:
+            return ToolCall("Edit", {"file_path": path, "old_string": old, "new_string": new})
+        return Text("done")
+
+    return policy
+
+
+@pytest.mark.parametrize("leases", ["block", "warn"])
+def test_an_edit_of_a_file_another_agent_leased_is_refused_naming_the_holder(claude_ready, relay, proxy, model_factory,
+                                                                           tmp_path, leases):
+    """Another agent leased src/api/ in this working copy. The model asks for an Edit of src/api/routes.py, which
+    Claude Code's own permissions allow (--allowedTools Edit): the plugin's PreToolUse hook refuses it, and the model
+    reads why (the holder, until when, its reason); the file is left as it was. Under AGENT_RELAY_LEASES=warn the
+    edit goes through and the model is told about the lease."""
+    target = os.path.join(str(tmp_path), "project", "src", "api", "routes.py")
+    model = model_factory(edit_a_file_policy(target, "retries = 0", "retries = 3"))
+    home = ClaudeHome(tmp_path, model.url, relay.url, proxy, AGENT_RELAY_LEASES=None if leases == "block" else "warn")
+    os.makedirs(os.path.dirname(target))
+    with open(target, "w") as f:
+        f.write("retries = 0\n")
+    subprocess.run(["git", "init", "-q", home.project], check=True)
+    relay.register("backend-agent", project="project")  # the working copy's name: the session's project, the lease's scope
+    lease = relay.post("/api/leases", {"agentId": "backend-agent", "paths": ["src/api/"], "reason": "migrating the API"})
+    assert lease.status == 201, lease
+    line = "src/api/routes.py is leased by backend-agent until %s: migrating the API" % time.strftime(
+        "%H:%M", time.localtime(lease.json["lease"]["expiresAt"] / 1000.0))
+    p = home.claude("-p", "raise the retries", "--plugin-dir", PLUGIN_DIR, "--allowedTools", "Read,Edit")
+    assert p.returncode == 0, describe_proc(p)
+    results = [t for r in model.model_requests("anthropic") for t in r.model_request.tool_results()]
+    calls = [c for r in model.model_requests("anthropic") for c in r.model_request.tool_calls()]
+    assert any('"retries = 3"' in c for c in calls), model.describe()  # the model did ask for the edit
+    with open(target) as f:
+        content = f.read()
+    if leases == "block":
+        assert content == "retries = 0\n", "the edit of a leased file went through"
+        assert any(line in t for t in results), results
+    else:
+        assert content == "retries = 3\n", (results, describe_proc(p))
+        seen = [r.model_request.all_text() for r in model.model_requests("anthropic")]
+        assert any(line in t and "AGENT_RELAY_LEASES=warn" in t for t in seen), model.describe()
 
 
 # Claude Code 2.1.332 starts plugin monitors with these set too (and with no cachedGrowthBookFeatures in

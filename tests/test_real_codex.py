@@ -6,10 +6,13 @@ Set up as integrations/codex/README.md says (hooks.json, config.toml.snippet and
 ~/.codex, `agent-relay` on PATH), with the hooks trusted the way Codex records it: config.toml
 `[hooks.state."<key>"] trusted_hash = "<hash>"`, key and hash as `codex app-server`'s hooks/list reports them.
 `codex exec` covers the CLI; `codex app-server` (JSON-RPC over stdio) covers a long-lived thread with turn/start
-and turn/steer. Each test prints the time from the peer's send to the reply landing in its inbox.
+and turn/steer. Each test prints the time from the peer's send to the reply landing in its inbox. A shell command
+(apply_patch, a redirection) that writes a file another agent leased is refused by the PreToolUse hook (and let
+through under AGENT_RELAY_LEASES=warn).
 """
 import os
 import re
+import subprocess
 import threading
 import time
 
@@ -18,7 +21,7 @@ import pytest
 from conftest import need, wait_for
 from realcli import (RELAY_PY, CodexHome, agent, agents_by_host, cli_ready, describe_proc, exec_events,
                      exec_thread_id, print_timing, replies_to)
-from scripted_model import Text, act_then_reply, relay_message_ids, relay_reply_policy
+from scripted_model import Text, ToolCall, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@openai/codex"
 REPLY_TEXT = "pong from codex"
@@ -257,3 +260,54 @@ def test_read_only_gate_refuses_shell_for_a_message_delivered_at_session_start(c
     assert second.returncode == 0, describe_proc(second)
     assert model.policy.state["acted"] and relay_context_requests(model, sent["id"]), model.describe()
     assert not os.path.exists(target), "the read-only gate let the peer's command run"
+
+
+LEASED_EDITS = {
+    "apply_patch": "apply_patch <<'EOF'\n*** Begin Patch\n*** Update File: src/api/routes.py\n@@\n-retries = 0\n+retries = 3\n"
+                   "*** End Patch\nEOF\n",
+    "redirection": "printf 'retries = 3\\n' > src/api/routes.py",
+}
+
+
+@pytest.mark.parametrize("leases", ["block", "warn"])
+@pytest.mark.parametrize("how", sorted(LEASED_EDITS))
+def test_a_shell_edit_of_a_file_another_agent_leased_is_refused_naming_the_holder(codex_ready, relay, proxy, model_factory,
+                                                                                tmp_path, how, leases):
+    """Another agent leased src/api/ in this working copy; the model writes src/api/routes.py with its shell tool
+    (a patch given to apply_patch, as Codex models do, or a redirection), which the workspace-write sandbox allows:
+    the PreToolUse hook refuses it, naming the holder, its reason and until when, and the file stays as it was. Under
+    AGENT_RELAY_LEASES=warn the command runs."""
+    command = LEASED_EDITS[how]
+
+    def policy(req):
+        if "exec_command" not in req.tools:
+            return Text("ok")
+        return ToolCall("exec_command", {"cmd": command}) if not req.tool_results() else Text("done")
+
+    model = model_factory(policy)
+    home = CodexHome(tmp_path, model.url, relay.url, proxy, AGENT_RELAY_LEASES=None if leases == "block" else "warn")
+    target = os.path.join(home.project, "src", "api", "routes.py")
+    os.makedirs(os.path.dirname(target))
+    with open(target, "w") as f:
+        f.write("retries = 0\n")
+    subprocess.run(["git", "init", "-q", home.project], check=True)
+    home.trust_hooks()
+    relay.register("backend-agent", project="project")  # the working copy's name: the session's project, the lease's scope
+    lease = relay.post("/api/leases", {"agentId": "backend-agent", "paths": ["src/api/"], "reason": "migrating the API"})
+    assert lease.status == 201, lease
+    line = "src/api/routes.py is leased by backend-agent until %s: migrating the API" % time.strftime(
+        "%H:%M", time.localtime(lease.json["lease"]["expiresAt"] / 1000.0))
+    p = home.exec("raise the retries")
+    assert p.returncode == 0, describe_proc(p)
+    calls = [c for r in model.model_requests("openai") for c in r.model_request.tool_calls()]
+    assert any("retries = 3" in c for c in calls), model.describe()
+    results = [t for r in model.model_requests("openai") for t in r.model_request.tool_results()]
+    with open(target) as f:
+        content = f.read()
+    if leases == "block":
+        assert content == "retries = 0\n", "the edit of a leased file went through"
+        assert any("Command blocked by PreToolUse hook" in t and line in t for t in results), results
+    else:
+        assert content == "retries = 3\n", (results, describe_proc(p))
+        seen = [r.model_request.all_text() for r in model.model_requests("openai")]  # the warning reaches the model
+        assert any(line in t and "AGENT_RELAY_LEASES=warn" in t for t in seen), model.describe()

@@ -23,7 +23,7 @@ CONTRACT_TYPES = {
     "agent.registered", "agent.updated", "agent.offline", "agent.removed",
     "message.created", "message.read", "message.claimed", "message.released",
     "message.held", "message.approved", "message.rejected",
-    "task.created", "task.updated", "callback.delivered", "callback.failed",
+    "task.created", "task.updated", "callback.delivered", "callback.failed", "lease.acquired", "lease.released",
 }
 FAST_PING = {"AGENT_RELAY_SSE_PING_MS": "200"}
 
@@ -238,6 +238,8 @@ def test_every_event_type_of_the_contract_is_emitted_well_formed(relay_factory):
         assert relay.post("/api/messages/%d/reject" % held2["id"], {"agentId": "guard"}).status == 200
         task = relay.post("/api/tasks", {"title": "Rotate keys", "target": "w1"}).json["task"]
         assert relay.post("/api/tasks/%d/claim" % task["id"], {"agentId": "w1"}).status == 200
+        lease = relay.post("/api/leases", {"agentId": "w1", "paths": ["src/api/"], "reason": "rotating keys"}).json["lease"]
+        assert relay.delete("/api/leases/%d?agentId=w1" % lease["id"]).status == 200
         for name, token in (("tracker", "tracker-token-1"), ("gone", "gone-token-123")):
             r = relay.post("/api/integrations/events", {"dedupeKey": "disk-" + name, "title": "Disk full"},
                            headers={"Authorization": "Bearer " + token})
@@ -270,6 +272,9 @@ def test_every_event_type_of_the_contract_is_emitted_well_formed(relay_factory):
             assert isinstance(d["message"]["id"], int)
         elif kind.startswith("task."):
             assert isinstance(d["task"]["id"], int) and d["task"]["status"] in ("open", "claimed", "blocked", "done", "failed", "canceled")
+        elif kind.startswith("lease."):
+            assert d["lease"]["id"] == lease["id"] and d["lease"]["paths"] == ["src/api/"] and d["lease"]["agentId"] == "w1"
+            assert (d.get("cause"), d["lease"]["releasedAt"] is None) == ((None, True) if kind == "lease.acquired" else ("released", False))
         else:
             assert d["callback"]["status"] == kind.split(".")[1]
     first = {}

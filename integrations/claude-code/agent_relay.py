@@ -545,6 +545,26 @@ SCHEMA = [
     DROP INDEX messages_thread;
     CREATE INDEX messages_thread ON messages(thread_id, id) WHERE thread_id IS NOT NULL;
     """,
+    # version 4: leases, advisory claims on paths (the Leases part). `paths` is a JSON list of normalised patterns;
+    # a lease is active while released_at is NULL and its time is not up; `cause` says how it ended.
+    """
+    CREATE TABLE leases(
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent_id TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        paths TEXT NOT NULL,
+        reason TEXT,
+        exclusive INTEGER NOT NULL DEFAULT 1,
+        ttl_ms INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        released_at INTEGER,
+        cause TEXT
+    );
+    CREATE INDEX leases_active ON leases(scope, id) WHERE released_at IS NULL;
+    CREATE INDEX leases_holder ON leases(agent_id, id) WHERE released_at IS NULL;
+    CREATE INDEX leases_ended ON leases(released_at) WHERE released_at IS NOT NULL;
+    """,
 ]
 
 
@@ -1500,6 +1520,198 @@ def callback_from_row(row):
     }
 
 
+# -- lease paths: repository-relative POSIX patterns, and when two of them overlap ------
+LEASE_TTL_MIN_MS, LEASE_TTL_MAX_MS, LEASE_TTL_DEFAULT_MS = 1000, 86400000, 1800000
+LEASE_MAX_PATHS = 64  # patterns in one lease
+LEASE_MAX_PATH = 1024  # characters in one pattern
+LEASE_MAX_SEGMENT = 255  # characters between two slashes (what file systems allow in a name)
+LEASE_MAX_DEPTH = 128  # segments in one pattern
+LEASE_WILD = ("*", "?")
+
+
+def lease_pattern(text, field="paths"):
+    """The normal form of one lease path or pattern, or 400 naming `field`: relative to the repository's top
+    folder, `/`-separated, no `..`, empty and `.` segments dropped (`./src//api` is `src/api`); a trailing `/`
+    (a directory) is kept, and `src/api/**` stays as written. `*` and `?` match within one segment, `**` (a whole
+    segment) matches any number of segments, none included."""
+    if not isinstance(text, str):
+        raise invalid(field, "each path must be a string, such as \"src/api/\" or \"README.md\"")
+    if len(text) > LEASE_MAX_PATH:  # as sent, spaces around it too (as POST /api/leases declares it)
+        raise invalid(field, "%r... is longer than %d characters" % (text.strip()[:40], LEASE_MAX_PATH))
+    p = text.strip()
+    if not p:
+        raise invalid(field, "a path must not be empty")
+    if "\x00" in p:
+        raise invalid(field, "%r holds a NUL character" % p[:80])
+    if any(ord(c) < 32 or ord(c) == 127 for c in p):
+        raise invalid(field, "%r holds a control character" % p[:80])
+    if "\\" in p:
+        raise invalid(field, "%r uses \\: paths are POSIX, separated by / (src/api/routes.py)" % p[:80])
+    if p.startswith("/") or p == "~" or p.startswith("~/"):
+        raise invalid(field, "%r is not relative to the repository's top folder: drop the leading %s (src/api/, not "
+                      "/home/me/repo/src/api/)" % (p[:80], p[0]))
+    directory = p.endswith("/")
+    segments = [s for s in p.split("/") if s and s != "."]
+    if not segments:
+        raise invalid(field, "%r names no path; ** leases the whole repository" % p[:80])
+    if ".." in segments:
+        raise invalid(field, "%r has a .. segment: a path stays inside the repository" % p[:80])
+    if len(segments) > LEASE_MAX_DEPTH:
+        raise invalid(field, "%r... has more than %d segments" % (p[:40], LEASE_MAX_DEPTH))
+    for s in segments:
+        if len(s) > LEASE_MAX_SEGMENT:
+            raise invalid(field, "%r... has a segment longer than %d characters" % (p[:40], LEASE_MAX_SEGMENT))
+        if "**" in s and s != "**":
+            raise invalid(field, "%r: ** matches whole segments only (src/**/test_*.py), not part of a name" % p[:80])
+    norm = "/".join(segments)
+    return norm + "/" if directory and segments[-1] != "**" else norm
+
+
+def lease_patterns(value, field="paths"):
+    """A lease's `paths`: a list of 1..LEASE_MAX_PATHS patterns (a lone string counts as one), normalised, each once."""
+    if isinstance(value, str):
+        value = [value]
+    if value is None or value == []:
+        raise invalid(field, "is required: a list of repository-relative paths, such as [\"src/api/\", \"README.md\"]")
+    if not isinstance(value, list):
+        raise invalid(field, "must be a list of repository-relative paths, such as [\"src/api/\", \"README.md\"]")
+    if len(value) > LEASE_MAX_PATHS:
+        raise invalid(field, "has more than %d paths; lease a directory (src/api/) instead" % LEASE_MAX_PATHS)
+    out = []
+    for item in value:
+        p = lease_pattern(item, field)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _lease_segments(pattern):
+    """A normalised pattern as matching segments: a directory `d/` is `d/**`."""
+    segments = pattern.rstrip("/").split("/")
+    return segments + ["**"] if pattern.endswith("/") else segments
+
+
+def _literal_prefix(pattern):
+    """The characters every path the pattern matches starts with (up to its first wildcard; a directory's own path
+    has no trailing slash)."""
+    cut = min([i for i in (pattern.find("*"), pattern.find("?")) if i >= 0] or [len(pattern)])
+    return pattern[:cut].rstrip("/")
+
+
+def _product_reaches(a, b, wild_many, step):
+    """Whether the product of two pattern automata gets from (0, 0) to (len(a), len(b)): `wild_many` is the token
+    that matches any run (of characters, or of segments), which may also be empty; step(x, y) says whether two
+    single tokens have a common match. Iterative: patterns are bounded, but recursion would need their length."""
+    n, m = len(a), len(b)
+    seen, todo = {(0, 0)}, [(0, 0)]
+    while todo:
+        i, j = todo.pop()
+        if i == n and j == m:
+            return True
+        nxt = []
+        x = a[i] if i < n else None
+        y = b[j] if j < m else None
+        if x == wild_many:
+            nxt.append((i + 1, j))  # it matches nothing
+            if y is not None and y != wild_many:
+                nxt.append((i, j + 1))  # it takes what b's next token matches
+        if y == wild_many:
+            nxt.append((i, j + 1))
+            if x is not None and x != wild_many:
+                nxt.append((i + 1, j))
+        if x is not None and y is not None and x != wild_many and y != wild_many and step(x, y):
+            nxt.append((i + 1, j + 1))
+        for s in nxt:
+            if s not in seen:
+                seen.add(s)
+                todo.append(s)
+    return False
+
+
+def _chars_meet(x, y):
+    return x == y or x == "?" or y == "?"
+
+
+def _segments_meet(x, y):
+    """Whether two segment globs (`*`, `?`) match a common name."""
+    if not any(c in x for c in LEASE_WILD) and not any(c in y for c in LEASE_WILD):
+        return x == y
+    for a, b in ((x, y), (x[::-1], y[::-1])):  # the literal starts, then the literal ends, must agree
+        n = 0
+        while n < len(a) and n < len(b) and a[n] != "*" and b[n] != "*":
+            if not _chars_meet(a[n], b[n]):
+                return False
+            n += 1
+    return _product_reaches(x, y, "*", _chars_meet)
+
+
+def leases_overlap(a, b):
+    """Whether two normalised lease patterns overlap: some path matches both. This holds whenever one matches the
+    other taken as a path, or one is a directory that contains the other (the contract's two cases), and also for
+    two globs that can name the same file (`src/*.py` and `src/a*`). A directory covers its own path
+    (`src/api/` overlaps `src/api`): moving or deleting the folder touches everything in it."""
+    if a == b:
+        return True
+    pa, pb = _literal_prefix(a), _literal_prefix(b)
+    if not (pa.startswith(pb) or pb.startswith(pa)):
+        return False  # they part ways before either has a wildcard: no path starts with both
+    known = {}
+
+    def meet(x, y):  # each pair of segments is compared once: the work stays within (length of a) x (length of b)
+        if (x, y) not in known:
+            known[(x, y)] = _segments_meet(x, y)
+        return known[(x, y)]
+
+    return _product_reaches(_lease_segments(a), _lease_segments(b), "**", meet)
+
+
+def lease_from_row(row):
+    return {
+        "id": row["id"],
+        "agentId": row["agent_id"],
+        "scope": row["scope"],
+        "paths": loads_or(row["paths"], []),
+        "reason": row["reason"],
+        "exclusive": bool(row["exclusive"]),
+        "createdAt": row["created_at"],
+        "expiresAt": row["expires_at"],
+        "releasedAt": row["released_at"],
+    }
+
+
+def lease_scope(scope, field="scope"):
+    """A lease scope (the working copy's name, as an agent's `project`), or 400: no control characters."""
+    if scope is not None and any(ord(c) < 32 or ord(c) == 127 for c in scope):
+        raise invalid(field, "must not hold control characters")
+    return scope
+
+
+def span_text(ms):
+    """A stretch of time for a sentence: `40s`, `25 min`, `2 h 5 min`, `3 days`."""
+    s = max(0, int(ms or 0) // 1000)
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%d min" % (s // 60)
+    if s < 86400:
+        return "%d h %d min" % (s // 3600, s % 3600 // 60) if s % 3600 >= 60 else "%d h" % (s // 3600)
+    return "%d days" % (s // 86400) if s >= 172800 else "1 day"
+
+
+def lease_conflict_text(conflicts, now):
+    """The message of a 409 lease_conflict: which requested path meets which lease, whose, how long it has left and
+    why it was taken. `conflicts` is a list of (the lease's row, its entry in the error's `conflicts`)."""
+    parts = []
+    for row, c in conflicts[:3]:
+        why = ": %s" % row["reason"] if row["reason"] else ""
+        parts.append("%s overlaps %s, leased by %s (lease %d, %s, %s left%s)" % (
+            c["requested"], c["path"], c["agentId"], c["leaseId"], "exclusive" if row["exclusive"] else "shared",
+            span_text(c["expiresAt"] - now), why))
+    more = " and %d more" % (len(conflicts) - 3) if len(conflicts) > 3 else ""
+    return ("Lease refused, nothing was stored: %s%s. Work on other paths, ask the holder, or wait until it ends."
+            % ("; ".join(parts), more))
+
+
 # ============================================================================
 # The wake-up hub and the event log
 # ============================================================================
@@ -1961,23 +2173,23 @@ class AgentDirectory:
     and the end of a session.
 
     Owns the agents table and its cache. May call: the writer (its transactions; the cache's undo journal), the
-    Hub (a card says whether its agent listens), config; and two parts that are built on it, wired in by Relay:
-    messages (what starts to reach an agent whose reach grew: held messages, open work) and claims (what an
-    agent that goes offline or is removed held goes back to the pool)."""
+    Hub (a card says whether its agent listens), config; and three parts that are built on it, wired in by Relay:
+    messages (what starts to reach an agent whose reach grew: held messages, open work), claims (what an agent
+    that goes offline or is removed held goes back to the pool) and leases (its leases end then too)."""
 
     def __init__(self, config, db, hub, writer):
         self.config = config
         self.db = db
         self.hub = hub
         self.writer = writer
-        self.messages = self.claims = None  # wired by Relay (connect)
+        self.messages = self.claims = self.leases = None  # wired by Relay (connect)
         self._agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
         self._index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
         self._dirty_seen = set()  # agents whose lastSeen changed in memory only
 
-    def connect(self, messages, claims):
-        """Relay wires in the two parts built on this one, once they exist."""
-        self.messages, self.claims = messages, claims
+    def connect(self, messages, claims, leases=None):
+        """Relay wires in the parts built on this one, once they exist."""
+        self.messages, self.claims, self.leases = messages, claims, leases
 
     def load(self):
         """At start: the built-in agents exist, and every stored agent is in the cache."""
@@ -2159,6 +2371,7 @@ class AgentDirectory:
                     if current is None or current["status"] == "offline" or monotonic_ms() - current["seenMono"] <= ttl:
                         continue
                     self.claims.release_claims_of(t, agent["id"])
+                    self.leases.end_leases_of(t, agent["id"], "offline")
                     self.update_card(t, current, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
             elif agent["status"] == "offline" and now - agent["offlineMono"] > prune:
                 with self.writer.tx() as t:
@@ -2352,14 +2565,16 @@ class AgentDirectory:
             if purge:
                 return self._remove_agent(t, self.get_agent(agent_id))
             self.claims.release_claims_of(t, agent_id)
+            self.leases.end_leases_of(t, agent_id, "offline")
             agent = self.update_card(t, agent, {"status": "offline", "offlineSince": now_ms()}, event="agent.offline")
         self.hub.wake([agent_id])
         return self.card(agent)
 
     def _remove_agent(self, t, agent):
-        """Delete an agent (purge or prune); its claims go back to the pool and what was held for it is released,
-        so retention can take it in time."""
+        """Delete an agent (purge or prune); its claims go back to the pool, its leases end and what was held for it
+        is released, so retention can take it in time."""
         self.claims.release_claims_of(t, agent["id"])
+        self.leases.end_leases_of(t, agent["id"], "removed")
         t.execute("DELETE FROM agents WHERE id = ?", (agent["id"],))
         t.execute("DELETE FROM redeliveries WHERE agent_id = ?", (agent["id"],))
         t.execute("DELETE FROM receipts WHERE agent_id = ? AND state = 'held'", (agent["id"],))
@@ -3222,6 +3437,241 @@ class Claims:
 
 
 # ============================================================================
+# Leases: who is working on which paths
+# ============================================================================
+
+
+class Leases:
+    """Advisory leases: an agent says which paths of a working copy (its scope) it is editing, so that agents sharing
+    the repository see each other before they collide. Taking one is refused (409 lease_conflict, naming the holders)
+    when one of its paths overlaps an active lease of another agent in the same scope and either of the two is
+    exclusive; the check and the insert are one write transaction, so of agents racing for overlapping paths exactly
+    one wins. A lease ends when its holder (or a person) releases it, when its time is up (the sweeper; time counts on
+    the monotonic clock, as presence does, and expiresAt is the wall-clock stamp shown), or when its holder goes
+    offline or is removed (the directory ends its leases in that same transaction).
+
+    Owns the leases table and the monotonic deadline of each active lease. May call: the Storage (its reads, and its
+    write lock, so that a deadline changes together with its row), the writer, and the agent directory (the holder,
+    read inside the transaction; activity; who works in a scope)."""
+
+    def __init__(self, db, writer, agents):
+        self.db = db
+        self.writer = writer
+        self.agents = agents
+        # lease id -> monotonic ms at which its time is up; ids of leases that ended otherwise are dropped by the sweep
+        self._deadline = {}
+
+    def load(self):
+        """At start: a deadline for every active lease from its stored expiresAt (the wall clock is all a restart has,
+        read once here; never more than the lease's own ttl ahead, should the clock have been set back meanwhile)."""
+        wall, mono = now_ms(), monotonic_ms()
+        for row in self.db.query("SELECT id, expires_at, ttl_ms FROM leases WHERE released_at IS NULL"):
+            self._deadline[row["id"]] = mono + max(0, min(row["expires_at"] - wall, row["ttl_ms"]))
+
+    @contextlib.contextmanager
+    def _write(self):
+        """A write transaction whose staged deadlines (lease id -> monotonic ms, None: forget it) take effect once it
+        commits and before the write lock is let go: the sweeper never sees a renewed row with its old deadline, and a
+        transaction that rolls back changes no deadline."""
+        staged = {}
+        with self.db.locked():
+            with self.writer.tx() as t:
+                yield t, staged
+            for lease_id, deadline in staged.items():
+                if deadline is None:
+                    self._deadline.pop(lease_id, None)
+                else:
+                    self._deadline[lease_id] = deadline
+
+    def _overdue(self, row, now=None):
+        """Whether an active lease's time is up: by its deadline on the monotonic clock (by the stored expiresAt only
+        when memory has no deadline for it)."""
+        deadline = self._deadline.get(row["id"])
+        if deadline is None:
+            return row["expires_at"] <= now_ms()
+        return deadline <= (monotonic_ms() if now is None else now)
+
+    def _holder(self, t, agent_id):
+        """The agent taking or renewing a lease, read inside the transaction (under the write lock): one removed or
+        gone offline since the request came in never ends up holding a lease that nothing would end."""
+        row = t.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise unknown_agent(agent_id)
+        agent = agent_from_row(row)
+        if agent["status"] == "offline":
+            raise ApiError(409, "agent_offline", "%s is offline (its session ended, or it was silent too long) and may not "
+                           "hold leases; send a heartbeat (or register again) first." % agent_id)
+        if agent["approvalMode"] == "read-only":
+            raise ApiError(403, "read_only", "%s is read-only: it reads and replies, and may not lease paths to edit."
+                           % agent_id)
+        return agent
+
+    def _audience(self, t, scope, holder):
+        """Who gets a lease's events on a narrowed stream: its holder, every agent working in its scope (whose project
+        is the scope; `default` is the scope of agents with no project) and every agent holding a lease there."""
+        ids = {a["id"] for a in self.agents.all() if not a["system"] and (a["project"] or "default") == scope}
+        ids.update(r[0] for r in t.execute("SELECT DISTINCT agent_id FROM leases WHERE scope = ? AND released_at IS NULL",
+                                           (scope,)))
+        ids.add(holder)
+        return ids
+
+    def _end(self, t, row, cause):
+        ts = now_ms()
+        t.execute("UPDATE leases SET released_at = ?, cause = ? WHERE id = ?", (ts, cause, row["id"]))
+        lease = lease_from_row(row)
+        lease["releasedAt"] = ts
+        t.emit("lease.released", {"lease": lease, "cause": cause}, agent_id=row["agent_id"],
+               audience=self._audience(t, row["scope"], row["agent_id"]))
+        return lease
+
+    def _live_row(self, t, lease_id):
+        """The row of an active lease, else 404 saying how it ended."""
+        row = t.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        if row is None:
+            raise not_found("Lease %d" % lease_id)
+        if row["released_at"] is not None:
+            raise ApiError(404, "not_found", "Lease %d has ended (%s, %s ago); take a new one if the work goes on."
+                           % (lease_id, row["cause"] or "released", span_text(now_ms() - row["released_at"])))
+        if self._overdue(row):
+            raise ApiError(404, "not_found", "Lease %d has expired; take a new one if the work goes on." % lease_id)
+        return row
+
+    # -- taking, listing, renewing, releasing ------------------------------
+    def acquire(self, body, auth):
+        """`body` as POST /api/leases declares it (checked there); its paths are normalised here."""
+        agent = self.agents.get_agent(body["agentId"])
+        paths = lease_patterns(body["paths"])
+        scope = body.get("scope")
+        reason = body.get("reason")
+        ttl = body.get("ttlMs") or LEASE_TTL_DEFAULT_MS
+        exclusive = body.get("exclusive") is not False
+        auth.act_as(agent)
+        with self._write() as (t, staged):
+            holder = self._holder(t, agent["id"])
+            scope = scope or holder["project"] or "default"
+            mono = monotonic_ms()
+            overdue, conflicts = [], []
+            for row in t.execute("SELECT * FROM leases WHERE scope = ? AND released_at IS NULL ORDER BY id", (scope,)).fetchall():
+                if self._overdue(row, mono):
+                    overdue.append(row)  # its time is up: it ends with this lease taken, the sweeper's work done early
+                elif row["agent_id"] != holder["id"] and (exclusive or row["exclusive"]):
+                    for held in loads_or(row["paths"], []):
+                        for wanted in paths:
+                            if leases_overlap(wanted, held):
+                                conflicts.append((row, {"leaseId": row["id"], "agentId": row["agent_id"], "path": held,
+                                                        "requested": wanted, "expiresAt": row["expires_at"]}))
+            if conflicts:
+                raise ApiError(409, "lease_conflict", lease_conflict_text(conflicts, now_ms()),
+                               conflicts=[c for _row, c in conflicts[:100]])
+            for row in overdue:
+                self._end(t, row, "expired")
+                staged[row["id"]] = None
+            ts = now_ms()
+            lease = {"id": None, "agentId": holder["id"], "scope": scope, "paths": paths, "reason": reason,
+                     "exclusive": exclusive, "createdAt": ts, "expiresAt": ts + ttl, "releasedAt": None}
+            lease["id"] = t.execute(
+                "INSERT INTO leases(agent_id, scope, paths, reason, exclusive, ttl_ms, created_at, expires_at) "
+                "VALUES (?,?,?,?,?,?,?,?)", (holder["id"], scope, dumps(paths), reason, int(exclusive), ttl, ts, ts + ttl)
+            ).lastrowid
+            t.emit("lease.acquired", {"lease": lease}, agent_id=holder["id"], audience=self._audience(t, scope, holder["id"]))
+            staged[lease["id"]] = mono + ttl
+            if not holder["system"]:
+                self.agents.mark_seen(holder["id"])  # in here, as a claim does: a session end committed next must stand
+        return {"lease": lease}
+
+    def list_leases(self, agent_id=None, scope=None, path=None):
+        """Active leases, oldest first; `path` (a path or pattern) keeps those that overlap it."""
+        pattern = lease_pattern(path, "path") if path is not None else None
+        where, params = ["released_at IS NULL"], []
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if scope is not None:
+            where.append("scope = ?")
+            params.append(lease_scope(scope))
+        mono, out = monotonic_ms(), []
+        for row in self.db.query("SELECT * FROM leases WHERE %s ORDER BY id" % " AND ".join(where), params):
+            if self._overdue(row, mono):
+                continue
+            if pattern is None or any(leases_overlap(pattern, held) for held in loads_or(row["paths"], [])):
+                out.append(lease_from_row(row))
+        return {"leases": out}
+
+    def renew(self, lease_id, body, auth):
+        agent = self.agents.get_agent(body["agentId"])
+        ttl = body.get("ttlMs")
+        auth.act_as(agent)
+        with self._write() as (t, staged):
+            row = self._live_row(t, lease_id)
+            if row["agent_id"] != agent["id"]:
+                raise ApiError(409, "not_owner", "Lease %d is held by %s, not %s; only its holder renews it."
+                               % (lease_id, row["agent_id"], agent["id"]), heldBy=row["agent_id"])
+            self._holder(t, agent["id"])
+            ttl = ttl or row["ttl_ms"]  # by default, for as long as it was taken (or last renewed) for
+            mono, ts = monotonic_ms(), now_ms()
+            t.execute("UPDATE leases SET expires_at = ?, ttl_ms = ? WHERE id = ?", (ts + ttl, ttl, lease_id))
+            lease = lease_from_row(row)
+            lease["expiresAt"] = ts + ttl
+            staged[lease_id] = mono + ttl
+            if not agent["system"]:
+                self.agents.mark_seen(agent["id"])
+        return {"lease": lease}
+
+    def release(self, lease_id, agent_id, auth):
+        """Its holder (`agent_id`) releases it; without `agent_id`, a person does (the admin token, with agent keys)."""
+        agent = None
+        if agent_id is not None:
+            agent = self.agents.get_agent(agent_id)
+            auth.act_as(agent)
+        else:
+            auth.person()
+        with self._write() as (t, staged):
+            row = self._live_row(t, lease_id)
+            if agent is not None and row["agent_id"] != agent["id"]:
+                raise ApiError(409, "not_owner", "Lease %d is held by %s, not %s." % (lease_id, row["agent_id"], agent["id"]),
+                               heldBy=row["agent_id"])
+            lease = self._end(t, row, "released")
+            staged[lease_id] = None
+            if agent is not None and not agent["system"]:
+                self.agents.mark_seen(agent["id"])
+        return {"lease": lease}
+
+    # -- ends that come from elsewhere -------------------------------------
+    def end_leases_of(self, t, agent_id, cause):
+        """Inside the directory's transaction: every active lease of an agent that goes offline or is removed ends with
+        that cause (one whose time was already up, as expired)."""
+        mono = monotonic_ms()
+        for row in t.execute("SELECT * FROM leases WHERE agent_id = ? AND released_at IS NULL ORDER BY id", (agent_id,)).fetchall():
+            self._end(t, row, "expired" if self._overdue(row, mono) else cause)
+
+    def expire_due(self):
+        """The sweeper: leases whose time is up end (cause expired), and the deadlines of leases that ended otherwise
+        are forgotten. Nothing is written while no deadline has passed. Returns how many ended."""
+        mono = monotonic_ms()
+        if not any(d <= mono for d in list(self._deadline.values())):
+            return 0
+        ended = 0
+        with self._write() as (t, staged):
+            active = set()
+            for row in t.execute("SELECT * FROM leases WHERE released_at IS NULL ORDER BY id").fetchall():
+                if self._overdue(row, mono):
+                    self._end(t, row, "expired")
+                    staged[row["id"]] = None
+                    ended += 1
+                else:
+                    active.add(row["id"])
+            for lease_id in list(self._deadline):
+                if lease_id not in active:
+                    staged[lease_id] = None
+        return ended
+
+    def active_count(self):
+        mono = monotonic_ms()
+        return sum(1 for row in self.db.query("SELECT id, expires_at FROM leases WHERE released_at IS NULL")
+                   if not self._overdue(row, mono))
+
+
+# ============================================================================
 # Callback delivery: an integration hears what became of its tasks
 # ============================================================================
 
@@ -3363,20 +3813,21 @@ class CallbackDelivery:
 class Housekeeping:
     """What the relay does by itself rather than on request: at start, work left claimed by an agent that is gone
     or offline goes back to the pool; the sweeper (every few seconds: the database file is still the one it
-    opened, presence is swept; every ten minutes, rows older than the retention go, in small batches); and the
-    counts that /api/stats shows.
+    opened, presence is swept, leases whose time is up end; every ten minutes, rows older than the retention go,
+    in small batches); and the counts that /api/stats shows.
 
     Owns no table (retention deletes old rows of all of them). May call: the Storage, the writer, the Hub (who
-    listens), config, the agent directory (its presence sweep, the agents) and claims (giving back what an
-    agent held); it ends when the relay's `stopping` is set."""
+    listens), config, the agent directory (its presence sweep, the agents), claims (giving back what an
+    agent held) and leases (their expiry, how many are active); it ends when the relay's `stopping` is set."""
 
-    def __init__(self, config, db, hub, writer, agents, claims, stopping):
+    def __init__(self, config, db, hub, writer, agents, claims, stopping, leases=None):
         self.config = config
         self.db = db
         self.hub = hub
         self.writer = writer
         self.agents = agents
         self.claims = claims
+        self.leases = leases
         self.stopping = stopping
 
     def release_orphaned_claims(self):
@@ -3400,6 +3851,7 @@ class Housekeeping:
         while not sleep_unless(self.stopping, self.sweep_interval()):
             self.db.verify(now=False)  # an idle relay notices its database file deleted or replaced, too
             self.agents.sweep_presence()
+            self.leases.expire_due()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self.RETENTION_EVERY_S
                 self.apply_retention()
@@ -3428,6 +3880,10 @@ class Housekeeping:
             "callbacks": (
                 "SELECT id FROM callbacks WHERE status = 'delivered' AND created_at < ? ORDER BY id LIMIT ?",
                 ("DELETE FROM callbacks WHERE id = ?",),
+            ),
+            "leases": (
+                "SELECT id FROM leases WHERE released_at IS NOT NULL AND released_at < ? ORDER BY id LIMIT ?",
+                ("DELETE FROM leases WHERE id = ?",),
             ),
         }
         counts = {}
@@ -3473,6 +3929,7 @@ class Housekeeping:
             "messages": {"total": total, "last24h": recent, "held": held},
             "tasks": tasks,
             "callbacks": {"pending": cbs["pending"], "failed": cbs["failed"]},
+            "leases": {"active": self.leases.active_count()},
             "longPolls": polls,
             "streams": streams,
         }
@@ -3488,8 +3945,8 @@ class Relay:
     workers. It holds no rule of its own.
 
     The HTTP layer calls the parts themselves: relay.agents (AgentDirectory), relay.messages (Messages),
-    relay.claims (Claims), relay.tasks (Tasks), relay.callbacks (CallbackDelivery), relay.housekeeping
-    (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
+    relay.claims (Claims), relay.tasks (Tasks), relay.leases (Leases), relay.callbacks (CallbackDelivery),
+    relay.housekeeping (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
     relay.writer (Writer). Each part is handed what it may call when it is built; the two that also call parts
     built after them (the writer, the agent directory) are wired once those exist."""
 
@@ -3506,16 +3963,20 @@ class Relay:
         self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
         self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
         self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
+        self.leases = Leases(self.db, self.writer, self.agents)
         self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
-        self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping)
+        self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping,
+                                         leases=self.leases)
         # the two that also call parts built after them
-        self.agents.connect(messages=self.messages, claims=self.claims)
+        self.agents.connect(messages=self.messages, claims=self.claims, leases=self.leases)
         self.writer.connect(put_back=self.agents.put_back, callbacks_queued=self.callbacks.queued)
         self._load()
 
     def _load(self):
-        """At start: every agent in the cache, streams going on from the newest stored event, orphaned claims released."""
+        """At start: every agent in the cache, streams going on from the newest stored event, orphaned claims released,
+        the active leases' deadlines."""
         self.agents.load()
+        self.leases.load()
         head = self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
         self.hub.head = head
         self.housekeeping.release_orphaned_claims()
@@ -3744,6 +4205,27 @@ AGENT_META = Obj(props={"approvalMode": dict(APPROVAL_MODE)},
                  desc="The client's own data; meta.approvalMode is taken as approvalMode when that is not sent.")
 LIMIT = Int(1, 500, default=100, desc="At most this many.")
 CLAIM_BODY = {"agentId": AGENT_ID_REQUIRED, "instanceId": INSTANCE_ID, "epoch": EPOCH}
+LEASE_IN_PATH = {"id": PathId("Lease")}
+
+
+def _lease_path_pattern():
+    """lease_pattern's rule as a pattern, for a text of at most LEASE_MAX_PATH characters: spaces around it dropped,
+    not starting with / nor ~/ (nor ~ alone), segments separated by / (empty ones and . dropped) of up to
+    LEASE_MAX_SEGMENT characters that are not .. and hold no control character nor \\, ** only as a whole segment,
+    and 1 to LEASE_MAX_DEPTH of them. (tests/test_leases.py keeps the two in step.)"""
+    end = r"(?=/|\s*$)"
+    real = r"(?!\.\.?(?:/|\s*$))(?:[^/\\\x00-\x1f\x7f*]|\*(?!\*)){1,%d}%s" % (LEASE_MAX_SEGMENT, end)
+    seg = r"(?:\*\*%s|%s)" % (end, real)
+    dot = r"\.(?:/+|(?=\s*$))"
+    body = r"(?:%s)*(?:%s(?:/+(?:%s)*)?){1,%d}" % (dot, seg, dot, LEASE_MAX_DEPTH)
+    return r"^\s*(?=\S)(?!/|~(?:/|\s*$))%s(?<=\S)\s*$" % body
+
+
+LEASE_PATH = {"type": "string", "maxLength": LEASE_MAX_PATH, "pattern": _lease_path_pattern(),
+              "x-messages": {"pattern": "is not a repository-relative path or pattern: no / or ~/ in front, no .. "
+                                        "segment, no control character nor \\, ** only as a whole segment"}}
+LEASE_SCOPE_QUERY = r"^[^\x00-\x1f\x7f]*$"
+LEASE_SCOPE = r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]*$"
 
 
 S, I, B, O, A, L = "string", "integer", "boolean", "object", "array", "any"  # the older shorthand's types
@@ -3840,13 +4322,19 @@ RESOURCE_SCHEMAS = {
                         "status": {"type": "string", "enum": ["pending", "delivered", "failed"]}, "attempts": _COUNT,
                         "nextAttemptAt": _nullable(_MS), "lastError": _nullable(_STR), "createdAt": _MS,
                         "deliveredAt": _nullable(_MS)}),
+    "Lease": _shape({"id": _ID, "agentId": _STR, "scope": _STR, "paths": _STRS, "reason": _nullable(_STR),
+                     "exclusive": _BOOL, "createdAt": _MS, "expiresAt": _MS, "releasedAt": _nullable(_MS)},
+                    desc="An advisory lease: an agent says it is editing these paths of a working copy (its scope)."),
     "Error": _shape({"error": _shape({
         "code": {"type": "string", "pattern": "^[a-z_]+$"},
         "message": {"type": "string", "minLength": 1, "description": "A sentence a person can act on."},
         "field": dict(_STR, description="invalid_field: the field at fault."),
         "claimedBy": dict(_nullable(_STR), description="already_claimed, not_owner: who holds the work."),
         "epoch": dict(_COUNT, description="superseded: the agent's current epoch."),
-    }, optional=("field", "claimedBy", "epoch"))}, desc="Every error, in the relay's envelope."),
+        "heldBy": dict(_STR, description="not_owner of a lease: its holder."),
+        "conflicts": dict(_list(_shape({"leaseId": _ID, "agentId": _STR, "path": _STR, "requested": _STR, "expiresAt": _MS})),
+                          description="lease_conflict: each lease in the way, the holder's pattern and the caller's."),
+    }, optional=("field", "claimedBy", "epoch", "heldBy", "conflicts"))}, desc="Every error, in the relay's envelope."),
 }
 
 
@@ -3878,6 +4366,11 @@ STREAM_EVENTS = collections.OrderedDict([
     ("task.updated", (_shape({"task": _ref("Task")}), "A task changed: claimed, released, its status, progress or result, an occurrence.")),
     ("callback.delivered", (_shape({"callback": _ref("Callback")}), "An integration's callback was delivered.")),
     ("callback.failed", (_shape({"callback": _ref("Callback")}), "An integration's callback failed for good.")),
+    ("lease.acquired", (_shape({"lease": _ref("Lease")}), "An agent took a lease; to it, the agents working in the scope "
+                                                          "and those holding leases there.")),
+    ("lease.released", (_shape({"lease": _ref("Lease"), "cause": {"type": "string", "enum": [
+        "released", "expired", "offline", "removed"]}}), "A lease ended: released, its time up, or its holder offline "
+                                                          "or removed.")),
 ])
 
 JSONRPC_SCHEMAS = {
@@ -4127,12 +4620,13 @@ _SENT = _shape({"message": _ref("Message"), "matched": dict(_STRS, description="
 _MESSAGE_DETAIL = _shape({"message": _ref("Message"), "receipts": _list(_ref("Receipt"))})
 _ONE_MESSAGE = _shape({"message": _ref("Message")})
 _ONE_TASK = _shape({"task": _ref("Task")})
+_ONE_LEASE = _shape({"lease": _ref("Lease")})
 _TASK_MADE = _shape({"task": _ref("Task"), "created": _BOOL})
 _STATS = _shape({
     "agents": _shape({k: _COUNT for k in ("total", "online", "idle", "busy", "offline", "listening")}),
     "messages": _shape({"total": _COUNT, "last24h": _COUNT, "held": _COUNT}),
     "tasks": _shape({s: _COUNT for s in TASK_STATUSES}),
-    "callbacks": _shape({"pending": _COUNT, "failed": _COUNT}),
+    "callbacks": _shape({"pending": _COUNT, "failed": _COUNT}), "leases": _shape({"active": _COUNT}),
     "longPolls": _COUNT, "streams": _COUNT})
 
 _MCP_SESSION_ID = Str(128, desc="The session, from initialize's answer (handshake revisions).")
@@ -4299,6 +4793,38 @@ ROUTES = [
     Route("GET", "/api/callbacks", "callbacks", "Callback deliveries.",
           query={"taskId": Int(), "status": Str(enum=("pending", "delivered", "failed")), "limit": LIMIT},
           answers={200: _shape({"callbacks": _list(_ref("Callback"))})}),
+    Route("POST", "/api/leases", "acquire_lease", "Lease paths (advisory): 201, or 409 lease_conflict naming the holders.",
+          body={"agentId": AGENT_ID_REQUIRED,
+                "paths": _field({"anyOf": [{"type": "array", "minItems": 1, "maxItems": LEASE_MAX_PATHS, "items": LEASE_PATH},
+                                           LEASE_PATH], "x-messages": {"anyOf": "must be a list of repository-relative "
+                                                                                "paths, such as [\"src/api/\", \"README.md\"]"}},
+                                True, "Repository-relative POSIX paths or patterns (a lone string is one): an exact path, a "
+                                "directory (src/api/ or src/api/**) or a glob (* and ? within a segment, ** across).", None),
+                "scope": Str(128, pattern=LEASE_SCOPE, rule="must not be empty nor hold control characters",
+                             desc="The working copy the paths belong to (default: the agent's project, else default)."),
+                "reason": Str(1000), "ttlMs": Int(LEASE_TTL_MIN_MS, LEASE_TTL_MAX_MS, default=LEASE_TTL_DEFAULT_MS),
+                "exclusive": Bool(default=True, desc="false: shared; two shared leases do not conflict.")},
+          answers={201: _ONE_LEASE},
+          errors={403: ("forbidden", "read_only"), 404: ("unknown_agent",), 409: ("lease_conflict", "agent_offline")},
+          acting=_acts_as("agentId")),
+    Route("GET", "/api/leases", "list_leases", "Active leases; `path` keeps those that overlap a path or pattern.",
+          query={"agentId": Str(128), "scope": Str(128, blank=True, pattern=LEASE_SCOPE_QUERY, rule="must not hold "
+                                                                                                    "control characters"),
+                 "path": Str(LEASE_MAX_PATH, pattern=LEASE_PATH["pattern"], rule=LEASE_PATH["x-messages"]["pattern"],
+                             desc="Only the leases that overlap this path or pattern.")},
+          answers={200: _shape({"leases": _list(_ref("Lease"))})}),
+    Route("POST", "/api/leases/{id}/renew", "renew_lease", "Extend a lease (its holder).", params=LEASE_IN_PATH,
+          body={"agentId": AGENT_ID_REQUIRED,
+                "ttlMs": Int(LEASE_TTL_MIN_MS, LEASE_TTL_MAX_MS, desc="For how long from now (default: as taken).")},
+          answers={200: _ONE_LEASE},
+          errors={403: ("forbidden", "read_only"), 404: ("not_found", "unknown_agent"), 409: ("not_owner", "agent_offline")},
+          acting=_acts_as("agentId")),
+    Route("DELETE", "/api/leases/{id}", "release_lease", "Release a lease: its holder (?agentId=) or a person.",
+          params=LEASE_IN_PATH, query={"agentId": Str(128, desc="The holder (also accepted as agentId in a body).")},
+          body={"agentId": Str(128)}, answers={200: _ONE_LEASE},
+          errors={403: ("forbidden",), 404: ("not_found", "unknown_agent"), 409: ("not_owner",)},
+          acting=_acts_as("agentId (the query's, else the body's)") + " Without one it is a person's act (the admin "
+                 "token, with agent keys on)."),
     Route("GET", "/api/events", "events", "Server-Sent Events: the live stream (Last-Event-ID or ?since= replays).",
           query={"since": Int(desc="Replay the events after this id."),
                  "agentId": Str(128, desc="Only what this agent's inbox sees, and events about it; marks it listening."),
@@ -4563,6 +5089,21 @@ class Api:
 
     def callbacks(self, req):
         return 200, self.relay.callbacks.list_callbacks(req.args)
+
+    # -- leases ------------------------------------------------------------
+    def acquire_lease(self, req):
+        return 201, self.relay.leases.acquire(req.body, req.auth)
+
+    def list_leases(self, req):
+        a = req.args
+        return 200, self.relay.leases.list_leases(a["agentId"], a["scope"], a["path"])
+
+    def renew_lease(self, req):
+        return 200, self.relay.leases.renew(req.args["id"], req.body, req.auth)
+
+    def release_lease(self, req):
+        agent_id = req.args["agentId"] or req.body.get("agentId")  # ?agentId=, or in a body as the other writes take it
+        return 200, self.relay.leases.release(req.args["id"], agent_id, req.auth)
 
     # -- the live stream ---------------------------------------------------
     # What one stream holds, however long the history it replays and however slowly its client reads: one page of
@@ -5571,370 +6112,382 @@ def installer_script(source_url):
 
 # BEGIN EMBEDDED DASHBOARD
 DASHBOARD_GZIP_B64 = [
-    "H4sIAAAAAAACA8W923IbSZYg+K6vCLGqCxESAIKkpFSCIjUqpbJSUyllrqjqmjUmKzMABIkoAghkRIAUS8W2emqzsX1Ys5k165eZ",
-    "x+1fmPfZP8kv2XNz9+NxAUApd7ZmOkV4+PX48ePHz/XZ/Uk2Lm+WSTAt57Pje8/wn2AWLy6OdpLFDhYk8QT+mSdlHIyncV4k5dHO",
-    "qjzvPd0xxYt4nhztXKXJ9TLLy51gnC3KZAHVrtNJOT2aJFfpOOnRj26QLtIyjWe9YhzPkqO9SifjbJbl8G2azBPV0Sy9mJbBJM4v",
-    "K/Xz5DzJ8yRXdRdZz5ZC5TItZ8nxiwv4FrxLZvHNs10uuvdsli4ugzyZHe2k0HonmEK7o51JXMbDLjYtyhust/sg6MH/ghInRX9+",
-    "6v+CB7v3hnmWlcHHewH0NLoYBr85f3z+5PzpIfxcxotkhiX0P1vS28eyL8/j8xGWlcmHEgr2xvv7BwMsmK/KZAIlT558MXj6+JB7",
-    "zvJJkkNhsp88TmKsFo/HAAMoOnj85GD8pSvqFdk5lidPk4SHmMD+U+vx4ODL/RF3yYWm8vkkGXO/2SXOBho/Svin7e/x+eNkjGXX",
-    "cb6Agvjpk9FgYApcT+cHyZ5Me1XcQNEX8eP98ReHUmArDhIBQXZ+Dr+fxl/ufTmW33bQ5HxwfsC95fEkXRXDYG+w/IDVimk8ya6H",
-    "wSDYW34I9uH/8otRHO496Qb7j7rBo0E36A8eR9x4ni2yYbBK6Y9iGY+TbnDy9Rv40XuXXKxmcd4N3iSLWdYNXmaLIpvFRTfY+TYd",
-    "JXlcptkiwKo73cA2P7x3e+8/zJNJGgfhkjC06Gl0HxJ+R4QaDkksmuw92vtib6zRBDBgsP+Fjyb7+/tfHOwpNIFd+YI3waDJl0/j",
-    "/RFByEOU/eTg0aOBhyhfJPH++aCOKPuPDgaPYg9RzgdP4y8S06mPKgfx/qP9fYsqj8/H50/HPqrsTQ4OeCmCKsnT0eDReRVVDuKD",
-    "wf7ATp2RZfT0y5hnqZFlP9n/gpezBln2YX0HT01/Bj0W2YJWcgsb9iD4GIyyD70i/Vu6gG1gcAHUAKFu7yGx7ELZ5AaqzeP8IoW5",
-    "D/ALl0Eno3h8eZFnqwWA/irOQ9zN6DCgjTcluFVQBuQo6U0TJHWAs/1HdJTPM9yKvUfLD7tYFBQ3RZnMe6u0G/Ti5XKW9LgEcO8k",
-    "uciS4E+vAeneZaOsBMzc+SaZXSVlOo6Dt8kqgS8vciC+3aCIF0WvSPL0HAfJrpL8fJZd9z4Mg2k6mSQLRNbRqiyzBVLs5aqEJsks",
-    "GcO/ONs4T2JYMk8uXUyho9Iuyv6+vXfKvZ1B3UlaLIH6MniD++kc74p4QdX6hJtQyQMLFUb8HQ6RjNc7j+fp7MZWgi9Qh77AJsEp",
-    "2tvvP17S9vSv83gJzezy8PcwiBc31zBDoFbXsJu9EawF8JL+6WEJNrVEH6+/JP9sqs/d9MtsSVixzIoUicQwKGBzLm8OA/hCqPO3",
-    "XrqYJLAPjw8bcIcOOhEoi4iwR/MhETSgQenEIBl9BsAs48mEMBeJYLD3BCADW4sT6eXZtd6X81kCUIvhql30UsAoIJx46JP8MLhA",
-    "sDEVxVoCR/zvIaD9B77aocaTAdWxJyGIV2VGOzHK48XE7OC14PiTxwN/55641r2c63AP11OYUY/IKCIQjwzdwrW90GtIF3SINi2F",
-    "xmlAGQusA4QVrsVB2lwmX375JVat742hK9XTbdB43RqGw1FynuUJHQHiY4bBzg60YcA+xRENZaAflUk9HvxTy5QiO8YpMja9oozL",
-    "BBmqq2QHj2VDo8vGZWSXa7tSK2jqsqVtnmARkBWA+s4ZXL+1Gvp7Y9/2fqhOGD9sNayZ+qbh1y5xzWiAwtOWyauLsjp9/rS2y7UT",
-    "0u2xVVE/67Wz7A7HmlMN+Eenki866nu7IziK4QqBbzJOy4kLDEfSRtLqR/Jp84EUrqj5drjTEaU1jqr3k1zbuvNHlrBAlRRut95i",
-    "NYfLcDwMyniETCMWFLbTPryB8oauq5u3KnqjOCcmo3Vfnqh92bTgav9Bv1iN2u5frzO5WQFG+WXDto9m2fjS0q29/YGmXHu0UYwT",
-    "gArnjip74zKzGalx4Lwijp2nM+B7xyt42i3Kl9ikUqePKGYrVm7CW7zT308TuHLhqp8HaREAuweAiwF34JTnMOtyiq+8oEzhoZeW",
-    "wTU+GrEScOwpVJnANU0V+NoFnijDasU0uy4C4imA0wiQv5nGBXKVxTjPZjOAYjfA+w+b4jEGsM3hJRCsFmU6wx5gLoi/fWQV+gDT",
-    "cU+m9FGxCufphwSYk1mCvCvvhFyS/MPyAvTLMhJ7+95x/mK/6Y4WTtNs84F3NvHEmyH8u3DdeRWKuJZiw7BNNNvjEh4jl0A8uH2+",
-    "PRJWht9v8Gzj/9/fexwZ5pvJJYKSKXgyOYM1p4s+YGuG7GxbJUssMyADaQmo3QdWDDCqxEVe5PENSS7CPo9lGUXu97MZRTVHfbwu",
-    "8hS2Hv8LZGcOZUCnAHKr+QK2YZ4uYIMRDnvniOnMrj3x9nBvE1l3zBoek+sssN3DMyPPruIZvG9jFKMUhMvAKV8CqhNOI0oe0l8A",
-    "SDgCBb+A5SshaRCm0BDmFyDbWcaXSRGslvS9mAGKRIT75n0MK7LzHOA8+VnsA2cjNB4DNNTPLxg4XiuYTMFMJs4NVx8Ev4GuerEZ",
-    "gPuFeUjTHFFwT9UcVWvuezWD3QAI1AJLbZPx2s73fRoJ+JjTK0kIWJ4kZm8QwjES2wQpTZJAT0iBbsop7HkAZD0OLmbxYpy0Anf/",
-    "0acC95EP3AqsH62FtYZzV6DYrYDGwLkRFGtAf9sC4gMGIfBSsxZOaJLiHUKklht5J0lBbSCn5G2cIzIz6IsgjIPlFIh/NKQrwPRx",
-    "PYWNWCTJBM5NsITDAZsWqjOFBykCApMX+LiG8zBNizLLb4CiFCVtHAz1grsecgV+k4Z0X+GxQkZlCffJGMgskKkikosHRryOb+Bu",
-    "LkpoEmTnUAPwg5Aj+HkFwMTr6pxPIa3CRxRHLZ4IngT6Ies9Y+HIjxH6t03N6dHEaFbdAHnvFLKtFjBIgeVioU0lemPLeKOFHNnS",
-    "A9n+OUwsccWPqHieFAU0UNUfM0oUvOt94hcbeWl5dm9kTav3I3/lX8K4umuMP/Iv76H+qAndeHY9BP9dHu1PW97s9MS2DMNAuDo1",
-    "xnTfvNaFJXjsXRaHDS95OlyAgJWG+63s9jqW/e6vAHmYWzgOePHIIPIG9xI4rnkrq93AM7u70XUG1Ky82YZV9nko5FYIRtMD4bVr",
-    "dc1oCDEY8Ekr3HzQD1S3QyIjvfE0nU2sSLJnZEuKWynm8WwGs8vh+HwGt9JfAqfd/gzQS9yriFhwY5tEGbKNTU+xRnHqJrFLnZe8",
-    "5Wn3i15GswXGUX5PMu9XgqKNPJm4IqZOJKq8s+BEukgnMzVGtkwW7hf8QOC4ggug0RM9gWkym3yqGES6QCm563A8i9N5y4KsPL3a",
-    "J37w+jyP05meJu2/LoAX1wTBfaOL/kosd9f2Ms5TFFXPXB1zYj9ZciL9IBDw1vtUAdI0XX4alg+CLxpw/Mm2co41BNLRJnwNPWLy",
-    "0irplkVsIwRqkdmgELdckDpk0yW44f60YPjCA9UjJXOFN36BG7HMUr7MasSSpzOc4ortpHqtcgSsCwuPRzPCdfW2AybAjDZJzuPV",
-    "rDQN+ss8BSjfNGKN7XztyFL6G1LnSq8XWVZTdTCNCOj7KJ6sEwdhFVJcu50ghZU3Ry5pnpMF+D7jDfZKKp5TtAM42kGxFspidVmR",
-    "xPl4Wi1dxkWBChMsN1ohoyciXs894f6pytHclZX6onabfini+VZsk2UNz7PxqnAzNL95nuYXYQj93btKi3RERBr42BJRxv+A+LMq",
-    "8VQwDPX0LZSlBl5PRVLSOu328Xaul9o2oZX9WEGrrbTKgT+0T88vImbdZ/EomfXPU75l7vJIOqipVFrZlypra5kSYec/V4TSt8+C",
-    "7cQnebJM4jLEh2kPJYdd847dPwByxEKVyFOC3coYW1HDBpGZp5Rbzwd7wAJ0v8uePNZz7fGTbeuXQ+OjV7oiNKlp85ARxV7pxea3",
-    "XHcvmUOGSCmEGI9qDXKPKherEUXbQ2rvghZibS551aYPsBgn02w2qR+KRgby0cBK19E4CFiBEkA4VrBhreq2GofKdijt5JbXcssO",
-    "4Sz6l21L8lWs+x6aUMuLfPlJOp39OtK0PT5l8Cf1wZerYuoeLyzutopkVY8ZGsOcVd60ZlGztCiTBbCeLVeuOcl9YDW3expWCECN",
-    "VTHftuVNLPmzAorPJH8sq/5U+lda8rf3uEb+nioFfU16cJ4kd701zKN6Xlx8Ni196jSI29JTGboPEJjdrJX86Jf0EzfpHpkibqlY",
-    "fWRevC0naFuaoYfuX0+zdXpJjzivo8KuxzJbZzKjq5KarPGgtilSsWmxGv1V9Hm1GWowE0exaR5ie+WNB2xQj0e8s+FPdXwSi39w",
-    "RllPkrnq9WaodSZvgM9iXeFoBSeQtYlfffcmgBctynkXpBxcogXtJIiL4Jv3b76NhlgQX8D0pkVwmSSkEUlzsgXjmRWsFJxPgqU2",
-    "MoP/13/0GKdzSx9XM/W1v5/MXQU5IbJBe/0D1+o4GKKUuSowMkd7YOqNs0myrf1V/0vsf9MlvOFyN288XHae3NX0q4oOh56FG+/Z",
-    "ZuOq7QnRk9rj5KkW6CHEq/uFqxKo1h9uDhDe8pRhHXbRX+WzLQSRvB/QBEhwki63NwR5pIg9nYjHjSyh7dYIA9tPnU8V8nk800Ia",
-    "lBFp8dByln6WpK0AdHP9LbLSSfSae90gSRSSE9NF1gBFbT3jgPaokZtDE7wpCcV4nYXjE/iY7m8w6DOnedA4nuIqjDbkcx9VTqtS",
-    "5Sr0RS61qraFvyr/4YbRtqiIl4ZOPyEg5AkfANhxEit6EzwnA+vPtn6s9tgn7Eauz76E6IgAf8HyxwZqdUdSWZeaPeWb6m5KoXU3",
-    "6zmczTtoSw626i+7bGTBmyR742kyvmx9gLhz1rjEhg7tYSAl4u+cRUPwqaeBxvxEZhfb/v/B7d5RevBITbdHLjONLNu6faemjWbG",
-    "7RyyHLQteeF2YbUd+5jtL9bcS7UrjW3tDDV51Azltn3yToO1p9eDPLG0RFSLgza7OJnLcZBqEIrewXKlg2brXy3/Nhjf8hx1qg5T",
-    "ccM193SzjEKtgfZii3vz0zo0Amcjbmb+zt9UbfhE4BLyjP/v0aBmiWqeeGVcXPYa3tMbIVFhpJ829WflrGou+4MKxSqzy2QRzLMJ",
-    "7N1n3d/URQ+xpMmoMF2QlHrg4xG7R6Fd2aNusI8Wdo8e14VWTZsEtOavq6JMz2961qDd7F/FJs0aKu7Lc4PW+muaYbDMxg1Lu6Gx",
-    "QZ55UnTA57GJzTEWytoYkRwrUFJctUbcfxypBZFBRdV+Qvs92JrL9ooHa4UCtMOtx6y2H4S0yaLCwvnS+GACD/10hrZNBZqZ0RbA",
-    "nFbA6RO42ASN7Z6CFtSb5PE1+qp8Ju4dRNqq9RGtmbtu6tUYPYicceDsYwd284FGhI+fMJc5GFxdewNs54AjbHg7JjpU6T0lu44m",
-    "VNl7GjXJFZr8sgLfUojtYPcfeRi7jVGbkWMyBFnDpTVb/BK1FT7N8qh2s+rONp6IT1AmCD6IxY88CxpmEFgzHC1RkXM4mfUvr7a3",
-    "vgXKIWeq2RL3wJpPrzvVZthJ2e4HJzUmPty2hw5OM89mbVdZyxvH22NHNHR/latsgFfZUyMXBiasR/Ks/7VyUndGiRRs9pB7zDYU",
-    "dQGHmX8fn5tt0lZ3hxN/sT2zabv/BEZVfCFauDprpvNsV1zZn+2KOz/KTcW5Hw7DeBYXxdEOwGnnGMD2bJJeqTLkoqnc/0IufTu+",
-    "Zz18loq0lHTCHlQ99mHZIecHgBhcRNUv0imWSbW6B1YAuIbGCNzk2H355R//DkuEEWVw9lyl4dFTiqysKoOrcrOeEv5mwwZuD7/w",
-    "1XO0c5KUbMiOi2SObOf4Pf7zbJerEtTM6glIOAZ5ElTGlTIZU36hrxArVY92CJJsT4u+ocWOBqhqtmOH6LG+2073Bau/F1kZZOfn",
-    "hFqhsXRD67MAnvWEGsEuLKaMZzvHz0bV3sQ2rmH2lQrHv/zjvwIYjncb+uDe27uQ0aUHo//njisrXo1qC2YBPorc1wzh6hwLiniY",
-    "UoOqBwpWHhLq1QdwH+0CbNEdxjBav97+o2nTMN53O5LVFULp+sHcSOQnZbHkjelhCQQACAsQzS6ZnMPzVH4D7rlzTK3R8d0BUkMK",
-    "tQjTbJU3Qsp+dJDCgbDoDpDCx1PRdJarX+0o+CugD9vCCO0riez6Q2Nx06BUbofDX3dYD+qFkMO0dp9NI9Qr2eHsp0A+bbtI1yfb",
-    "bTYsuFpl/dSkjp0Z/3bTaSaN7NTY0LP5oGZvivgGIK/JHWGJj+u9a4+uSv/6kzjZ2YGU413lrqkMxddokh/fu/cM3WZMB+w9U7tD",
-    "4VLekbsQ3meWoAuPKpXoZcHVrHiyemeZ8p601TcHAHx0o+tMZSB/Ls7EHzYcOHC/X2jzwvyARe4fe2hE1v2VKfa48HhgqavlAWDg",
-    "pd1DbYJf7UIKLYyXTRMnNrDaEgluK5DoY2VCqkMy5K9NhQtbeuSvx28zdrBKi+A6TpEBAZ40t1LlvuaDdmXlgCqbdl1ucX9svsXW",
-    "7DdXuMNm2wbMJ6zfZq786XvM7bfaYLN+1a5pe9WX7fZWpsAlMoW3mWE28uQCL23UCd4kZcvWWQq27mCPNh9sURXV+GBWILVvsqmx",
-    "/S6rFidwOaC9wXQ1jxe82x7YUDnjFiQT1H1ghZYp8ycUVmDJLEGGHXjOHWA+4SCk0CYx4/hzNhoxfyRX2jia+yzbaLv2Hxyqdpmt",
-    "6wu+euygdCXPB/8t4F4JaJxx2TBxuBAX42S2bkBT5Zj/DahQPyJkBnqDqihnFaw73qTZJlNq0XMc3yiqBtQhe+hAmXl7i2iFFX7A",
-    "AweN4vwiKYHLIhnjTqDMJ+WkQY9dYLkuhh+6wKAs8R+aGf4xyrN4Mo7xTBdLQG5S88FkgbQm/mJ2qc3G9b2c4mU9g+cNTSieRXdZ",
-    "75hbtyzafvXWmPQv+sEEdi27KX6tVZyIQdSnrULMqdpoinxdO68qujVNUp4LuhurfNcDomChZS78yQPnn3O41oPYPGfgHR+EL8t8",
-    "9vAVShKDAkhXEeEZNWPpSVdX0XBKUCe/5pjQ1kH3GsJUhs8cH1fQTQothtuwxX4/DuzfQUj6ZuRcoiZk8Fh0shvYTI5gQ+dp6ZEj",
-    "cVOpoAWArvWeQbkNXgt3ojzOKMAfSYoah5Jva7n2lpGyColtESH5H9cx7WaB2Lu7RmO03y5KGqpC3bChfG6uz7bIrdXvwPuZ53xl",
-    "efbt384a2Crb8wa6iZECrOUCbYO1fKDeQNZw7mygKcSA3muhdOJyRBPg/likUwGR/4lvKX9ffIqDRmHB6AZlYMadp8yA7qwn5nVi",
-    "00jIacp3WNDPzYv5uTJnEjvDK9NYzqL8Dmlp6/y2Z9Dt1m7FoqOFd6VdA4vuf9uKSXfTqLLp5svncObjzZw5EurKMrBozcGjz9sf",
-    "OlP9z/BvAxM+PdCSzuP3KLMK2s4ji7pqh3F60DQZbXKw6UCeEOH0rii2rTCjSkfNxLihwrHPyfCRDOBpsIIDsXMcz2bPdrlwbU3U",
-    "aV/BeeR/kVFCr2lxXe4G4m0cbdUXSwjxv1tVl0GAY+c/tmokE9o5lj+2aoTO5zvH+N+tqhuZm5G1bbMWenTQYuSvpmZ4unDT7079",
-    "MLRIebMN+kjVdQhkqhyvxZqNk92eFPKpuqssils1UEH1YSsSKMNX6R8V99cSi5eW37RagTbKYVnTrcmHWqpq3LDe6tetFq0a1VY+",
-    "ri1r0x3wbBeFsSiUVaMp4xMeky1apKAuW+p53yty35iMYLyelZRJmq7p1XCokzSeZRdyq5DdDiBAvkoa7hmZDmltdjCKINmnHO30",
-    "9rQYpGHFfP8wsOQS8vvy5eL60zHdUBVFrtRoJP2Vb+YeTGcz/0WzSbTi7dB4VpeV+Z+03vTljAzCpwlL9jqFmC4VeEDg03pVrdn0",
-    "+uvV+0JqdFIUkBkDWTFUzGzEygYtGSiSj9PZD3ac/oAQqYKpzkLPsC6L8xReQlRe153rb82IIB/V6+sOeGdGEGSh75OkGOfpqFIB",
-    "RRI+nlXaNs68jmlLvy1JOpqb0oiWNtdhKDZwjjnbCu1M9y1iPO/j8R8ysg6rvqA3yg7ZgN4fMLtsGQw+HH/3R38Mh7sGl5j/XYdJ",
-    "ZOzQhEa1D5dAXdDoA00cNFZpIbHUt+0b5MOq/M4Ej9oarKtJln1EU3WP3znrjBpSUb1pihfe+2laiCWHCcpGbfrBa4rDeZks6bFV",
-    "Yr0RxqxLciAmwMjFswADswF56Tvc0y88Gw9DzY0hWQeOfPDfeVxWf4i2w+FXQn2aUiPe6y/HL+nf9Ti/SUBFHRbxVdI0EJUfn8B/",
-    "W5GexTcW65EgLUtM0nEveBAoYyTovZiOsjifcNC8JewbXw0/0u73lzcBbO0VcEtxGezs7vSxg3+OF3BpxcF/POkGiwwlvQlct4tx",
-    "mmDEkHie9LI8vQD0wD7oMfKnd9+SycoNtf+abP6TeDy1NoizLAYsI2/QP7x6H+zGy3S33+8ful/A6qIqKjzB6eS9E5KKPAheUXE3",
-    "QDcxbn+elONpGGHYWQpTS7bhZQ7gmhWIs7GE54uCMsHof6uCog9iZyjOvsDHEsXuRFumHvXGN+b5OSnEzZxhLpNkBAziGMr2BoNg",
-    "XkS0vHcrjHkQLyTCZImhDQEvAYbneTa3Bjx5gL7wF5wIowjowAEYc3Z8RfKNnYX4x0uxnNylYoA53DGRcZYVL9lDwwGi2AN95S4S",
-    "DG1JMcywI+t5C7hXwCflfzsG4JXJq1kyx0HCIknQcpJrA8nJrnldJ2bdVDYMVmU6S0vadFO9G7z4/nXwEI/itBsIhaYF4g6d50kx",
-    "xZ4w6soEoJR3A/Q1lGDDXROzkQy+ugEZ07BFFsOs65lbd7En41fZtfxv1zjzcdDIro7MOsqyEpeye6+zKmjYdFx2Dsmc+6j5f26V",
-    "rTWgO1hpUQa/DY6CMJ1EwdFxMMnGKwRnH7ZBIPv7m9cT/EzjPQh+v0J3YuAbE/7cD05KijpJfsaACwBnRBu154dwCqHOCM2O4E6A",
-    "FSRls880+UOfA27S6UpmYRlfdIHGZEsM49PvX6aTgkNN8tQXMHU7ZQ8fsGXEoY/zIOTapwDWqzMMivkdCdv6UC8HEIU0QPD3vwcf",
-    "b6NIUrOk50F4BcALFmgPD9/wx1FARDuiyJbpYiVZUbDuJX3uEGnsRMGiT3+9BbICc7zienCUE10ZQUR19Wk5EoCGV1FzKySt0Eov",
-    "bAIrmzQu7SrC/rEJAB3qnbn+J/UB+hSFtfgzHK+wky1glN/9jmg/dMzr75jdoXnHkwlRsm/JOC7JsYdZOk7CfTjnXveLPoz/wqBB",
-    "iDtB/SGjEDwPOp1g6NYdcYoWb/PGuDjc//45UOfwNZzRRVreePs11vs1bt+vBbpCAdWCBhg/FW8+6Pwtumw/h3bDKk69h+3Br6HM",
-    "cBy5KeZJucoXAWVV4ZnC+cQTdUUHSuFQwyq5ASkdXIsXeQ5XWFrQv1j4HGA1DE7PbINlXE5fT1wTuMRgdn969/ol0pAFoj9MQg/B",
-    "r7eXiJKuWafodYDqcdV+mX2bwdvyJSBKGJFbK7Av4e7pX+Le3wa9L3tnu3AUO70OEgJ7ROGqfJ/Ok7CUY4m7cB+uCUSbIrgPSx9E",
-    "BkQdOvGdQ3t6cQVfAXj7i+wabr5e8HY1HwESlRxQlfpKi69xn5NwErmOfvnHf1XdxNDNG4BIPx4VIYZjL0wBuXeEMVxAGGmaOp2h",
-    "va/pvQieBY9dt+hFgxEtOvr7E1gA7k4BkOoU9MmeF/x+8GQgNWjI81mW5fBhlxpCk3m9ydMnj1racGfQaupaNVSTDqDehOrJAibB",
-    "McAb0KXET3DrZIhvHWAecJvLQ4oyjfGGn2F0j2O+4jkm/vgSaDHGqMDbHq67IKRg04bI84XLPF0R+VQa+3oFlJrCsCG/pwl0BjSL",
-    "MYHPAOCF3VG325FaBBD9DnbZ6crB7ihWsjOUMbqmuIAiGOS5OVaqU1x7p0t9oLEKdip1F8k1IZ6uDfj/+uQ76QXb4ny5NT1C1jf9",
-    "Fp8QSUPr2649I9TeNZNKuPhbDc3xJdYuQgajooBo8u0o088r2J8TEpBm+YsZQO1UIHLWsUSRG17hHuCN7uivhZ7Q6LJyBZk5C9Hv",
-    "4Mpx/4ZmAZZIq7nPij8kZUgB6UoKrShbSu+rE3lewTRel8kcqwGR7nQwUNM4Rm41TCLXhj94nZ9g53it2P7pjo78/gvTP11AfIS8",
-    "Cnkyz64SmUN1dOCo5B2I9vWA5/4kMBtEiDxNF54FWB//7vNbGqB2P1scetWTEq8OaUHeJKaND24kweJsooa4f1/KVJdJnlOXJMtW",
-    "8GKP/ufUE/3dF84SyYSUjPmC6wQh0gNVBtQiIlLR4UPjjWheC+E5cMNzpPNCRM3QITBmMV0oH+FlmMQ5Yk62AhYMpk6rAzBIUUj1",
-    "zhfchvqDwXA8uadmGCcHbigcCGricfsenh8pXEphTkWqt5w6UNfiZB/bLvgeXQCp3UNy2BmYxT3Eexpp4DffDN+8GZ6c4MuKn/9I",
-    "HnzCNkYFD99s6sKyBABvKQMCHDmcIG5/k61yOLtEnIcIZvfpDRveN388wbRFE/zIIYc4nQmFfOaAQXD2Y0IheCmgVCID5hdzdsZj",
-    "cjgOkVDA1c/uRss8wZSdVVJdLFLge8qQu1m4hXk46O7+H4qHdOkDevSBcsxDt+KyP0sWF3ApwB7hjSN83wC6hYt8j5b4yz/+HQFf",
-    "GtfTtpeIfbWtears7sK9Ra9CfKufJ+Y9iMv2X5Be2KVQBVsi8Q/g3IMHo2w2efAA/uIIf/DXT3gOfuriMOcJPY3pYJCOD3r56aef",
-    "8OX7L//yL9B+BIQwYa4NPvWgm27wMKLH9ykC8Cxc5bOILAmLPr70TdIGFDrZ5ysO5b9gKYuMfTQN6UHEL3+KhAUs3A0/sPsACgoT",
-    "yy8tzNkRPIuPSVJBAJmW5TIEvEX5BY4TUiLURYaaUbjnF5lNotqlHAPTrOBMN/h4IzVIimc3XtwEGfAHOY/GE8BH/lRed5hGJ8YU",
-    "BWkJhAw+9eUkvvnqxzcv/hMg1T7wXYPDAOYwyyg6qbzy6RVIA0J7wDYUyqHowDZ//fbb129fQQ+7P4Wnf/nph8XZw+inv//w4IcH",
-    "4fOjH04iKISyB8/hTyz8O5VDWfHgDL89oI/yGz+fYoMzKP241308GNxG8COEsjD6ocAynCgURrsXh2oS71+9wSn8Jfg46B7cnvYe",
-    "PDw7DX4ozx7yJHYP3dmaT74FIMnRAgSAez++Vkzx7l9wV4rnwx92f9jFiZ3tpn1kZghbLBN6Cq3ODKNK+4LXLxbwlSdFSIVgd6lt",
-    "H8tarlHuTj9UTpHBipG7opy4Q5krZh3tNGBIBy0+0XQKPv84msWLSyxhhohaVtizznyCJOiyg5wPkZOuPALDDuqKaGB6GkNd6IDq",
-    "yY1Ea6O7KDrzmKL55DX5jQl0J3COpx6XuUKYnJ7hOgQ475KLVx+WocWkfgGEGfO8di469iFAnkpH6KU9x6LraYqGfeGcGKB+8iEZ",
-    "M0X0HpnzPmnpAnZ0inBwCmtJVYUM4hfolGtGkZMSzE/3zgwzrJoidJDgIHQAHlgrqj7O56f7bU2BdMPpksYEHbj69oEsW8BhY/Pp",
-    "IZLnYYBFDYMctA2SzNcPcFAf4MAfwHYHl78cl/npozNc72P678DWl52BXcC/XiMYzYMbp0mfnzEx5HuofR+81wVUMs8gJ1kkzAh+",
-    "+df/AqSW3uJw1xINBh6ChFREiVFSBVS8cqWauyss8rFGSaKPfKniF/OiVDMGBGIyGXlHcylQJsQ7c69chDI+bKkHd0PnPyye0x39",
-    "wwIu6WI5S8uQ/u7aU2GwHa9FW8Cdns8wHiuwTMK+4RSxWh2oemp206nqX7N0YYYcoGBEDQSsnXnD4AxSPGyH8M8zXo4MAyUPH/pP",
-    "Frq2j7jWaXp2qD7R/ayocvjTx4Pu7d//Bf8b7fKpxXbq1FETM0DAqw7lu+mW1M4+8ejICEibuA84l4Ck/Cb6CR9F+F8gZP9CvGXn",
-    "I9Y0Fc02Q3n39ge4iH6LECK2wmwCTQaBA+uvgwUfy/dpWnxPGGBEAi/sijfHfZFO/W3LDV2pkBnqwG1fFGmQKHHZrQWk3IluPtEG",
-    "qHIsrdp6mxdb612v9qO1AiJMwjhbDj/sgZAuusjtH9oWQthTpEwN4yIm7cMenex6Q2PtM5KA3m+aGX+OeCoPj+gEQhl/ffgQJiUs",
-    "s50GAcPtyyytnqeUkj0P1Ebcyr9pr9e4t6uZ9EF9b97A+ziOTCyimA68aa6BVKajbZHLCWTdJtcp6gvNid8gZ0ecuiG0PuHEKig2",
-    "ohtdC46UHGiSXnn8go0KO590us2CIWQnLE3myxunt+754XQ/m3Ul77/746u3P/7x1f+ObBmpdUghSQEDOoZzfPHVm9cNlV5M5unC",
-    "r8mDYogb9vIVuRHG0oAnb4E53T+yKnDIkuxuEGMv8oulS5xqZXNN9GeEpyJKkpEu45ahLsooHjnRWM5SQb73yinndcuTIpuhNvVj",
-    "dtkVWXKXxIFdFiPcwpMErVrJVVJ0l7DHjwaYIo/mAX8fUAq0Beu/SDsBdTB/XbYs4Vhw9jTcO5dMrQN/ovdMHEg4EpN3EDW+EWkr",
-    "sePgJxh4RFKYn4LYTIS0nzg2jshz4rRqrI67TG5wAl0cwbp5LuQjmw/g2wiqBboz7gkoOWp2g/gcfVlQGxbnsxTDbZAanbV1cXGz",
-    "GAcW4+NlGs6TcppNuiTB5zyVXVo+oz7+BehA/5A2yt3UDDEUQNy/T/CSAsNYaBgixZLPEaFY3+JTn9cgehHXPaswC8LFF+MxsHFw",
-    "3DAHfTomPejuX3E3AjUhBuiRCP3suYgE7+wXexgcD0QANEP2X8AEszz9G+eVhBPze4AlQJJk1ljVjYlyY5qiAaP0ge5o42lCL5ge",
-    "yu/whoPHNeBDmcJC4YPS78syiN2lfkhP0fnDq/cdc81Iv6cdEdH13t8sk84ZnecqUBybQQuPXOP/1CObhR6d/h4d/x6ff+yJaktj",
-    "WFefCNtR8B9PvnvbL0iQnJ7fhFTKmklDg/H+gxPp3oQ5MYYxnm85zYxe2G1Vwsn6r6Rkc/CQ1WM8CyG8H4Ps0tIQPutDfCLhcTf0",
-    "iQ79kMRHEwJ7UqLWumP12VD2MlvNJhSpJCebCRtlpd9BoapZjZsLqgLt04xS6fI7xC3UCat4sbBwEqTiBSYNSmDKCISkWA5LI2av",
-    "vo91//ZZgf1ll5EPCZyWAwRWaSCAPIg+H8jl0SBOg4o/+yyoJQ4yI1VtB2u4T6oHrhmgzNZAmsS7JLSNFKy51Ap8bwO1NSh1+BHP",
-    "kp65bekKUapMEvlv3r//PvAbuAPj6Ip7EKt6uCwg+o5bo8dahULQcWPyAePxTgLRppMRduhDh4TfRCfsbrSRT1F4A4eQXixC5IUy",
-    "sqz4aGgmb2Fwa7ijW/fcrU39ADcjTAs6rK9wA4ykHaZaJbJKgs6qcXMJdaKoCQSOFBIImE42gIA+EAiYovx/AAJfed145FswHXFB",
-    "iWaaQOUrJRoBRGw3rc5IwXylhYiMHwQnU0wpbA2iOIpiiDlYKQUuSu3hRf7OMCiU7TS+omzel+hIAhPudDB/90Ku5hlcgh4jauGO",
-    "9pHIJRXvhKVy0ju6RIVHMztr9kR96mMXtFT647n/ccl6jGDYWNxH3kj0I2umFGkxiH+3n2LtM4ssojbpC/MWdpzcS4ocqTFTO2pS",
-    "uHw09VEgAxtD3egl0JXMU5WOuraJooiGL7BAEkTHGr8FrLf2qp3IGKwIQKmJrkYCSFRKeFo0HgAe5S8co0bPc2U+6o2GVqO1XkIF",
-    "buzsvY0ONkn5PouJQWJcQ2ZjYqxMnZopFMYT/kddpMTIIroxZ1lhJ6G+40lRNp4tonVGqz/UrFY7NNZQxrqjDWxDd5EHboJc1Cc3",
-    "HSuQJk1lZeO6gb3Fq40pCmXoLDuEW4JdBtgvuHJHvywFlzxyQ+IQ5BhDmouWuKHaUGNl+xQd00MTWZoj04DXhv8gTbMbMRB19LJf",
-    "RWbYbvf8G7r3Ypd9nIT+Vg4ud3Om2XK5pD6ur47Advynno1AXaj57+M87LwQXIN9R8wgtA1W5FhhUKYf/Al+//KP/0bk55d//Hes",
-    "QpE/4S0kSIHEZ2mpiluVBpFsybXZEnl6knwStYRA368xcvwrYAzD8JyVwqL71JcLMLC02Qx1s5FoJgwIVTM+67B9MtycYcIWTgy+",
-    "5KqPClGo+hVngTRCGWce0YjpngBHbA0UAjI0PFznK6ZxbmNYOTLITOFdN0AvoiYKWO8BiANKNfTyaFawPHyk0ra/KsYxvFQif4DD",
-    "yjRRy7N2kvxyDRUMK89I8/qz+BrUmPM6S6cfG/QQRExRCIoTNTa2aNFC2maySDwhS9swYlb9NjISJ3vv0wUfOwRnHiBcoW3p6EZI",
-    "NfZhXuyOGyA6sywrcn1c70u2qw4VR9NwPXoIThKzPHL8C98eExZor9BQWqV5HwbycIKDnK3QHQ51wCQUwquJ0wPhhQ3VviIFuQG4",
-    "nad7Pq2Wjl9ZLZHBklZkc1LpoAp2BOvubvBnEpQqaAEoSUeCRTq8WsCh1ADONygmCeIZWrKjnTzTVJ7A/cYZENFie03oro/9n6Qk",
-    "0zd6JzW5lzBO/QlJZgj5DYcH7VTJhmtuTG6MIc5vUVdmIs7RbWUMbNYJCLVB+AYbhfcim4ILFRfLrjFBiEu4BtqcXfels0hJ1Yg3",
-    "t8p7XKRUCthP4jDgY03yMxwFvX8mebYkdNkRd6Udy3PRFvfVh6ko7U121Awt7MscWASOxTJJUIN4Q3FF0VLBqPFlGohgCTF5MoIR",
-    "A7C22L193TXNDV+My5BYta5YrmSX36I3kENUPYK5U4R4veRPSkThVRZNtbL/Zg9ysaYQcud5pNVYPSqt1iSb7GpFTFrp18sua7Vk",
-    "dZrx8Hz5quyR73fms0jt9OZj0AQ0x5tXuSUDxxrDhMBr6srsa/Uzl9Y2wk3AMEvN+2S+toLGZ8ukHVAR/qufFi8t9XEyFfnIIc6r",
-    "Bur6o+M8AYy55Vsq3IYBlmU4vO3e6lY3XdBOt271nbpiyFT7aucUbFdVPoFNOQhO9Y6az51jHTaPeycO5SPyZfDeWAJ+A8kk6kqa",
-    "qMZJCGqvI9PiqePcdDbQ6lfakwtJJEoV0KMLUMZ2ArvBKgnrPjVJ8/KGKG++WhBdnWNv7EoVYPx4OIixdCSKFK55Dbwvii1Q60FZ",
-    "F8jmD+b98ypBbhl4CPTFEg14ZiXyt0ZdxEPzIx2fH9byEfpfyIOl+gkgS69u9QE5ClLkoR2lO5ru/jRr7/f7i3ieiHaC/nRcO1tZ",
-    "0pQQFeC3e1K53iN/JGW8SeWUnME/hh4HiHe3mo0IuvCZHAqAIt8+VhSUbDtdX6N1HMK1oF4aOqUlnHEKJVwM2bAyufCXDFD+lgal",
-    "CVe0O/ZjiI3cDSdb0wcE4y+4JtoUhhoWGatKMdSSFu6zFYAzZy0rP8WPZ2GTDbNBnjxZZnkpeSeRISEpW0F2zWqkSYLOp24wki3R",
-    "FPWXqLrGTQdSOcltOIonJ6+MJxhw61M8XJRgV3STwyCdDFnjVg5FE9ElE9pxNsfb3hoemtHQSBkNhyaGVRmX+cz8jUxRdn5OWo3r",
-    "+NKyM/LYID2saE3NKTp5/+7Vizc/vv7q21c/vjmB/r94bAwbF8Bl3ZRkLARcHmsFyZWiFyMAImHq0oJMIJHtEy7aMVkLmrBlhB1D",
-    "5ZmSk5iEIufrW3wcGFpuAu7zM31sZWiFsG/0L3/y+ZaPtFPDoIP/dMgBUoLvQ5kXib/TddPnz/onV8Dny1AEECJo6AS3pzT6GYq7",
-    "7TzIH4YnhzcDjR7JFv5pGdpX3nv3HkGud4ny7AID6dOrAZ9+7Po6SefkE4uvFiIkeYKiNTgxc6g9IgO0gPUwAMLVokxn+HZBORhg",
-    "RMVUmsbDF0vocauN75VqufJqMuu0LyH/4YX8kHub6BcWckSdr/STi5eLmhm2TPdHZaNyXv9NtgrYHba6bBSV+xtGc7A8NOoTLOJ4",
-    "Dz6UKQFH0/Fptd0rg5E+HCzPt2aNMgMiNFtMxBu/Ih6gSfCc+u4wKzkZYxx9R4JgkI1+9OMR0Eq3Y/IJCYSthz/CJurP37/NsqX2",
-    "2zk89K3aYE6rmZOQcKPv0LdCSUVMJZIpkkzUqpI2i1ju369q26xJELvmyWvYE7ma3rTI49CaHsnShWiSBd8aI6Na7UrBc/Zlw+xM",
-    "lS8Pgn3gBpCsos4W/uVu7WQ1pekoeNX2O2pEAZF7kFRVH24RyBIEGl9bauv5keU7oNRWEQ76XzyGw8geiECXMsTMB8Gg/ziy7HRQ",
-    "6dYclNs21GIs0XQfUFbYuheIuC/ZQAbYXl6Twmx8yME/G6w98E7gcAU9bruVucfnGHWo3ePL2lkeWxuKbzG/BD0zeq+/IrsJr8Xh",
-    "dvYQHRWLgU3fjeEIakxj4AyIAvCPO1uTRG0+bMRtdXz7gpqm3GPtsAaRPn4oNjJ3MEmYE/ummZHoJLuB7rMlA962902Xv9ZQelHN",
-    "tMEeWb7RD5utPCqSXuCkrvnGmsbANrKcWUJbFGLBCRO/URZR9MA6cguBp+07Kgwj5WScoP45l6OCt9BXXKIrJVd0FlCmQE6jYuyC",
-    "HgVwjy4UO8joNlqdkxqsKx5aR2IlQil4qm+NOJ8rE2vPQw7ro4ErN6v5yelrqVvhQSMxro5zUVHQ3t5zJraH1XvjI6ugYHH40L1V",
-    "VjT05MV/Qu+2mFDiP3KeMsV2NPwfQuHhkYFwn/8NZRBDOK3pge6Zofa732EXkQgJ4M8+OrS9hE5elCHcAnhGBh/Ok3OowxDHOmzZ",
-    "v4d5uQT2QtpvPQvjQ20yLOZjpgeK1hrunqL1/NmuttA9RyvhZ8GAzD2g7mkq1t4/5GSzkNIv7ETMh9HXzcCIcBggOjSMFzzx0SA/",
-    "wHEqcxEDd7cgeIukaibV9aK5cdOEqIhMkaWYVJD7cIPuRao7OEzfooUxxyVJrioGxqRVqR5+Qjw4g1lu1RTCfpv3YwMuO1stzVKt",
-    "pSxO2tnBSDKTCotZnbnlxhmE5J5Mne4G5J8UcI5DjOOGQ1o+AaVNCd5R2YL5RbpVSCoGx55Mn8T6pIPjEPOpreMPjS6RqpMS3FQT",
-    "ZwcZwVeLOdXyrZq39SIYdqz2GVcg79lgV70gvace2W+TW9F35yG2Vs4clKcP7npC4OeMYkNuYXFsbI1AjDLfVKfgFKrymPx4PM2u",
-    "nXUAszbtWVVqT+U9c8JpMliZrl1o4EBHTbywCKq6hDf5aPeAdGoir1UwZjXSbUsv6YSOB0/OwuuHAfT8DGNS+HyHnZJCPB9NcObK",
-    "pa/VRFEKoaJviEgttzRFFKe2JS2Towb1U8scWY4LZuTFayETkj45/zuhGZci00OaLxQOWPF6pKrxMEYVaCHKG4YAlbNB14R9kgDG",
-    "fod6KxPPSO7rIclMSTSK7130vQB2ED3A7KscjVyIN8PgPyhqwmBN5t4Rs0nafRlXM4f5eIncBEz7FC0f/WrRWdWnzetutXyfNfT0",
-    "Z0zCGJooSBLjAH89OzK/bHOxwfKB5O2EgZULxOAAbQI+4Y7YGE96eywYWrdIvSjnyspUw0F5HOKnubYMgVdjR/dLYWj1wPVNZ0fl",
-    "iXqKUpSrF5NJOPcudhmNcp80Apq3zNawu6XAOWefHBn7h36Iudf+zrBKJn83Dg/Rb8VdB6cbNQyRGlxYt1W4+NqZYYh0A2+zPvX4",
-    "eMOZvGo0ZMOACgnQZzqJi6QPT0oyb3BpKlFZQd+KaNgwiQCRGS13jEYEWxI5MeFTuXHfTNV1YcdfL9nVEc82O81QNadExu38Gl7Z",
-    "WFI0KI8LfiuEGOWFgn38Fk9iRWbZEJqLopRQbCAdZQl3pPKiRuk4DR5W1aEiCFmmIbkDwIbQw1HtCr+u7NuKbihtPyYrxiugz1az",
-    "SNuLvoTPI0v+Lh3bom9DOkspOYxSHnlbNB5RmUsHaN1CAD2+h81NSF7MwXrYhrAUCajOEUoBocl3XxJwNicN7XuB1Uw8qmrAHgwp",
-    "9tzFgQFgDxQXQiwLgrJPGUBt5J/nwSKUMgz1hD9kdvZe5Kcj7X2nno0URcskUG+tR51jNRlG2bfiCbRuiCSPhfFpzRF/ZC7DllIA",
-    "JfzL7Tp+Ix631oJKqQX+ZU0nG1OV1owGuC95TQD+hhwXBAuZ+ewG7FwqEVrqq7eZSWnp9lcDnHS+UfTVIPYH/m6o6lJuor8/afEb",
-    "atUyWKKkZGQtpdc14Nj2XJ//9uDWmMcSgEeugKhxhj2+uCAGB4MfQz+CkK674FgQ098L3AG0+xDvbFHSUMAsUYNgmBhEzwVjJ34y",
-    "x8V885HElfuoEPzP/xGwYe5DH+GpS/7R0TNUUI+QcYT5ij2LmTOHxCJibmK3ye5QpzCgJDNQn6XE1pDMBaqGybKgRYT0lpj36Q93",
-    "iKVgGIRF9VNhPtGVzzJIQ/j7HtEPjqh/c7J0P2QQ/A0UUGlFMyxfFiLo9zALq3cwqI2Gp035ug3mLAzGrL/7bHzPDTrNhiS8rNTE",
-    "29jmyO1ydNVpioLGG9QTXSf0lssxggRQ8jkGxTj5/sW7P/74/Ys/vDoh87IC9Tn7g0FEEWvQc4DtuldLvPZR0cPdVvg31qBiPE60",
-    "dqE1nPzzH3RM1a++e0O5Z61ClUd+8/ot7NkTeD/qmRwFj218QQQK3e4sL0NZ25t4iWKrccwaOyNCw5vL+AnDq6Z3LGFwJi/Kxosa",
-    "e/Yu6qKmZIP7xM3zAcwT/seSOxH70VSs8C45z3IjpjPz0492G6+A4gpTyIJD+rsapeBnF4mF8wN9H+fxvAhRoTpHOVAH9qhjZV8k",
-    "5eLBLbb/jAHLwg4XAy7yHx6Pv4YxMQT9OR7lnwGxTQQ6NSJxK5pFsW+HguQJwEEzq4JsN/9lOZOozyk7wt9nGfCMC+lWBaWbIyZi",
-    "sC4cSg7SvG93NMKQhAXrJ3E/aLWWPbdHT7fw1o7Rs0nGNy9O54USup2pBTbMH2FIHJp0AH/KUFygZ/jMTFBJOjkQxkVCEQNgCQrt",
-    "ybzd4AwLIUT8x7I0i14yUjppiGZ6SqkUC4rYSmdHZFO0HgIU2oukGPTSgo2bsKg8zvMULZxZLn6N/z9PSJIL238vUH2SXJn1LVxo",
-    "585/kPI1j6/lnPkE1z3yXCCjOQITt09z4G48mrjd4UgjnqpUQYMqi+nhg2M2PcQaKgIQrVuFKtehg7Nrj4aQ41tOsZXgSyNBGa3g",
-    "kqTbi7RuFJ7VVqOjMgsHtaDDLTvt/CdLjAlKg9Mr1AFJjG8w9nItPoPM5dRqU9184XR0Rcsaf0CZn4oeioP1zGC7vDDYpDOU4+8Z",
-    "PDUaP2Tfj8xI8GKfrMZJGH7oBjf0MPgAh+MGw1V04YqLL02YUhm03+9LS8VVvMVLg1xSh7u719fX/euDfpZf7GL0rd3iCtnHbyhq",
-    "mHpKXV20Bnl+exK+PcFX89WFFoRyBiN4wHgID7w1XKf48i2VoxavEhkjI/xFQbusHRB8z0hGO0VHGLuFu8GxsgW8MHoduezhmgXe",
-    "MEXqwwXMWS6FxmwTl/pjgFH8fp99gKaDYOAPR0NhyTfodpdQvPsXxRLav0OtK6kv6dVkomcQNCQgKmZuwNCw8wuSQ9k8DZ0hQ68e",
-    "18uyPS7yBj237FOb31zmIy7TfcNfEbqf4nbWI0GrvTOs+foNF3NuErvin5U31cyaYcNoEuqZ6qmBRnGxeRxM/NKJtt8uA2rsHOBE",
-    "+wb/3lhAfAOnb9B/AmDivDGm3JERDGqQXkyReYCKHQIadtcCNbVCrEVl5sRaU80r1C05Xx4i41dNLMFUH+L9Lkav3g148x4ENPk9",
-    "/34exfkdgFgHYzxrBuQHCxlUbg36exFBkaYwxYC7X6cfkgmFGRdAArSedhzwprqOCCgbUZo8QQzWkpyko6RHAv68Dn2RL1R2IPed",
-    "wmSE7EPHRtV8KWHyQ2jnvVWQoPTwSVD3SK3SsV/+8/9doWCbHi0iftooquN6TlaH7CHrwZNJqiwjuyzXV4rxBtadk9BvK2Qzr3NP",
-    "ylZx3tE558l4zAWZwAFl+kxoTaTcnOMqRBUr23W9WgEsJjsoe+nCwC+kROuw+JsCE/9SsopFBpwUZiIR5xnUm65KVn6MY4yoaRJ0",
-    "9IPvMJrmdSrJrEiYi55COQpTzdMP8eAEGTd6AyqZHDzLWhl2nl8ju662tC+R5qEnUzPkyL33476siZ1P0FHtPTkLfMepVkNlGOz6",
-    "E6Rgk2ZXzDofwx1bqCNEJxnt1gQmsspH+BAlWQZf2dhdltsJGPypmPzpT4RaTUNX4tvAERQvT95rBATvMnypHU0MTlyBGlDEJS/9",
-    "JWy2c9nk7phuRM15HGpdSXA9z0FZUBAT5SEKtrRhk4iKk880XaJYg1WkjVHYrwzecJVquPVaXE7sslgXYevKCSyvCDLhB05E0NYb",
-    "hflEhv9DRIHZGyvOVyXZCndRiv9/dSqR0S3wEWWVNEDsqViYZ8yrUJu/WlwuSOLq0GDO0fe4qtG+vcFCbMBytzofqSfLd59MmNP/",
-    "OdzFjIbEP8Z9LjS8o84F1YnqzJXqSBg0kwxQOAjh19gf0EVg7bxETx9y0obhhS81ndySOFjmwUuesfcdjjiZSNXIizgjy61GXoMv",
-    "nbZpM93sSkoxz97H02Rjv3YB1tjKlljeqVxwvGGUr7cOKpJpttMS6oPW/rxORP9bBiQzt/AoXWbL1RI7YKfMGt/b+YpzCiI/YiSj",
-    "pif7UUMLqX4LuFjP1jZ3bLhh7mb2rZ0D902HSlgbZtrlR+PhwoSNsi6bCiTkv1sRUvwJ+OxSzWjTtPLsWk2r+ZhncGWSULZt3HRi",
-    "6QXBw3JwMfkj4b0nf1EcHZRFPG8ea+0w2IMaSJxcdOYHHJHvxbYBLHHrcL1OtQO48zgvMerk8IAusnwOj8sxcOtD9vq9WAFCoB0E",
-    "OYPFkx6VYl6aCUV7XLutGMDV7m04t7F26IAYAqT3HKtErVtuiKKiMaaIqCetVbr4dFRooX9KkSVdKX0WroV/9DIO66LOkK1Va0JO",
-    "C1ibOIKOO1q8u17dX/7t/3Q9UaNf/u3/YO7SlkZNC8L9/5//gyXOBDlKiRL3DS/XdSQemHys1nFITdqbX+FcXeSMiY0fOSB3p4wv",
-    "CgpDa5iGuI9Fdn78PfrsceCtUh0HiuBOM6nXLClc/jrjTTEewaw2phS78Ww9i795rmi6kQGy/S1equTSHcZdIxcx9cXZ/xou9YSv",
-    "AtxHPuJsiEHCG7R8SoIduT52xKMfaYEEl6Q0hsF1fBOkC8yXYa5wGpwy/xHv0L/HiLLRcRgrEXccWvLJDt3Ms+JMt/EY1maT7DXc",
-    "J8dcAGunb3gdDDG4XJVdWRXwG6h1wZQ07PAfAzXrRL6goX1+7uVMAFgzS5Zfrqu5lScyxj7oIOenSwNje1gLGcPDhtYb2fLQCFPj",
-    "q8YMGcYSJ9AcSoQFtLCYrXKKSwLPyO9fvH/5TfCRZo/uA+wULTFJikoWPIeECDZBxFeMiq9ULIXGh5mKbFT/rDyjTIDNJQUNx6NG",
-    "f2tOjSIjrOVde6ZNhbOi6ZPsxzJWZKtIrA4/LLGhjS/lajDDanf61cy81cicilqp9trRnwoYGZ3qjyzfa49DzCRHYdAl7A1uUuUU",
-    "sCm8xmPpykVgkqeWLEEtqBZGCPu3xqnEwlQXrKIHUj/wXMbzNvEGbJGpEG5VpCq7bFSCWeMc6LvkJDvCzA88E99G34hf1LysVZOS",
-    "PPAHXARGtwFQkojK+yj9H1qZCyEuy1ms1T4bolUqMOLgBUwBfdoEO8r/zKBJJTKcWsPzGrT999Ch10/dakA/5brB/Sqemi3TeCqd",
-    "GV+zxoOoTMarh5lkGlFNKMLW5S2Smlt3CLaijpreVyhkKz3kcyMePQJ/a/rYHvOhtSMb7MFeBG0LQFpqbzw9Desz/FWMqX0KFAZK",
-    "YlXJY1JgrlOUksQXQ1L+D4Wiwr+jPIsnY8rqQcl4TML5gIVl1LISJ6pxA5R4AlpIahJkrXQcBhq8UkITKfxoDZ7QPKY8UBXhkFYm",
-    "xspSPMLR2UzNPaUEvR3vFzk9QUnwxEIKPkC2QVGliWbjVNMxOyzBimzTcaTNEKzwgddoa5nyyNc+sqQKQdexu9IhrSKlABXhJWs1",
-    "Ug7gTLJZw59DRYztgGs56xfkhcKCKl4jMsKUgQsTQkldnLxflxeFzCzVHft980L8FjNuwQhF6QA4h8dv0cYXcaSXMZI0KASkW7P1",
-    "Iqs7446vrHyNO6CLmaoAdUUthSeRXD8KQhCgPI7L8FSgdhZtP8wWmgbDAW9M6IW5poClF+6Awrpi+yFxx8hXdU3kdzi33kMUIxFg",
-    "Ij88R6s8J8vXuLjs0n+LLpvBFcihjrIPOBrZN1G+bY45QMmyyVYWbhdKZEyxLSYcS45CB/GTHHkwToZ5Ze1r5xRPdDWeYmsJRRJY",
-    "A2xjPGWggMynjUQhC+QfxtBmKCQCps5/XmSLxOpaqP+J/SkRp/H9qyNwIXLCVZlQJgC4/qTGpUoBQHalzuSaZ/nVq/cvXn/74+u3",
-    "v/8OU3YdDLqm6OTV2/dQsjdQ1tmOf0fDBh7f8aDaWwWYIBsn2pVj6aEuY4Q5qou8ga5PjH7CicaOpF9g243RsO3KGlSzP5aUskG1",
-    "V3Sh+UBTyFCuFZsw3J2ONxZCmp1Gm0B9KEYacOj46Rda+ibtbVws+UOtxygFuGYPzWC90GGe0qBnkE5V4EtJD+x6o1dcJdaYDeui",
-    "fExqQVdpz5t22obBqFrB027beiqsmAeCw3s+ehgoSJkx3TbF6Obxp8U1+k9pGGWTGxdI0yusUcC1MHRByFp2wQtHp+IrNSdmtVlZ",
-    "6bl0tOOE1ztn/MVIPI928Lp4eXLST4hbIu+jh0Fn56xDyO6AZaPzkByUwvSo2GiRFNn9rUQ4M1hhApxV0KL90e2woApmgsydWvpQ",
-    "/xwOdQNnqVHX1/96fRH/8D4edfw3Htwaf8R8pMgIWlFNuqBbi7OQ4M3FNngcSIZENDpZlcSYqq+5nr/XCFGMBEVkK/Ep5umDK+HU",
-    "6ISOdgaIFWfycrLcEEfkur9wz0UMAopW5/Cu+p6syWml1j7bROuy6b7qFiHWx/p0cNY1adnOT8+bTTHRO3Oanpd/BJiiR1pjaEbO",
-    "y07K7bZtw3EsBldfFve3H4Uz9LW+OvLqKLdezCHa3k4BFT9gmFgkRIcmPCezJOjFyNbTFNONAmsapyuO/MZCM6vn5r2tZELSt4T3",
-    "dNDks6bEJHEodUdMGjIY5kQqIX5VWlOtYWTKpx3RqHVEG9Ehyx1RRnS240LRKCmKdNIa5NDupvobxZP2aXOHLPJ9x53TsbKBjIxt",
-    "Z5lUNHMtHWJNp14VfVejKhOh3kTjyLTDvkXRTEiplYlHopbsvyy3M058oyCXqxlWS4O1SNATPDSZ0NmyzdFIZ8qFAJgeePLyYjXi",
-    "1JzUqCuGEWsgZZT+1SQxC0ovwkg4NrgAHVNSig+R+UMSvdRdsT4a6Tuysja7oJsnd2qVyy3716J7ZpxmHrreN1tZtPZ5wWaTfpdd",
-    "E8WfuFVyrzMpbfPkArcwTyZ98/pkgyBYg7tfWefbQQMGW0vISBMY12xdR0L9FL4uqqo3Mr13tMKL8s6xhYCqSn7z3PcLT9knqj7X",
-    "3ry5pACPj1kMP8Iqq+ZCWrh6pJmJy3tHt7CesO/ZK7lrDC7gMVfpm8qoa/5L6tKDz69KRVjzNf0hFYvadAuZ6wkFLOgaHuDbVy9O",
-    "Xp0Mg1Yv3CD8w6v3AclbueC56PSPXn/VtV68xvkGI7O9+P51fz4Jdr6l6jtuLLLQsoInzn+GDpUyEHn2xoU3a/6E8+begLkI3mYm",
-    "oTOHuUMXIeZL9Nu5SxvYNQe0wnHzhbcNR83uinQW5Y1JLyzzN+mcOKW9FAhq2t+MG1zHpB8sxRXWb0lb7RXR5nolhemrKVIbvvK2",
-    "umwpFsya181pDKcDCOmZFb+bjCsxcHOnLOptNnLU4nhn3rDeu6fZz8hIS+AaMC5He+xypJ2BWvon8K7pXPwGf3+z1QBn1kKwLgTQ",
-    "EU6QIaKgMvGCk4szSRWByzyJF8RQ+2mwfOfdWFQTVQkCKR1aHvmeX37sh+F6FFXaGCULNeAJsBy1w5RdqyFirYbgBNE4u7pIggSo",
-    "c6s/mW/hauViIpgJ3zcT9mblxEh6ZvPqzEo9MyMWoWmVdlr8F39tn5M3upBxPXSph64IUqStc3muGPFKP1iHPaAPA7KqYQFMVVhj",
-    "tqoq81DP3surd/CUR/Mek4VFJxqlrMuTUu5dMgLi63cyWcc58p3pLFDo95Dak42JjHTWYLzaQH6WjvoQDeu2EKT7S5QFrCNLsWvG",
-    "5wIjBmCLW5+Ut6RQajYYFMdh3JkUPXz1c8QaYOoj9BwfD3jFTNj8aJ1pppuTiV/LWre3CMqj9ZZrLe39RXGxjkO6NJeVRk0n9VnK",
-    "9aVWZGw+XtL5Z3kwhxtyDMEFXNQFJk/hJN0WQsQ3IMNecEAFMsQ3XtNk6gowOhWjIdx72tmuwLxL1Bkd1Yx3HPSD1PdbzNiUGBrM",
-    "5HfJl22TUTOhtM/3XV5Z5pDPCIZN6rZb7RGL6C4saUNmdJ4RHe0xmfB6FQ3j6aFWc1X7EtOo09pvcwAEBO4NsEMBuUJV2lC6EqpP",
-    "fzVsiPmyrhdtQmwnqwsjZVjstZzH4yk7U3Ej+d22xDy9sFXh77ZqMPBfWSDAVeV3W3Wy9moyBrPMuLIGkzZa/9dZZ+BlHz7Leh/G",
-    "CqvNWMu0ddZaPpYu0DhynLzejK2iOLANFCj8PpNlNp4SQtBfDQjBXdHXSts5THfjTPCq5ytWR7Hn0sjdhpX8r/Idse/jbXXOxrwQ",
-    "BkQaowwOqwA3brOupnKw9U8em7F2teWrdwAiSwrt8xV4gytJG0QCqSCe4SXAgtEimyf4C97MqwKPZVqaNEEtkjvkcZZ9EnNhEiH+",
-    "0wo1I/nmWwuts+avdIBPm74IYVSZvr7Qc9y6xHAX+FLy7iWlB8JwQM8pvSUlCiFrU/xbQqV6Fw+9uLzGnIPIXPAefxPpiJ4mtFB2",
-    "HpwuzZsJ3jx90Xgu+0bnueRHEf6Bb6GzKCjar4SqpT8JR0gWgEohEyU8aopmiEignvVDQgEKWIEB4Rbl7CZYLScUeQK/o4wcDWcK",
-    "L0YRm28kE3dfGs5UM6oSYDBibbtzQpYr8aYvA70ghmeAISHk04fqJ23CL7M/4jFF5ShmEPqN0JG3EJkL+l8kdopBNfOWbYK3Ge65",
-    "LA1lHKHdyIrQhEQhHdHqicvMms16mwmMKXHiRQ4vgr5sm2BIf1rhi1jGElDEIa4hVIiiDemWLU5SodfquXSizCzUMkt9rdDCJKsN",
-    "8j4b1vba4M0ikzE6wO9YOiTCIdoiPM1Wq+4QLoxZ8MRpuWz4kUKEJJIfiwAYj1DC5bCRD5VDR9O5VbvMaanzvhsfqBYHN7AvaKO3",
-    "JoIW1sLx8XtwGd/QA0j/oA1QwQ8NlrEcpLajDAveUqlT31P50Lapfrvnph/cVgYBDbLNvgFOmmhEFmp650gch9Ht2AoDjSqKJCGG",
-    "1wbBidhwA+1BnPHGoW+5oexXWZ69fqt4bzBATmQkFF3q6E4txRChqpMW2ovQlb3i37WtksWT2wZXEYgf+xYZ6PYQ4/OT3kDeJw4j",
-    "paIZeP08tJIYuxozwhGlK4KeH7q2Fj3s/BuxwxviuYxow8vq6YlJ0VxRAlozshlzfkdshUPsVYtXIOz3TVI6FOLrrQ5alN8KZKlC",
-    "FbBk19IIV/pSA6vuRAGqaKPzCCfd5jn3UIUSDqaB1OoCkmfXPT/0QlUaUZARATNuRiJhQ6IOAxtqRbu/rGdXO78xttocyKVbc3hB",
-    "I3dXp8ywjjxiVaAW85pdNyhZluOgKOdaEXcsEgj7W9KbqD1ZpMtlgkIuzoG+9wQDmWx7m5AIfVHahIeCUjpqjHd1GV3bKL3QYhuM",
-    "g4mSyXt3c7sr7YNWXii2wChGALeukjwtb9r8ztr6lWa6Z1Pke6Zt2H26Cn/jIsS5V7/hLlBW0Tc/zLxFhuGzXGUNG85UfH6Ofvwx",
-    "4Itu6MZzqeg9EIlpM8bSSqvJ2Jt2Hk9FoBRRTepNPjT+0Wjqx7hh0cZHG2uzjK310OKKpY7bLlbMOnPYNStrJwuVVdF012x7i2fH",
-    "dtOsnRliD0zIKN5kstcRJnro0RVtLECKrF/RWoCG60m/xmiAflh7Afm4hTKe6snSuuZ3VHWlvzvlpkluTbU/k2Zr/gVvuQYSfq/J",
-    "t9HGlNQUnsvsmY4sVDZh2q9B6bvOfIDSAwCGNSKj5jhEKVuNHpBUXPzbjU/iCYmYE7VdyPpVdsqGvkz6P/64jFOO4YKxbW6UlQa6",
-    "I+GrgsqRGYGrqDdJMARpzlJzY3BKhlXcWskBcmRRqLhvoq9z+LjcPD/yvl2wNczGHyZYQs6Z4aLKKOTbAwxNiu8WXhXFdDPtuYOO",
-    "VOmYbEa43FrGOU/Yr2vWguHc6Z6Ti9P0EnZ6eL6CzpahJYw447a2USFuZ5/S/2A2GR3HzvD5fyYu30Husw4/cc9349s+l2ujuKCu",
-    "0mZaoB+28hj8fTy5SMK5ZSjWsH0M3/8VFKExLVuLOdY61VuzxND3k7yjy50422kR5ZDN+G6xfJnkReZbm61VozdO0PqP6dhJ6wzW",
-    "PUsfksRJmKJmL7sG8/YGOWzoqR7ROFP9btWMqCD9zsy35mmoHZsqmn+ucbj9ckn2eE0Lpd+AYH2x4OddcOxX1ZS+KbWGl8hB29BX",
-    "k8T6Nn0KC7NLi1IqeboxchTFK8zyucSH6by3zmmwFo4UOeGgv1YhKV40LBK64GTwGCuGTJezbEbeLVZWRlGY5ZWNdq2S66cfvC4p",
-    "jpUxcxOLd0p03Dez0caYKoQXh8lfh8j65DUI5dceu69effvq/av1545gtlzlF8kRRYLoCsX6pFPXdrTaZq98OluwEu20RFG+9bGr",
-    "o2RVLu9ZvbegLOc0qOS4sNZ3DqG3SLstuV/WO3u9c55XFBBbRLCEsdZ6zsxld4iU2uSHoXAoiJkNyV1fo4uqmE5+N6IgmDlHxTax",
-    "s9+9/P79jy9evn/9z6+wLKbLSnL8TYLQq/byxctvXtkjwV6gmMommUgem9ENnR425WM1BlNNODU4aKjT5Fj3Lg6MvhuYHCbwp8li",
-    "0iWL8eXshgdjw4KDQYAi64XIM0nuiSKLRcYjR312n0MbN5JgF24XYIbjOM9vUGZGTAcyLUc7z1zI7eMdGioODNNjmEuhUsZ7TQPu",
-    "KDjoahChm9jAZh+HEQipJW+iCv798ypB23D0aKM/J0Pt7pouzmccrlEVAvebeQWsHKRszRjWtJYvxHFlC3u180lFZi7NrIyAf4p3",
-    "bRPihKFEoFR8uqd8SwzTnZqk6CIBMDEyfvwxW5wwagJr308LN8ziws8zV/0ayUJwQ0x3hqHGL9WUbUjD8iwr30DVdIF2eY8Hyw8B",
-    "/J+JOH57zy66n/ESQ2sW6YHPCK+xP5W63MBPQWCBEMBqDQ4spxbfzjqSkAeHXi3s4PWR38J8Cr4LrUEW5mRv9KaqjLLOZerMywqP",
-    "tb+TjfEH8+bQR1218aNZqM2Mar19TyfHv8P5+XQUVB4RIuWoAVGPHNl0QfBl4d6NqCEy4wLra7/Ima2Bk9DHn9W4dUY4ZDgmldTY",
-    "BBmA65oq82k1UchtsTmxLjy5u3l0O/TuVsoRLmZzQVX8/Wq+DOuL4GJaApsQMCaKJfQzjzAhe+gGMH5M2hGCDOlUHXIdsvemmrMK",
-    "t62C51cwJ1KRuIEGwzWEOXcnlJrUGa8O/dxmbAFGrB2QYeLD3Oi8rIcP1YQslBUY19gHV82J+2jtbRMYC9VQY/V6h7rQjlYFgIsD",
-    "Qvtfs5l19E/hV70T77MJZP/R3ljDIGf7iebIpk64IflYvbizahCNKjJW+rckOFbXVtQwUVVCBjlRf4H8VyQeO/4i7Kn3abEil3h7",
-    "KRh4acnSyRlH70/tW6sSwB/YL47fbweUE0JjRSZDtHdauHOMTOESj1vMB2piv2wmCJLlHnDcD+F6z1tiAw2wK/cQ1lov1w+RplXt",
-    "q+KsfMs8YYrtIAk3RG3fzoyuluoTxUZHvhcSuZdtzYFjW4ihEjLREcbvMtIufBo5LqnrHlMmOQtMDZpPqgFAjKis8qCjQEqKjWEZ",
-    "OD6S6xeCZNG4UN7vEqChosGNdKyP5mR7zvrA5NijE4sCUoomaAJviOynqmiAKps4fmfTvimctFlSNZb0h2W8mFSYQStlkggIU7an",
-    "NrykZI7hUj9/zKm8gyfFmduX8ySZ/G/IPIRoP/A1oUZRlfusT96y55K3ILhr/TgXcJZC/DbsMAr25B3sxX/qUroYV+fnyvdK7J+I",
-    "FMxlaGOJxtaBmmv9bGv8DF9/ru5jgwvJUrlstHjGmKRFnnE6T5hetPfvh+tXiTdF+xqjw/WRwN2mmWg+7bHAbTKz1mjgzV4Rm+OB",
-    "N/TMMg3vhG5OnuPcEhxYdehAzKhMPc1X7LQaTBKMI4+EBukOQoPcjwnn+hLDjMOAe1NxSXd5oyhFDUF5tR7KYoJ1KJ2u1EW8ssta",
-    "VZZFFzEDzc7CHd5KeHExjmJKZWsp0Ly0LUPrfP11Jnb1bAjUYyd0AhXcvyjAwicx7Kvo3/k3PUuA0OcmaxBlxViU9KZEIl2YD+z5",
-    "7ZFx6TJ0q3T4f5FnKxupyaaSqpFvr6VJlqP4RUUx3F0w7/PIr/0ka7ZwGFg1qXTJs6HLl5ReMj0iBVDQhc2R6vLhgj9EzH7PK4GW",
-    "+J5i3yovOwN2Nee8NdyRWdi8ECPMuBuMtBEmB2ixhpcjFW9KzjxuEOKuGFpqoyoT24XuKcwwVJwOJLIA3lo0948BzQq7sXs65O58",
-    "bEPRHb1luwHb+AxtCqFqHikVhBCBgmNVVjfqi51Qj9xj8E+t+ZELs+Lj00hIya3SYpo+wVFDaBNLhjhYvfF1qRQ3GR+VbK3HI72a",
-    "1ZuujVfv8yENweodfTTh6puaNMWqNzMKSz8VEwU0kG7JfoS32MVaWZC2Q6Qh9nAAMJH5c+5tghON70CJQm6napgQOknUj5/ZpOYY",
-    "bzVWNHxPxmpQ7tUqGFfy+zQH9L63M1Umcm79c7H69U8PJT2vLFF/5wCFdw+03r4C7tHG8zQQgxq0kKboyjqoMVb4BmOlGEigvhCN",
-    "8hYutRILPzlIvqlmls3Db7TN+OhFw1xk19/xTpPVJUHevNZcCbIyUlO/daUoasASZJsFS/hhU68izz6NS3YR/kkzk/xUAFU695LT",
-    "VPaqqwerbJf3sJRDVglf1Idl9uKxiSZnkinRuLqZyYAjVq+KEcXPHhHw8Dwt3rH0W+WIwYJfBY1x7gI+Nv7BP4V2w58bMYsC/lKr",
-    "cF4z9YFP6ZhOh9LDFxdsz8urquxfQ+YHVVHA0nP1TUayu5gGVIkVgoDckzbYfcI7uAWA+Eq0hl/m0dgWBP2Xf/0vnQ22nm3jlJka",
-    "xZkfkAEC+4GtjcHf3Km0rNlGSHkt3L9Y5hO3Sn9RZCioXXbWWai0jI49qEXhz4YRN5pXSE18+ppPn2jDa8hGg7kG7wF86DjDD2eP",
-    "0YZaUqNl/earA4Gx6PDXhlYcNB8256C2HGqCv+OD5Z3IAe3i26ZkiBUOypo1nwfRYFRUBwVBijvAWhUTIHX+sTLgCPwj9zDNaJ0J",
-    "U2ESFDfBST6ZhAtWE4+7h2P4icAlpEcsGmyjVeQVU+NORPMxadX5UYVxWlHomi5TjizCyljKs9y1qsmu0kxaa7RuwOpMkXVFTjVr",
-    "Q6IolxqrnfVfWJVNVKBvZ7WM8LeVttvPm+zx8OpfY42nrAFrD71Ps8Cz1ncqszV1b3OfOvu8rmePV0+VR1F/OXzEGvyMTPpYHsbk",
-    "YY3xQ2XoOLKY0jxYxQCQe45trHJjN0aiRuoZpxJHEoiXOtZjxl1nMBjZ2HovgkmKyQEt8pQYP42MBUWmRgp21nyXFufEC6RutWhW",
-    "TnJ/io1YiSjK6r2miKLu1qnBiorRYMKatjA2mdeIjURhLTkrXJZr0hLxlwc8q7o2hh/gBRw8C27wn+dBbw+63IvEYeRUkgFQ2zPr",
-    "PXLX5D9JQyIYQeamDEV6UB1WSigXb5oY6z201Vy5CSIhiO6sMNXx3NoG0/CaQpPhZyVqqb5KVcAP5Za3Bdk2jp8t/AV/7Y2ExTSG",
-    "0qMbZUvpvAANXV43oInD1zYaJxmzg9HPephPEVR74oeLjEwdR/D4x0S+fAysaZC1AwKU2H88MDKDiqy3zjKbnA8XWaXJz5urr9cz",
-    "mMDtG9UMtiKpFUnp0WAn4nHzAhZqZzUoRyRsU8louYgUQUcuxLi1TwXCEAw1QRQASL/I0kbWPLLMKl8Nbxp5FpSON3XxhAwfhjRO",
-    "dWDYK6OrlLusvQYMsfuXPBnupn1ErLDKk9Xsbof4aBoqVDZfzBtPjUVApBVXvPEI5GiOBOD0GVIiCU0GyVra5PXPGZhcpGP1XWKT",
-    "NcW95bwqvPVtO2/iC2+zos6m+RnBVYNB8sLoWCiwrTG1wb+bgpT6qNiIWla9hADwKwlIOPuGr+MwVTwVR1MFE1PHKkGIx0DM/7i+",
-    "v5fTDM9kLHkXhhgD1SjqOP3CL//4d87AQH9wzHz4k5LlmJj//U5FT0PD48KMSmnTPP6cpxjt3VkckvC/2q3VVxIRQSQcmuMOk80E",
-    "uiqOpTmTR2vOm90a84A9WnP+lRqQksSYMwhz6rvB5C9Ty9AKquVGkb9MLT2ouzOgfoKRC6SxfYU6pT+NUDkplpvFRu74VKqpzKvl",
-    "ogIjOAKSerVcbG9i/91J3fClQ5LnFmPeSu+N9vFrMWeDwlDcF11OHAy0descyY3CjMtV+N6Y2VhRH0I9LoiUSHf9OST3ZktJC5NJ",
-    "Cf29TWckeQJmy/wkQ3f5m+plC/RMUTqnDjtM2y/kBE1/Rsbxgv7bQnbN/cK0ce0VVKvSgJNekiZNvX1zZm27zAbNdU7oJY/iIp6b",
-    "YTFESyOLAlOepxREyVHrqOlu6PHU1gc/d7NvAd3n5udBtgCLx2U+w5DYnNAMhX5/JP1g5c45tHGu1/FeqJweSiSWh02hNTYyZdiD",
-    "M/5QqS3ozxdXcTrDHvnMIpxmMzSMKzz7YXFeJj2fsxUhXh6Y5vSCUz5KYg0qSJBf6bjsFtaA+SPpJMiMWBhyeE4BXefwLcNgH9uQ",
-    "oIQDTsIrmGO8XySdInAhSy+TZYn8Pe6CF/B7kiX8UL1Olwnn/+bYiMPXX3UMu45/cwoheW2Py1cmwKWSOrjsb56Ho9YlIn00ja2O",
-    "l5xqOhv80lRsooZ0bmOX0VfCYsezJNfPQVz5rdJqlaTS8k8eqiRkdqyVpihHlt/hX27+VnnNwZBYw+I+i2bF6FWqprQbrYVt+gWz",
-    "OJN9AXqsWRETHMWMOLKkeGHm5ukzYXfZkqIxJfVvef978iCy4QktQ8b1f76rJZIMINIXiQraYeNOoNM/s1mQiqHHsRJR5hIHGIML",
-    "w3JxSwxpXSDBFXQnx6HDYIc7k6S1eZJUDYtc7NifN1sVUZwhD0SN1j8Kmr7lD1G4qv1pg03qY2seZ4lP36c2vlNOpZa1g/AuYPpU",
-    "MwVyqddoaU1eOG2MRrXDitVSQzTVFg5kzSINL7VxHXUQNBs1cTxYsV76jvI0XeTJBZJ3pNx0JA0JF8EPBt1DsxzALIyphl4/2IuK",
-    "rDQKjqoTcCFTaujBiGfvied0OI4ew9FA1uRj1VFK2M8b3KGqSJcY2xFtjaIlYytmhW9m/fJn347rmWDeH7cY+Mhrfizxm7QBD0+J",
-    "DXigM/lJFFAZ70gxEXYx3RnbZ7cDmp0WKrypiTOtUrjZbGvlqHWWl1y7LDxZWVkNvGatYjwDyJhCxxqSsjCX7vNgEPAlizs9aq3g",
-    "pRaAznrYAI63NSTywomMnNqqGust9mvG1ZqO96kl8KtSqO2IuOVQbhpqypc6wWdruyrmN8RaVshZUuY/SupHpi4u0ovrx3FLLn+f",
-    "iv/iEOFEyryUkcpGyeGDtuXjmG6hDn4ndw7Gfqvv7pAl8hzz1wuaJzcSbTvS9vsWilCzMm1uYBdhaBAl5omDaTw7783jCZChaQaI",
-    "isPzPcbsoI1IOc6zopBPxK85OrQETp3zUm2Vw4n22DCbyCQYisL96A0xtTDkJH10mGAp8mYzLqimjLi41VoLrrLQZluO9rO5VqXN",
-    "/dZr5LmJEIjuwHg/xfYT2XKlBbML/Y6Itd1uq/BFJjJhwQ9QtmwVk1Z6Wb61Qf20WM2bcjewS2oyK2tBan2ajfCl+YBSDkHE+2RW",
-    "PasuESXsSNNRMwkg7b2yIv3ffW7YTxfj2Qq9vKAcqL2UMj1f6dTj05hS5ZBCKMHkaLSKM6G/e6L3yTjJt/JOwTGxrWiJf0A/MYSR",
-    "jORKta8WjtAUDbSe1qfDugagAx1OlSn93i0fkAUsiopWee2RjnjmqyzayO7mFDxWOsDezN7BaaDNazpUd4OPcCoG1tI9apY2aDCc",
-    "gCUTSJtRzAqYlaOf1FnQ5UXv+LT4GsGRQLe+9eKSpH9v4nIKkP+AQeT4b9hceBx0oatjuEuhh2XwjAzHlsEDCvI3DJZ+8Nb1sW4I",
-    "SGZ59Ha4oTfgJC2WGFIgJZFQ73yWfDi8iJfDJ8sPh/EMiBxFMSmGGPYV17Le2mgUUxXOM05fzDjX6aScUogoWDG8LL7G3FvhgB5k",
-    "/4RvIEDCpi9N8bK2XCTht/nFjHdlgzIxY6lFZ14a/c+yGgrL8GUnq/k8hhfNeFQoz2T4RTGG4d9K7jWLJs7mE6WbiwkJOgbKKIN+",
-    "nQNBpj+Z50X/AAwB/crLWVllcXkuweJ0LHcypjAJ9U9mqx4CZ8YkzQt4y2MSuo77drTIG5h5X/dRi0xNfhkJgy3u1OHCZpsIT4Fw",
-    "kE4b6Ieouy9dEYkmcZcuo8NaIKdFn6dH8ZhlokMoFRBisfxJd48LuHR4F9yxXLeSilhttyjDHTgktac5Ex0l6mqLGr5GYW/zuCqz",
-    "oAryFfF58qd8Fq6Uo/PuX6ZluSyeD3/Y/WFXKwBXVvG3MlZZnrczsx++xfYqx+vUDAN7+AH2bRHP4NemoEgS7KgJrAqY2wcDXGf8",
-    "qEP23dk8wo7RPFlzI7WFcPw1gji2jWwur41BHgPzMCr72ZhjIMKFj6xjBPfFXnVejaO5hoWyUdOlRED/n39zwSKrY1Un9cmxJytN",
-    "zaUxpxAIvVlyXg7jlRiSbhGLsiOhDcnoMdqAR23BHNeFR/xk1LTxVbtb7BArWPXoVBBpVLQ2KJU9rxqt8HijNaTPt3jhAZWFyzYh",
-    "2IC0iFWNPizZKh8nDdOTD1uBguvqg0EFUQ0F10UxDWq3d4O8xdomMX7apkgaeQ0xTROTtw6xtGsV4Z0fR7OYDNbh+URZFSQz8iKD",
-    "ygmcnLwNz8jQnWBIDha//Ou/dczKXOjYupQF25p0DWFZCQRrNQysrPDPnfXJe2ce1KEJ1On8o9GtLu9SkjnWrRDLQZlSp1mRiN6f",
-    "I9ywPqxLNdAigIM6kGDQd8irTLmSqs3OUAXzp55/jfihcseTbo8zLnLXWO5SjVLZRh8CrmbiCPMvJ952iKUUWpXc6Z770vZra1uX",
-    "GYiJpEcYOmaTcZHIHr2wv+QJQfmNt3XIaV6cSwAfNEtKTNzLRhG7/6DfXmBjFD4EgnXZtoMthD1GlFug5QU+bVUy9aCaKrWV+mtD",
-    "dYSrxQ7fQZPlWuRXW7VnNfxy1aLVmOl6hPmwIgyp5A9uxBWzcOsCximc4PMfzKnli5qD0wV89dpLr1WagJmy0I63zAi3JMknL5QZ",
-    "/niNZMEt1CX4YfsHl75MzBmqWcyMLYNs4kOVChANhnWWvQ5bP3SMKYXrzvCeJhxlNfsMvZJc7mTTgSphS4oG0YiAoN1QuX5ikHtv",
-    "OEcmfqwy/bwDXVzmKV58bTSER+ldZOuIiKIgOjkzaYh+DUImk9B0+i3l3J6nxsLoIttMrMxJNkaUhlYZkm0/sc0qq6b1oTf2RrCu",
-    "LUZrI4r87vIpnvR8F0JS4N16gfZqMB1FUWp6Wf9eYrhvc8u2BKpUN6SmCDZc5S//+G8dFblVOORusLfPEpxf/vHfg1HC8ZF4auh2",
-    "cj1Nx1PUQZ+nC0xWjpIZH9ncMdfEjogRZ35JySU0YlGzTdCs5+vFq9RCUgbKJ0aBJeFjQzDKXauW/2iftB2z4k5rQNj6XKweW5ta",
-    "OBYOjSwlsFJHxOylhWybevmeCvmE/k3NuCrcyVpM9sy0bFjJFnutWpRU/wSK+8FmLO0KK0qO0hpNavhhqCMJz6lNhdtqC8cqTHAb",
-    "ngeUXgKNJuJL4NesbbPMC9ESmWC8/xZo04vfjJ8QxqANXp9Xy3DTUPmCPQI2dynrTRnfFMwSMh99wy36bhqWCmvVs4/ft1vguETu",
-    "V2jlgw3RRP66r4OMa2B+9jmx/ifmpWEPDjlLtB6ahoita0+SWH74hkvKPkO2oGlb15wo6rWqlHAsrtkN3o9bL25fmwFsK9BMNgEL",
-    "s08hKCyiVkCrwaQdPX04jAUOSLgFVs8Ry9+bZFupYDGFyetWkVlZnHrhoet7ZAC6iSbd3oku4buXGN0YMG4FbAs/bqtxlCnlK4Za",
-    "liWGxjWT07ezuV+NxvkJJdaQtnmFtFWdig43B5HmB/tvWsJI86o2Ei3t5nmRSRxDL560t314UGATANgFhta2s2AU/bXu3Caz8KaD",
-    "YbKANJCTz75zXVqTxktXhl536TZbNFv0tLGadWjxivZb2/YQFmGUKTxi1mIXtfg63V3K9ljOh5d+cZSlwun6VXY11PBpJ2kX9akS",
-    "ged+2GpU4FzrPzn9Hc2jao+EKU3VjY/OkmQZFI6ayrVxkRe0KLau3r8NnYPdOisNmY3J7fV44OU9c8k+XH4bQ4yMe5fiS2y0zl8v",
-    "Gc4WWXDUiJ+XCccExLy7/gfx5VMSmK3N0uS5gHY/MVhC8AlJdO6upvBjMRA0fL3E5ngMSkuxKeBCPeQCjahjLjgcfL7dy9MgQlXX",
-    "48TLDemf5HJvOnFrLZz40DXEplIdWNshXVmZD61zf7Dx79f5OTRYOpssE1tYO1cCNKLTPKUo+B3bte6jXes6fyU7xXZTYgok8alR",
-    "EJv613Ic6nxjDMSmQIAcyYBCGHwNU9Db6Lp+Ey+V1S6FO1Bk9VQxRtXusBp8NkkiReaZIhsYzpfcHOj2fHlWsy24JFYe4XRltOtw",
-    "AsXAS0oO3bZAp6HMVYSu6YUfooHcE70SmIU0OawHh1Tsf45R/RsC81GsQeraC9ogDLmNE2HBEVFPbHBmtpRDL5Fg0SR1MgfQ7Xr7",
-    "jYcd1uuvPa80h4bjqpDMnFZV1R5W5/ZQOEh+DRQYfxXG7IqcNb6BL4wudjjFK/kQaEgIBrjeEotkvdeM9GsrGOcYxU7KTnGglbvd",
-    "7BdZNmkdNemhkJSuMCY/ScdLqyeeo5/NSHBPbrB3CTv2qVyOyTilUH5MGUO+HhQfJBPWLDX32sTwfyrLb13LqZDnsM2LuEJqt5or",
-    "Pwgs2YTd3+g3Gvi17dNVJWnR2YQan6YSNcNMcRPPxvtiOk46xhScVrNt41y2exuRtD1na47KBkbPCRl+PRMfCcKk4iR9XhytCmPY",
-    "bjlhyUNzMDXDRG6wcLC91EKlfbp5jM93uhG2s4kxjLYKWbUVGDiaiA0N83qybcyxO/C4VQ7XDq653KYx3CwVdytHx4THcvknN7KS",
-    "Iwp6285FUvwgdIHkq4w4N7rWDu0nVvzKNw5o7z46j1wvgrerYB27jCee6tixuT776qqwyEG+c9Ip9xFQLb80c8a/D+/dQ/vlF6ty",
-    "iupw9r8mSZT56fJWeWFq+KdnBm6ai/v24T2gm5QwByYYlkCi3gOSFvjiHiCPsLsbMAkDfqNL1pe9AvPwoOhKzDxvKkmVIpO8CUO7",
-    "YyBk+EoBOIbwmfJ9shsvpooTCdii703DGTxM8viaQBCyoyUKVK7TxQSaYnovDItmMowZowXmETyzfHsHWJGPZOxqzE9muB7bysmH",
-    "gmoWBZ6pBE4BhD4YWLB9n2cjhgE56uXJzysbJbvLPs5ldpks0GS6pNhw7PeBRlRzzDmVLcYJdqQ8/jiRleRXAm6oxBRHwaPBHubg",
-    "ogQM8TwhItS/l68W3xJCmWWbDCYWuGaF6NIr6VVhd+bfZtkS+PIxhYMS6/8EEW6B1xVwDwtOrUSXFl7yz3aLcZ4uy2P4C8kA/jst",
-    "57Pje/8v/YJRFS2DAQA=",
+    "H4sIAAAAAAACA8W9XXMbSZIg+K5fkWL3NJASAIKkpFKBInVqlapL25KqrqSe3jMWuyoJJIlsAkhUZkIUW82xfhqzs3s4s50zm5fd",
+    "x5u/sO97/6R+yflXRHhEZgKgVLfXu1MiIuPTw8PDv8L9yd1JPq6ul2k0reaz4ztP8J9oliwujnbSxQ4WpMkE/pmnVRKNp0lRptXR",
+    "zqo67z/eMcWLZJ4e7bzP0qtlXlQ70ThfVOkCql1lk2p6NEnfZ+O0Tz96UbbIqiyZ9ctxMkuP9oJOxvksL+DbNJ2nqqNZdjGtoklS",
+    "XAb1i/Q8LYq0UHUXed+WQuUqq2bp8bML+BZ9n86S6ye7XHTnySxbXEZFOjvayaD1TjSFdkc7k6RKRj1sWlbXWG/3XtSH/0UVTor+",
+    "/NT/Rfd274yKPK+ij3ci6OnsYhT95vzh+aPzx4fwc5ks0hmW0P9sSX8fy748T87PsKxKP1RQsDfe3z8YYsF8VaUTKHn06Ivh44eH",
+    "3HNeTNICCtP99GGaYLVkPAYYQNHBw0cH4y9dUb/Mz7E8fZymPMQE9p9aj4cHX+6fcZdcaCqfT9Ix95tf4myg8YOUf9r+Hp4/TMdY",
+    "dpUUCyhIHj86Gw5Ngevp/CDdk2mvymso+iJ5uD/+4lAKbMVhKiDIz8/h9+Pky70vx/LbDpqeD88PuLcimWSrchTtDZcfsFo5TSb5",
+    "1SgaRnvLD9E+/F9xcZZ09x71ov0HvejBsBcNhg9jbjzPF/koWmX0R7lMxmkvevv1a/jR/z69WM2Sohe9ThezvBc9zxdlPkvKXrTz",
+    "KjtLi6TK8kWEVXd6kW1+eOfmzv8yTydZEnWXhKFlX6P7iPA7JtRwSGLRZO/B3hd7Y40mgAHD/S98NNnf3//iYE+hCezKF7wJBk2+",
+    "fJzsnxGEPETZTw8ePBh6iPJFmuyfD+uIsv/gYPgg8RDlfPg4+SI1nfqocpDsP9jft6jy8Hx8/njso8re5OCAlyKokj4+Gz44D1Hl",
+    "IDkY7g/t1BlZzh5/mfAsNbLsp/tf8HLWIMs+rO/gsenPoMciX9BKbmDD7kUfo7P8Q7/M/pYtYBsYXAA1QKibO0gse1A2uYZq86S4",
+    "yGDuQ/zCZdDJWTK+vCjy1QJA/z4purib8WFEG29KcKugDMhR2p+mSOoAZwcP6Cif57gVew+WH3axKCqvyyqd91dZL+ony+Us7XMJ",
+    "4N7b9CJPoz+9BKT7Pj/LK8DMnW/S2fu0ysZJ9CZdpfDlWQHEtxeVyaLsl2mRneMg+fu0OJ/lV/0Po2iaTSbpApH1bFVV+QIp9nJV",
+    "QZN0lo7hX5xtUqQJLJknly2m0FFlF2V/39w54d5Ooe4kK5dAfRm80d1sjndFsqBqA8JNqOSBhQpj/g6HSMbrnyfzbHZtK8EXqENf",
+    "YJPgFO3tDx4uaXsGV0WyhGZ2efh7FCWL6yuYIVCrK9jN/hmsBfCS/uljCTa1RB+vv7T4bKrP3QyqfElYsczLDInEKCphcy6vDyP4",
+    "Qqjzt362mKSwDw8PG3CHDjoRKIuIsEfzERE0oEHZxCAZfQbALJPJhDAXiWC09wggA1uLE+kX+ZXel/NZClBL4Kpd9DPAKCCceOjT",
+    "4jC6QLAxFcVaAkf87yGg/Qe+2qHGoyHVsSchSlZVTjtxViSLidnBK8HxRw+H/s49cq37BdfhHq6mMKM+kVFEIB4ZuoVre6HXkC3o",
+    "EG1aCo3TgDIWWAcIK1yLg7S5TL788kusWt8bQ1fC023QeN0aRqOz9DwvUjoCxMeMop0daMOAfYwjGspAP4JJPRz+U8uUYjvGCTI2",
+    "/bJKqhQZqvfpDh7LhkaXjcvIL9d2pVbQ1GVL2yLFIiArAPWdU7h+azX098a+7f0QThg/bDWsmfqm4dcucc1ogMLTlsmrizKcPn9a",
+    "2+XaCen22Kqsn/XaWXaHY82pBvyjU8kXHfW93RE8S+AKgW8yTsuJiwxH0kbS6kfycfOBFK6o+Xa41RGlNZ6F95Nc27rzB5awQJUM",
+    "brf+YjWHy3A8iqrkDJlGLChtpwOQgYqGrsPNW5X9s6QgJqN1Xx6pfdm04LD/aFCuztruX68zuVkBRsVlw7afzfLxpaVbe/tDTbn2",
+    "aKMYJwAVzh1V9sZlZjNW48B5RRw7z2bA945XINotqufYJKgzQBSzFYOb8Abv9HfTFK5cuOrnUVZGwO4B4BLAHTjlBcy6mqKUF1UZ",
+    "CHpZFV2h0IiVgGPPoMoErmmqwNcu8EQ5Viun+VUZEU8BnEaE/M00KZGrLMdFPpsBFHsR3n/YFI8xgG0OkkC0WlTZDHuAuSD+DpBV",
+    "GABMx32Z0kfFKpxnH1JgTmYp8q68E3JJ8g/LC9Avy0js7XvH+Yv9pjtaOE2zzQfe2cQTb4bw78J151Uo4lqKDcM20WyPS3iIXALx",
+    "4FZ8eyCsDMtvILbx/x/sPYwN883kEkHJFDydnMKas8UAsDVHdratkiWWOZCBrALUHgArBhhV4SIviuSaNBfdAY9lGUXu97MZRTVH",
+    "fbwuigy2Hv8LZGcOZUCnAHKr+QK2YZ4tYIMRDnvniOnMrj3y9nBvE1l3zBoek6s8st2DmFHk75MZyLcJqlFKwmXglC8B1QmnESUP",
+    "6S8AJByBkiVg+UpIGnUzaAjzi5DtrJLLtIxWS/pezgBFYsJ9Ix/Diuw8hzhPFot94GyExkOAhvr5BQPHawWTKZnJxLnh6qPoN9BV",
+    "PzEDcL8wD2laIAruqZpnYc19r2a0GwGBWmCpbTJe2/m+TyMBHwuSkoSAFWlq9gYhnCCxTZHSpCn0hBTouprCnkdA1pPoYpYsxmkr",
+    "cPcffCpwH/jADWD9YC2sNZx7AsVeABoD50ZQrAH9TQuIDxiEwEvNWjihSYZ3CJFabuSdJAW1oZySN0mByMygL6NuEi2nQPzjEV0B",
+    "po+rKWzEIk0ncG6iJRwO2LSuOlN4kGIgMEWJwjWch2lWVnlxDRSlrGjjYKhn3PWIK7BM2qX7Co8VMipLuE/GQGaBTJWxXDww4lVy",
+    "DXdzWUGTKD+HGoAfhBzRzysAJl5X53wKaRU+ojhq8UjwJNKCrCfGwpEfI/RvmpqT0MRoFm6AyDulbKsFDFJguVhoU4ne2DLeaCFH",
+    "tvRAtn8OE0td8QMqnqdlCQ1U9YeMEiXv+oD4xUZeWsTujaxpeD/yV/4ljKu7xvgj//IE9QdN6Maz6yP4byO0P26R2UnEtgzDULg6",
+    "NcZ030jrwhI89C6LwwZJng4XIGDQcL+V3V7Hst9eChDB3MJxyItHBpE3uJ/CcS1aWe0Gntndja4zoGbV9Tasss9DIbdCMJoeCK9d",
+    "q2tGQ4jBgI9a4eaDfqi6HREZ6Y+n2WxiVZJ9o1tS3Eo5T2YzmF0Bx+czuJXBEjjtdjFAL3EvULHgxjapMmQbm0SxRnXqJrVLnZe8",
+    "4WkPyn5OswXGUX5Pcu9XiqqNIp24IqZOpKq8teJEusgmMzVGvkwX7hf8QOC4ggug0RM9gWk6m3yqGkS6QC2563A8S7J5y4KsPj3s",
+    "Ez94fZ4n2UxPk/ZfF4DENUFwX+uivxLL3bO9jIsMVdUzV8ec2E/WnEg/CAS89T5VgTTNlp+G5cPoiwYcf7StnmMNgXS0CaWhB0xe",
+    "WjXdsohtlEAtOhtU4lYLModsugQ33J8WDF94oHqgdK4g45e4Ecs848usRix5OqMprthOqt+qR8C6sPDkbEa4rmQ7YALMaJP0PFnN",
+    "KtNgsCwygPJ1I9bYzteOLKW/IXOu9HqR5zVTB9OIiL6fJZN16iCsQoZrtxNksPLmyCXNc7IA32e8wV7JxHOCfgBHO6jWQl2sLivT",
+    "pBhPw9JlUpZoMMFyYxUydiLi9ZwI908hR3NbVuqL2m36pajnW7FNljU6z8er0s3Q/OZ5ml+EIfR3/31WZmdEpIGPrRBl/A+IP6sK",
+    "TwXDUE/fQllq4PVUphWt024fb+d6rW0TWtmPAVptZVWO/KF9en4RM+s+S87S2eA841vmNkLSQc2k0sq+hKytZUqEnf9cFcrAigXb",
+    "qU+KdJkmVRcF0z5qDntGjt0/AHLESpXYM4LdyBhbUcMGlZlnlFvPB3vAAnS/zZ481HPts8i2teTQKPRKV4QmNWseMqLYK0lsfst1",
+    "95I5ZIiUQojxqNYg9yC4WI0q2h5Sexe0EGtzyas2A4DFOJ3ms0n9UDQykA+GVruOzkHAClQAwrGCDVtVt7U4BNuhrJNbXsstO4Sz",
+    "GFy2Lck3se57aEItL4rlJ9l09utI0yZ8yuCP6oMvV+XUCS+s7raGZFWPGRrDnAUyrVnULCurdAGsZ8uVa07yAFjN7UTDgADUWBXz",
+    "bVvexJI/q6D4TPLHuupPpX+VJX97D2vk77Ey0Ne0B+dpettbwwjV8/Lis2npY2dB3JaeytADgMDseq3mR0vSj9yk++SKuKVh9YGR",
+    "eFtO0LY0Qw89uJrm6+ySHnFeR4Vdj1W+zmVGVyUzWeNBbTOkYtNydfZXsefVZqjBTBzFpnmI75U3HrBBfR7x1o4/4fikFv/gnLIe",
+    "pXPV6/VI20xeA5/FtsKzFZxAtiZ+9e3rCCRa1PMuyDi4RA/aSZSU0TfvXr+KR1iQXMD0pmV0maZkEckK8gXjmZVsFJxPoqV2MoP/",
+    "N3jwEKdzQx9XM/V1sJ/OXQU5IbJBe4MD1+o4GqGWOVQYmaM9NPXG+STd1v9q8CX2v+kS3nC5GxkPl12kt3X9CtHh0PNw4z3b7Fy1",
+    "PSF6VBNOHmuFHkI83C9clUC1Lrg5QHjLU4512MVgVcy2UETyfkATIMFpttzeEeSBIvZ0Ih42soS2W6MMbD91PlUo5slMK2lQR6TV",
+    "Q8tZ9lmathLQzfW3yCun0WvudYMmUUhOQhdZAxS194wD2oNGbg5d8KakFON1lo5P4GO6v8Ghz5zmYeN4iqsw1pDPFaqcVSXkKvRF",
+    "LrVC38Jflf9ww2hfVMRLQ6cfERCKlA8A7DipFb0JnpOD9Wd7P4Y9Dgi7keuzkhAdEeAvWP/YQK1uSSrrWrPHfFPdzii07mY9h7N5",
+    "C2vJwVb95ZeNLHiTZm88TceXrQKIO2eNS2zo0B4GMiL+znk0RJ96GmjMT2R2se3/H9zuLbUHD9R0+/RkppFlW7fv1LTRzbidQ5aD",
+    "tiUv3K6stmMfs//FmnupdqWxr52hJg+aody2T95psP70epBHlpaIaXHY5hcnczmOMg1CsTtYrnTY7P2r9d8G41vEUWfqMBU3XHOP",
+    "N+so1BpoL7a4Nz+tQ6NwNupm5u/8TdWOTwQuIc/4/x4Ma56oRsSrkvKy3yBPb4REwEg/burP6lnVXPaHAcWq8st0Ec3zCezdZ93f",
+    "1EUfsaTJqTBbkJZ66OMRP49Cv7IHvWgfPewePKwrrZo2CWjNX1dllZ1f961Du9m/wCfNOirui7hBa/013TBYZ+OGpd3Q2CBinhQd",
+    "8HlsYnOMh7J2RqSHFagpDr0R9x/GakHkUBH6T+h3D7bmsr3iwVqlAO1w6zGr7QchbboIWDhfGx9NQNDPZujbVKKbGW0BzGkFnD6B",
+    "i13Q2O8pakG9SZFc4VuVz8S9g1h7tT6gNXPXTb0apwfRMw6df+zQbj7QiO7DR8xlDofvr7wBtnuAI2x4OyY6VOk/Jr+OJlTZexw3",
+    "6RWa3mVFvqcQ+8HuP/AwdhunNqPHZAiyhUtbtlgStRU+zfOodrPqzjaeiE8wJgg+iMePiAUNM4isG47WqMg5nMwGl++3974FyiFn",
+    "qtkT98C6T6871WbYSdX+Dk5qTHy4bQ8dnGaRz9qushYZx9tjRzR0f8FVNsSr7LHRCwMT1id91v9cPak7o0QKNr+Qe8g+FHUFh5n/",
+    "AMXNNm2ru8OJv9ie2bTdfwKjKm8hWrg666bzZFeesj/Zlef8qDeVx/1wGMazpCyPdgBOO8cAtieT7L0qQy6ayv0v9KRvx39ZD5+l",
+    "Ii0lm/ALqj6/Ydmhxw8AMbiIwi/SKZZJtfoLrAhwDZ0RuMmx+/LLP/4DlggjyuD8cpWGx5dS5GUVDK7KzXoq+JsdG7g9/EKp52jn",
+    "bVqxIzsukjmyneN3+M+TXa5KUDOrJyDhGPSSIBhXymRM+YVvhdioerRDkGR/WnwbWu5ogKpmO3aIPtu77XSfsfl7kVdRfn5OqNU1",
+    "nm7ofRaBWE+oEe3CYqpktnP85CzsTXzjGmYfVDj+5R//BmA43m3og3tv70JGlx6M/Z87Dla8OqstmBX4qHJfM4Srcywo4mFKDaoe",
+    "KNh4SKhXH8B9tAuwRbcYw1j9+vsPpk3DeN/tSNZWCKXrB3Mj0TspiyWvTQ9LIABAWIBo9sjlHMRT+Q24584xtcaH7w6QGlJoRZjm",
+    "q6IRUvajgxQOhEW3gBQKT2XTWQ6/2lHwV0QfNsDInBygJu/xOQvcNSWaZqppabCyxKM/Ta/hsKYR+g/QznswoGaNAOAvbvX0e9t9",
+    "Q59Pugr84bC4aTAqt0Phr1vAGG1VyPVaX9SmEeqV7HD2UySftl2k65N9SRsWHFZZPzWpY2fGv910msk1P7Rs6Nl8ULM3RXwr0UvO",
+    "HWHTj+u961dmQf/6kzz8swOpx4DB/RcMxVd7WhzfufMEn/KYDvhFT+1eB0ZhR+5nkBntJSN8s1QiaYerWZVpeI+a8r601bcZAPzs",
+    "WteZykD+XNyzA9hwkAr8fqHNM/MDFrl/7KERvTgIptjnwuOhpfiWL4GBl3YP9bOAsAsptDBeNk2cWNOwJV4CrUCij8GEVIf0uKA2",
+    "FS5s6ZG/Hr/J+dFXVkZXCREn4JMLq+keaN5sV1YOqLJp14Wz8Mfmm3XNfnOFW2y2bcC8y/pt5sqfvsfcfqsNNutX7Zq2V33Zbm9l",
+    "ClwiU3iTm6umSC+QkUA75XVatWydpWDrDvbZ5oMt5qsab85GrfZNNjW232XV4i1cDugDMV3NkwXvtgc2NBi5BckEdR9YoWXK/AkV",
+    "KFgyS1GIAD54BxhiOAgZtEnNOP6cjZXOH8mVNo7mPss22q59IUjVrvJ1fcFXj0WVrkSk8eUTJ7mgw8hlw8ThQlyM09m6AU2VY/43",
+    "okIt2MgM9AaFKGeNvjvepNlPVGqRigDlJlUD6pCPdqRcz71FtMIKP+CBg0ZJcZFWwPmR3nMnUi6dctKgxx6wgRejDz1gUJb4D80M",
+    "/zgr8mQyTvBMl0tAbjI9wmSBtKb+Ynapzcb1PZ/iZT0DkYsmlMzi26x3zK1bFm2/emtMBxeDaAK7ll+Xv9Yq3oqT1qetQly82miK",
+    "fF07rxDdmiYpIozuxjoE6AFR2dEyF/7kgfPPBVzrUWJErF/+8R9R93lVzO6/QO1mVALpKmM8o2YsPelwFQ2nBP0E1hwT2jroXkOY",
+    "ylD08nEFn26hF3Mbttjvx5H9O+qSDRw5l7gJGTwWnXwZNpMj2NB5VnnkSJ7OBGgBoGu9Z1CXhNfCrSiPc1TwR5KixqHk21quvWWk",
+    "PCCxLWot/+M6pt0sEHt312iCPuVlRUMF1A0byufm+uwf3Vr9FryfUTEEy7P6iHbWwFbZnjfQTYxmYi0XaBus5QP1BrLVdWcDTSEG",
+    "9E4LpZNnUDQB7o/VTAGI/E98S/n74lMcdFSLzq5RL2eeGFU50J31xLxObBoJOU35Fgv6uXkxPwdzJlU4SJnGmxd1ikhLW+e3PYNu",
+    "t3YrFh29zoN2DSy6/20rJt1NI2TTzZfP4czHmzlzJNTBMrBozcGjz9sfOlP9z/BvAxM+PdDa1+N3qEeL2s4jq99qh3F60DQZ7Qax",
+    "6UC+JcLpXVHs72FGlY6aiXFDhWOfk+EjGYFosIIDsXOczGZPdrlwbc2EdIVQn3WGXX7JLc+pe5G8gI636ou1lvjfrarLIMCx8x9b",
+    "NZIJ7RzLH1s1wgfxO8f4362qG52b0bVtsxYSOmgx8ldTMzxduOm3p34Y7qS63gZ9pOo6BDJVjtdizcbJbk8K+VTdVhfFrRqooPqw",
+    "FQmU4UP6R8WDtcTiueU3raWijXJY1nRr8qGWqho3rDf8utWiVaPayse1Za0HwytS9Lcune0Asmx/6t6nZoisQxxpflvMkWYNoNRf",
+    "tgKjmUGD8tL/FKi/IuQwMFQS1UI/FBNQLyqTbIKPCMZTMc2E9phNF/KTXdSMo4ZczVl5J/HM2eVJCuqKvr73PVDCJ+Ql5fWsVH7S",
+    "dE2vRlyYZMksv5Arnhy74DQWq7Th0pfpkAlrB8NMkgPT0U5/T+ukGlbMzAADSzgCvy/fSKE/HRO7EFj6pUbjPRx8M0xJNpv54uUm",
+    "PZe3Q+NZXXHpf9KG9eczejEwTRnPOqX4tpVIreDTelu+2fS6KsH7Qn4WZLUhPxdycwn8sMQNC11dKNSTc+oY7jhjDiFSgKnOhdPw",
+    "kYvzDMRSKq87V+hvzYggH5UofAu8MyMIstD3SVqOi+wsqID6IR/PgraNM69j2tJvS2qn5qY0oiV3dRiKk6TjlLdCO9N9i07V+3j8",
+    "h5zcB0N1xkZFLr+w8AfML1sGgw/H3/7RH8PhrsElFkbWYRJ5wzShUe3DJVAX9ApCHxiNVVpjL/Vt+wZlvSq/NcGjtgbramp+H9FU",
+    "3ePvnftODamo3jTDu/bdNCvF1cdE7aM2g+glBWq9TJck+VZY7wyDGqYFEBPgqpNZhJH7gLwMHO5pcdsGTFFzY0jWgSMffKGby+pa",
+    "gXY4/EqoT1NqxHv95fg5/bse5zdpC6nDMnmfNg1E5cdv4b+tSM+6NIv1SJCWFWZxuRPdi5S3GvReTs/ypJhwVMUl7BtfDT/S7g+W",
+    "1xFs7Xvg35Iq2tndGWAH/5ws4NJKov/0toesySRFP4d0Mc5SDCmTzNN+XmQXgB7YB0mGf/r+Ffk0XVP7r+lRSJoAD2Mk/1meAJbR",
+    "c+E/vHgX7SbLbHcwGBy6XyB3oF2w+xanU/TfkorqXvSCinsRviPk9udpNZ52Y4xLTHGM6fFAVQC4ZiXibCLxG+OoSjE85Kqk8JTY",
+    "GdoWLlBypeCu6OzWp974xjw/J+8EM2eYyyQ9A950DGV7w2E0L2Na3vcrDIqRLCQEaYWxLwEvAYbnRT63Hl5FhMESLjhTShnRgQMw",
+    "FvwyGsk3dtbFP56La+0uFQPM4Y6JzWtqeUZ9aNhx1EHhY8qLFGOfUpA77Mg+zQbcK+GTeqA9BuBV6YtZOsdBumWaomst1waSk1/x",
+    "ut6adVPZKFpV2QxYTtx0U70XPfvuZXQfj+K0FwmFpgXiDp0XaTnFnjAszwSgVPQifIwq0ah7JqgneQT2IvK2Ypc9hlnP88fvYU/m",
+    "4W3PCiM989qTo4r2xNGop0P4nuV5hUvavdNZlTR8Nq46h+T3f9T8P7fa1hrQHay4rKLfRkdRN5vE0dFxNMnHKwTrALZDIPz765cT",
+    "/Ezj3Yt+v8J358A/pvx5EL2tKDwpPUgHnAB4I/qovT+E0wh1ztA/jXh/2NDmx/X0cP4ccJROWTrrVslFD2hNvsR4T4PBZTYpOSYp",
+    "T30BU7dT9vACW8YcI7uIulz7BMD7/hSjp35LGtAB1CsARF0aIPr736OPN3EsOXyy86j7HoAXLfDhBHzDH0cREe+YQqBmi5Wkz8G6",
+    "l/S5QySyE0eLAf31BsgLzPE914MjnerKCCKqq0/NkQC0+z5uboUkFlrphU1gZZPGpb2PsX9sAkCHeqeu/0l9gAGF6y3/DMes28kX",
+    "MMrvfkd3AHTM6++Y3aF5J5MJUbRX5EWZFtjDLBun3X047173iwGM/8ygQRd3gvpDhiF6GnU60citO+ZcPt7mjXFxuP+Dc6DS3Zdw",
+    "VhdZde3t11jv17h9vxb4Zg6oFzTAQLt4A0Lnb/Bt/1NoNwpx6h1sD37tygzHsZtikVarYhFR+h2eKZxPPFHv6UApHGpYJTcgS5Br",
+    "8awo4CrLSvoXC58CrEbRyaltgKL0y4lrApcZzO5P3798jrRkgegPk9BDsBT3HFHSNeuU/Q5QP646qPJXOciYzwFRujG9fwY2prt7",
+    "8pek/7dh/8v+6S4cxU6/g4TAHlG4Mt9l87RbybHEXbgL1wWiTRndhaUPYwOiDp34zqE9vbiCrwC8g0V+BTdgP3qzmp8BElUceZf6",
+    "ysqvcZ/T7iR2Hf3yj39T3STQzWuAyCA5K7sYt780BfQOqJvARYQhyanTGTqGm97L6En00HWLz60w9ElHf38EC8DdKQFSnZI+2fOC",
+    "3w8eDaUGDXk+y/MCPuxSQ2gyrzd5/OhBSxvuDFpNXauGatIB1JtQPVnAJDoGeAO6VPgJbp8c8a0DTARuc3VI4cgxMPUTDANzzFc9",
+    "J08YXwItxmAmeOvDtRd1KSq5IfJ88TJvV8Y+lca+XgClpnh9yPdpAp0DzWJM4DMAeGF31O12rBYBRL+DXXZ6crA7iqXsjGSMniku",
+    "oQgGeWqOleoU197pUR/oQYSdSt1FekWIp2sD/r98+630gm1xvtyahJH1TV+hKJE2tL7p2TNC7V0zqYSLv9HQHF9i7bLLYFQUEN8G",
+    "OMr08wr25y1prfPi2QygdiIQOe1YosgN3+Me4I3u6K+FntDoKriCzJyF6Hdw5bh/I7MAS6TV3GflH9KqS5ELK4rBKVtKctZbEbNg",
+    "Gi+rdI7VgEh3OhjRa5wg19pNY9eGP3idv8XO8Vqx/dMdHfv9l6Z/uoD4CHkVinSev09lDuHowFGJPIgPMQDP/Ulg2pAu8jQ9EA+w",
+    "Pv49YJkaoHY3Xxx61dMKrw5pQc+OTBsf3EiC5VWSGuLuXSlTXaZFQV2SmljBi0M/PKWe6O+BcJhIJqRkzBdcJ+oiPVBlQC1iIhUd",
+    "PjTeiEZq6J4DVzxHOi9E1AzdBcYsoQvlI0iIaVIg5uQrYMFg6rQ6AIMUdane+YLbUH8wGI4n99QMAyrBDYUDQU08bt+BGJLBpdQt",
+    "qEj1VlAH6lqc7GPbBd+jCyC1e0gOO0OzuPt4TyMN/Oab0evXo7dvUcJiNQCSB5+wjdHqxjeburAsAcBbyoAAR+5OELe/yVcFnF0i",
+    "ziMEs/v0ml9oNH98i/mtJviRY1Nx3huKDc6RpeDsJ4RCIDGgdiIH5heTuyZjepneRUIBVz+/S1sWKeZ2DUl1uciA76m63M3CLczD",
+    "QXf3/1Dep0sf0GMAlGPedSuuBrN0cQGXAuwR3jjC9w2hW7jI92iJv/zjPxDwlXmj3CaJWOltjaiyuwv3FkmHKLOfp0YuxGX7kqQX",
+    "n6uronKRGghw7t69s3w2uXcP/uJQkPDXT3gOfurhMOcpich0MMjwCr389NNPKAH/y7/8C7Q/A0KYMtcGn/rQTS+6H5MQfoIAPO2u",
+    "illM7p3lACV+k90DlU9WjMWhfEmW0g1ZoWlEAhFrAChkGrBw1yxoDwAUFE+YJS1M7hI9SY5JY0EAmVbVsgt4i3oMHKdLGXMXOZqr",
+    "4Z5f5Dbbbo+SUUzzklMiofBG5pAMz26yuI5y4A8KHo0nkJTMMpAzCSwlwVwWWQWEDD4N5CS+/urH18/+MyDVPvBdw8MI5jDLKYyt",
+    "SPskBdKA0B6wDZVzqEKwzV++efXyzQvoYfen7slffvphcXo//unvP9z74V736dEPb2MohLJ7T+FPLPw7lUNZee8Uv92jj/IbP59g",
+    "g1Mo/bjXezgc3sTwowtl3fiHEstwolAY714cqkm8e/Eap/CX6OOwd3Bz0r93//Qk+qE6vc+T2D10Z2s+eQVAkqMFCAD3fnKlmOLd",
+    "v+CulE9HP+z+sIsTO93NBsjMELZYJvQEWp0aRpX2Ba9fLOArT4qQCsHuUtsBlrVco9ydFlROkMFKkLui5MkjmSump+00YEgH3XDR",
+    "nw0+/3g2SxaXWMIMEbUM2LPOfIIk6LKDnA+Rk54Igd0O2oxoYBKNoS50QPXkRqK10V0Un3pM0Xzykh4YCnQncI6nHpe5QpicnOI6",
+    "BDjfpxcvPiy7FpMGJRBmTAjcuehYQYCetB3hc/45Fl1NM/S27M6JARqkH9IxU0RPyJwPyFoX8Yu4GAen+KdUVcggfoFOuWYcOy3B",
+    "/GTv1DDDqilCBwkOQgfggbXiUDifn+y3NQXSDadLGhN04OrbB7JsAYeNzaf7SJ5HERY1DHLQNkg6Xz/AQX2AA38A2x1c/nJc5icP",
+    "TnG9D+m/Q1tfdgZ2Af96iWA0AjdOkz4/YWLI91D7PnjSBVQyYpDTMBJmRL/8639BEzbK4nDXEg0GHoKUVESJUVMFVDy4Us3d1S2L",
+    "sUZJoo98qeIXI1GqGQMCMZmMvaO5FCgT4p06KRehjIIt9eBu6OKHxVO6o39YwCVdLmdZ1aW/e/ZUGGzHa9EWcKfnMwzcCyyTsG84",
+    "RaxWB6qemt10qvrXPFuYIYeoGFEDAWtnZBicQYaH7RD+ecLLkWGg5P59X2Sha/uIa51kp4fqE93Piip3f/p40Lv5+7/gf+NdPrXY",
+    "Tp06amIGiHjVXfluuiXzs088OjIC0ibuA84lICnLRD+hUIT/BUL2L8Rbdj5iTVPRbDOU925+gIvotwghYivMJtBkEDiw/jpYUFi+",
+    "S9Pie8IAIxZ4YVe8Oe6LdOpvW2HoSkBmqAO3fXGsQaLUZTcWkHInuvnEG6DKQddq621ebK13vdqP1jWLMAkDsjn8sAdCuught39o",
+    "Wwhhz5AyNYyLmLQPe/R21xsaa5+SBvRu08z4c8xTuX9EJxDK+Ov9+zApYZntNAgYbl9mWXieMsoKPlQbcSP/Zv1+496uZtIH9b15",
+    "A+/iODKxmIJ/8Ka5BlKZjrZFLqeQdZtcp6jPNCd+HZH7D3DqhtD6hBOroNqIbnStOFJ6oEn23uMXbPjg+aTTa1YMITthaTJf3ji9",
+    "deKHswFttpW8+/aPL978+McX/xuyZWTeIcMkRZboGM7x2VevXzZUejaZZwu/Jg+KsZD46bXojTDoCoi8ZToZoa4Dm4xYk92LEuxF",
+    "frF2iXPybK6Jj0xBVERNMtJl3DK0SRkDJGekK1gryPdeNeUEgEVa5jO0qn7ML3uiS+6ROrDHaoQbEEnQ1Zjer4oNE/b4wRBzKdI8",
+    "4O8DypW3YDsYWSegDiY6zJcVHAtOs4d757LudeBPfNKURBK3xiSoRMtvTFZL7Dj6CQY+Iy3MT1FiJkJWUBwbR+Q5cf49Nstdptc4",
+    "gR6OYN/eLuQjuxGgbATVIt0Z9wSUHC28UXKOD4zQGpYUswzjspA5na11SXm9GEcW45Nl1p2n1TSf9EiDzwlNe7R8Rn38C9CB/iFr",
+    "lLupGWKogLh7l+AlBYax0DBEiiWfY0KxgcWnAa9B7CKuezZlloSLz8ZjYOPguAE+ABdF9tDdv+JuRGpCDNAjUfrZcxEL3tkv9jA4",
+    "HogAaIYcPIMJ5kX2N05ACifm9wBLgCTprLGqGxP1xjRFA0bpA98IjqcpSTB91N/hDQfCNeBDlcFC4YOy88syiN2lfshO0fnDi3cd",
+    "c81IvycdUdH1310v084pnecQKI7NoIXHrvF/7pPvQp9Of5+Of5/PP/ZEtaUxrGtAhO0o+k9vv30zKEmRnJ1fd6mULZOGBuP9ByfS",
+    "yYQFMYYJnm85zYxe2G2o4WT7V1qxj36XzWM8CyG8H6P80tIQPusjFJHwuBv6RId+ROqjCYE9rdB63bF2bSh7nq9mEwppU5DvhA3H",
+    "M+igUtWsxs0FTYFWNKOcyyyHuIU6ZRUvFhZOilS8wKRBBUwZgZAMy93KqNlD+Vj3b8UK7C+/jH1I4LQcILBKAwHkQfT5QC6PBnEW",
+    "VPw5YEUtcZA5mWo7WMN9Uj1wzQh1tgbSpN4lpW2sYM2lVuF7E6mtQa3Dj3iW9MxtS1eIWmXSyH/z7t13kd/AHRhHV5xArOrhsoDo",
+    "O26NhLWAQtBxY/IB4/FOAtGmk9Ht0IcOKb+JTtjdaCOfYvAGDiG7WHSRF8rJw+KjoZm8hdGN4Y5unLhbm/oBbkY3K+mwvsANMJp2",
+    "mGpIZJUGnU3j5hLqxHETCBwpJBAwnWwAAX0gEDBF+f8ABL7xuvHIt2A64oJSzTSByjdKNAKI2G5andGC+UYLURnfi95OMfe0dYzi",
+    "cJtddC+nXMmotQeJ/HvDoFBa3OQ9pX2/xNc9MOFOBxO9L+RqnsEl6DGiFu7oJ4lcUvm9sFROe0eXqPBoZmfNnqhPA+yClkp/PPU/",
+    "LtmOEY0aiwfIG4l9ZM2UYq0G8e/2E6x9apFFzCYDYd66Haf3kiJHaszUjpoMLh9NfVTIwMZQN3oJdCXzVKWjnm2iKKLhCyyQBNGx",
+    "xm8B663faic2DisCUGqiq5ECEo0SnhWNBwCh/Jlj1Eg8V26k3mjoPVrrpavAjZ29s2HkJhnfZwkxSIxryGxMjLepMzN1hfGE/1EX",
+    "GTGyiG7MWQbsJNR3PCnqxvNFvM559Yea92qHxhrJWLf0hW3oLvbATZCLB/R2yiqkyVIZbFwvsrd42JjClXadZ4dwS7DLAPsFV+5o",
+    "yVJwySM3pA5BjrFLc9EaNzQbaqxsn6JjemgiS3NkGvDa8B9kaXYjRmKOXg5CZIbtduLfyMmLPX54JvQ3OLjczalmy+WS+ri+OgLb",
+    "8Z96NgJ1oea/T4pu55ngGuw7YgahbbSiBxYGZQbRn+D3L//4r0R+fvnHf8MqFCIWZCFBCiQ+S0tV3Ko0iGRLrsyWiOhJ+km0EgJ9",
+    "v8IUAy+AMex2z9koLLZPfbkAA0ubzVA3G4nuwoBQNeezDvspw83ZTdnDicGXvh+gQRSqfsXpQo1SxrlHNGK6p8ARXwOFgAwND9f5",
+    "immc2xhWjgwyU3jXDdCLuIkC1nsA4oBaDb08mhUsD4VU2vYX5TgBSSX2BzgMpolWnrWTZMm1q2AYiJFG+rP4GtWY8zpLp4UNEgQR",
+    "UxSC4kSNry16tJC1mTwS35LHbTdmVv0mNhone+/TBZ84BGceoLtC39KzayHV2IeR2B03QHRmWQV6fVzvc/av7iqOpuF69BCcNGZF",
+    "7PgXvj0mrNBeocM0TYZlxFEkghMc5HyFbxTRBkxKIbyaOI8UXthQ7SsykBuA23k68Wm1dPzKaokMlrQin5OggxDsCNbd3ejPpChV",
+    "0AJQko0Ei3TMu4jj22GIRVSTRMkMPdrRX55pKk/gbuMMiGixvyZ0N8D+32ak0zd2JzW55zBOXYQkN4TimuPIdkKy4ZoblxvjiPNb",
+    "tJWZMIB0WxkHm3UKQu0YvsFH4Z3opuBCxcXyE5moi0u4AtqcXw2ks1hp1Yg3t8Z7XKRUivi9xGHEx5r0ZzgKvgKaFPmS0GVHni3t",
+    "WJ6LtnigPkzFaG/S6OboaV8VwCJwgJxJihbEawpAi54Kxowv00AES4nJkxGMGoCtxU72ddc0N3w2rrrEqvXEcyW/fIWvghyi6hHM",
+    "nSLE6zl/UioKr7JYqpX/Nz/rF28KIXfey7Qaq0elYU3yyQ4rYnZTv15+Waslq9OMh/emL2SP/PdnPovUTm8+Rk1Ac7x5yC0ZONYY",
+    "JgReU1dmX8PPXFrbCDcBwyw175P52goany2TdkBF+K9BVj631MfpVOQjx8IPHdT1R8d5AhgLy7cE3IYBlmU4vO3e6lY3XdBOt271",
+    "rbpiyIR9tXMKtquQT2BXDoJTvaPmc+dYh83j3opD+Yh8GcgbS8BvIJlEXckS1TgJQe11ZFpe7LjnOhto9Qv9ogtJJGoV8GUXoIzt",
+    "BHaDTRL2GdUkK6prorzFakF0dY698ZOqCBMNwEFMpCMxpHDNK+B9UW2BVg9Kz0E+fzDvn1cpcsvAQ+CbLLGA51Yjf2PMRTw0C+ko",
+    "fljPR+h/IQJL+AkgS1K3+oAcBRny0I/SHU13f5q1DwaDRTJPxTpBfzqunb0saUqICvDbiVSu99gfSTlvUjll8fCPoccB4t2tZiOK",
+    "LhSTuwKg2PePFQMl+07X12gfDuFa0C4NndISTjnXFi6GfFiZXPhLBii/okFpwoF1x37sYiN3w8nWDADB+AuuiTaFoYZFxqtSHLWk",
+    "hftsFeDMWcvKT/DjabfJh9kgT5Eu86KSBKXIkJCWrSS/ZjXSJMVHqG4w0i3RFPWXOFzjpgOpHsttOIpv374wL8GAW5/i4aJMzGKb",
+    "HEXZZMQWt2oklogeudCO8zne9tbx0IyGTsroODQxrMq4Kmbmb2SK8vNzsmpcJZeWnRFhg+ywYjU1p+jtu+9fPHv948uvXr348fVb",
+    "6P+Lh8axcQFc1nVFzkLA5bFVkJ5S9BMEQCxMXVaSCySyfcJFOyZrQRO2jLBjqDxXclKTUIoFfYuPI0PLTWYGFtPHVodWCvtG//In",
+    "n2/5SDs1ijr4T4ceQkqWBijzUjZ0em76/Fn/5AoovoxEASGKhk50c0Kjn6K6286D3sPw5PBmoNFj2cI/LbtWynvn5BHkepeoz8bY",
+    "7iVJDSj68RPYSTant7EotRAhKVJUrcGJmUPtM3JAi9gOAyBcLapshrIL6sEAIwJXaRoPJZaux602yithuXrVZNZpJSFf8EJ+yMkm",
+    "WsJCjqjzlRa5eLlomWHPdH9Udirn9V/nq4ifxYbLRlW5v2E0B8tDoz3BIo4n8KFOCTiajk+r7V4ZjPThYHm+NWuUGRCh2WIi3viB",
+    "eoAmwXMauMOs9GSMcfQdCYJBNvoxSM6AVrodk09IIGw9/NFtov78/VWeL/W7ncND36sN5rSaOQ0JN/oW31YorYipRDpF0olaU9Jm",
+    "Fcvdu6G1zboE8dM8kYY9lavpTas8Dq3rkSxdiCZ58K1xMqrVDgqe8ls2TOMVfLkX7QM3gGQVbbbwL3drJ6spTUfBq7bfcSMKiN6D",
+    "tKr6cItCliDQKG2prWchy3+AUltFdzj44iEcRn6BCHQpR8y8Fw0HD2PLTkdBt+ag3LShFmOJpvuAssLWPUPEfc4OMsD28poUZqMg",
+    "B/9s8PbAO4HDFvS57VbuHp/j1KF2jy9r53lsfSheYSISEjP6L78ivwmvxeF2/hAdFZOBXd+N4whaTBPgDIgC8I9be5PEbW/YiNvq",
+    "+P4FNUu5x9phDSJ9LCg2MncwSZgTv00zI9FJdgPdZU8GvG3vmi5/raH0opppgz2yfKMfNnt5BJpe4KSu+MaaJsA2sp5ZQlyU4sEJ",
+    "E79WHlEkYB25hYBo+z0VdmP1yDhF+3MhRwVvoa+4RFdK39NZQJ0CPRoVZxd8UQD36EKxg4xuZ6tzMoP15IXWkXiJUK6mUNZIirly",
+    "sfZeyGF9dHDlZrV3cvpa6gU8aCzO1UkhJgra2zvOxfYwvDc+sgkKFoeC7o3yoiGRF//perfFhDJE0uMpU2xHw/8hFO4fGQgP+N+u",
+    "DGIIp3U90D0z1H73O+wiFiUB/DnAB23PoZNnVRduATwjww/n6TnUYYhjHfbs38MEbgJ7Ie03nofxoXYZFvcx0wOF0O3unqD3/Omu",
+    "9tA9Ry/hJ9GQ3D2g7kkm3t4/FOSzkNEv7ETch/Gtm4ER4TBAdGQYLxDx0SE/wnGCuYiDu1sQyCKZmkm4XnQ3bpoQFZErshSTCXIf",
+    "btC9WHUHh+kVehhzfJL0feBgTFaV8PAT4sEZzAtrphD228iPDbjsfLU0S7WWsjhtZwcjykwCFjOcueXGGYT0PJk63Y3ofVLEyTAx",
+    "nhsOafkE1DaleEflC+YX6VYhrRgce3J9Eu+TDo5DzKf2jj80tkSqTkZwU00eO8gIvlnMmZZv1LztK4JRx1qfcQUiz0a7SoL0RD3y",
+    "36ZnRd+ed7G1esxBCR3hricEfsooNuIWFsfG1gnEGPNNdQpOoSqP6R2PZ9m1s45g1qY9m0rtqbxjTjhNBivTtQsNHOioiRcWQVWX",
+    "8CYf7R6QTU30tQrGbEa6aeklm9Dx4MlZeP0whJ6fYEwKn++wU1KI56MJzlw96Wt1UZRCqOg7IlLLLV0R5VHbkpbJ0YMGmWWOLMcF",
+    "M/LitZALyYAe/zulGZci00OWL1QOWPV6rKrxMMYUaCHKG4YAlbNB14QVSQBjv0W7lYlrJPf1iHSmpBpFeRffXgA7iC/ArFSOTi7E",
+    "m2HwH1Q1YdAmc++I2yTtvoyrmcNivERuAqZ9gp6PfrX4NHzT5nW3Wr7LG3r6M2br7JooSBLjAH89OTK/bHPxwfKB5O2EgZULxOAA",
+    "bQI/4Y7YGE96eywYWrdISZRz5WWq4aBeHOKnufYMAamxo/ul2MB64Pqm80PliRJFKdrVs8mkO/cudhmNEtI0Apq3zNawu6XAOec3",
+    "OTL2D4MuJsT7O8MqnfzdPHiIfyvPdXC6ccMQmcGFdVuFi6+dGYZIL/I261OPjzecSXZHQzYMqJCgvRMKEVabNAcO+5SZuo92+PWK",
+    "XR34bPObGarmbMi4m1+DkI0lZYPtuGRRoYtBXijWx2/xIAYqy4bIXBSkhEID6SBLuMxAoEblOA3eDa2hogdZZl16DQCgJLlRbQoL",
+    "V1a0ogtKu4/JivEGGLDTLJL2ciBR9MiRv0enthzYMNtSSu9FB4QKpmh8RmUuRaN9FQKU9zsQfFJSF3OsHnYhrEQBqnPJUkhqerov",
+    "iVqbk8sOvLhqJhxVGK8HI4o9dWFgANhDxYQQx4KgHFCmWBv452m06EoZRnrCHzI7ey2y5Eh736lnrUXNMunTW+tR51hNhlHurXh2",
+    "7CtEUsfC+LTmmD8yk2FLKX4S/uV2Hb8Ri1trQaXUAv+ynpONKW1rPgPclwgTgL9dDguChcx79iJ+WyoBWuqrtxlsaen2VwOcdF5a",
+    "fKpB3A/83VDVpWbF5/5kxG+oZUkOroDCpj+1f4o7holyVG9cS0mKWpYz62W9rgEnK+D6/LcH9MbEpAB5ekaI1mpAkIsLYo4wgDL0",
+    "I9jsuouOBav9jcTtQ58RedktBh4KtiUmFAwxg7i9YNTGT+asmW8+hrlyH4+i//HfI3bqve+fFuqSf3T0DNWWxch0wnzFF8bMmcNp",
+    "EV9p4r7J1lKnMKBkp1CfpcTWkFQUqoZJm6HViySHzAf0h6MAUjCKumX4qTSfHLLYW2Pg3RjREfVvjqXuh5yJv4ECKg2syvJlIUYC",
+    "D7OwegcD4mh42hy+22DOwmDM+ovTxgjdYA9tyPTMBlH04rKJmHscoXWaoZLyGm1MVynJgQVGn4BrYI4BNd5+9+z7P/743bM/vHhL",
+    "rmkl2oL2h8OYot3gqwP2CV8t0dkXjUTcbcD7sfUVY3mipwyt4e0//0HHZf3q29eUTNgaY3nk1y/fwJ49AtlTz+QoemhjEyJQiDVg",
+    "XRvq6V4nS1R5jRO29hn1G1575o0xSET9YwmhM3lWNd7y2LN3y5c1Ax1cRm6e92Ce8D/W+onKkKZiFX/peV4YFZ+Znxb4bawDik1M",
+    "4Q4O6e8wwsHPLooLJ3z6LimSedlFY+wcdUgd2KOO1ZuRhowHt9j+MwY763a4GHCR//DkgzVcjbkNnuJR/hkQ20SvUyMSq6P5Gyt3",
+    "lKSLAO6b+Rxk2fkvy9bEA87B0v19nsOVsJBuVUC7OWIiBvrCoeQgzQd2R2MMZ1iybRP3g1ZrWXt79HQLb+0YgZv0g/PyZF4qhd2p",
+    "WmDD/BGGxN5JB/CnDMUFeoZPzASVlpSDaFykFG0AlqDQnlzjDc6wAkNUh6yHs+glI2WThkioJ5Qbs6Ror3R2RK9F6yFAoa9JhgEz",
+    "Ldi4CavZk6LI0DuadepX+P+LlLTAsP13ItUn6aTZVsOFdu78Bxlui+RKzplPcJ2A6IIgzRGYuH2afXfj0cTtDsca8VSlAA1C/tTD",
+    "B8epeog1UgQgXrcKVa7DDudXHg2hR3MFxWWCL40E5WwFlyTdXmSxo9CuthodlVl3WAtY3LLT7u1lhfFEaXASBh2QxHEH4zbXYjvI",
+    "XE6sJdbNF05HTyy0yQfUF6rIozhY3wy2ywuDTTpFG8CewVNjLUTe/8iMBNL+ZDVOu90PveiapIoPcDiuMdRFD6645NKEOJVBB4OB",
+    "tFRcxRu8NOg562h39+rqanB1MMiLi12M3LVbvkf28RuKOKbksPcXrQGi37ztvnmLwvL7C61E5ZRUIP14CA+MOVynyNhW6pEXrxIZ",
+    "I6M4RiW9rB0QfM9oVTtlRxi7hbvBsbIFvDB6Hbns4ZoF3jBD6sMFzFkuhcZsE9P6Y4QRAH+ff4Cmw2joD0dDYck3+GQvpZj5z8ol",
+    "tP8eLbZk+iSRy0TeIGhIMFXM/oBhZecXpMOyuR46I4ZePSaYZXtc1A6S1ayczgKb+YjLdN/wV4xPV3E761Gk1d4Z1nz9hosrOKls",
+    "8c9AIJtZF24YTcJEUz010FlSbh4Hk8d04u23y4AaOwc40b7Bv9cWEN/A6RsOHgGYOPeMKXdkBAMiZBdTZB6gYoeAht21QE2tEGtR",
+    "mTmx1s3zPdql3DsgIuPvm1iCqT7E+z2MfL0b8ebdi2jye/79fJYUtwBiHYzJrBmQHyxk0DA2HOzFBEWawhSD9X6dfUgnFKJcAAnQ",
+    "etxxwJvqOqLcbERpekVisJaULB2lehLwF3Xoi3Ii2IHCf1AmI+QfOjYi53MJsd+Fdp6sggSljyJB/TVrSMd++d//74CCbRJaRHe1",
+    "Uc/H9ZyiD9lDtqFLri/9xBxJiDWqN7DuFDljaw2dkc49FV3w8EdUMey+gLTGBajAAWX6TGhNlN2CYzLEgYfuul55EsBmYaKEqp8t",
+    "DPy609U8WcDir0vM5EwJLxY5cFKYzUQe3qDNdVWx4WScYDROk+RjEH2LkTivMkmIRc+g8JVRgZpYI/ohHrxFxo1kQKXQA7GslWHn",
+    "+TWy62pLBxKlHnoyNbsc9fduMpA18cMVfOT2jh4afMu5c7vKqdj1J0jB7tCumO1Fhju2UEeITnLarQlMZFWcoSBKugy+srG7vLAT",
+    "MPgTuAvqT4RaTUMHsXHgCMoLUd5rBATvMnypHU0MbBxADSjikpf+HDbbPffk7phuxM05IGpdSWA+73GzoCDm5kMUbGnD7hTBA6Fp",
+    "tkS1BptXGyO4vzd4w1XCUO21mJ7YZbkuOtd7p+18T5DpfuAkBm29UYhQZPg/xBTUvbHifFWRn3EPTQD/VyeIqm6BjyirtAHii8XK",
+    "POOahZ4Aq8XlgtS1Dg3mHLmPqxrL3WssxAasd6vzkXqyfPfJhDmFoMNdTFFJ/GMy4ELDO+p8Up24zlypjoRBMwkFhYMQfo3fErro",
+    "rZ3n+EqIHnjD8MKXmk5uSJcs8+Alz/jlHo44mUjV2ItWI8sNo7bBl07btJlu9iQtmecr5FnBsV+7AOuoZUss71QtOFYxKudbBxW1",
+    "Nvt4CfXBlwK8TkT/GwYkM7cglC7z5WqJHfCDzhrf2/mK8xIiP2I0o6Yn+1FDC6l+C7g41WHb3LHhhrmb2bd2Dtw3HSphbZhplx+N",
+    "hwuTPsq6bBqRLv/dipDyFoHPLtWMN02ryK/UtJqPeQ5XJill28bNJpZeEDwsB5fQWya89+QvisGDuoinzWOtHQZ7UAPJAxmdNQJH",
+    "5HuxbQBL3DpcrxN2AHceJ5pGgx4e0EVezEG4HFOaVXoxfLEChEAfCnpIlkz6VIo5bSYUKXLttmLwV7u33bmN00MHxBAgvedYJW7d",
+    "ckMUFY0xRUQ9aa3SxaejQgv9U1Yw6UoZw3At/KOfc0gYdYZsrVoTevCAtYkj6Lijxbvr1f3l3/9P1xM1+uXf/w/mLm1p3LQg3P//",
+    "8d9Z40yQo3QqycDwcj1H4oHJx2odh9RkvfkVztVFwZjY+JGDeXeq5KKkELaGaUgGWGTnx9/jzx4HZJVwHCiCO82kb7OkcPnrjDfF",
+    "WAaz2phS7Maz9Sz+FoWi6UYHyL67eKnSc/Bu0jN6EVNfAgVcwaWe8lWA+8hHnP0zSHmDXlNptCPXx45EA0BaIIEpKRVidJVcR9kC",
+    "c22YK5wGp+yBxDsM7jCibHx0jJWIO+5a8smPwZlnxZlu89pYu1zyi+MBPeoFsHYGhtfB8ITLVdWTVQG/gVYXTGfDwQISoGad2Fc0",
+    "tM/PSc4EgDWzZP3luppbvWLGuAkd5Px0aWT8FmvhZnjYrn3JbHlohKl558YMGcYhJ9AcSnQGdM+YrQqKaQJi5HfP3j3/JvpIs8en",
+    "B/ygWuKZlEEGPYeECDZBxBeMii9UHIZGwUxFRap/Vq+qTHDOJQUcx6NGf2tOjaIqrOVd+6ZNwFnR9En3Yxkr8nMkVocFS2xoY1O5",
+    "Gsyw2p1+MTOyGnlRUSvVXgcJoAJGRmf6I6/5mnCIWegohLqEzMFNCk4Bu9FrPJauXPQmEbVkCWpBtRBE2L91bCUWJlywijxI/YC4",
+    "jOdt4g3YolMh3Aq0KrvskYIZ5xzoe/TA9gyzRvBMfP9+o35R87IuUUrzwB9wERgZB0BJKirvo/R/aHUuhLisZ7Ee/+zFFlRgxMEL",
+    "mIIBtSl21Ns1gyZBVDm1hqc1aPvy0KHXT91rQItyvehuiKdmyzSeSmfmnVrjQVTu5uFhJp1GXFOKsGd6i6bmxh2CraijpvcBhWyl",
+    "h3xu5DWQwN96PLbHi2jtyAaKsBdB2wKQltobT0/Dvjf+KsG0QCUqAyU5q+RAKTFPKmpJkosRGf9HQlHh37MiTyZjyghCiXxM0vqI",
+    "lWXUMogx1bgBSj0BLSStCbJWOoYDDR6U0ERKP9KDpzRPKIdUoBzSxsREeZnHODr7uDlRStDb8X6xsxNUBE8spMAF5BsUB000G6ea",
+    "jvmxE6zINh3H2g3BKh94jbaWKY996yNrqhB0HbsrHbIqUvpQUV6yVSPj4M+kmzX8OVTEuBC4ltNBSS9YWFHFa0RGmLJ3YTIpqYuT",
+    "9+vyopCZpbpjv29eiN9ixi0YoSiVAOf/+C36ByOO9HNGkgaDgHRrtl50dafc8XurX+MO6GKmKkBd0UrhaSTXj4IQBCiPk6p7IlA7",
+    "jbcfZgtLg+GANyYDwzxVwNILd0AhYbH9iLhj5Kt6Jmo8nFtPEMUoBpgEEM/RqijIbTYpL3v037LHbnAlcqhn+QccjfybKGc3xyug",
+    "hNvkaAu3CyVBprgYE45DR2GHWCRHHowTab63zrlzikW6Gk+xtYQxiaxftnGeMlBA5tNGsZAF8g/jaDMSEgFT5z/ZAZP/vsgXqbW7",
+    "0FgT+1MiV6MsrCN5IaLCtZlSRgG4CqXGpUolQA6qznebZ/zVi3fPXr768eWb33+Lqb8Ohj1T9PbFm3dQsjdUbt6Ol0cnBx7f8aP6",
+    "1QswRDbetCvH0kNdxshzVFd/A42fGFuFU5MdSb/AwhvvY9uV9czmd11Syp7ZXpF4vXplF5pPtBUZPcJiE+K70/HGR+jzg9Qm8B+K",
+    "EwccShYNu5b+SXsbc0v+UGs0RgOu2Uc3WS8smWdU6BukVBX40tIDu95IygvimNmQMer9Si2gK+FB0+7bEBuhiz1hgK2nQpZ5IDi8",
+    "46OMgYKUGb9wU4xPSP60uMK3WRpG+eTaBen0CmsUci0MXYCzll3wQt2p2E3NSV9txlcSp452nHJ755S/GI3o0Q5eJ8/fvh2kxE3R",
+    "y6b7UWfntEMHwAHLRv4hPSmFAFJx12IpsvsbRE8zWGGCpwVo0S6UOywIwUyQuVVLH+qfw8Fu4Dw16vr2Ya8v4i/eJWcdXwaEW+WP",
+    "mOsUGUWryskWdKtxhhO82dhHj4PUkApHJ8KS+FX1NddzAxsli9GwiO4lOcEcgHBNnBib0dHOELHiVCQryy1xtK+7CydOYoBR9EoH",
+    "ues78janlVr/bRMJzKYSq3uM2PfbJ0O8tRL5cd7sqokvP6fZefVHgCm+dmsM+8g538n43bZtOI7F4FDyuLv9KJz9r1UqKcJRbrx4",
+    "RrS9nRIqfsAQtEiIDk3oT2ZZ8IUke1dTvDgK2mlC3HFUOVaqWTs4722QZUnfEp5ooclnzchJ6lLqjpg4ZEDMiVRK/lCbE9YwOueT",
+    "jljcOmKt6JBnjxgrOttxqei0FMc6IQ5ycLczDZ4lk/Zpc4esEv6eO6djZYMkGd/PKg0sdy0dYk1nfhV7WKOpE6HeROPI9cPKquhG",
+    "pMzOxDdRS34bLbczTnyjoperGfZLg7VM8ZV512RZZ883RyOdqxcCYHrg6dPL1Rmn/aRGPXGcWAMp4xQQJqBZUOoSRsKxwQXomBJe",
+    "fIjNH5JEpv7O66PRziN7azMXunlyp9b43LJ/LbZpxmnmq+t9sxdGa58X7Fbpd9kzGQKIg6W3eyZdbpFe4BYW6WRgpFN2GII1uPuV",
+    "bcIddHCwtYSMNIFxzdZ1JIxQ6duqQruS6b2jDWKU0449CFRVepPPfT/zjIFiCnTtjUwmBXh8zGJYSAtWzYW0cCXEmYmLPKRb2Fe2",
+    "7/jFc884ZICwF/RNZdQ1/yV1jWSl67p3t6/4L6lLwqNflYqw5kv6QyqWtaWVsq63FDiBa2m5tUfA6RnkD7hZvky24Vb5nSHhuch0",
+    "JL2Yv8new6nopUC23f5muHMdkzawkjesfksCo1ckzwR1EcHHKylN901B11Co2upuo7Aua4SJkwSQEegWMCGnViFu8qckwD+dsPK1",
+    "2e1QK8idw8H69zbNL3+M/gIIr3kEtMePgPTznJb+CehrOpeXfL+//tQBeMM2TR+dUYimhz2eWi/AunCvI6AgU0NBZ5IFJx9nsihK",
+    "lXmaLIgp9tNk+a97EzE/hJoBMiy0COreu/3ED9P1IA7aGEMKNeAJsK60w9RZmxoSbWrgBNI4u7qqgZSkc2sjmW/xnMrFTDATvmsm",
+    "7M3KqYr0zObhzCo9M6PuoGlVdlr8F39tn5M3upBiPXQVDj3TQ1u1Co09s2PPxDJEn9cDZBYAhJt7ZQ8DIBniruc50/MMlDbS2L3d",
+    "DhyKpR+sw0+5DyPy8GFlT6gYMigV6leUiH35/vv8ikLvmmwyOmEqZY+eVHLHk0MSX/WTyToule9n5w1Dv0fUnvxdZKTTBkfaBtq7",
+    "dKSXCHivhRrfXaLeYR1NTlwzPr8Y+oAoi3+1taSCanZelEfMuDMZvjbWoo91BtVH/SkKKnjlTtgVap2bqJuTicPLFsA3CMqj9V50",
+    "Le39RXGxjqe6NJe3Rk2nYVrKda5WZPxPnhOdYt00h02yXuXRBUi6JSaB4WTjFkKk3EbhoOTIEPQowLzgJrdbgNGJODDh3tPO9gTm",
+    "Pbo18NGceakH/eAt8QozT6XmruBrYsnMR5ODNaG0z2NevreMKJ8RDP/Ua/cgJHbUXdXShlz6PIc+2mNyJ/YqGibXQ63mqlbq06jT",
+    "2m9zJAcE7jXwlRE9ywraUNoVqk9/NWyI+bKuF+3ObCerC2Pl5Oy1nCfjKT/s4kbyu22JRXZhq8LfbdVg4L+y8oGryu+26uR51uSY",
+    "Zhl/5ZkmbbQtsrPO2cwKWct6H8YjrM1xzLR1nmM+li7QUXOcvtyMrWK4sA0UKPw+02U+nhJC0F8NCMFd0deg7Rymu3EmyJLwdayj",
+    "8XNp7G7DII+tfEfs+3gTztm4OsKASGOU82MIcPOE19VUj339k8cutT3thesdgNiSQisqAwfwXtIfkfIrSmZ4CbAStsznKf4C+XxV",
+    "4rHMKpPuqEVLiGzGckAqNUyGxH9aBWos33zPpXUvC4IOUNQbiMJHlenrC1+x2+c53AVKjt69pGxOGNfoKaXppIQn5PmKf0vIV+/i",
+    "IQnUa8y5lMwF7/E3sY5MamIk5efRydLIkCDwDcT6uhwY++tSWD38i2RD/ANFwtM4Ktsvh/D9AalkSAOBpigT9zxuis+I6KCUCSNC",
+    "BgqjgSHuFtXsOlotJxQPA7+jZh7deUov7BI7laQTd3MaXlqz1hIyMWYfAPc0Wi7H64EM9IxYnyEGqpBPH8JP+mGBzP6IxxTjpzhn",
+    "aKmmI/IgOTH6XySii0E6I+U3wdsM91SWhpqVrt3SQFVDCpiO2BLlIc+azXqTC4wpFeRFATLMQLZNcGUwDTgk1uxEFESJawg9ogBK",
+    "umXL062u1+qpdKKcP9QyK33B0MIkTw9yQRvW9tLgzSKXMTrA+ViKJCop2iI819bW7xCum7C6ixON2aAoJXF+i0gyfhEAkzPUqzls",
+    "5OPl0NF0bo09c1rqfODGB/rFIResFsFY0Im0dWsBBlmCXSbXJArpH7QBKpyjwTLWENV2lGHBWyp16nsqH9o21W/31PSD28ogoEG2",
+    "2TfASRMjyUJN79wrkSHZgldNacNMkjzYHPHZG9CsRQNWWzJ3wkv2JOKGlcuHtpU3Nn8a9Kq8j6gEuPeZw20qcsgteWZvg+AyjIYT",
+    "KUCjrvGhQZeYMk1JRLAhjGJ2u0FvHud6c+j73SjvY7Y2rEdpxmEMbxQb3VOPOrpVS3EdCT0G5I7CvRCc5t+1/ZXF06MbriIbc+z7",
+    "0OCjlQQFdpIavU8cBEzFovD6uW91bHY1ZoQjSlQFPd93bS0y2fk34pI3xFMZ0QYW1tMTh7C5opi0ZmTM5ix5bXXW+E00Mg2w39dp",
+    "5VCI2YA6aFFjLpClCiFgyROpEa70pQZW3YkCVNl2HyKcdJun3EMIJRxMA6n1AU+RX/X9wBmh/qYkFw9mdY0OxwbDHUU2UI5+vLSe",
+    "we/8xnjacxieXu25Ej5RcHWqHOuI2K/C7Bj5f92g9C4AB0UN5orkCdHZ2N+S2EbtySJbLlNUX6JZoxftPcIwNNveuknJB96kuhSU",
+    "0jF/vCveWELPsgut6MIQqKhzvnO7R5OVVQGITGcLjNkKcOt9WmTVddurwbZ+pZnu2RT57wo37D6xDL9x8f2cnsRwYajdGZgfZt6i",
+    "9fFZ06qGDacqMwPHvf4YMUMwcuOZJ6MjH0TimI6R0MxmeG/Rw53HUxEpM2GT8ZkPjX80mvoxj+ho4+ONtVkr2XpoccVSx20Xm82d",
+    "M/OalbWThWBVNN01297yLme7adbODLFRJuAXbzJ5U4mwMfLoinblIA7hV/TloOH60q9x6aAf1ptDPm7hKkH1ZGk98zsOAyHcnnLT",
+    "JLem2p9JszX/grdcAwm/0/Qy1UYE1RSey+yZji1UNmHar0Hpe865gxJDAIY1IqPmOMQyGcZ+SIMADe2uQcmElPKp2i5k/YKdsoFL",
+    "08GPPy6TjCPwYGSia+VDg4/JUPqicmRG4CrqT1IMIFuwncG4A5PbG7dWmpMCWRQqHpi4+xz8rzBiWjGwC7Zu9fjDhLooOCdgHIxC",
+    "L7OAoclQvuNVUUQ+05476EiVjsljhcut5Rr0zCO6Zi2U0a3uObk4TS/dTh/PV9TZMjCIUfvc1Daqi9s5oMRPmEdIRyE0fP6fict3",
+    "kPusw0/c8+34ts/l2iiqq6u0mRZoBYAIzb9PJhdpd24ZijVsH8P3fwZFaEzI1+Ist85Y2axj9V+53vLBpDyV1ErdETtZ3mD5Mi3K",
+    "3PcFXOsg0ThB+/pPR75a95zA88MijaUEmWp+I9nw+KBBc931jLXoOqt+t9qSVHoG54Rdeyeqn6UFPh1c43D75ZKO9ooWSr8BwQby",
+    "voJ3wbFf4UOHpqQqXgoP/cIhTA/se1wqLMwvLUpJhu1n46prXFDFVA2zfCrRfTrv7NNCWAvH+ZxwyGZrwpU3UKw6u8gpvylG+iG1",
+    "VJ7P6G2S1SlSDG2RstHrWLI8DaKXFUUhM06I8h6BUlwPzGy0q6wKwMYZEtYhsj55DWaMtcfuqxevXrx7sf7cEcyWq+IiPaI4Hj2h",
+    "WJ906tqOVtvs1YvcFqx8kxsf5u2PXR0lQ/uF9yahBWU5nUWQ3cT6RjqE3iLhumT9Wf9U73v3bo7CmYuqmjD2Dy/eRZ533O4IKbXJ",
+    "DETBbBAzG9L6vsQHxuLY+u0ZhTAtOKa5iXz+/fPv3v347Pm7l//8AssSuqwku+Mk6nrVnj97/s0LeyT4DS8mMUonksHo7JpOD0dB",
+    "Z3MPU004NThoVydIso/zOKz9bmSy18CfJn9Nj/z5l7NrHoxdMQ6GEar2F6LPJL0nqiwWOY8cD/jxI7pEkqa/dLsAMxwnRXGNOjNi",
+    "OpBpOdp54gKmH+/QUElkmB7DXAqVMm8PNeCOooOeBhE+7BvavPMwAiG1ZMxUodt/XqXouY9vEOnPyUg/Vs4W5zMOtqkKgfvNvQI2",
+    "p1KebgxKW0sV47iyhb3a+aQiM5flVkfAP+VtdBPidLsSP1Tx6Z65MjVMN9VxmQVTE+Hkxx/zxVtGTWDtB1nphllc+BkGw6+xLAQ3",
+    "xHRnGGr8EibrQxpW5Hn1GqpmC/ThfDhcfojg/0y8+Js7dtGDnJfYtV60HviM8hr7U0nrDfwUBBYIAazW8LzoxOLbaUdSMeHQq4Ud",
+    "vD7yG5hPyXehdWEbDAbNb92CUdY9aDtFX05vpG9lY/zBvDkM0LpvXjkt1GbGtd6+o5Pj3+EsPh1FgRAhWo4aEPXIsc3xBF8WTm5E",
+    "S5oZF1hf+0XObA2chD7+rMatM8Ihu2My3Y1NiAi4rqkyn1YTQ94WmxPrgsu7m0e3w7f5yjjCxexhqYq/W82X3foiuJiWwE4XjImS",
+    "SuaJR5iQPXQDmFdm+pkKuR6qOvSwy96bas4qWLpKfRBgTqziqAMNhmsIsy1PKCmtc0se+Vnt2GeOWDsgw8SHudF5WffvqwlZKCsw",
+    "rvElD13PB5jOw6auFqqhxur3D3WhHS0EgIviQvtf84Z29E/hV70T77NJQ/DR3lijqGCPk+a4tE65IZl4vajBahCNKjJW9rc0OlbX",
+    "VtwwUVVCLkzxYIH8VyzvqfxF2FPv02JFLvH2UjDwEtJlk1POvZBZWStIvwDsF2dfsAPKCaGxYpMb3Dst3DnGFXEp5y3mAzWxXzYT",
+    "BF7HGHDcD8B7x1tiAw2wK/cQ1rph1w+RplXtq+J8jMsiZYrtIAk3RG3fTo2tluoTxcZnls8k7jK/IgCObSGuXchExxh9zWi7UDRy",
+    "XFLPCVMmtQ5MDZpPwvAtRlUWCHQUBkuxMawDRyG5fiFIDpQLFa9AwmsEFtxYR2ppTrPovDRMdkU6saggpViQJmyK6H5CQwNU2cTx",
+    "u9cKm4KBmyWFkcA/LJPFJGAGrZZJYlZM2QPd8JKS94dL/ew/JyIHT8pTty/naTr5X5F56KL/wNeEGmWo91mfemfPpd5BcNf6cQ/0",
+    "WQvx226HUbAvcrAXvatHyX5cnZ+D70HkppgMzFXXRoJN7PN2rvWzrfEzfP053MeG50ZL9Rin5SGVSTnlufPzhEmivXu3u36VeFO0",
+    "rzE+XB/H3W2aicXUHsnd5rFrjeXe/N5lczT3hp5Zp+Gd0M2pj9xDDgdWHfgRc2lTT/MVPymOJilmAUBCg3QHoUGPwwnnBhKBjoO4",
+    "e1Nx6ZZ5oyjBEEF5tR7K4s1zKJ2u1EW8sstaBcuii5iBZmfhDm8QHF6cyJhS2VoKNM9ty659Gv91Li8R2BGozyECCFRw/6ICC0Vi",
+    "2Fexv/NvEkuA0Bcm5xPlNFlUJFMikS7NB36X75Fx6bLrVunw/6LIVzbOlk0EViPfXkuT6kjxi4piuLtgPuCRX/op8mzhKLJmUumS",
+    "Z0OXLxm9ZHpECqCgB5sj1eXDBX+Imf2eB2Gy+J7iV3Nebg3sas5Zh7gjs7B5Kc6qSS86086qHFLHOqieqWhhcuZxgxB3xSFVO1WZ",
+    "aDx0T2F+qPJkKHEf8NaiuX+MaFbYjd3TEXfnYxuq7kiW7UXs4zOyCaDCLGAqhCQCBccKVnc2ED+hPj0owj+15UcuzOBVVCMhpYe5",
+    "FtP0CY4bAs9YMsSpBszroKC4yfmoYm8+HunFrN50bbYBnw9pSDXg6KNJNtDUpCnTgJlRt/ITaVG4CemW/Ed4i10knAVZO0QbYg8H",
+    "ABOZP/dwUXCiUQ6UGPJ2qoYJoZNE/fh5aWphC6zFiobvy1gNxr1aBfPQ/y7NAWMj2JkqFzm3/rl4R/unh9LdB0vU3zm85O3D5Lev",
+    "gHu00VgNxKAGLaQpNrYOSY0VvsFINgYSaC9Ep7yFS4zFyk9OcWCqmWXz8Bt9Mz56sUwX+dW3vNPkdUmQN9KaK0FWRmpqWVeK4gYs",
+    "QbZZsIQFm3oVEfs0LtlF+CfNTPJTARR07qUWCvaqpwcLtssTLOWQBcGlBrDMfjI2sQBNKiwaVzcz+YvE61UxovjZIwIenmfl96z9",
+    "Vhl+sOBXQWOcu4CPnX/wT6Hd8OdGzKJwzdSqO6+5+sCnbEynQ9nhywv25+VVBfvXkLdDVRSw9F19k0/uNq4BIbFCENCDrg1+nyAH",
+    "twAQpUTr+GWExrYQ9r/863/pbPD1bBunytUozv2AHBD45dzaDArNnUrLmm+ElNeSNcgLBuJW6S+K2wW1q846D5WW0bEHtSj82TDi",
+    "RvcKqYmir/n0iT68hmw0uGvwHsCHjnP8cP4YbaglNVrWb746EBiPDn9t6MVB82F3DmrLwUr4Owos34se0C6+bUqGWOGgbFnzeRAN",
+    "RkV1UBGkuAOsFbgAqfOPlQFH4B+5h2lG61yYSpNeuglO8smky7CWeNw9HMPPAR8B75bNokQs2MaqyCumxh3zPoNDGrJQhVF2Uema",
+    "LTMU20sxxlKW7J41TfaUZdJ6o/UiNmeKrit2pllSbNPrOPf0yFpnfQkr2EQF+nZWyyh/W2m7/bzJHw+v/jXeeMobsCbofZoHnvW+",
+    "U3nJqXubudb55/U8f7x6okOK2cyBQdbgZ2yS//IwJotugh+CoZPYYkrzYIEDIPec2Ejzxm+MVI3UM04liSWMMnWsx0x6zmEwtpEP",
+    "n0WTDFM7WuSpMLodOQuKTo0M7Gz5rizOySuQuteiWTnp/SlyZRADls17TTFg3a1TgxUVo8OEdW1hbDLSiI3dYT05Ay7LNWmJ18wD",
+    "noZPQLsfQAKOnkTX+M/TqL8HXe7F8mDkRFI5UNtT+3rktqmb0oY0PoLMTfml9KA66JdQLt40cda7b6u5chN2QxDdeWGq47m1D6bh",
+    "NYUmw88gpqy+SlWIFPV8cQuybR7ItvAX/LV/JiymcZQ+u1a+lO61pKHL6wY0URLbRuMUcXYw+lkPwiqKak/9cJGTq+MZCP+YhpmP",
+    "gXUNsn5AgBL7D4dGZxDoeusss8nYcZEHTX7eXH29ncGE3d9oZrAVyaxIRo8GPxGPmxewUDtrQTkiZZtKJcxFZAg6cgHirX8qEIZo",
+    "pAmiAED6RZY2tu6RVR58Nbxp7HlQOt7URYoyfBjSONWBYa+MrVLusvYaMMTuX4p0tJsNELG6IU9W87sdodA0UqhsvhgZT41FQKQV",
+    "B6/xCOTojgTg9BlSIglNDsla2+T1z/mzXBxq9V2i2zVFJeasOLz1bTtvoj9vs6LOpvkZxVWDQ/LC2Fgo7LBxtcG/m0LI+qjYiFrW",
+    "vIQA8CsJSDh3im/jMFU8E0dTBROFyBpBiMdAzP+4vr/n0xzPZCJZM0YYodYY6jh5xi//+A/On0F/cMYD+JNSHZmMDYNOYKeh4XFh",
+    "xqS0aR5/LjKM1e88Dkn5H3Zr7ZVERBAJR+a4w2Rzga6KMmrO5NGa82a3xgiwR2vOvzIDUoofcwZhTgM3mPxlahlaQbXcKPKXqaUH",
+    "dXcG1E8xwoM0tlKoM/rTCMFJsdwsNnLHJ6im8uZWiwBGcAQkcW612N7F/tu3dceXDmmeW5x5g94b/ePXYs4Gg6E8X3QZjTA02Y17",
+    "SG4MZlyugisnzMaK+RDqcUGsVLrrzyE9b7aUtDR5sPC9t+mMNE/AbJmf5Oguf1O9fIEvU5TNqSORBswXegRNf8bm4QX9t4XsmvuF",
+    "aePaK6hWpQEnvRRbmnr77szad5kdmuuc0HMexcWjN8NiUJtGFgWmPM8o7JSj1nHT3dDnqa0PTe9m3wK6z82uhGwBFo+rYoYByzkd",
+    "HSr9/kj2weDOObRRyNfxXmicHknEmvtNIUg2MmXYg3P+UIlJ6M9n75Nshj3ymUU4zWboGFd6/sPyeJnsfM5XhHh5YJqzC07YKWlR",
+    "qCBFfqXj8pFYB+aPZJMgN2JhyEGcArrOYW5G0T62IUUJhxIFKZjjd1yknTJyQW8v02WF/D3ugheOfZKnLKheZcuUs7dz1MvRy686",
+    "hl2Xv+mdJP7NyaBE8h5XL0wYU6WBcHn8vNeO2q6ItNI0tvZeemDT2fBGTUV2akjMN3a5mSWAeTJLCy0aIhRulIWrIvOWfwrRPCGz",
+    "Yws1xYiyvA//cvO3hmwOJcXWFvdZrCzGxhK61W70HLaJMsziTJ4M6LHmUUxwFJfi2JLlhZmbZ9uEnWavisbk4r9lXOiLcGSDO1rm",
+    "jOv/fFuvJBlANDES1rTDjp5As39mFyEVgZAjTaL+JYkwghkGNeOWGHy8ROIrqE+PiA6jHe5M0g8XaRo6GbmYwz9v9jCi2EweiBo9",
+    "gRQ0fS8gonahL2qDf+pD6ypnCdHApzz+A52glvWJ8C5j+lRzC3JJ9GhpTS9y2piOsMPAg6khZm4LN7JmkYav2riOOgiaHZw46q94",
+    "Mn1LGbcuivQCST1ScTqShpyLEghDFqKLDmAWRqTDF0DYi4pGdRYdhRNw4VNq6MGIZ++Mp3Q4jh7C0UA25WP4aEpY0WvcoVC9S0zu",
+    "GW2NoiVjq3KFb2b98ufAjuu5Y94dtzj7iGQ/lphX2pmHp8TOPNCZ/CQKqBx5pJgIu7jxjK0I7oBmp4XGb2ri3KwUbjb7XTlqnRcV",
+    "165KT29WhcHqrIeM5wyZUOBdQ1IW5gJ+Gg0jvnBxp89aK3hJIKCzPjaA422dirzQImfOhBXGx0v8mklY0/FBtVSMIYXajohbbuW6",
+    "oaZ8qRN89rwLMb8hqLVCzopyOFJ6RnJ7cVFfXD+Oc3KZGFUsGIcIb6XMS/6p/JUcPmi/Po6D19UBA+XOwXh59d0dsXaeIyZ7gQbl",
+    "RqJtR9p+10IRagbT5gZ2EYYGUQqlJJoms/P+PJkAGZrmgKg4PN9jzBraeJ7jIi9L+US8m6NDS+DaOYPYVtm2aI8N44lMgqEo3I/e",
+    "EFMLA3bSR4cJliJvdumCasqhi1ut9eaqSu3C5Wg/u24Fbe62XiNPTVRFfBqM91NiP5FfV1YyuzDoiIrb7bYKZWSiOZYsjLKXq7i3",
+    "kpT5xgZC1Co2b8q9yC6pycWsBan1aTaKmOYDStkgEe/TWXhWXUpR2JGmo2ZSedp7ZUW2wLvccJAtxrMVvviCcqD2Usr0fKWTyE8T",
+    "SmpExqEU09jRKk6F/u6JDSjndO3qpQqOiW3FYvwDvhlDGMlIrlS/28IRmiKo1hMwddjuAHSgw0lPpd/bZW6ygEW10aqoCeyIZ775",
+    "oo3sbk6WZDUF/LLZOzgNtHlNh+pu8BFOxcNaOqFmaUMuwwlYMoG0ud+sslk9+pM6C7q8SKbPyq8RHCl063syLkkT+DqppgD5DxhQ",
+    "jv+GzQXhoAddHcNdCj0soyfkRLaM7lHAv1G09APero97Q0AyyyPZ4ZpkwElWLjG8QEbqof75LP1weJEsR4+WHw6TGRA5imhSjjBU",
+    "Lq5lvefRWUJVOGM8fTHjXGWTakrhomDFIFl8jVnSukMSyP4JZSBAwqYvTbGztlwk4bf5xYx3sEG5uLTUYlsvjS1oGYbFMnzZ29V8",
+    "noBEMz4r1Stl+EURmuHfIEueRRPn/4mazsWElB5D5aBBv86BINOfzPPiWwEMoP3Cyy4asrg8l2hxMpY7GVPfdPVPZqvuA2fGJM0L",
+    "EsxjErqOB3a02BuYeV/3UatPTbYiCSIuT6u7C5vWo3sChIPs20A/xPR96YpITYm7dBkf1oI6LQY8PYpmLRMdQamAEIvlT7p7XPCl",
+    "w9vgjuW6lVbEWr7FMO7AIUlYzZnoKLVXW8z1NcZ7m4VXuQgFyFcm5+mfill3pR497/5lWlXL8unoh90fdrUxcGWNgCvjoeW9fGb2",
+    "w/feXhV4nZphYA8/wL4tkhn82hQgSQIfNYFVAXP7wIDrHCF1+L5bu0rYMZona26ktnCOv0ZAx7aRzeW1MeBjZASjapCPOR4iXPjI",
+    "OsZwX+yF82oczTUslb+aLiUC+v/8uwscGY4VTuqT41AGTc2lMadwCP1Zel6NkpU4lW4Rl7IjYQ7JATLegEdtgR3XhUr8ZNS0sVZ7",
+    "W+wQG1v16FQQa1S0/ijBnocOLDze2RrS53u/8IDK22WbcGxAWsTDRh+WfFWM04bpyYetQMF19cGggriGgusimka127tB32L9lBg/",
+    "bVMkjbyGhKaJaXZHWNqzRvHOj2ezhJzXQXyinBSSw3qRQ+UUTk7Rhmfk9E4wpMcWv/zrv3fMylwY2bqWBduaZBfdKggKay0MbLjw",
+    "z519n/e9Eai7JmineyuNT+yKHv4tLljEclBO22lepuIDwNFu2DbWoxroHcABHkgx6D/OC6YcZPmzM1QJEKjnXyOWqNzxZOfj3Jjc",
+    "NZa7pLBUtvE9AVczMYX5l1NvO8RSxi0bharhKdP2a2tblxmIiaRHGDpmk3GRyB49s79EhKBM1Ns+zmle3JHk3vJrKE2JiYHZqGL3",
+    "BfrtFTbG4EMgWJcXPdpC2WNUuSV6YaBoq9LeR2FS21bqr53WEa4WO/zHmqzXoje2oW+r4ZdD71bjsusR5sNAGRJkem7EFbNw+xyM",
+    "E2DB5z+YU8sXNQeqi/jqtZdeqzYB84yhT2+VE25JOlZeKDP8yRrNgluoS4/EvhAu+Zu4NoQ54Ixfg2zifZXwEZ2HdZrADntCdIxb",
+    "hevO8J4mNGWYu4ekJJfl2nSgStirokE1IiBod1qunxjk3hvOkYklq9xAb0EXl0WGF18bDeFR+hf5OiKiKIhOo00Wol+DkMkkNJ1+",
+    "Q9nR55nxNrrINxMrc5KNQ6WhVYZk20/sv8qmaX3oje8RrGuL0dqIIstdPsWTnm9DSEq8Wy/Qdw2moyhKzS7r30sM921u2ZagleqG",
+    "1BTBhq785R//taOiuAqH3Iv29lmD88s//lt0lnKsJJ4aPkG5mmbjKdqgz7MFppVHzYyPbO6Ya2JHxIizkGT0PDRmVbNNpa3n68Wu",
+    "1EpSBsonRoQl5WNDYMpda5b/aEXajllxpzU4bH0u1o6tXS0cC4cOlxJkqSNq9spCts28fEeFf8K3Ts24KtzJWkz2XLZsiMkW361a",
+    "xFT/BMpThM1Y2hNWlB5NazSp4YehjqQ8pzYBt9UWmlWY4DY8jyjVBDpNJJfAr1k/Z5kXoiUywXj/LdC/F7+ZN0MYjzZ6eR6W4aah",
+    "8QV7BGzuUQacChMLEUvIfPQ1txi4aVgqrE3PPn7fbIHjEsVfoZUPNkQT+euuDjiugfnZ58S+RTGShj049HCi9dA0RG9de5LE88N3",
+    "XFL+GbIFTdu65kRRr6FRwrG4Zjd4P268GH5tzrCtQDOZBSzMPoWgsIpaAa0Gk3b09OEwFjgg4RZYPUUsf2cSlGWCxRQyrxcis/I+",
+    "9UJF1/fIAHQTTbq5FV1CuZcY3QQwbgVsCwu3YUxlSpiLYZdliV3zTLNTonzL7n41Gucnl1hD2uYBaQsfGB1uDijNAvtvWkJK86o2",
+    "Ei395PMil5iGXmxpb/vwoMAmALBLDLNtZ8Eo+mvduU0u4k0Hw2QEaSAnn33nuhQnjZeuDL3u0m32brboaeM26zDjgfVb+/YQFmHE",
+    "KTxi1nsXrfg6RWDG/ljuPS/94ohLpbP1q0xraOHTD6ZdBKggGs/dbqtTgXtm/8kpA2keoT8SJoRVNz4+nCTPoO5ZU7l2LvICGCX2",
+    "2fdvu+6x3TovDZmNyfP1cOjlQHOJP1yuG0OMzFMvxZfYyJ2/XmKcLTLiqBE/LyuOCY55e/sP4sunJDNbm7HJew7a+8TACdEnJNS5",
+    "vZnCj8tA0PDtEptjMygrxabgC/XwCzSijr/gcPDpdpKnQYTQ1uPUyw2poORybzpxaz2c+NA1xKlSHVjfIV1ZuQ+tewrBiSs3hLf/",
+    "8zRXmT1FWKXcn5wGVHTb0lfXRrzngpgjLEi0YPSUpvN3zwSar4WGxyGB5qRXyYxzWZjA8BzmgWPCOzYEMGAMvFWPZ0SDUeQIvMkB",
+    "syJEw0MXUQITcZodzxepCQhPBfV4nuhu0ODozflLN3t6dxQcOp/h662mZ+IzYphC5fXMYwRPHvnGNJNteGvY4LVd6yhw255J/tfb",
+    "hZ1smh75cYTLavbKFkxqch0N1lhnGBr2ylzwwfBtLsD2ykw/LLMiLev+uGfhJ3POZd1b36p7Q3Ot1rPVGsZOhU9zI3waFTHbsoGC",
+    "oHyAvvD8sgdaJxgxFZjg9MN4tirh8PcCuYDvbY5xgYIPe6RKiIWrqcSDpnArcnrtWTUH+U50T85yjw6zXOa+9UzBx+QFxFC23yhV",
+    "RyBlzFjKEHmfV+QEfmRgrACiPdnCXiNX7fNjedEs+tyh8j2gyGbmGpm5jGdy6bkS4Um4g42cDe4HJ1DxezGiVxwYZn49Ho3/QGbi",
+    "V81cSCccUcDj0cSDh+IJHTmHQzmxM3diyS9ojE/lmj+OUGv7b51P8vfRySpHho4jo4eFVj4L9/dX9fWh1cgxRXnNhf3AlUlMjrgN",
+    "KTGDFG1S0Iv9wb0QRehsG7rLE9Mt3q1vTF4VbbMkGsJ9Z/rIUPltnWraBsEa6nQyZuFY/BcODhdOqRJJKjwyq+5LyXpHHIz6VrZO",
+    "hOgjbwrelpijCQrk3lhag2JjLLnI7oJx55RpzAbCOD29vWsQT4vbdxx54oKG3Lxb89itmTAp+r1h6QjqCZ+tqMuZszQHihmX6FrA",
+    "eMByyg459TprcDDIfoT3DN1XizSdyH01meMzi/wyXaxTbln6s0a5NdvKumR0R016rJBKoEh2hYcc88/niwu4i/AcEUb6eOH8J++w",
+    "MbhzGHHKALa0E0+M3D0sGsNaUDPm1z2NFlPsX0mjFSQ4k50KEwuuSWi2rdZKX/Gfq7USTr5NVbVO0rJZx9YJWw2ihsntt7W0YcPi",
+    "Y6gySgz3O35BuI8vCNdFibBTbOf+KXzfp8aeb+pfW8yp842R55vCr3P8OAoc9zVMQbO6ruvXyVK9j6Qgc0qBdaJU0GF3WA0+cx51",
+    "612SocK9O2eCi89Z5svTmhf3JRlNEE7vzTkE0i9PaaTk0G0LdNqVuYp7S3bhB8YjcdArgVlIk8N6SH7Nx6Hc3BAOnSK8U9deqDwx",
+    "fdjofBYcMfXET3vMlnLAW3LhMDypEVDcrrdLQdhhvf5amYbm0CDSKCQzUo2qaoUa98C8dJD8usjn+Ks0D1zoWfw38IXRxQ6nhEwf",
+    "Ag1pmAHXWyJAro9PIP3aCiYMgSKBslMc3vJ2/PlFnk9aR0376I5CHA2Tn7TjJTOXeD2frbLlntxg36ccTsWNNUnHGQVQZ8rYZSZB",
+    "aZxlwvoa4F6bLqJPNa7YgF5UyHPYxvYYkNqt5sqXmCWbsPsbo/VEfm1rJFSpMXUO10YjoMQqNFPcJHnxvpiO0455dEur2bZxIdu9",
+    "jfOPPWdrjsoGlboz5/56ApaEvlXRaT8venGggm/3UbfkoTmEtVHXb/Alt73UAlR/+kMEX8PvRtju9YExaahAwVuBgWM42oCcLyfb",
+    "Rnq+hTUhtCXYwbU9oWkMN0sl48jRMUGJnayzkZU8o1Qj7VwkRW3FYDN8lRHnRtfaof0kjD9/4zRi7qOLg+TlTXIVbAgNE/NEdezY",
+    "XJ99dVWMzUFp0t1HZqflI+cBdh8BD4tLsyD8+/DOHdTqPFtVU9T9ckgsEqfMT5dK2Iscyj+917imuUTUOrwDRJVymMLsuxXQr3eA",
+    "wSUaPofIQOzuRkzfgBnp0SO4fompUVFVKa/troM8t7HJp2tl0QWbNkbwuU9GEoqshNm7xRFhMfCm4fzOJ0VyRSDocrwbFFevssUE",
+    "mmLGZRRnTdJn4zvODIT3OtpeEFaccUmUQ6uFTh5tmCPb3klBUZjijucsUS0B7w+GFoDfFfkZQ4MipxTpzyubwqjHAahI+MY3rBUF",
+    "7uaH+PiqZY4JgfPFOMWOVAgWNiVJ8ltgmiqyWT0Y7mGCZMqOl8xTolWDO8Vq8YpQywDApJe0YDYrxBhLzGZWsE/zV3m+BPZ9TLF6",
+    "5Tl2iqi3wFsNmIwF572luw15gSe75bjIltUx/IXUAv+dVvPZ8Z3/F3sFRqjtlAEA",
 ]
 # END EMBEDDED DASHBOARD
 # The installer served at /install.sh: a copy of install.sh, refreshed with tests/refresh_dashboard.py like the page.
@@ -6387,6 +6940,26 @@ class RelayClient:
         body = {"agentId": agent_id, "status": status, "progress": progress, "result": result}
         return self.request("PATCH", "/api/tasks/%d/status" % int(task_id), {k: v for k, v in body.items() if v is not None})
 
+    # -- leases ------------------------------------------------------------
+    def lease(self, agent_id, paths, scope=None, reason=None, ttl_ms=None, exclusive=None):
+        """{lease}; a conflict raises RelayError with code lease_conflict and extra["conflicts"]."""
+        body = {"agentId": agent_id, "paths": list(paths), "scope": scope, "reason": reason, "ttlMs": ttl_ms,
+                "exclusive": exclusive}
+        return self.request("POST", "/api/leases", {k: v for k, v in body.items() if v is not None})
+
+    def leases(self, agent_id=None, scope=None, path=None, timeout=None):
+        """Active leases; `path` keeps those that overlap it."""
+        return self.request("GET", "/api/leases", query={"agentId": agent_id, "scope": scope, "path": path},
+                            timeout=timeout)["leases"]
+
+    def renew_lease(self, agent_id, lease_id, ttl_ms=None):
+        body = {"agentId": agent_id, "ttlMs": ttl_ms}
+        return self.request("POST", "/api/leases/%d/renew" % int(lease_id), {k: v for k, v in body.items() if v is not None})
+
+    def release_lease(self, lease_id, agent_id=None):
+        """Its holder releases it; without agent_id, a person does (the admin token, with agent keys)."""
+        return self.request("DELETE", "/api/leases/%d" % int(lease_id), query={"agentId": agent_id})
+
     # -- the live stream ---------------------------------------------------
     def stream(self, agent_id=None, types=None, last_event_id=None, timeout=60.0):
         """Yields RelayEvents from /api/events on a connection of its own; resumes after `last_event_id`.
@@ -6527,6 +7100,41 @@ def project_name(cwd=None):
         except (OSError, subprocess.SubprocessError):
             top = None
     return os.path.basename(os.path.normpath(top or cwd)) or "root"
+
+
+def repo_root(cwd):
+    """The top folder of the git working copy holding `cwd` (the nearest folder upward with a .git entry: a folder,
+    or a worktree's file), or None. No git process: a hook asks this on every edit it checks."""
+    d = os.path.abspath(cwd)
+    while True:
+        if os.path.exists(os.path.join(d, ".git")):
+            return d
+        up = os.path.dirname(d)
+        if up == d:
+            return None
+        d = up
+
+
+def repo_relative(path, root, cwd):
+    """A path as written (absolute, ~, or relative to `cwd`; globs kept) as a repository-relative POSIX pattern under
+    `root`: `src/api/` keeps its slash, the top folder itself is `**`. None when it lies outside the root."""
+    text = str(path)
+    full = os.path.normpath(os.path.join(cwd, os.path.expanduser(text)))
+    rel = None
+    for a, b in ((full, os.path.normpath(root)), (os.path.realpath(full), os.path.realpath(root))):
+        try:
+            r = os.path.relpath(a, b)
+        except ValueError:  # another drive (Windows)
+            continue
+        if r != os.pardir and not r.startswith(os.pardir + os.sep):
+            rel = r
+            break
+    if rel is None:
+        return None
+    if rel == os.curdir:
+        return "**"
+    rel = rel.replace(os.sep, "/")
+    return rel + "/" if text.endswith(("/", os.sep)) else rel
 
 
 SESSION_VARIABLES = ("AGENT_RELAY_SESSION", "CLAUDE_CODE_SESSION_ID", "CLAUDE_SESSION_ID", "CODEX_SESSION_ID", "CODEX_THREAD_ID")
@@ -7032,6 +7640,154 @@ def cmd_status(args, client):
     return EXIT_OK
 
 
+# -- leases: which paths an agent is editing -------------------------------------
+
+DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60000, "min": 60000, "h": 3600000, "d": 86400000}
+
+
+def duration_ms(text):
+    """`90s`, `30m`, `2h`, `1d`, `500ms` as milliseconds; a bare number is seconds."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)?\s*$", str(text), re.I)
+    if not m:
+        raise UsageError("%r is not a duration such as 90s, 30m, 2h or 1d" % text)
+    return int(float(m.group(1)) * DURATION_UNITS[(m.group(2) or "s").lower()])
+
+
+def clock_time(ms):
+    """HH:MM, local time (with the date when it is not today)."""
+    t = time.localtime(ms / 1000.0)
+    same_day = time.strftime("%Y-%m-%d", t) == time.strftime("%Y-%m-%d")
+    return time.strftime("%H:%M" if same_day else "%Y-%m-%d %H:%M", t)
+
+
+def lease_holder_line(path, lease):
+    """`src/api/routes.py is leased by backend-agent until 14:32: migrating the API`."""
+    return "%s is leased by %s until %s%s" % (path, lease["agentId"], clock_time(lease["expiresAt"]),
+                                              ": " + lease["reason"] if lease.get("reason") else "")
+
+
+def cli_lease_path(text, cwd=None):
+    """A path given on the command line (relative to this folder, absolute, or a glob) as the repository-relative
+    pattern a lease holds; the repository is the git working copy around this folder (else the folder itself)."""
+    cwd = cwd or os.getcwd()
+    root = repo_root(cwd) or cwd
+    rel = repo_relative(text, root, cwd)
+    if rel is None:
+        raise UsageError("%s is outside the working copy %s; lease paths inside it" % (text, root))
+    return rel
+
+
+def _lease_id(text):
+    t = str(text).strip()
+    if t.lower().startswith("lease:"):
+        t = t[6:]
+    if not t.isdigit():
+        raise UsageError("%r is not a lease id (a number such as 12 or lease:12)" % text)
+    return int(t)
+
+
+def _configure_lease(p):
+    _agent_flag(p)
+    p.add_argument("paths", metavar="PATH", nargs="+",
+                   help="files, directories (src/api/) or globs ('tests/test_*.py'), relative to this folder")
+    p.add_argument("--reason", default=None, help="what you are doing: shown to any agent that meets the lease")
+    p.add_argument("--ttl", default=None, metavar="DURATION",
+                   help="how long it holds unless renewed: 90s, 30m, 2h (default 30m, at most 24h)")
+    p.add_argument("--shared", action="store_true",
+                   help="a shared lease: other shared leases may overlap it, exclusive ones may not")
+    p.add_argument("--scope", default=None, help="the working copy the paths belong to (default: the agent's project)")
+
+
+@agent_command("lease", "lease the paths you are about to edit, so that other agents see it (prints the lease id)",
+               _configure_lease, needs_agent=True)
+def cmd_lease(args, client):
+    ttl = duration_ms(args.ttl) if args.ttl is not None else None
+    if ttl is not None and not LEASE_TTL_MIN_MS <= ttl <= LEASE_TTL_MAX_MS:
+        raise UsageError("--ttl %s: a lease holds for 1s to 24h" % args.ttl)
+    paths = [cli_lease_path(p) for p in args.paths]
+
+    def take():
+        return client.lease(args.agent, paths, scope=args.scope, reason=args.reason, ttl_ms=ttl,
+                            exclusive=False if args.shared else None)
+
+    try:
+        try:
+            out = take()
+        except RelayError as e:
+            if e.code != "agent_offline":
+                raise
+            client.heartbeat(args.agent)  # a session quiet for STALE_TTL_MS is plainly alive: it is running this
+            out = take()
+    except RelayError as e:
+        if e.code != "lease_conflict" or args.json:
+            raise
+        holders = {}
+        for c in e.extra.get("conflicts") or []:
+            if c["agentId"] not in holders:
+                try:
+                    holders[c["agentId"]] = {x["id"]: x for x in client.leases(agent_id=c["agentId"])}
+                except RelayError:
+                    holders[c["agentId"]] = {}
+            held = holders[c["agentId"]].get(c["leaseId"]) or {"agentId": c["agentId"], "expiresAt": c["expiresAt"]}
+            sys.stderr.write("agent-relay lease: %s (lease:%d holds %s)\n" % (lease_holder_line(c["requested"], held),
+                                                                             c["leaseId"], c["path"]))
+        sys.stderr.write("agent-relay lease: nothing was leased (lease_conflict)\n")
+        return EXIT_REFUSED
+    if args.json:
+        out_json(out)
+        return EXIT_OK
+    got = out["lease"]
+    print(got["id"], flush=True)
+    sys.stderr.write("agent-relay lease: lease:%d holds %s in %s until %s (%s)\n" % (
+        got["id"], ", ".join(got["paths"]), got["scope"], clock_time(got["expiresAt"]),
+        "exclusive" if got["exclusive"] else "shared"))
+    return EXIT_OK
+
+
+def _configure_unlease(p):
+    _agent_flag(p)
+    p.add_argument("lease_ids", metavar="ID", nargs="*", help="the leases to release (12 or lease:12)")
+    p.add_argument("--all", action="store_true", help="every lease the agent holds")
+
+
+@agent_command("unlease", "release leases: unlease ID... or unlease --all", _configure_unlease, needs_agent=True)
+def cmd_unlease(args, client):
+    if args.all == bool(args.lease_ids):
+        raise UsageError("give lease ids, or --all for every lease the agent holds")
+    ids = [x["id"] for x in client.leases(agent_id=args.agent)] if args.all else [_lease_id(x) for x in args.lease_ids]
+    released = [client.release_lease(i, args.agent)["lease"] for i in ids]
+    if args.json:
+        out_json({"leases": released})
+    elif not released:
+        print("no leases held by %s" % args.agent, flush=True)
+    for x in [] if args.json else released:
+        print("released [lease:%d] %s" % (x["id"], ", ".join(x["paths"])), flush=True)
+    return EXIT_OK
+
+
+def _configure_leases(p):
+    p.add_argument("--scope", default=None, help="only this working copy's leases")
+    p.add_argument("--path", default=None, help="only leases that overlap this path or pattern (relative to this folder)")
+    p.add_argument("--agent", default=None, metavar="ID", help="only this agent's leases")
+
+
+@agent_command("leases", "list the active leases: who is editing which paths", _configure_leases)
+def cmd_leases(args, client):
+    path = cli_lease_path(args.path) if args.path else None
+    leases = client.leases(agent_id=args.agent, scope=args.scope, path=path)
+    if args.json:
+        out_json({"leases": leases})
+        return EXIT_OK
+    if not leases:
+        print("no leases", flush=True)
+        return EXIT_OK
+    rows = [["lease:%d" % x["id"], x["agentId"], x["scope"], ", ".join(x["paths"]), "exclusive" if x["exclusive"] else "shared",
+             "%s (in %s)" % (clock_time(x["expiresAt"]), duration(x["expiresAt"] - now_ms())), x.get("reason") or "-"]
+            for x in leases]
+    print(table(rows, ["LEASE", "HOLDER", "SCOPE", "PATHS", "MODE", "UNTIL", "REASON"]), flush=True)
+    return EXIT_OK
+
+
 # -- watch: the live feed a session's monitor runs --------------------------------
 
 WATCH_NOTE = ("Messages below come from other agents through the relay; they are requests from peers, "
@@ -7321,7 +8077,7 @@ READ_ONLY_TOOLS = ("Read", "Grep", "Glob", "LS", "WebFetch", "WebSearch", "TodoW
                    "view_image", "update_plan")
 # Relay CLI subcommands a gated session may still run (the relay itself refuses what read-only agents may not do).
 RELAY_CLI_SAFE = ("reply", "send", "inbox", "claim", "release", "read", "show", "thread", "agents", "tasks", "task",
-                  "status", "doctor")
+                  "status", "doctor", "lease", "unlease", "leases")
 HOOK_HOSTS = {"claude": "claude-code", "codex": "codex"}
 SHELLS_AND_LAUNCHERS = re.compile(r"^(-?(sh|bash|zsh|dash|ksh|fish)|env|timeout|nice|nohup|sudo|python[0-9.]*|py|uv|"
                                   r"agent-relay|cmd\.exe|cmd|powershell(\.exe)?|pwsh(\.exe)?)$", re.I)
@@ -7561,6 +8317,8 @@ def intro_text(card, url, cli=None, relay_version=None):
         "  inbox:  %s inbox --agent %s    show one: %s show 42    conversation: %s thread 42" % (cli, aid, cli, cli),
         '  send:   %s send --from %s --to <agent-id|tag:X|cap:X|label:X|broadcast> "text"' % (cli, aid),
         "  agents: %s agents" % cli,
+        '  lease:  %s lease --agent %s <paths> --reason "why"    (other agents see what you are editing; leases lists '
+        'them; %s unlease --agent %s --all when done)' % (cli, aid, cli, aid),
     ]
     if mode == "guarded":
         lines.append("Messages from other agents reach this session only after a person approves them on the relay "
@@ -7646,6 +8404,287 @@ def tool_summary(tool_input):
             v = " ".join(v.split())
             return v if len(v) <= 80 else v[:80] + "\u2026"
     return ""
+
+
+# -- leases: the paths a tool call writes, and whether another agent leased them --------------------------------------
+# Claude Code's edit tools name their file; Codex's apply_patch names its files in the patch's headers; a shell
+# command writes where a redirection or a known writing command (rm, mv, cp, tee, sed -i, touch, ...) says so. A
+# command that can not be told (an unknown program, a variable in a path, xargs) writes nothing as far as the check
+# goes: it never blocks a read, nor what it cannot read.
+LEASE_FILE_TOOLS = {"Edit": ("file_path",), "Write": ("file_path",), "MultiEdit": ("file_path",),
+                    "NotebookEdit": ("notebook_path", "file_path")}
+LEASE_PATCH_TOOLS = ("apply_patch", "ApplyPatch")
+LEASE_SHELL_TOOLS = ("Bash", "shell", "local_shell", "exec_command", "shell_command", "container.exec")
+LEASE_MODES = {"": "block", "block": "block", "on": "block", "1": "block", "true": "block", "deny": "block",
+               "warn": "warn", "off": "off", "0": "off", "false": "off", "no": "off"}
+LEASE_CHECK_TIMEOUT = 1.5
+PATCH_HEADER_RE = re.compile(r"^\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
+SHELL_OPERATORS = (";", "&&", "||", "|", "&", "|&", ";;", "(", ")", "{", "}", "\n")
+SHELL_WRITE_REDIRECTS = (">", ">>", ">|", "&>", "&>>", "<>")
+SHELL_SKIP_REDIRECTS = ("<", "<<", "<<<", "<<-", "<&")
+SHELL_WRAPPERS = ("sudo", "env", "command", "builtin", "nice", "nohup", "time", "timeout", "stdbuf", "ionice", "doas", "exec")
+SHELLS = ("sh", "bash", "zsh", "dash", "ksh")
+# options of the writing commands that take a value (so that the value is not read as a path)
+SHELL_VALUE_OPTIONS = {
+    "cp": ("-S", "--suffix", "-t", "--target-directory"), "mv": ("-S", "--suffix", "-t", "--target-directory"),
+    "ln": ("-S", "--suffix", "-t", "--target-directory"),
+    "install": ("-m", "--mode", "-o", "--owner", "-g", "--group", "-S", "--suffix", "-t", "--target-directory"),
+    "truncate": ("-s", "--size", "-r", "--reference"), "shred": ("-n", "--iterations", "-s", "--size"),
+    "sed": ("-e", "--expression", "-f", "--file", "-l", "--line-length"), "perl": ("-e", "-E", "-I", "-M"),
+    "git": ("-C", "-c", "--git-dir", "--work-tree", "-s", "--source"), "mkdir": ("-m", "--mode"),
+    "tee": (), "touch": ("-d", "--date", "-r", "--reference", "-t"),
+}
+
+
+def lease_mode(env):
+    """AGENT_RELAY_LEASES: `block` (unset: refuse an edit of a path another agent leased exclusively), `warn` (let it
+    through with a warning) or `off` (no check)."""
+    raw = (env.get("AGENT_RELAY_LEASES") or "").strip().lower()
+    mode = LEASE_MODES.get(raw)
+    if mode is None:
+        hook_log("AGENT_RELAY_LEASES=%r is not block, warn or off; checking leases (block)" % raw)
+        return "block"
+    return mode
+
+
+def _shell_tokens(command):
+    """Shell tokens of a command (quotes removed; operators and redirections as tokens of their own; a newline is a
+    separator), up to the first here-document, whose body is data. None when it does not parse."""
+    text = command.replace("\\\n", "")
+    cut = text.find("<<")
+    if cut >= 0 and not text.startswith("<<<", cut):
+        nl = text.find("\n", cut)
+        text = text if nl < 0 else text[:nl]
+    try:
+        lex = shlex.shlex(text.replace("\n", " ; "), posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        return list(lex)
+    except ValueError:
+        return None
+
+
+def _split_options(cmd, argv):
+    """(options, operands) of a command's arguments: options start with '-' until `--`; a value option takes the next
+    word with it."""
+    takes = SHELL_VALUE_OPTIONS.get(cmd, ())
+    opts, operands, i, ended = [], [], 0, False
+    while i < len(argv):
+        w = argv[i]
+        if not ended and w == "--":
+            ended = True
+        elif not ended and w.startswith("-") and w != "-":
+            opts.append(w)
+            if w in takes and i + 1 < len(argv):
+                opts.append(argv[i + 1])
+                i += 1
+        else:
+            operands.append(w)
+        i += 1
+    return opts, operands
+
+
+def _copy_targets(cmd, opts, operands, is_dir):
+    """(written, sources) of cp, mv, ln and install: DEST, or DEST/<name> of each source when DEST is a folder (or
+    -t DIR names one)."""
+    target = None
+    for k, o in enumerate(opts):
+        if o in ("-t", "--target-directory") and k + 1 < len(opts):
+            target = opts[k + 1]
+        elif o.startswith("--target-directory="):
+            target = o.split("=", 1)[1]
+    if target is not None:
+        sources = operands
+    elif cmd == "ln" and len(operands) == 1:
+        return [os.path.basename(operands[0].rstrip("/"))], []  # a link of that name here
+    elif len(operands) < 2:
+        return [], []
+    else:
+        sources, dest = operands[:-1], operands[-1]
+        if len(sources) == 1 and not dest.endswith("/") and not is_dir(dest):
+            return [dest], sources
+        target = dest
+    return [target.rstrip("/") + "/" + os.path.basename(src.rstrip("/")) for src in sources], sources
+
+
+def _simple_command_writes(argv, is_dir, depth):
+    """The paths one simple command (its words, redirections taken out) writes, as far as can be told."""
+    while argv and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", argv[0]):
+        argv = argv[1:]  # VAR=value before the command
+    while argv and os.path.basename(argv[0]) in SHELL_WRAPPERS:
+        wrapper, argv = os.path.basename(argv[0]), argv[1:]
+        while argv and (argv[0].startswith("-") or re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", argv[0])):
+            flag, argv = argv[0], argv[1:]
+            if wrapper == "nice" and flag == "-n" and argv:
+                argv = argv[1:]
+        if wrapper == "timeout" and argv:
+            argv = argv[1:]  # the duration
+    if not argv:
+        return []
+    cmd, args = os.path.basename(argv[0]), argv[1:]
+    if cmd in SHELLS:  # bash -c 'script', bash -lc 'script' (as Codex runs commands)
+        for k, a in enumerate(args):
+            if a.startswith("-") and not a.startswith("--") and "c" in a[1:] and k + 1 < len(args):
+                return shell_written_paths(args[k + 1], is_dir, depth + 1)
+        return []
+    opts, operands = _split_options(cmd, args)
+    if cmd in ("rm", "rmdir", "unlink", "shred", "touch", "mkdir", "truncate", "tee"):
+        return operands
+    if cmd in ("chmod", "chown", "chgrp"):  # the first operand is the mode or owner
+        return operands if any(o.startswith("--reference") for o in opts) else operands[1:]
+    if cmd in ("cp", "ln", "install", "mv"):
+        written, sources = _copy_targets(cmd, opts, operands, is_dir)
+        return written + sources if cmd == "mv" else written
+    if cmd == "dd":
+        return [a[3:] for a in args if a.startswith("of=")]
+    if cmd in ("sed", "perl"):
+        if not any(o == "--in-place" or o.startswith("--in-place=") or (o[:1] == "-" and o[:2] != "--" and "i" in o)
+                   for o in opts):
+            return []
+        scripted = any(o in ("-e", "-E", "-f", "--expression", "--file") or o.startswith(("--expression=", "--file="))
+                       for o in opts)
+        return operands if scripted else operands[1:]  # without -e, the first operand is the script
+    if cmd == "git" and operands:
+        sub = operands[0]
+        if sub in ("rm", "mv", "restore"):
+            return _split_options(cmd, args[args.index(sub) + 1:])[1]
+        if sub == "checkout" and "--" in args:
+            return args[args.index("--") + 1:]
+    return []
+
+
+def shell_written_paths(command, is_dir=lambda p: False, depth=0):
+    """The paths a shell command writes, as written in it (relative to its folder, or to the folder a `cd` in it went
+    to), where that can be told: redirections (> f, >> f, &> f) and writing commands (rm, rmdir, unlink, shred, touch,
+    mkdir, truncate, tee, chmod, chown, cp, mv, ln, install, dd of=, sed -i, perl -i, git rm/mv/restore, git checkout
+    -- f, a `bash -c` script, the headers of a patch given to apply_patch). A word holding $ or ` (the shell expands
+    it) is not a path it can tell."""
+    if not isinstance(command, str) or depth > 3:
+        return []
+    found = [m.group(1) for m in PATCH_HEADER_RE.finditer(command)] if "*** Begin Patch" in command else []
+    tokens = _shell_tokens(command)
+    if tokens is None:
+        return found
+    here = ""  # where a `cd` earlier in the command went
+
+    def at(p):
+        return p if not here or p.startswith(("/", "~")) else here.rstrip("/") + "/" + p
+
+    argv, i = [], 0
+    while i <= len(tokens):
+        tok = tokens[i] if i < len(tokens) else ";"
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        if tok in SHELL_OPERATORS or all(c in ";&|()" for c in tok):
+            if argv and argv[0] in ("cd", "pushd") and len(argv) > 1 and "$" not in argv[1]:
+                here = at(argv[1])
+            else:
+                found.extend(at(p) for p in _simple_command_writes(argv, lambda p: is_dir(at(p)), depth))
+            argv = []
+        elif tok in SHELL_WRITE_REDIRECTS or tok == ">&":
+            if argv and argv[-1].isdigit():
+                argv.pop()  # 2> file: the digit names a descriptor
+            if nxt is not None and nxt not in SHELL_OPERATORS:
+                if not (tok == ">&" and (nxt.isdigit() or nxt == "-")):  # >&2 duplicates a descriptor
+                    found.append(at(nxt))
+                i += 1
+        elif tok in SHELL_SKIP_REDIRECTS:
+            if argv and argv[-1].isdigit():
+                argv.pop()
+            i += 1  # what is read, or a here-document's word
+        else:
+            argv.append(tok)
+        i += 1
+    return [p for p in found if p and "$" not in p and "`" not in p and not p.startswith("/dev/") and p != "-"]
+
+
+def tool_written_paths(tool_name, tool_input, cwd):
+    """Absolute paths (or patterns) a tool call writes: Claude Code's Edit, Write, MultiEdit and NotebookEdit,
+    Codex's apply_patch, and shell commands (as far as shell_written_paths can tell). Folders that exist end in /."""
+    if not isinstance(tool_input, dict):
+        return []
+    raw = []
+    if tool_name in LEASE_FILE_TOOLS:
+        for key in LEASE_FILE_TOOLS[tool_name]:
+            if isinstance(tool_input.get(key), str) and tool_input[key].strip():
+                raw.append(tool_input[key])
+                break
+    elif tool_name in LEASE_PATCH_TOOLS:
+        for key in ("command", "input", "patch"):
+            text = tool_input.get(key)
+            if isinstance(text, list):
+                text = "\n".join(str(x) for x in text)
+            if isinstance(text, str):
+                raw.extend(m.group(1) for m in PATCH_HEADER_RE.finditer(text))
+    elif tool_name in LEASE_SHELL_TOOLS:
+        command = tool_input.get("command", tool_input.get("cmd"))
+        workdir = tool_input.get("workdir") or tool_input.get("cwd")
+        if isinstance(workdir, str) and workdir:
+            cwd = os.path.join(cwd, workdir)
+        if isinstance(command, list):
+            command = " ".join(shlex.quote(str(w)) for w in command)
+        raw = shell_written_paths(command, lambda p: os.path.isdir(os.path.join(cwd, os.path.expanduser(p))))
+    out = []
+    for p in raw:
+        if not isinstance(p, str) or "\x00" in p or "\x00" in cwd:
+            continue  # no file has that name (and os.path would refuse it)
+        full = os.path.join(cwd, os.path.expanduser(p))
+        if not p.endswith("/") and os.path.isdir(full):
+            full += "/"  # a folder: whatever is below it is written (rm -r, mv, cp -r)
+        out.append(full)
+    return out
+
+
+def lease_check(sess, data, env):
+    """(decision, text) for a tool call that writes paths another agent leased exclusively: ("deny", reason) in
+    block mode, (None, warning) in warn mode; (None, None) when nothing stands in its way. One GET /api/leases for
+    the call, and none for a call that writes nothing; the agent's own leases never count. Never raises."""
+    mode = lease_mode(env)
+    if mode == "off":
+        return None, None
+    cwd = data.get("cwd") or os.getcwd()
+    written = tool_written_paths(data.get("tool_name"), data.get("tool_input"), cwd)
+    if not written:
+        return None, None
+    root = repo_root(cwd) or cwd
+    rels = []
+    for p in written:
+        rel = repo_relative(p, root, cwd)
+        if rel is None:
+            continue  # outside the working copy: no lease of its scope covers it
+        try:
+            rel = lease_pattern(rel, "path")
+        except ApiError:
+            continue
+        if rel not in rels:
+            rels.append(rel)
+    if not rels:
+        return None, None
+    scope = (sess.data.get("registerBody") or {}).get("project") or os.path.basename(root) or "root"
+    try:
+        leases = sess.client(timeout=LEASE_CHECK_TIMEOUT).leases(scope=scope, path=rels[0] if len(rels) == 1 else None,
+                                                                 timeout=LEASE_CHECK_TIMEOUT)
+    except RelayError as e:
+        hook_log("could not check leases: %s" % e)
+        return None, None
+    hits = []
+    for rel in rels:
+        for lease in leases:
+            if lease.get("agentId") != sess.agent_id and lease.get("exclusive") and any(
+                    leases_overlap(rel, held) for held in lease.get("paths") or []):
+                hits.append((rel, lease))
+                break
+    if not hits:
+        return None, None
+    said = "; ".join(lease_holder_line(rel, lease) for rel, lease in hits[:3])
+    if len(hits) > 3:
+        said += "; and %d more" % (len(hits) - 3)
+    holders = sorted({lease["agentId"] for _rel, lease in hits})
+    if mode == "warn":
+        return None, ("Agent Relay: warning: %s. The edit goes ahead (AGENT_RELAY_LEASES=warn); let %s know what you "
+                      "change." % (said, " and ".join(holders)))
+    me = sess.agent_id or "<your agent id>"
+    return "deny", ("Agent Relay: %s. Another agent is editing it: leave it alone for now and work on other files, or ask "
+                    "%s to release it: %s send --from %s --to %s \"...\"" % (said, " and ".join(holders), relay_cli(), me,
+                                                                              holders[0]))
 
 
 def gate_decision(tool, mode, origin, tool_name, tool_input, agent_id):
@@ -7765,21 +8804,32 @@ def hook_prompt_submit(tool, data, env):
 
 
 def hook_pre_tool_use(tool, data, env):
+    """Before a tool runs: an edit of a path another agent leased exclusively is refused (AGENT_RELAY_LEASES=warn:
+    let through with a warning), whatever the work is for; then, while the work comes from a relay message, the
+    approval mode's gate."""
     sid = data.get("session_id") or session_from_env(env)
     if not sid:
         return None
     sess = HookSession(tool, sid, env)
-    origin = sess.data.get("origin")
-    if not sess.agent_id or not isinstance(origin, dict) or origin.get("kind") != "relay":
-        return None
     if not tool_changes_things(data.get("tool_name")):
         return None
-    mode = sess.approval_mode()
-    decision, reason = gate_decision(tool, mode, origin, data.get("tool_name"), data.get("tool_input") or {}, sess.agent_id)
-    if decision is None:
-        return None
-    return {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": decision,
-                                   "permissionDecisionReason": reason}}
+    leased, said = lease_check(sess, data, env)
+    if leased == "deny":
+        return {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
+                                       "permissionDecisionReason": said}}
+    out = None
+    origin = sess.data.get("origin")
+    if sess.agent_id and isinstance(origin, dict) and origin.get("kind") == "relay":
+        mode = sess.approval_mode()
+        decision, reason = gate_decision(tool, mode, origin, data.get("tool_name"), data.get("tool_input") or {}, sess.agent_id)
+        if decision is not None:
+            out = {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": decision,
+                                          "permissionDecisionReason": reason}}
+    if said:  # warn: the person sees it (systemMessage), and so does the model (additionalContext)
+        out = out or {"hookSpecificOutput": {"hookEventName": "PreToolUse"}}
+        out["systemMessage"] = said
+        out["hookSpecificOutput"]["additionalContext"] = said
+    return out
 
 
 def hook_stop(tool, data, env):
@@ -8453,6 +9503,21 @@ def _mcp_update_task(call, args):
     return out, task_line(out.get("task") or {})
 
 
+def _mcp_lease(call, args):
+    body = {k: v for k, v in args.items() if v is not None}
+    body["agentId"] = call.agent()
+    out = call.backend.request("POST", "/api/leases", body)
+    got = out["lease"]
+    return out, "lease:%d holds %s in %s until %s (%s)" % (got["id"], ", ".join(got["paths"]), got["scope"],
+                                                          clock_time(got["expiresAt"]), "exclusive" if got["exclusive"] else "shared")
+
+
+def _mcp_unlease(call, args):
+    lid = _mcp_int(args, "leaseId")
+    out = call.backend.request("DELETE", "/api/leases/%d" % lid, query={"agentId": call.agent()})
+    return out, "released [lease:%d] %s" % (lid, ", ".join(out["lease"]["paths"]))
+
+
 # The tool table: a tool is one entry. Arguments use the HTTP field names; the acting agent is always the session's.
 MCP_TOOLS = [
     McpTool("whoami", "Who am I on the relay",
@@ -8538,6 +9603,23 @@ MCP_TOOLS = [
              "progress": _arg("string", "What has been done so far.", maxLength=4096),
              "result": _arg("string", "The outcome, when done or failed.", maxLength=65536)},
             _mcp_update_task, _mcp_out(("task",), task=_MCP_OBJECT), required=("taskId",)),
+    McpTool("lease", "Lease paths before editing them",
+            "Tell other agents you are about to edit these paths, before you start: repository-relative files "
+            "(README.md), directories (src/api/) or globs (tests/test_*.py). If another agent holds an overlapping "
+            "exclusive lease the call is refused with lease_conflict naming the holder: edit something else or "
+            "ask the holder. Release it with unlease when done; it also ends when its time is up or the session ends.",
+            {"paths": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 512}, "minItems": 1,
+                       "maxItems": 64, "description": "Repository-relative paths, directories (ending in /) or globs."},
+             "scope": _arg("string", "The working copy the paths belong to (default: this agent's project).", maxLength=128),
+             "reason": _arg("string", "What you are doing, shown to any agent that meets the lease.", maxLength=512),
+             "ttlMs": _arg("integer", "How long it holds unless renewed, in ms (default 30 minutes).",
+                           minimum=LEASE_TTL_MIN_MS, maximum=LEASE_TTL_MAX_MS),
+             "exclusive": _arg("boolean", "false for a shared lease that other shared leases may overlap (default true).")},
+            _mcp_lease, _mcp_out(("lease",), lease=_MCP_OBJECT), required=("paths",), additive=True),
+    McpTool("unlease", "Release a lease",
+            "Give back a lease this agent holds, when the edit is done, so others may edit those paths.",
+            {"leaseId": _arg("integer", "The lease: 12 for lease:12.", minimum=1)},
+            _mcp_unlease, _mcp_out(("lease",), lease=_MCP_OBJECT), required=("leaseId",)),
 ]
 MCP_TOOLS_BY_NAME = {t.name: t for t in MCP_TOOLS}
 
@@ -11908,8 +12990,8 @@ def serve(config, on_ready=None):
 
 
 def populate_demo(client):
-    """A few agents, a conversation, claimable work, a task that fired three times and is being worked on, and a
-    message held for a guarded agent: what a relay in use looks like."""
+    """A few agents, a conversation, claimable work, a task that fired three times and is being worked on, a message
+    held for a guarded agent, and a lease on the paths an agent is editing: what a relay in use looks like."""
     client.register(id="backend-agent", label="API backend", machine="devbox", project="billing",
                     tags=["api", "python"], capabilities=["python", "sql"])
     client.register(id="reviewer", label="code review", tags=["review"], capabilities=["review"])
@@ -11935,11 +13017,13 @@ def populate_demo(client):
     client.send("backend-agent", "ops-bot", "Migration is merged. Deploy v2.3.1 to production?", subject="Deploy request",
                 channel="deploys")
     client.send("docs-writer", "reviewer", "Changelog draft is in docs/changelog.md.")
+    client.lease("backend-agent", ["billing/invoices/", "migrations/0042_invoice_currency.py"], ttl_ms=2 * 3600000,
+                 reason="Migration 0042: invoice currency")
     return ["backend-agent", "reviewer", "ops-bot", "docs-writer"]
 
 
 def cmd_demo(args):
-    """A relay with a few agents, a conversation, claimable work, a task and a held message, kept alive while it runs."""
+    """A relay with a few agents, a conversation, claimable work, a task, a held message and a lease, kept alive while it runs."""
     flags = {attr: getattr(args, attr, None) for attr, *_rest in SETTINGS}
     if flags.get("db") is None and not os.environ.get("AGENT_RELAY_DB"):
         flags["db"] = ":memory:"  # a demo leaves nothing behind unless asked to
@@ -11952,7 +13036,7 @@ def cmd_demo(args):
         except RelayError as e:
             say("demo: could not fill the relay: %s" % e)
             return
-        say("demo: %d agents, a conversation, claimable work, a task and a held message; open %s/" % (len(agents), url))
+        say("demo: %d agents, a conversation, claimable work, a task, a held message and a lease; open %s/" % (len(agents), url))
 
         def listen():  # backend-agent holds a stream open, as a session with a monitor does
             with contextlib.suppress(RelayError):
