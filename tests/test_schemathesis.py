@@ -9,10 +9,11 @@ failure reproduces (AGENT_RELAY_SCHEMATHESIS_SEED picks another).
 
 What is not checked, and why, is EXCLUDED below: nothing else is left out.
 """
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -62,11 +63,11 @@ EXCLUDED = [
 
 
 def schemathesis_cmd():
-    try:
-        import schemathesis  # noqa: F401
-    except ImportError:
+    """Its command, as pip installs it beside this Python (else through the module)."""
+    if importlib.util.find_spec("schemathesis") is None:
         return None
-    return [sys.executable, "-m", "schemathesis.cli"]
+    script = os.path.join(sysconfig.get_paths()["scripts"], "schemathesis")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "schemathesis.cli"]
 
 
 def run(relay, tmp_path, token=None, max_examples=MAX_EXAMPLES):

@@ -1086,7 +1086,7 @@ class SchemaChecker:
             steps.append(self._object(schema, messages))
         for key in ("anyOf", "oneOf"):
             if key in schema:
-                steps.append(self._any_of(schema[key], messages.get(key), messages.get("at")))
+                steps.append(self._any_of(schema[key], messages.get(key + "Message"), messages.get("at")))
         if "if" in schema:
             steps.append(self._if(schema))
         if "x-maxJsonBytes" in schema:
@@ -1127,7 +1127,7 @@ class SchemaChecker:
         nullable = "null" in types
         wanted = [t for t in types if t != "null"]
         whole = "integer" in wanted
-        problem = messages.get("type") or "must be %s" % type_word(schema)
+        problem = messages.get("typeMessage") or "must be %s" % type_word(schema)
         exact = frozenset(c for t in wanted for c in _JSON_CLASSES[t])  # what json decodes each type to
 
         def check(value, where):
@@ -1151,7 +1151,7 @@ class SchemaChecker:
         allowed = list(schema["enum"]) if "enum" in schema else [schema["const"]]
         keys = {(json_type(v), v) for v in allowed if not isinstance(v, (dict, list))}
         shown = [v for v in allowed if v is not None]
-        problem = messages.get("enum") or messages.get("const") or "must be one of %s" % ", ".join(
+        problem = messages.get("enumMessage") or messages.get("constMessage") or "must be one of %s" % ", ".join(
             v if isinstance(v, str) else json.dumps(v) for v in shown)
 
         def check(value, where):
@@ -1166,10 +1166,10 @@ class SchemaChecker:
         """A string field: its type, length and pattern in one step."""
         lo, hi, pattern = schema.get("minLength") or 0, schema.get("maxLength"), schema.get("pattern")
         search = re.compile(pattern).search if pattern is not None else None
-        not_text = messages.get("type") or "must be a string"
-        short = messages.get("minLength") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
-        long = messages.get("maxLength") or "is longer than %s characters" % hi
-        unlike = messages.get("pattern") or "does not match %s" % pattern
+        not_text = messages.get("typeMessage") or "must be a string"
+        short = messages.get("minLengthMessage") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
+        long = messages.get("maxLengthMessage") or "is longer than %s characters" % hi
+        unlike = messages.get("patternMessage") or "does not match %s" % pattern
 
         def check(value, where):
             if type(value) is not str:
@@ -1192,9 +1192,9 @@ class SchemaChecker:
     def _string(schema, messages):
         lo, hi, pattern = schema.get("minLength"), schema.get("maxLength"), schema.get("pattern")
         regex = re.compile(pattern) if pattern is not None else None
-        short = messages.get("minLength") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
-        long = messages.get("maxLength") or "is longer than %s characters" % hi
-        unlike = messages.get("pattern") or "does not match %s" % pattern
+        short = messages.get("minLengthMessage") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
+        long = messages.get("maxLengthMessage") or "is longer than %s characters" % hi
+        unlike = messages.get("patternMessage") or "does not match %s" % pattern
 
         def check(value, where):
             if isinstance(value, str):
@@ -1215,7 +1215,7 @@ class SchemaChecker:
             problem = "must be between %s and %s" % (lo, hi)
         else:
             problem = "must be at least %s" % lo if lo is not None else "must be at most %s" % hi
-        problem = messages.get("minimum") or messages.get("maximum") or problem
+        problem = messages.get("minimumMessage") or messages.get("maximumMessage") or problem
 
         def check(value, where):
             if isinstance(value, (int, float)) and value is not True and value is not False:
@@ -1228,8 +1228,8 @@ class SchemaChecker:
     def _array(self, schema, messages):
         lo, hi = schema.get("minItems"), schema.get("maxItems")
         item = self.compile(schema["items"]) if "items" in schema else None
-        few = messages.get("minItems") or ("must not be empty" if lo == 1 else "has fewer than %s items" % lo)
-        many = messages.get("maxItems") or "has more than %s items" % hi
+        few = messages.get("minItemsMessage") or ("must not be empty" if lo == 1 else "has fewer than %s items" % lo)
+        many = messages.get("maxItemsMessage") or "has more than %s items" % hi
 
         def check(value, where):
             if isinstance(value, list):
@@ -1256,7 +1256,7 @@ class SchemaChecker:
         required = list(schema.get("required") or ())
         props = []
         for name, sub in (schema.get("properties") or {}).items():
-            missing = messages.get("required") or ("is required (%s)" % type_word(sub) if sub.get("type") else "is required")
+            missing = messages.get("requiredMessage") or ("is required (%s)" % type_word(sub) if sub.get("type") else "is required")
             props.append((name, self.compile(sub), name in required, missing))
         others = [n for n in required if n not in (schema.get("properties") or {})]
         extra = schema.get("additionalProperties", True)
@@ -1329,7 +1329,7 @@ class SchemaChecker:
 
     @staticmethod
     def _json_bytes(limit, messages):
-        problem = messages.get("x-maxJsonBytes") or "is larger than %d bytes" % limit
+        problem = messages.get("x-maxJsonBytesMessage") or "is larger than %d bytes" % limit
 
         def check(value, where):
             if isinstance(value, (dict, list, str)) and len(dumps(value)) > limit:
@@ -4135,12 +4135,12 @@ def Str(max_len=256, required=False, blank=False, pattern=None, rule=None, enum=
         pattern, rule = NONBLANK, rule or "must not be empty"
     if pattern is not None:
         schema["pattern"] = pattern
-    return _field(schema, required, desc, default, {"pattern": rule} if rule else None, nullable)
+    return _field(schema, required, desc, default, {"patternMessage": rule} if rule else None, nullable)
 
 
 def Int(lo=0, hi=MAX_INT, required=False, default=None, desc=None, rule=None):
     """A whole number from lo to hi."""
-    return _field({"type": "integer", "minimum": lo, "maximum": hi}, required, desc, default, {"type": rule} if rule else None)
+    return _field({"type": "integer", "minimum": lo, "maximum": hi}, required, desc, default, {"typeMessage": rule} if rule else None)
 
 
 def Bool(required=False, default=None, desc=None):
@@ -4168,17 +4168,17 @@ def Names(max_items=64, at_least_one=False, desc=None, nullable=True):
     convenience, one string of them separated by commas. Spaces around a name are dropped, and so are repeats."""
     piece = r"\s*(?:%s\s*)?" % NAME_TEXT
     text = {"type": "string", "maxLength": max_items * 80, "pattern": r"^%s(?:,%s){0,%d}$" % (piece, piece, max_items - 1),
-            "x-messages": {"pattern": "must be a list of names, or one string of them separated by commas: each "
+            "x-messages": {"patternMessage": "must be a list of names, or one string of them separated by commas: each "
                                       + NAME_RULE}}
     listed = {"type": "array", "maxItems": max_items,
               "items": {"type": "string", "maxLength": 80, "pattern": r"^\s*%s\s*$" % NAME_TEXT,
-                        "x-messages": {"pattern": NAME_RULE}}}
+                        "x-messages": {"patternMessage": NAME_RULE}}}
     if at_least_one:  # a name somewhere in the string; one item in the list
         text["pattern"] = "^(?=[^%s]*%s)" % (NAME_CHARS[1:-1], NAME_CHARS) + text["pattern"][1:]
-        text["x-messages"]["pattern"] += ", and at least one of them"
+        text["x-messages"]["patternMessage"] += ", and at least one of them"
         listed["minItems"] = 1
-        listed["x-messages"] = {"minItems": 'needs at least one channel (use ["all"] to see every fan-out)'}
-    schema = {"anyOf": [listed, text], "x-messages": {"anyOf": "must be a list of non-empty strings (names)"}}
+        listed["x-messages"] = {"minItemsMessage": 'needs at least one channel (use ["all"] to see every fan-out)'}
+    schema = {"anyOf": [listed, text], "x-messages": {"anyOfMessage": "must be a list of non-empty strings (names)"}}
     return _field(schema, False, desc, None, nullable=nullable)
 
 
@@ -4222,7 +4222,7 @@ def _lease_path_pattern():
 
 
 LEASE_PATH = {"type": "string", "maxLength": LEASE_MAX_PATH, "pattern": _lease_path_pattern(),
-              "x-messages": {"pattern": "is not a repository-relative path or pattern: no / or ~/ in front, no .. "
+              "x-messages": {"patternMessage": "is not a repository-relative path or pattern: no / or ~/ in front, no .. "
                                         "segment, no control character nor \\, ** only as a whole segment"}}
 LEASE_SCOPE_QUERY = r"^[^\x00-\x1f\x7f]*$"
 LEASE_SCOPE = r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]*$"
@@ -4522,7 +4522,7 @@ def _param_value(field, raw, name):
     kind = kinds if isinstance(kinds, str) else next((k for k in kinds or () if k != "null"), None)
     if kind == "integer":
         if not _WHOLE_TEXT.match(raw):
-            raise Problem(name, (field.get("x-messages") or {}).get("type") or "must be a whole number, not %r" % raw[:40])
+            raise Problem(name, (field.get("x-messages") or {}).get("typeMessage") or "must be a whole number, not %r" % raw[:40])
         if len(raw) > 20:  # out of any range, and not worth converting
             return MAX_INT * (-10 if raw.startswith("-") else 10)
         return int(raw)
@@ -4664,7 +4664,7 @@ ROUTES = [
           body_rules={"anyOf": [{"required": ["id"], "properties": {"id": {"type": "string"}}},
                                 {"required": ["session"], "properties": {"session": {"type": "string"}}},
                                 {"required": ["instanceId"], "properties": {"instanceId": {"type": "string"}}}],
-                      "x-messages": {"anyOf": "give an id, or a session or instanceId to derive one from", "at": "id"}},
+                      "x-messages": {"anyOfMessage": "give an id, or a session or instanceId to derive one from", "at": "id"}},
           answers={201: _ref("Agent"), 200: _ref("Agent")}, errors={403: ("forbidden",)},
           acting="Registering an existing agent again acts as it (its key, with agent keys on; a new agent gets its key "
                  "in the answer). %s" % _MODE_BY_PERSON.strip()),
@@ -4769,7 +4769,7 @@ ROUTES = [
                 "result": Json(desc="Any JSON: the outcome.")},
           body_rules={"anyOf": [{"required": ["status"], "properties": {"status": {"type": "string"}}},
                                 {"required": ["progress"]}, {"required": ["result"]}],
-                      "x-messages": {"anyOf": "send at least one of status, progress or result", "at": "status"}},
+                      "x-messages": {"anyOfMessage": "send at least one of status, progress or result", "at": "status"}},
           answers={200: _ONE_TASK},
           errors={403: ("forbidden", "read_only", "not_addressed"), 404: ("not_found", "unknown_agent"),
                   409: ("invalid_transition", "not_owner")},
@@ -4796,7 +4796,7 @@ ROUTES = [
     Route("POST", "/api/leases", "acquire_lease", "Lease paths (advisory): 201, or 409 lease_conflict naming the holders.",
           body={"agentId": AGENT_ID_REQUIRED,
                 "paths": _field({"anyOf": [{"type": "array", "minItems": 1, "maxItems": LEASE_MAX_PATHS, "items": LEASE_PATH},
-                                           LEASE_PATH], "x-messages": {"anyOf": "must be a list of repository-relative "
+                                           LEASE_PATH], "x-messages": {"anyOfMessage": "must be a list of repository-relative "
                                                                                 "paths, such as [\"src/api/\", \"README.md\"]"}},
                                 True, "Repository-relative POSIX paths or patterns (a lone string is one): an exact path, a "
                                 "directory (src/api/ or src/api/**) or a glob (* and ? within a segment, ** across).", None),
@@ -4810,7 +4810,7 @@ ROUTES = [
     Route("GET", "/api/leases", "list_leases", "Active leases; `path` keeps those that overlap a path or pattern.",
           query={"agentId": Str(128), "scope": Str(128, blank=True, pattern=LEASE_SCOPE_QUERY, rule="must not hold "
                                                                                                     "control characters"),
-                 "path": Str(LEASE_MAX_PATH, pattern=LEASE_PATH["pattern"], rule=LEASE_PATH["x-messages"]["pattern"],
+                 "path": Str(LEASE_MAX_PATH, pattern=LEASE_PATH["pattern"], rule=LEASE_PATH["x-messages"]["patternMessage"],
                              desc="Only the leases that overlap this path or pattern.")},
           answers={200: _shape({"leases": _list(_ref("Lease"))})}),
     Route("POST", "/api/leases/{id}/renew", "renew_lease", "Extend a lease (its holder).", params=LEASE_IN_PATH,
