@@ -67,6 +67,7 @@ import subprocess
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -253,6 +254,16 @@ def _parse_str(text):
     return str(text)
 
 
+def _parse_choice(*choices):
+    def parse(text):
+        t = str(text).strip().lower()
+        if t not in choices:
+            raise ValueError("%r is not one of %s" % (text, ", ".join(choices)))
+        return t
+
+    return parse
+
+
 def _parse_integrations(text):
     try:
         data = json.loads(text) if str(text).strip() else []
@@ -332,6 +343,8 @@ SETTINGS = [
     ("sse_ping_ms", "AGENT_RELAY_SSE_PING_MS", "--sse-ping-ms", _parse_int(100), 15000, "Stream keep-alive interval"),
     ("sse_send_timeout_ms", "AGENT_RELAY_SSE_SEND_TIMEOUT_MS", "--sse-send-timeout-ms", _parse_int(100), 30000,
      "How long a stream waits for its client to take the next piece before closing it"),
+    ("search", "AGENT_RELAY_SEARCH", "--search", _parse_choice("auto", "fts5", "like"), "auto",
+     "Search engine: auto (FTS5 where SQLite has it, else a scan), fts5, or like (always scan)"),
     ("agent_keys", "AGENT_RELAY_AGENT_KEYS", "--agent-keys", _parse_bool, False, "Per-agent keys (1 to turn on)"),
     ("admin_token", "AGENT_RELAY_ADMIN_TOKEN", "--admin-token", _parse_str, None, "The person's token when agent keys are on"),
 ]
@@ -383,6 +396,9 @@ class Config:
             raise ConfigError("AGENT_RELAY_AGENT_KEYS: agent keys need both AGENT_RELAY_TOKEN and AGENT_RELAY_ADMIN_TOKEN")
         if self.admin_token is not None and self.token is not None and hmac.compare_digest(self.admin_token, self.token):
             raise ConfigError("AGENT_RELAY_ADMIN_TOKEN: the admin token must differ from AGENT_RELAY_TOKEN")
+        if self.search == "fts5" and not fts5_available():
+            raise ConfigError("AGENT_RELAY_SEARCH: fts5 was asked for, but this Python's SQLite (%s) has no FTS5; use auto "
+                              "(or like), which searches by scanning" % sqlite3.sqlite_version)
         names = {i["token"] for i in self.integrations}
         if self.token in names or (self.admin_token and self.admin_token in names):
             raise ConfigError("AGENT_RELAY_INTEGRATIONS: an integration token must differ from the relay's tokens")
@@ -545,7 +561,54 @@ SCHEMA = [
     DROP INDEX messages_thread;
     CREATE INDEX messages_thread ON messages(thread_id, id) WHERE thread_id IS NOT NULL;
     """,
+    # version 4: who a fan-out reached when it was sent (comma-separated agent ids; NULL for a direct message, whose
+    # recipient is its `to`), for GET /api/messages/:id/wait?all=1
+    """
+    ALTER TABLE messages ADD COLUMN recipients TEXT;
+    """,
+    # version 5: the search index (FTS5 over message subjects and bodies and task titles and bodies), built for the
+    # rows already stored; with no FTS5 in this interpreter's SQLite, nothing (search scans). Storage.sync_search.
+    lambda storage, c: storage.sync_search(c),
 ]
+
+
+_FTS5 = []  # the probe's answer, once asked
+
+
+def fts5_available():
+    """Whether this interpreter's SQLite has FTS5 (asked once: a virtual table made in a throwaway database)."""
+    if not _FTS5:
+        con = sqlite3.connect(":memory:")
+        try:
+            con.execute("CREATE VIRTUAL TABLE probe USING fts5(text)")
+            _FTS5.append(True)
+        except sqlite3.Error:
+            _FTS5.append(False)
+        finally:
+            con.close()
+    return _FTS5[0]
+
+
+# The search index: an FTS5 table per searched table, with the stored rows as its content (external content: the
+# text is kept once, in the table itself), kept in step by triggers inside the transaction that writes the row.
+# Subjects, bodies and titles never change once stored, so the update trigger fires only if one ever does.
+SEARCH_INDEX = (("messages_fts", "messages", ("subject", "body")), ("tasks_fts", "tasks", ("title", "body")))
+
+
+def search_index_sql(fts, table, columns):
+    """The statements that make one FTS5 table and its three triggers (their names start with the table's)."""
+    cols = ", ".join(columns)
+    new = ", ".join("new." + c for c in columns)
+    old = ", ".join("old." + c for c in columns)
+    return [
+        "CREATE VIRTUAL TABLE %s USING fts5(%s, content='%s', content_rowid='id', tokenize='unicode61')" % (fts, cols, table),
+        "CREATE TRIGGER %s_insert AFTER INSERT ON %s BEGIN INSERT INTO %s(rowid, %s) VALUES (new.id, %s); END"
+        % (fts, table, fts, cols, new),
+        "CREATE TRIGGER %s_delete AFTER DELETE ON %s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); END"
+        % (fts, table, fts, fts, cols, old),
+        "CREATE TRIGGER %s_update AFTER UPDATE OF %s ON %s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); "
+        "INSERT INTO %s(rowid, %s) VALUES (new.id, %s); END" % (fts, cols, table, fts, fts, cols, old, fts, cols, new),
+    ]
 
 
 class StorageUnavailable(Exception):
@@ -611,9 +674,11 @@ class Storage:
     WRITE_BUSY_MS = 1000
     WRITE_WAIT_S = 2.0
 
-    def __init__(self, path):
+    def __init__(self, path, search="auto"):
         self.path = path
         self.memory = path == ":memory:"
+        # what GET /api/search uses: "fts5" (the index) where the interpreter's SQLite has it, else "like" (a scan)
+        self.search = "fts5" if search != "like" and fts5_available() else "like"
         self.failure = None  # (code, message) once the file is found damaged or lost: every later read and write gets it
         self._failing = threading.Lock()
         self._file = None  # (device, inode) of the file opened, to tell when the path names another one
@@ -664,14 +729,46 @@ class Storage:
             for v in range(version, len(SCHEMA)):
                 c.execute("BEGIN IMMEDIATE")
                 try:
-                    for stmt in SCHEMA[v].split(";"):
-                        if stmt.strip():
-                            c.execute(stmt)
+                    if callable(SCHEMA[v]):  # a step that depends on the interpreter (the search index)
+                        SCHEMA[v](self, c)
+                    else:
+                        for stmt in SCHEMA[v].split(";"):
+                            if stmt.strip():
+                                c.execute(stmt)
                     c.execute("PRAGMA user_version = %d" % (v + 1))
                     c.execute("COMMIT")
                 except BaseException:
                     c.execute("ROLLBACK")
                     raise
+            c.execute("BEGIN IMMEDIATE")  # a database that moves between engines (a setting, another interpreter)
+            try:
+                self.sync_search(c)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def sync_search(self, c):
+        """Inside a write transaction at start: the search index exists, complete and kept in step by its triggers,
+        exactly when this relay searches with FTS5. Triggers present mean an index in step (they were made with
+        it); with none, the index is built again from the stored rows ('rebuild'). A relay that scans has no
+        triggers (an FTS5 trigger would fail every write where SQLite lacks FTS5), and drops the index where it can."""
+        triggers = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for fts, table, columns in SEARCH_INDEX:
+            mine = {n for n in triggers if n.startswith(fts + "_")}
+            statements = search_index_sql(fts, table, columns)
+            if self.search == "fts5" and len(mine) == len(statements) - 1:
+                continue  # in step
+            for name in sorted(mine):
+                c.execute("DROP TRIGGER %s" % name)
+            if fts in tables and fts5_available():
+                c.execute("DROP TABLE %s" % fts)
+            if self.search == "fts5":
+                c.execute(statements[0])
+                c.execute("INSERT INTO %s(%s) VALUES ('rebuild')" % (fts, fts))
+                for stmt in statements[1:]:
+                    c.execute(stmt)
 
     def check_file(self):
         """At start, before anything writes to the file: refuses one that is damaged or is no database, with a
@@ -2536,19 +2633,26 @@ class Messages:
         return self.message_detail(message_id)
 
     # -- history -----------------------------------------------------------
-    def history(self, q):
+    def filter_sql(self, q):
+        """WHERE terms (and their parameters) on messages `m` for the filters history and search share: `agent` (sent by
+        it, or addressed to it and not held or rejected for it), `from`, `to` (the exact target string), `channel`."""
         where, params = [], []
         if q.get("agent"):
             agent = self.agents.find(q["agent"])
             if agent is None:
                 raise unknown_agent(q["agent"])
             vis, p = self._visibility_sql(agent)
-            where.append("(m.from_agent = ? OR (%s))" % vis)
-            params += [agent["id"]] + p
+            where.append("(m.from_agent = ? OR ((%s) AND NOT EXISTS (SELECT 1 FROM receipts h WHERE h.message_id = m.id "
+                         "AND h.agent_id = ? AND h.state IN ('held','rejected'))))" % vis)
+            params += [agent["id"]] + p + [agent["id"]]
         for key, col in (("from", "m.from_agent"), ("to", "m.to_target"), ("channel", "m.channel")):
             if q.get(key):
                 where.append(col + " = ?")
                 params.append(q[key])
+        return where, params
+
+    def history(self, q):
+        where, params = self.filter_sql(q)
         if q.get("before") is not None:
             where.append("m.id < ?")
             params.append(q["before"])
@@ -3131,6 +3235,305 @@ class CallbackDelivery:
 
 
 # ============================================================================
+# Search: messages and tasks by their words (FTS5, or a scan with the same answers)
+# ============================================================================
+
+# Words, as the search index sees them (FTS5's unicode61 tokenizer): runs of letters and digits, lower-cased, the
+# diacritic of a Latin letter removed. The scan uses the same, so both engines find the same rows.
+SEARCH_WORD_RE = re.compile(r"[^\W_]+")
+_FOLDED = {}
+
+
+def _fold_char(ch):
+    f = _FOLDED.get(ch)
+    if f is None:
+        f = ch.lower()
+        if len(f) == 1 and ord(f) > 127:
+            d = unicodedata.normalize("NFD", f)
+            if len(d) == 2 and unicodedata.combining(d[1]) and (ord(d[0]) < 0x250 or 0x1E00 <= ord(d[0]) <= 0x1EFF):
+                f = d[0]
+        _FOLDED[ch] = f
+    return f
+
+
+def search_words(text):
+    """The words of a text, folded as the index folds them: "Déploy-2 OK" -> ["deploy", "2", "ok"]."""
+    words = SEARCH_WORD_RE.findall(text or "")
+    return [w.lower() if w.isascii() else "".join(_fold_char(ch) for ch in w) for w in words]
+
+
+def search_word_spans(text):
+    """(start, end, folded word) for each word of a text, for snippets."""
+    return [(m.start(), m.end(), search_words(m.group())[0]) for m in SEARCH_WORD_RE.finditer(text or "")]
+
+
+SEARCH_MAX_TERMS = 16
+
+
+def parse_search(q):
+    """The query language of GET /api/search: whitespace-separated words, all of which must match; "a phrase" (its
+    words in a row, in one field); word* (a word that starts so; "a phrase"* too). Nothing else is an operator: AND, OR,
+    NOT, NEAR, -, ^, :, parentheses are searched as text, whose letters and digits are words; a quote left open runs to
+    the end, a lone * is ignored. Returns terms, each (words, prefix); 400 naming q when nothing is left to search."""
+    terms, pos, n = [], 0, len(q)
+    while pos < n:
+        if q[pos].isspace():
+            pos += 1
+            continue
+        if q[pos] == '"':
+            end = q.find('"', pos + 1)
+            text = q[pos + 1:] if end < 0 else q[pos + 1:end]
+            pos = n if end < 0 else end + 1
+            prefix = pos < n and q[pos] == "*"
+            pos += 1 if prefix else 0
+        else:
+            end = pos
+            while end < n and not q[end].isspace() and q[end] != '"':
+                end += 1
+            text, pos = q[pos:end], end
+            prefix = text.endswith("*")
+        words = tuple(search_words(text))
+        if words and (words, prefix) not in terms:
+            terms.append((words, prefix))
+    if not terms:
+        raise invalid("q", "has no word to search for (letters or digits); for example: deploy, \"disk full\" or migrat*")
+    if len(terms) > SEARCH_MAX_TERMS:
+        raise invalid("q", "has %d words and phrases; at most %d" % (len(terms), SEARCH_MAX_TERMS))
+    return terms
+
+
+def fts5_query(terms):
+    """The terms as an FTS5 query: each a quoted phrase (so that nothing in it is an FTS5 operator), * for a prefix."""
+    return " ".join('"%s"%s' % (" ".join(words), "*" if prefix else "") for words, prefix in terms)
+
+
+def _term_positions(term, words):
+    """Where in `words` (one field's folded words) the term starts."""
+    want, prefix = term
+    k, last = len(want), want[-1]
+    out = []
+    for i in range(len(words) - k + 1):
+        w = words[i + k - 1]
+        if (w.startswith(last) if prefix else w == last) and (k == 1 or tuple(words[i:i + k - 1]) == want[:-1]):
+            out.append(i)
+    return out
+
+
+def scan_match(terms, fields, weights=(2.0, 1.0)):
+    """The scan's match and rank: None when some term is in no field (FTS5's AND), else a score: each time a term
+    occurs, its field's weight (a subject or title counts twice), over the square root of the words there are."""
+    score, size = 0.0, 0
+    parsed = [search_words(f) for f in fields]
+    for term in terms:
+        hits = 0.0
+        for words, weight in zip(parsed, weights):
+            hits += weight * len(_term_positions(term, words))
+        if not hits:
+            return None
+        score += hits
+    size = sum(len(w) for w in parsed)
+    return round(score / (1.0 + size) ** 0.5, 6)
+
+
+SNIPPET_WORDS = 12
+
+
+def scan_snippet(terms, fields):
+    """A window of SNIPPET_WORDS words around the most hits, as FTS5's snippet() makes: hits between ** and **, … where
+    text was cut; from the field with the most hits."""
+    best = None
+    for text in fields:
+        spans = search_word_spans(text)
+        words = [w for _s, _e, w in spans]
+        hit = set()
+        for term in terms:
+            for i in _term_positions(term, words):
+                hit.update(range(i, i + len(term[0])))
+        if not hit:
+            continue
+        starts = sorted({max(0, min(h - 2, len(spans) - SNIPPET_WORDS)) for h in hit})
+        start = max(starts, key=lambda s: (sum(1 for h in hit if s <= h < s + SNIPPET_WORDS), -s))
+        count = sum(1 for h in hit if start <= h < start + SNIPPET_WORDS)
+        if best is None or count > best[0]:
+            best = (count, text, spans, hit, start)
+    if best is None:
+        return snippet_text(fields[-1] or fields[0] or "")
+    _count, text, spans, hit, start = best
+    end = min(len(spans), start + SNIPPET_WORDS)
+    out = ["\u2026"] if start > 0 else []
+    pos = spans[start][0]
+    for i in range(start, end):
+        s, e, _w = spans[i]
+        out.append(text[pos:s])
+        out.append("**%s**" % text[s:e] if i in hit else text[s:e])
+        pos = e
+    if end < len(spans):
+        out.append("\u2026")
+    elif start == 0:
+        out.append(text[pos:])
+    return snippet_text("".join(out))
+
+
+def snippet_text(text, limit=400):
+    """A snippet on one line: runs of whitespace (newlines too) as one space, at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rstrip() + "\u2026"
+
+
+class Search:
+    """Searching message subjects and bodies and task titles and bodies (GET /api/search): the query language
+    (parse_search), visibility and filters (those of history, from messages), and two engines with the same answers:
+    FTS5 over the search index (Storage.sync_search keeps it, bm25 ranks, snippet() cuts) where the interpreter's
+    SQLite has it, else a scan (a LIKE that passes a superset of the rows, then the words themselves, as FTS5 tokenizes
+    them, decide; a simple rank). A task's announcing message is found as the task.
+
+    Owns no table (the index is Storage's, kept by triggers inside each write). May call: the Storage (reads), the
+    agent directory (through messages) and messages (the filters of history: filter_sql)."""
+
+    # Matches ranked per search, per kind: the newest this many that pass the filters. A word that is in most rows
+    # would otherwise make every search rank all of them (at a million messages, seconds).
+    CANDIDATES = 1000
+
+    def __init__(self, db, messages):
+        self.db = db
+        self.messages = messages
+
+    @property
+    def engine(self):
+        return self.db.search
+
+    def search(self, q, filters, since=None, until=None, limit=20):
+        terms = parse_search(q)
+        mq = {k: filters.get(k) for k in ("agent", "from", "to", "channel")}
+        m_where, m_params = self.messages.filter_sql(mq)  # raises unknown_agent first, for both kinds
+        t_where, t_params = self.messages.filter_sql({"agent": mq["agent"], "from": mq["from"]})
+        for key, col in (("to", "k.target"), ("channel", "k.channel")):
+            if mq[key]:
+                t_where.append(col + " = ?")
+                t_params.append(mq[key])
+        if since is not None:
+            t_where.append("k.created_at >= ?")
+            t_params.append(since)
+        if until is not None:
+            t_where.append("k.created_at <= ?")
+            t_params.append(until)
+        m_where.append("NOT (m.kind = 'task' AND EXISTS (SELECT 1 FROM tasks x WHERE x.message_id = m.id))")
+        with self.db.read() as c:
+            lo = Storage.first_id_since(c, "messages", since) if since is not None else None
+            hi = Storage.first_id_since(c, "messages", until + 1) if until is not None else None
+            if self.engine == "fts5":
+                found = self._fts5(c, terms, m_where, m_params, t_where, t_params, lo, hi, limit)
+            else:
+                found = self._scan(c, terms, m_where, m_params, t_where, t_params, lo, hi, limit)
+        results, more = found
+        return {"results": results, "engine": self.engine, "more": more}
+
+    def _rank(self, hits, limit):
+        """hits: (rank, kind, id), best first (then newest); the first `limit`, and whether there are more."""
+        hits.sort(key=lambda h: (-h[0], h[1], -h[2]))
+        return hits[:limit], len(hits) > limit
+
+    def _rows(self, c, kind, ids):
+        table = "messages" if kind == "message" else "tasks"
+        rows = c.execute("SELECT * FROM %s WHERE id IN (%s)" % (table, ",".join("?" * len(ids))), ids).fetchall() if ids else []
+        convert = message_from_row if kind == "message" else task_from_row
+        return {r["id"]: convert(r) for r in rows}
+
+    def _answer(self, c, top, snippet):
+        rows = {kind: self._rows(c, kind, [h[2] for h in top if h[1] == kind]) for kind in ("message", "task")}
+        out = []
+        for rank, kind, row_id in top:
+            item = rows[kind].get(row_id)
+            if item is not None:
+                out.append({"type": kind, kind: item, "snippet": snippet(kind, item), "rank": rank})
+        return out
+
+    # -- FTS5 ----------------------------------------------------------------
+    def _fts5(self, c, terms, m_where, m_params, t_where, t_params, lo, hi, limit):
+        match = fts5_query(terms)
+        hits, more = [], False
+        for kind, fts, sql, where, params in (
+            ("message", "messages_fts", "SELECT m.id, -bm25(messages_fts, 2.0, 1.0) FROM messages_fts JOIN messages m "
+             "ON m.id = messages_fts.rowid WHERE messages_fts MATCH ?", m_where, m_params),
+            ("task", "tasks_fts", "SELECT k.id, -bm25(tasks_fts, 2.0, 1.0) FROM tasks_fts JOIN tasks k ON k.id = tasks_fts.rowid "
+             "LEFT JOIN messages m ON m.id = k.message_id WHERE tasks_fts MATCH ?", t_where, t_params),
+        ):
+            where, params = list(where), [match] + list(params)
+            if kind == "message" and lo is not None:
+                where.append("messages_fts.rowid >= ?")
+                params.append(lo)
+            if kind == "message" and hi is not None:
+                where.append("messages_fts.rowid < ?")
+                params.append(hi)
+            rows = c.execute(sql + "".join(" AND " + w for w in where) + " ORDER BY %s.rowid DESC LIMIT ?" % fts,
+                             params + [self.CANDIDATES]).fetchall()
+            more = more or len(rows) >= self.CANDIDATES
+            hits.extend((r[1], kind, r[0]) for r in rows)
+        top, over = self._rank(hits, limit)
+
+        def snippet(kind, item):
+            fts = "messages_fts" if kind == "message" else "tasks_fts"
+            r = c.execute("SELECT snippet(%s, -1, '**', '**', '\u2026', %d) FROM %s WHERE %s MATCH ? AND rowid = ?"
+                          % (fts, SNIPPET_WORDS, fts, fts), (match, item["id"])).fetchone()
+            return snippet_text(r[0] if r and r[0] else "")
+
+        return self._answer(c, top, snippet), more or over
+
+    # -- the scan ------------------------------------------------------------
+    SCAN_BATCH = 200
+
+    def _scan(self, c, terms, m_where, m_params, t_where, t_params, lo, hi, limit):
+        # A row passes to Python when each ASCII word of the query is somewhere in its text (LIKE ignores ASCII case),
+        # or when its text holds anything beyond ASCII (a word there may fold to the query's: é -> e).
+        words = sorted({w for ws, _p in terms for w in ws if w.isascii()})
+        wide = any(not w.isascii() for ws, _p in terms for w in ws)  # only a text beyond ASCII folds to such a word
+        hits, more = [], False
+        for kind, sql, fields, where, params in (
+            ("message", "SELECT m.id, m.subject, m.body FROM messages m", ("m.subject", "m.body"), m_where, m_params),
+            ("task", "SELECT k.id, k.title, k.body FROM tasks k LEFT JOIN messages m ON m.id = k.message_id",
+             ("k.title", "k.body"), t_where, t_params),
+        ):
+            where, params = list(where), list(params)
+            if kind == "message" and lo is not None:
+                where.append("m.id >= ?")
+                params.append(lo)
+            if kind == "message" and hi is not None:
+                where.append("m.id < ?")
+                params.append(hi)
+            text = " || ' ' || ".join("COALESCE(%s, '')" % f for f in fields)
+            beyond_ascii = "length(%s) != length(CAST(%s AS BLOB))" % (text, text)
+            if wide:
+                where.append(beyond_ascii)
+            elif words:
+                where.append("(%s OR %s)" % (" AND ".join("(%s) LIKE ?" % text for _w in words), beyond_ascii))
+                params += ["%" + w + "%" for w in words]
+            order = "m.id" if kind == "message" else "k.id"
+            cur = c.execute(sql + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY %s DESC" % order, params)
+            found = 0
+            try:
+                while found < self.CANDIDATES:
+                    batch = cur.fetchmany(self.SCAN_BATCH)
+                    if not batch:
+                        break
+                    for r in batch:
+                        rank = scan_match(terms, (r[1], r[2]))
+                        if rank is not None:
+                            hits.append((rank, kind, r[0]))
+                            found += 1
+                            if found >= self.CANDIDATES:
+                                more = True
+                                break
+            finally:
+                cur.close()
+        top, over = self._rank(hits, limit)
+
+        def snippet(kind, item):
+            return scan_snippet(terms, (item["subject"], item["body"]) if kind == "message" else (item["title"], item["body"]))
+
+        return self._answer(c, top, snippet), more or over
+
+
+# ============================================================================
 # Housekeeping: orphaned claims at start, the sweeper, retention, stats
 # ============================================================================
 
@@ -3263,14 +3666,14 @@ class Relay:
     workers. It holds no rule of its own.
 
     The HTTP layer calls the parts themselves: relay.agents (AgentDirectory), relay.messages (Messages),
-    relay.claims (Claims), relay.tasks (Tasks), relay.callbacks (CallbackDelivery), relay.housekeeping
-    (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
+    relay.claims (Claims), relay.tasks (Tasks), relay.search (Search), relay.callbacks (CallbackDelivery),
+    relay.housekeeping (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
     relay.writer (Writer). Each part is handed what it may call when it is built; the two that also call parts
     built after them (the writer, the agent directory) are wired once those exist."""
 
     def __init__(self, config):
         self.config = config
-        self.db = Storage(config.db)
+        self.db = Storage(config.db, search=config.search)
         self.hub = Hub()
         self.started = time.monotonic()  # for uptimeMs: a duration
         self.integrations = {i["name"]: i for i in config.integrations}
@@ -3281,6 +3684,7 @@ class Relay:
         self.messages = Messages(config, self.db, self.hub, self.writer, self.agents)
         self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
         self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
+        self.search = Search(self.db, self.messages)
         self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
         self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping)
         # the two that also call parts built after them
@@ -3461,6 +3865,8 @@ ROUTES = [
           body={"dedupeKey": (S, True), "title": (S,), "body": (S,), "target": (S,), "channel": (S,), "status": (S,),
                 "severity": (S,), "externalUrl": (S,), "metadata": (O,)}, auth="integration", ok=201),
     Route("GET", "/api/callbacks", "callbacks", "Callback deliveries.", query={"taskId": I, "status": S, "limit": I}),
+    Route("GET", "/api/search", "search", "Search message subjects and bodies and task titles and bodies, best first.",
+          query={"q": S, "agent": S, "from": S, "to": S, "channel": S, "since": I, "until": I, "limit": I}),
     Route("GET", "/api/events", "events", "Server-Sent Events: the live stream (Last-Event-ID or ?since= replays).",
           query={"since": I, "agentId": S, "types": S}, stream=True, changes="agentId"),
     Route("POST", "/api/mcp", "mcp", "MCP (Streamable HTTP): one JSON-RPC message; a JSON answer, or SSE for one that waits.",
@@ -3597,7 +4003,8 @@ class Api:
     # -- health, stats, spec -----------------------------------------------
     def health(self, req):
         self.relay.db.verify(now=False)  # a damaged or lost database file is a 503 here too, for monitoring
-        return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000)}
+        return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000),
+                     "search": self.relay.search.engine}
 
     def stats(self, req):
         return 200, self.relay.housekeeping.stats()
@@ -3711,6 +4118,16 @@ class Api:
     def integration_event(self, req):
         body, status = self.relay.tasks.integration_event(req.auth.integration, req.body)
         return status, body
+
+    # -- search ------------------------------------------------------------
+    def search(self, req):
+        q = req.q("q", 500)
+        if q is None:
+            raise invalid("q", "is required: the words to search for (words, \"a phrase\", prefix*)")
+        filters = {k: req.q(k, 200) for k in ("agent", "from", "to", "channel")}
+        since, until = req.qint("since"), req.qint("until")
+        limit = req.qint("limit", 1, 100, 20)
+        return 200, self.relay.search.search(q, filters, since, until, limit)
 
     def callbacks(self, req):
         status = req.q("status", 16)
