@@ -2325,7 +2325,7 @@ class Messages:
         return got if got is DEFERRED else committed(got)
 
     MESSAGE_COLUMNS = ("id", "from_agent", "to_target", "subject", "body", "kind", "channel", "claimable", "reply_to", "thread_id",
-                       "idempotency_key", "payload", "meta", "created_at")
+                       "idempotency_key", "payload", "meta", "created_at", "recipients")
 
     def create(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
               idem=None, payload=None, meta=None, t=None, outside=False):
@@ -2341,8 +2341,10 @@ class Messages:
                 if row is not None:
                     msg = message_from_row(row)
                     matched = self.agents.matching_agents(msg["to"], msg["channel"], sender)
-                    return {"message": msg, "matched": matched, "online": self.agents.online_count(matched), "duplicate": True}, False
-            thread = None
+                    held = [r[0] for r in t.execute("SELECT agent_id FROM receipts WHERE message_id = ? AND state = 'held' "
+                                                    "ORDER BY agent_id", (msg["id"],))]
+                    return dict(self._send_answer(msg, matched, held), duplicate=True), False
+            thread = parent = None
             if reply_to is not None:
                 parent = t.execute("SELECT * FROM messages WHERE id = ?", (reply_to,)).fetchone()
                 if parent is None:
@@ -2358,9 +2360,11 @@ class Messages:
             matched = self.agents.matching_agents(to, channel, sender)
             held = [a for a in matched if self.held_for(self.agents.find(a), sender, outside)]
             ts = now_ms()
+            fanout = to == "broadcast" or to.startswith(FANOUT_PREFIXES)
             mid = t.insert("messages", self.MESSAGE_COLUMNS, (sender, to, subject, text, kind, channel, int(claimable), reply_to,
                                                               thread, idem, dumps(payload) if payload else "{}",
-                                                              dumps(meta) if meta else "{}", ts))
+                                                              dumps(meta) if meta else "{}", ts,
+                                                              ",".join(matched) if fanout else None))
             msg = {
                 "id": mid, "from": sender, "to": to, "subject": subject, "body": text, "kind": kind, "channel": channel,
                 "claimable": bool(claimable), "claimedBy": None, "claimedAt": None, "replyTo": reply_to,
@@ -2373,9 +2377,29 @@ class Messages:
             for a in held:
                 t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (mid, a))
                 t.emit("message.held", {"message": msg, "agentId": a}, audience={sender})
+            if parent is not None and parent["from_agent"] != sender and parent["from_agent"] not in held:
+                self._replied(t, parent["id"], parent["from_agent"], sender, mid)  # held for that sender: on approval
         if sender not in SYSTEM_AGENTS and owns_tx:
             self.agents.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
-        return {"message": msg, "matched": matched, "online": self.agents.online_count(matched)}, True
+        return self._send_answer(msg, matched, held), True
+
+    def _send_answer(self, msg, matched, held):
+        """What a send answers: the message, who it matched now, how many of those are online, whom it is held for,
+        and how many of them listen now (an open long-poll, stream or MCP session's stream: it reaches them at once)."""
+        return {"message": msg, "matched": matched, "online": self.agents.online_count(matched), "held": held,
+                "listening": sum(1 for a in matched if self.hub.listening(a))}
+
+    def _replied(self, t, message_id, original_sender, replier, reply_id):
+        """A reply to message_id, visible to its sender, exists now: message.replied (ids only, no text) to that
+        sender and the one who replied, and whoever waits on the message looks again."""
+        t.emit("message.replied", {"messageId": message_id, "agentId": replier, "replyId": reply_id}, agent_id=replier,
+               audience={original_sender})
+        t.wake.add(self.watchers(message_id))
+
+    @staticmethod
+    def watchers(message_id):
+        """The Hub key under which waits on a message's delivery (wait_for) listen: no agent id is a tuple."""
+        return ("message", message_id)
 
     def emit_message(self, t, type, row, **extra):
         data = {"message": message_from_row(row)}
@@ -2403,6 +2427,80 @@ class Messages:
             tid = row["thread_id"] if row["thread_id"] is not None else row["id"]
             rows = c.execute("SELECT * FROM messages WHERE id = ? OR thread_id = ? ORDER BY id", (tid, tid)).fetchall()
         return {"threadId": tid, "messages": [message_from_row(r) for r in rows]}
+
+    # -- delivery truth for the sender --------------------------------------
+    WAIT_STATES = ("delivered", "read", "replied")
+
+    def recipients_of(self, row):
+        """The agents a stored message was sent to: its `to` for a direct message, else the agents the fan-out matched
+        when it was sent (for a message stored before the relay kept that: the agents it matches now)."""
+        to = row["to_target"]
+        if to != "broadcast" and not to.startswith(FANOUT_PREFIXES):
+            return [to]
+        if row["recipients"] is not None:
+            return [a for a in row["recipients"].split(",") if a]
+        return self.agents.matching_agents(to, row["channel"], row["from_agent"])
+
+    def delivery_state(self, c, message_id, until, every):
+        """{reached, reachable, message, receipts, replies} of a message now, for wait_for; `reachable` is False once
+        `until` can no longer be reached: no recipient is left that could (every one rejected or removed)."""
+        row = self.get_message_row(c, message_id)
+        receipts = [{"agentId": r["agent_id"], "state": r["state"], "deliveredAt": r["delivered_at"], "readAt": r["read_at"]}
+                    for r in c.execute("SELECT * FROM receipts WHERE message_id = ? ORDER BY agent_id", (message_id,))]
+        state = {r["agentId"]: r for r in receipts}
+        sender = row["from_agent"]
+        root = row["thread_id"] if row["thread_id"] is not None else row["id"]
+        # replies its sender may see: not held for it (nor rejected), as for its inbox
+        replies = [message_from_row(r) for r in c.execute(
+            "SELECT m.* FROM messages m WHERE m.thread_id = ? AND m.reply_to = ? AND NOT EXISTS (SELECT 1 FROM receipts r "
+            "WHERE r.message_id = m.id AND r.agent_id = ? AND r.state IN ('held','rejected')) ORDER BY m.id",
+            (root, message_id, sender))]
+        repliers = {m["from"] for m in replies}
+        # who counts: the recipients of the send that a person has not held it for (or rejected it for), and that
+        # are still registered
+        recipients = [a for a in self.recipients_of(row) if a != sender]
+        live = [a for a in recipients if self.agents.knows(a) and state.get(a, {}).get("state") != "rejected"]
+        counted = [a for a in live if state.get(a, {}).get("state") != "held"]
+
+        def at(a):
+            if until == "replied":
+                return a in repliers
+            st = state.get(a, {})
+            return st.get("state") == "read" if until == "read" else st.get("deliveredAt") is not None
+
+        reached = bool(counted) and (all(at(a) for a in counted) if every else any(at(a) for a in counted))
+        return {"reached": reached, "reachable": reached or bool(live), "message": message_from_row(row),
+                "receipts": receipts, "replies": replies}
+
+    def wait_for(self, message_id, until, every, timeout, client_gone=None):
+        """GET /api/messages/:id/wait: answers once the message has reached `until` (delivered, read, replied) for one
+        recipient (every=True: for every recipient it was sent to that it is not held for), or after `timeout`
+        seconds with reached false, or at once when it can no longer get there. Waits as the inbox does, on a Hub
+        waiter, woken by every change of the message's receipts and replies (watchers)."""
+        waiter = self.hub.subscribe(self.watchers(message_id), "poll") if timeout > 0 else None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if waiter is not None:
+                    waiter.event.clear()
+                with self.db.read() as c:
+                    out = self.delivery_state(c, message_id, until, every)
+                if out["reached"] or not out["reachable"] or waiter is None or self.hub.stopping:
+                    break
+                woken = False
+                while not woken:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or (client_gone is not None and client_gone()):
+                        break
+                    woken = waiter.event.wait(min(remaining, self.HANGUP_CHECK_S))
+                if not woken:
+                    break
+        finally:
+            if waiter is not None:
+                self.hub.unsubscribe(waiter)
+        if waiter is not None and client_gone is not None and client_gone():
+            return None
+        return out
 
     # -- the inbox and receipts --------------------------------------------
     def visible_messages_for(self, agent, since, limit, unread=False):
@@ -2498,15 +2596,9 @@ class Messages:
     def record_delivery(self, agent, messages, redelivered, cursor):
         if not messages and not redelivered and cursor <= agent["cursor"]:
             return
-        ts = now_ms()
         with self.writer.tx() as t:
             if messages:
-                t.c.executemany(
-                    "INSERT INTO receipts(message_id, agent_id, state, delivered_at) VALUES (?,?,'delivered',?) "
-                    "ON CONFLICT(message_id, agent_id) DO UPDATE SET state = CASE WHEN state = 'read' THEN 'read' "
-                    "ELSE 'delivered' END, delivered_at = COALESCE(delivered_at, excluded.delivered_at)",
-                    [(m["id"], agent["id"], ts) for m in messages],
-                )
+                self._delivered(t, agent["id"], [(m["id"], m["from"]) for m in messages])
             if redelivered:
                 t.c.executemany("DELETE FROM redeliveries WHERE agent_id = ? AND message_id = ?",
                                 [(agent["id"], mid) for mid in redelivered])
@@ -2516,6 +2608,60 @@ class Messages:
                 head = t.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
                 if min(cursor, head) > current["cursor"]:
                     self.agents.update_card(t, current, {"cursor": min(cursor, head)}, event=None)
+
+    def _delivered(self, t, agent_id, messages):
+        """Records that messages ((id, sender) pairs) reached the agent, in the caller's transaction: one
+        message.delivered per message delivered for the first time (to its sender and the agent; ids only, no text),
+        and whoever waits on one of them looks again. A message read already stays read."""
+        ids = [mid for mid, _sender in messages]
+        seen = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            seen.update(r[0] for r in t.execute(
+                "SELECT message_id FROM receipts WHERE agent_id = ? AND delivered_at IS NOT NULL AND message_id IN (%s)"
+                % ",".join("?" * len(chunk)), [agent_id] + chunk))
+        new = [(mid, sender) for mid, sender in messages if mid not in seen]
+        if not new:
+            return
+        ts = now_ms()
+        t.c.executemany(
+            "INSERT INTO receipts(message_id, agent_id, state, delivered_at) VALUES (?,?,'delivered',?) "
+            "ON CONFLICT(message_id, agent_id) DO UPDATE SET state = CASE WHEN state = 'read' THEN 'read' "
+            "ELSE 'delivered' END, delivered_at = COALESCE(delivered_at, excluded.delivered_at)",
+            [(mid, agent_id, ts) for mid, _sender in new],
+        )
+        for mid, sender in new:
+            t.emit("message.delivered", {"messageId": mid, "agentId": agent_id, "deliveredAt": ts}, agent_id=agent_id,
+                   audience={sender})
+            t.wake.add(self.watchers(mid))
+
+    # the stream events that hand a message's text to the agent a narrowed stream belongs to
+    STREAM_DELIVERIES = ("message.created", "message.approved")
+
+    def record_stream_delivery(self, agent_id, events):
+        """A narrowed stream (/api/events?agentId=...) wrote these events to its client: the messages among them
+        that reached the agent (a message.created addressed to it and not held for it, or a message.approved for
+        it) are recorded as delivered, as an inbox read records them. The kept inbox cursor does not move: the
+        inbox still returns them once."""
+        got = []
+        for ev in events:
+            if ev.type not in self.STREAM_DELIVERIES or not ev.concerns(agent_id):
+                continue
+            data = loads_or(ev.data, None)
+            msg = data.get("message") if isinstance(data, dict) else None
+            if not isinstance(msg, dict) or msg.get("from") == agent_id:
+                continue  # its own message, on its way out
+            if ev.type == "message.approved" and data.get("agentId") != agent_id:
+                continue
+            got.append((msg["id"], msg["from"]))
+        if not got:
+            return
+        try:
+            with self.writer.tx() as t:
+                if self.agents.knows(agent_id):
+                    self._delivered(t, agent_id, got)
+        except StorageUnavailable:
+            pass  # as for the inbox: unrecorded, the message is still handed over (and the inbox returns it)
 
     def cursor(self):
         return {"cursor": self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM messages")[0]}
@@ -2537,6 +2683,7 @@ class Messages:
             )
             t.emit("message.read", {"messageId": message_id, "agentId": agent["id"]}, agent_id=agent["id"],
                    audience={row["from_agent"]})
+            t.wake.add(self.watchers(message_id))
         self.agents.touch(agent["id"])
         return {"ok": True, "messageId": message_id, "agentId": agent["id"], "readAt": ts}
 
@@ -2547,20 +2694,22 @@ class Messages:
         vis, params = self._visibility_sql(agent)
         ts = now_ms()
         with self.writer.tx() as t:
-            ids = [r[0] for r in t.execute(
-                "SELECT m.id FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
-                " AND m.id <= ? AND (m.id > ? OR m.claimable = 1 OR r.state IS NOT NULL) AND (r.state IS NULL OR r.state NOT IN "
-                "('held','rejected','read'))",
+            rows = t.execute(
+                "SELECT m.id, m.from_agent FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE "
+                + vis + " AND m.id <= ? AND (m.id > ? OR m.claimable = 1 OR r.state IS NOT NULL) AND (r.state IS NULL OR "
+                "r.state NOT IN ('held','rejected','read')) ORDER BY m.id",
                 [agent["id"]] + params + [up_to, agent["floor"]],
-            )]
+            ).fetchall()
+            ids = [r[0] for r in rows]
             t.c.executemany(
                 "INSERT INTO receipts(message_id, agent_id, state, delivered_at, read_at) VALUES (?,?,'read',?,?) "
                 "ON CONFLICT(message_id, agent_id) DO UPDATE SET state = 'read', read_at = excluded.read_at, "
                 "delivered_at = COALESCE(delivered_at, excluded.delivered_at)",
                 [(i, agent["id"], ts, ts) for i in ids],
             )
-            if ids:
-                t.emit("message.read", {"agentId": agent["id"], "upTo": up_to, "count": len(ids)}, agent_id=agent["id"])
+            for mid, sender in rows:  # each receipt that changed is an event, to the message's sender too
+                t.emit("message.read", {"messageId": mid, "agentId": agent["id"]}, agent_id=agent["id"], audience={sender})
+                t.wake.add(self.watchers(mid))
         self.agents.touch(agent["id"])
         return {"count": len(ids)}
 
@@ -2622,6 +2771,9 @@ class Messages:
             if not held:
                 raise ApiError(409, "invalid_transition", "Message %d is not held for anyone." % message_id)
             msg = message_from_row(row)
+            parent = None
+            if approve and row["reply_to"] is not None:
+                parent = t.execute("SELECT id, from_agent FROM messages WHERE id = ?", (row["reply_to"],)).fetchone()
             for aid in held:
                 t.execute("UPDATE receipts SET state = ? WHERE message_id = ? AND agent_id = ?", (state, message_id, aid))
                 if approve:
@@ -2630,6 +2782,9 @@ class Messages:
                 # an approved message is the recipient's from now on; a rejected one never reaches it, not even as news
                 t.emit("message." + state, {"message": msg, "agentId": aid}, agent_id=aid if approve else None,
                        audience={msg["from"]})
+                if parent is not None and parent["from_agent"] == aid and aid != msg["from"]:
+                    self._replied(t, parent["id"], aid, msg["from"], message_id)  # a reply its sender may see now
+            t.wake.add(self.watchers(message_id))
         return self.message_detail(message_id)
 
     # -- history -----------------------------------------------------------
@@ -3846,6 +4001,9 @@ ROUTES = [
           query={"agent": S, "from": S, "to": S, "channel": S, "before": I, "limit": I, "q": S, "held": B}),
     Route("GET", "/api/messages/{id}", "get_message", "A message with its receipts."),
     Route("GET", "/api/messages/{id}/thread", "thread", "The message's whole thread, oldest first."),
+    Route("GET", "/api/messages/{id}/wait", "wait_message",
+          "Long-poll until the message is delivered, read or replied to (one recipient, or all=1 every one), or time is up.",
+          query={"until": S, "timeout": I, "all": B}),
     Route("POST", "/api/messages/{id}/read", "read_message", "Mark a message read for one agent.", body={"agentId": (S, True)}),
     Route("POST", "/api/messages/{id}/claim", "claim_message", "Claim claimable work: one winner, 409 for the rest.", body=_CLAIM_BODY),
     Route("POST", "/api/messages/{id}/release", "release_message", "Give a claim back to the pool.", body={"agentId": (S, True)}),
@@ -4075,6 +4233,18 @@ class Api:
     def thread(self, req):
         return 200, self.relay.messages.thread(req.id())
 
+    def wait_message(self, req):
+        mid = req.id()
+        until = req.q("until", 16) or "delivered"
+        if until not in Messages.WAIT_STATES:
+            raise invalid("until", "must be one of %s" % ", ".join(Messages.WAIT_STATES))
+        timeout = req.qint("timeout", 0, 60, 0)
+        every = req.qbool("all")
+        out = self.relay.messages.wait_for(mid, until, every, timeout, client_gone=req.handler.client_gone)
+        if out is None:
+            return None, None
+        return 200, out
+
     def read_message(self, req):
         return 200, self.relay.messages.mark_read(req.id(), req.body, req.auth)
 
@@ -4180,6 +4350,8 @@ class Api:
                     batch = self._stored_events(since)
                 wanted = [ev for ev in batch if (types is None or ev.type in types) and (agent_id is None or ev.concerns(agent_id))]
                 h.write_pieces((p for ev in wanted for p in ev.frame_pieces(self.STREAM_PIECE_BYTES)), self.STREAM_PIECE_BYTES)
+                if agent_id and wanted and not h.client_gone():  # written, to a client still there
+                    relay.messages.record_stream_delivery(agent_id, wanted)
                 if batch:
                     since = batch[-1].id
                     continue

@@ -22,7 +22,7 @@ from conftest import wait_for
 CONTRACT_TYPES = {
     "agent.registered", "agent.updated", "agent.offline", "agent.removed",
     "message.created", "message.read", "message.claimed", "message.released",
-    "message.held", "message.approved", "message.rejected",
+    "message.held", "message.approved", "message.rejected", "message.delivered", "message.replied",
     "task.created", "task.updated", "callback.delivered", "callback.failed",
 }
 FAST_PING = {"AGENT_RELAY_SSE_PING_MS": "200"}
@@ -230,6 +230,9 @@ def test_every_event_type_of_the_contract_is_emitted_well_formed(relay_factory):
         assert relay.post("/api/messages/%d/claim" % m["id"], {"agentId": "w1"}).status == 200
         assert relay.post("/api/messages/%d/release" % m["id"], {"agentId": "w1"}).status == 200
         assert relay.post("/api/messages/%d/read" % m["id"], {"agentId": "w1"}).status == 200
+        chat = relay.send("human", "w1", "are you there?")
+        assert chat["id"] in [x["id"] for x in relay.inbox("w1")["messages"]]
+        answer = relay.send("w1", "human", "here", replyTo=chat["id"])
         held1 = relay.send("w1", "guard", "please approve")
         held2 = relay.send("w1", "guard", "please reject")
         assert relay.post("/api/messages/%d/approve" % held1["id"], {"agentId": "guard"}).status == 200
@@ -256,6 +259,10 @@ def test_every_event_type_of_the_contract_is_emitted_well_formed(relay_factory):
             assert isinstance(d["agent"]["id"], str) and "status" in d["agent"]
         elif kind == "message.read":
             assert d["agentId"] == "w1" and d["messageId"] == m["id"]
+        elif kind == "message.delivered":
+            assert d["agentId"] == "w1" and d["messageId"] == chat["id"] and isinstance(d["deliveredAt"], int)
+        elif kind == "message.replied":
+            assert d == {"messageId": chat["id"], "agentId": "w1", "replyId": answer["id"]}
         elif kind in ("message.held", "message.approved", "message.rejected"):
             assert d["agentId"] == "guard" and d["message"]["from"] == "w1"
         elif kind.startswith("message."):
