@@ -5729,12 +5729,14 @@ INSTALLER_GZIP_B64 = [
 # ============================================================================
 
 CLIENT_DEFAULT_URL = "http://localhost:4850"
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_CODES_HELP = """exit codes:
   0  done
-  1  the relay said no (its error code is printed, e.g. already_claimed, unknown_agent)
+  1  the relay said no (its error code is printed, e.g. already_claimed, unknown_agent);
+     for send --wait also: a person rejected the message, or no recipient is left who could get it
   2  usage error (a missing or bad argument)
   3  the relay is unreachable (not running, wrong AGENT_RELAY_URL, network down)
+  4  send --wait: the time (--timeout) ran out before the message got that far
 
 variables: AGENT_RELAY_URL (default %s), AGENT_RELAY_TOKEN, AGENT_RELAY_AGENT_ID
 (the agent a command acts as), AGENT_RELAY_AGENT_KEY (only with agent keys).""" % CLIENT_DEFAULT_URL
@@ -6094,6 +6096,20 @@ class RelayClient:
 
     def thread(self, message_id):
         return self.request("GET", "/api/messages/%d/thread" % int(message_id))
+
+    def wait_message(self, message_id, until="delivered", timeout=30, every=False):
+        """Long-poll until a message sent is delivered, read or replied to (by one recipient; every=True: by each),
+        at most `timeout` seconds (0..60): {reached, reachable, message, receipts, replies}."""
+        return self.request("GET", "/api/messages/%d/wait" % int(message_id),
+                            query={"until": until, "timeout": int(timeout), "all": True if every else None},
+                            timeout=timeout + 15)
+
+    def search(self, q, **filters):
+        """{results: [{type, message | task, snippet, rank}], engine, more}; filters: agent, from, to, channel, since,
+        until (epoch ms), limit."""
+        query = {"q": q}
+        query.update({k: v for k, v in filters.items() if v is not None})
+        return self.request("GET", "/api/search", query=query)
 
     def history(self, **filters):
         return self.request("GET", "/api/messages", query=filters)
@@ -6474,6 +6490,12 @@ def _configure_send(p):
     p.add_argument("--claimable", action="store_true", help="offer it as work that exactly one agent claims")
     p.add_argument("--reply-to", dest="reply_to", default=None, help="the message this answers")
     p.add_argument("--idempotency-key", dest="idempotency_key", default=None, help="sending twice with it stores one message")
+    p.add_argument("--wait", choices=("delivered", "read", "reply"), default=None,
+                   help="then wait until it is delivered, read or replied to, printing each state as it is reached "
+                        "(exit 0 once there, 4 when --timeout runs out, 1 when a person rejects it)")
+    p.add_argument("--timeout", type=int, default=60, metavar="SECONDS", help="how long --wait waits (default 60)")
+    p.add_argument("--all", dest="wait_all", action="store_true",
+                   help="with --wait: until every recipient (it was sent to, and not held for) got that far; default: one")
 
 
 def _print_sent(out, reply_to=None):
@@ -6486,14 +6508,20 @@ def _print_sent(out, reply_to=None):
     if out.get("duplicate"):
         extra.append("duplicate: already sent")
     print("sent [msg:%s] to %s%s" % (m["id"], m["to"], " (%s)" % ", ".join(extra) if extra else ""), flush=True)
+    for agent in out.get("held") or []:
+        print("held: your message [msg:%s] to %s is held for approval by a person; it reaches %s only once approved"
+              % (m["id"], agent, agent), flush=True)
     if not out.get("matched"):
         sys.stderr.write("agent-relay: note: no agent matches %s right now; agents that match later will not see it "
                          "unless it is claimable work\n" % m["to"])
 
 
-@agent_command("send", "send a message to an agent, tag:X, cap:X, label:X or broadcast", _configure_send, needs_agent=True)
+@agent_command("send", "send a message to an agent, tag:X, cap:X, label:X or broadcast (--wait: until it is delivered, "
+               "read or replied to)", _configure_send, needs_agent=True)
 def cmd_send(args, client):
     body = read_body_arg(args.body)
+    if args.timeout < 0:
+        raise UsageError("--timeout is a number of seconds, 0 or more")
     out = client.send(args.agent, args.to, body, subject=args.subject, kind=args.kind, channel=args.channel,
                       claimable=True if args.claimable else None,
                       replyTo=_msg_id(args.reply_to) if args.reply_to else None, idempotencyKey=args.idempotency_key)
@@ -6501,7 +6529,75 @@ def cmd_send(args, client):
         out_json(out)
     else:
         _print_sent(out, args.reply_to and _msg_id(args.reply_to))
+    if args.wait:
+        return follow_delivery(client, out, args.wait, args.timeout, args.wait_all, args.json)
     return EXIT_OK
+
+
+def follow_delivery(client, sent, until, timeout, every=False, as_json=False):
+    """send --wait: long-polls the message's state (GET /api/messages/:id/wait, at most 60 s a call) and prints each
+    step as it is reached: approved or rejected for a recipient it was held for, delivered to, read by, and each reply
+    as a message line. Returns EXIT_OK once `until` (delivered, read, reply) is reached, EXIT_TIMEOUT when `timeout`
+    seconds run out first, EXIT_REFUSED when it can no longer get there (rejected, or nobody left to get it)."""
+    mid = sent["message"]["id"]
+    steps = {"delivered": ["delivered"], "read": ["delivered", "read"], "reply": ["delivered", "replied"]}[until]
+    told = {("held", agent) for agent in sent.get("held") or []}  # the send's own lines said so
+    deadline, step = time.monotonic() + timeout, 0
+    while True:
+        left = max(0, min(60, int(deadline - time.monotonic() + 0.999)))
+        out = client.wait_message(mid, until=steps[step], timeout=left, every=every)
+        if not as_json:
+            for line in _delivery_news(out, told):
+                print(line, flush=True)
+        if out.get("reached"):
+            step += 1
+            if step < len(steps):
+                continue
+            if as_json:
+                out_json(out)
+            return EXIT_OK
+        if as_json and (out.get("reachable") is False or left <= 0 or time.monotonic() >= deadline):
+            out_json(out)
+        if out.get("reachable") is False:
+            if not as_json:
+                rejected = [r["agentId"] for r in out.get("receipts") or [] if r.get("state") == "rejected"]
+                sys.stderr.write("agent-relay send: [msg:%s] cannot be %s any more: %s\n" % (
+                    mid, {"delivered": "delivered", "read": "read", "replied": "replied to"}[steps[step]],
+                    "a person rejected it for %s" % ", ".join(rejected) if rejected else
+                    "no agent it was sent to is left to get it"))
+            return EXIT_REFUSED
+        if left <= 0 or time.monotonic() >= deadline:
+            if not as_json:
+                sys.stderr.write("agent-relay send: [msg:%s] was not %s within %d s (timed out)\n" % (
+                    mid, {"delivered": "delivered", "read": "read", "replied": "replied to"}[steps[step]], timeout))
+            return EXIT_TIMEOUT
+
+
+def _delivery_news(out, told):
+    """Lines for what a wait answer shows that was not told yet (`told` remembers)."""
+    lines = []
+    for r in out.get("receipts") or []:
+        agent, state = r.get("agentId"), r.get("state")
+        news = []
+        if state == "held":
+            news.append(("held", "held for approval by a person for %s" % agent))
+        if state in ("approved", "delivered", "read") and ("held", agent) in told:
+            news.append(("approved", "approved for %s by a person" % agent))
+        if state == "rejected":
+            news.append(("rejected", "rejected for %s by a person: it will not reach %s" % (agent, agent)))
+        if r.get("deliveredAt") is not None:
+            news.append(("delivered", "delivered to %s" % agent))
+        if state == "read":
+            news.append(("read", "read by %s" % agent))
+        for key, line in news:
+            if (key, agent) not in told:
+                told.add((key, agent))
+                lines.append(line)
+    for m in out.get("replies") or []:
+        if ("reply", m.get("id")) not in told:
+            told.add(("reply", m.get("id")))
+            lines.append(message_line(m))
+    return lines
 
 
 def _configure_reply(p):
@@ -6627,18 +6723,39 @@ def _configure_msg(p):
     p.add_argument("message_id", metavar="MSG_ID", help="a message id (42 or msg:42)")
 
 
-@agent_command("show", "show one message in full, with who got and read it", _configure_msg)
+@agent_command("show", "show one message in full, with who got, read and answered it", _configure_msg)
 def cmd_show(args, client):
-    out = client.message(_msg_id(args.message_id))
+    mid = _msg_id(args.message_id)
+    try:
+        out = client.wait_message(mid, until="replied", timeout=0)  # the message, its receipts and replies in one call
+    except RelayError as e:
+        if e.code != "not_found" or "Message" in e.message:
+            raise
+        out = client.message(mid)  # a relay from before GET /api/messages/:id/wait
     if args.json:
-        out_json(out)
+        out_json({"message": out["message"], "receipts": out["receipts"], "replies": out.get("replies") or []})
         return EXIT_OK
     m = out["message"]
     print(message_line(m), flush=True)
     print("    -- to %s, %s, kind %s, thread %s" % (m["to"], when(m["createdAt"]), m["kind"], m["threadId"]))
     for r in out["receipts"]:
-        print("    -- %s: %s" % (r["agentId"], r["state"]))
+        print("    -- %s" % receipt_text(r))
+    for reply in out.get("replies") or []:
+        print("    -- replied by %s: [msg:%s] (agent-relay show %s)" % (reply["from"], reply["id"], reply["id"]))
     return EXIT_OK
+
+
+def receipt_text(r):
+    """One recipient's state in words: `reviewer: read (delivered 2026-05-09 10:00:01, read 10:00:04)`."""
+    state = r.get("state")
+    words = {"held": "held for approval by a person", "approved": "approved by a person, not fetched yet",
+             "rejected": "rejected by a person (it never reaches it)"}.get(state, state)
+    times = []
+    if r.get("deliveredAt"):
+        times.append("delivered %s" % when(r["deliveredAt"]))
+    if r.get("readAt"):
+        times.append("read %s" % when(r["readAt"]))
+    return "%s: %s%s" % (r.get("agentId"), words, " (%s)" % ", ".join(times) if times else "")
 
 
 @agent_command("thread", "show a message's whole conversation, oldest first", _configure_msg)
@@ -6649,6 +6766,48 @@ def cmd_thread(args, client):
         return EXIT_OK
     for m in out["messages"]:
         print(message_line(m), flush=True)
+    return EXIT_OK
+
+
+def _configure_search(p):
+    p.add_argument("query", metavar="QUERY", help='words (all must match), "a phrase", prefix* (quote it for the shell)')
+    p.add_argument("--from", dest="sender", default=None, metavar="ID", help="only messages (and tasks) sent by this agent")
+    p.add_argument("--to", default=None, help="only what was sent to this target (exactly: an agent id, tag:X, broadcast...)")
+    p.add_argument("--channel", default=None, help="only this channel")
+    p.add_argument("--agent", default=None, metavar="ID", help="only what this agent sent or may see (nothing held for it)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many (1..100, default 20)")
+
+
+def search_line(result):
+    """A search result as one line: `[msg:42] from a (to tag:rev): the **migration** looks clean` or
+    `[task:3] open Disk full -> tag:ops: ...`; hits between ** and **."""
+    if result.get("type") == "task":
+        t = result.get("task") or {}
+        head = "[task:%s] %s %s -> %s" % (t.get("id"), t.get("status"), t.get("title"), t.get("target"))
+    else:
+        m = result.get("message") or {}
+        tags = ["to %s" % m.get("to")]
+        if m.get("channel"):
+            tags.append("channel %s" % m["channel"])
+        if m.get("replyTo"):
+            tags.append("reply to msg:%s" % m["replyTo"])
+        head = "[msg:%s] from %s (%s)" % (m.get("id"), m.get("from"), ", ".join(tags))
+    return "%s: %s" % (head, result.get("snippet") or "")
+
+
+@agent_command("search", "search messages and tasks by their words, best first", _configure_search)
+def cmd_search(args, client):
+    out = client.search(args.query, agent=args.agent, to=args.to, channel=args.channel, limit=args.limit,
+                        **{"from": args.sender})
+    if args.json:
+        out_json(out)
+        return EXIT_OK
+    if not out.get("results"):
+        print("no matches", flush=True)
+    for r in out.get("results") or []:
+        print(search_line(r), flush=True)
+    if out.get("more"):
+        print("(more matches: narrow the search, or raise --limit)", flush=True)
     return EXIT_OK
 
 
