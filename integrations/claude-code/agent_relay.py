@@ -7410,6 +7410,41 @@ class HookSession:
         out = self.client().inbox(self.agent_id, limit=limit)
         return out.get("messages") or [], bool(out.get("more"))
 
+    def held_news(self):
+        """Lines for what a person has yet to decide, or has decided, about messages this session sent to guarded
+        agents: each message newly held for approval, and each one told before that a person approved or rejected
+        since. One history read per call (the session's messages held now); a decided one is read once to tell how."""
+        client = self.client()
+        held = client.history(**{"from": self.agent_id, "held": True, "limit": 20}).get("messages") or []
+        now = {str(m["id"]): sorted(m.get("heldFor") or []) for m in held}
+        told = self.data.get("heldTold") or {}
+        lines = []
+        for mid, agents in sorted(now.items(), key=lambda kv: int(kv[0])):
+            for agent in agents:
+                if agent not in told.get(mid, []):
+                    lines.append("Agent Relay: your message [msg:%s] to %s is held for approval by a person; it reaches %s "
+                                 "only once approved." % (mid, agent, agent))
+        for mid, agents in sorted(told.items(), key=lambda kv: int(kv[0])):
+            decided = [a for a in agents if a not in now.get(mid, [])]
+            if not decided:
+                continue
+            try:
+                receipts = {r["agentId"]: r["state"] for r in client.message(int(mid)).get("receipts") or []}
+            except RelayError as e:
+                if e.status != 404:
+                    raise
+                receipts = {}  # gone (retention): nothing to tell
+            for agent in decided:
+                if receipts.get(agent) == "rejected":
+                    lines.append("Agent Relay: a person rejected your message [msg:%s] to %s; it will not reach %s."
+                                 % (mid, agent, agent))
+                elif receipts.get(agent) in ("approved", "delivered", "read"):
+                    lines.append("Agent Relay: a person approved your message [msg:%s] to %s; it reaches %s now."
+                                 % (mid, agent, agent))
+        if now != told:
+            self.update(heldTold=now)
+        return lines
+
     def approval_mode(self):
         try:
             card = self.client(timeout=1.0).agent(self.agent_id)
@@ -7664,6 +7699,10 @@ def hook_prompt_submit(tool, data, env):
         if messages:
             changes["origin"] = _origin_of(messages)
             texts.append(relay_messages_text(messages, more, sess.agent_id))
+    try:
+        texts.extend(sess.held_news())  # messages it sent that wait for a person, or that a person decided on
+    except RelayError as e:
+        hook_log("could not look at held messages: %s" % e)
     sess.update(**changes)
     return _hook_output("UserPromptSubmit", "\n".join(texts)) if texts else None
 
