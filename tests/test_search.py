@@ -142,10 +142,12 @@ def test_filters_and_limit(relay):
     out = search(relay, "migration", limit=2)
     assert len(out["results"]) == 2 and out["more"] is True
     created = {r["id"]: r["created_at"] for r in relay.sql("SELECT id, created_at FROM messages")}
-    pivot = created[m["long"]]
-    assert m["pr"] not in ids(search(relay, "migration", since=pivot)) and m["long"] in ids(search(relay, "migration", since=pivot))
-    assert m["long"] not in ids(search(relay, "migration", until=created[m["reply"]]))
-    assert m["pr"] in ids(search(relay, "migration", until=created[m["reply"]]))
+    found = {m["pr"], m["reply"], m["long"], m["secret"]}  # "migration" in messages (the task's is a task)
+    for pivot in sorted({created[i] for i in found}):  # since and until are inclusive, in epoch ms
+        assert set(ids(search(relay, "migration", since=pivot))) == {i for i in found if created[i] >= pivot}
+        assert set(ids(search(relay, "migration", until=pivot))) == {i for i in found if created[i] <= pivot}
+        assert set(ids(search(relay, "migration", since=pivot, until=pivot))) == {i for i in found if created[i] == pivot}
+    assert ids(search(relay, "migration", since=max(created.values()) + 1)) == []
 
 
 def test_an_agent_finds_only_what_it_may_see_and_never_what_is_held_for_it(relay):
