@@ -285,6 +285,18 @@ def test_every_event_type_of_the_contract_is_emitted_well_formed(relay_factory):
     assert all(stored_ids[e["id"]] == e["event"] for e in got)
 
 
+def test_the_api_reference_lists_every_event_type():
+    """docs/api.md's table of stream events names every type the contract has (each is emitted: see above)."""
+    from conftest import ROOT
+
+    with open(os.path.join(ROOT, "docs", "api.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text[text.index("| Event | `data` |"):]
+    table = table[:table.index("\n\n")]
+    missing = sorted(t for t in CONTRACT_TYPES if "`%s`" % t not in table)
+    assert not missing, "docs/api.md's event table lacks %r" % missing
+
+
 def test_reconnect_with_last_event_id_gets_exactly_what_it_missed_also_after_a_restart(relay_factory):
     relay = relay_factory(env=FAST_PING)
     relay.register("a")
