@@ -766,7 +766,11 @@ class Storage:
             for name in sorted(mine):
                 c.execute("DROP TRIGGER %s" % name)
             if fts in tables and fts5_available():
-                c.execute("DROP TABLE %s" % fts)
+                try:
+                    c.execute("DROP TABLE %s" % fts)
+                except sqlite3.OperationalError:
+                    if self.search == "fts5":  # it must go, to be built again
+                        raise  # scanning, an index that cannot be dropped here is only left unused
             if self.search == "fts5":
                 c.execute(statements[0])
                 c.execute("INSERT INTO %s(%s) VALUES ('rebuild')" % (fts, fts))
