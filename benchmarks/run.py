@@ -27,6 +27,8 @@ Items (numbered as in the issue that asked for them):
     pre-tool-use` for an Edit with the check off, with no lease in the scope
     and with 200, as processes and inside one process
     (benchmarks/lease_hook.py, which also runs alone).
+ 9. search latency (GET /api/search) with 100,000 and 1,000,000 stored
+    messages: FTS5, and the scan (AGENT_RELAY_SEARCH=like) on the same rows.
 
 The figures are only comparable within a run: every ratio is against a
 baseline measured in the same run. Nothing here is a test assertion; the test
@@ -48,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -71,6 +74,7 @@ FULL = {
     "sqlite_rounds": 3, "sqlite_seconds": 1.5, "sqlite_count": None,
     "memory_streams": 100, "memory_history_mb": 50.0,
     "hook_runs": 100, "hook_inprocess_runs": 500, "hook_leases": 200,
+    "search_sizes": (100000, 1000000), "search_samples": 300, "scan_samples": 14,
 }
 QUICK = {
     "rounds": 1, "duration": None, "warmup": 0.0, "count": 300, "clients": [1, 8, 32],
@@ -81,6 +85,7 @@ QUICK = {
     "sqlite_rounds": 1, "sqlite_seconds": None, "sqlite_count": 300,
     "memory_streams": 100, "memory_history_mb": 50.0,  # the promise's own figures: a few seconds
     "hook_runs": 5, "hook_inprocess_runs": 30, "hook_leases": 200,
+    "search_sizes": (2000, 10000), "search_samples": 40, "scan_samples": 14,
 }
 
 # -- small helpers ------------------------------------------------------------
@@ -561,6 +566,166 @@ def bench_inbox(cfg, tmp):
     return out
 
 
+# -- item 8: search ------------------------------------------------------------------------------------
+
+# Bodies are 10 to 24 words drawn from a vocabulary of 5,000 with a Zipf-like skew (the commonest word is in about a
+# third of the messages, as "the" would be), plus words planted at known rates, which the queries look for.
+SEARCH_VOCABULARY = 5000
+SEARCH_PLANTED = [  # (words, share of messages)
+    (["kubernetes"], 0.001), (["migration"], 0.01), (["deploy"], 0.01), (["disk", "full"], 0.001),
+    (["rollback"], 0.002), (["rollout"], 0.002), (["rolled"], 0.001), (["flaky"], 0.003), (["checkout"], 0.003),
+]
+SEARCH_QUERIES = [  # (label, query, with the reader's visibility)
+    ("rare word (0.1%)", "kubernetes", False),
+    ("word (1%)", "migration", False),
+    ("two words, 1% each", "migration deploy", False),
+    ("phrase (0.1%)", '"disk full"', False),
+    ("prefix (0.5%)", "roll*", False),
+    ("word (0.3%), as an agent (sees 10%)", "flaky", True),
+    ("commonest word (~30%)", "w0", False),
+]
+
+
+def search_words(rng, weights):
+    n = rng.randint(10, 24)
+    return rng.choices(range(SEARCH_VOCABULARY), cum_weights=weights, k=n)
+
+
+def fill_search_history(db, n, reader, sender, peers):
+    """Write n messages straight into a stopped relay's database, with the search index and its triggers taken
+    out first (a row at a time through triggers would take as long as the relay's own sends); the index is then
+    built as the migration builds it. Returns the seconds the index build took."""
+    import random
+
+    rng = random.Random(n)
+    total, cum = 0.0, []
+    for k in range(SEARCH_VOCABULARY):
+        total += 1.0 / (k + 3)
+        cum.append(total)
+    now = int(time.time() * 1000)
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("PRAGMA synchronous = NORMAL")
+    for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        con.execute("DROP TRIGGER %s" % name)
+    for table in ("messages_fts", "tasks_fts"):
+        con.execute("DROP TABLE IF EXISTS %s" % table)
+    # the step that builds the index (the last one) runs again at the next open
+    con.execute("PRAGMA user_version = %d" % (con.execute("PRAGMA user_version").fetchone()[0] - 1))
+    start = con.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+    con.execute("BEGIN")
+    batch = []
+    for k in range(n):
+        words = ["w%d" % w for w in search_words(rng, cum)]
+        for planted, share in SEARCH_PLANTED:
+            if rng.random() < share:
+                at = rng.randint(0, len(words))
+                words[at:at] = planted
+        r = k % 10
+        to, frm = (reader, peers[k % len(peers)]) if r == 0 else (peers[k % len(peers)], sender)
+        batch.append((start + k + 1, frm, to, " ".join(words), now - (n - k) * 100))
+        if len(batch) >= 10000:
+            con.executemany("INSERT INTO messages(id, from_agent, to_target, body, kind, payload, meta, created_at) "
+                            "VALUES (?,?,?,?,'chat','{}','{}',?)", batch)
+            batch = []
+    if batch:
+        con.executemany("INSERT INTO messages(id, from_agent, to_target, body, kind, payload, meta, created_at) "
+                        "VALUES (?,?,?,?,'chat','{}','{}',?)", batch)
+    con.execute("COMMIT")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    # the index, built by the relay's own migration code (its last schema step: Storage.sync_search)
+    spec = importlib.util.spec_from_file_location("agent_relay_under_test", RELAY[0])
+    agent_relay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent_relay)
+    t0 = time.perf_counter()
+    agent_relay.Storage(db).close()
+    return time.perf_counter() - t0
+
+
+def search_at(size, cfg, tmp):
+    db = os.path.join(tmp, "search-%d.db" % size)
+    reader, sender = "search-reader", "search-sender"
+    peers = ["peer-%d" % i for i in range(20)]
+    relay = start_relay(db)
+    try:
+        ctl = Http(relay.port)
+        for a in [reader, sender] + peers:
+            ctl.call("POST", "/api/agents", {"id": a})
+        ctl.close()
+    finally:
+        relay.stop()
+    t0 = time.perf_counter()
+    build_s = fill_search_history(db, size, reader, sender, peers)
+    fill_s = time.perf_counter() - t0 - build_s
+    out = {"messages": size, "fill_s": round(fill_s, 1), "index_build_s": round(build_s, 1),
+           "db_mb": round(os.path.getsize(db) / 1048576.0, 1)}
+
+    def measure(engine, samples):
+        relay = start_relay(db) if engine == "fts5" else Server("relay", [sys.executable, RELAY[0], "serve", "--port", "0",
+                                                                           "--db", db, "--search", "like"], relay_env())
+        try:
+            ctl = Http(relay.port)
+            status, health = ctl.call("GET", "/api/health")
+            if health.get("search") != engine:
+                raise RuntimeError("the relay searches with %r, not %s" % (health.get("search"), engine))
+            # the triggers at work: a send is indexed in its own transaction, and found at once
+            status, sent = ctl.call("POST", "/api/messages", {"from": sender, "to": reader, "body": "zeppelin over the bay"})
+            status, found = ctl.call("GET", "/api/search?q=zeppelin")
+            if sent["message"]["id"] not in [r["message"]["id"] for r in found["results"]]:
+                raise RuntimeError("a message just sent was not found: %r" % found)
+            per, lat = {}, []
+            for label, q, as_agent in SEARCH_QUERIES:  # warm the page cache the same way for both sizes
+                ctl.call("GET", "/api/search?q=%s%s" % (urllib.parse.quote(q, safe=""), "&agent=" + reader if as_agent else ""))
+            for i in range(samples):
+                label, q, as_agent = SEARCH_QUERIES[i % len(SEARCH_QUERIES)]
+                dt, res = timed(ctl, "GET", "/api/search?q=%s&limit=20%s" % (urllib.parse.quote(q, safe=""), "&agent=" + reader if as_agent else ""))
+                lat.append(dt)
+                per.setdefault(label, {"query": q, "samples": [], "results": len(res["results"]), "more": res["more"]})["samples"].append(dt)
+            ctl.close()
+            relay.check()
+        finally:
+            relay.stop()
+        queries = {k: {"query": v["query"], "p50_ms": r3(percentile(v["samples"], 50)), "results": v["results"],
+                       "more": v["more"]} for k, v in per.items()}
+        return {"samples": len(lat), "p50_ms": r3(percentile(lat, 50)), "p99_ms": r3(percentile(lat, 99)),
+                "max_ms": r3(max(lat)), "queries": queries}
+
+    out["fts5"] = measure("fts5", cfg["search_samples"])
+    out["like"] = measure("like", cfg["scan_samples"])  # the start drops the index: the scan is measured last
+    return out
+
+
+def relay_searches(tmp):
+    """Whether the relay under test has GET /api/search (an older version measured with --relay has not)."""
+    relay = start_relay(os.path.join(tmp, "probe.db"))
+    try:
+        ctl = Http(relay.port)
+        status, health = ctl.call("GET", "/api/health")
+        ctl.close()
+    finally:
+        relay.stop()
+    return "search" in health
+
+
+def bench_search(cfg, tmp):
+    if not relay_searches(tmp):
+        say("   skipped: this relay has no GET /api/search")
+        return {"skipped": "the relay under test has no GET /api/search"}
+    out = {}
+    for size in cfg["search_sizes"]:
+        cell = out[str(size)] = search_at(size, cfg, tmp)
+        say("   %9d msgs: filled in %.1f s, index built in %.1f s (%.0f MB)" % (size, cell["fill_s"], cell["index_build_s"], cell["db_mb"]))
+        for engine in ("fts5", "like"):
+            c = cell[engine]
+            say("   %9d msgs  %-4s  p50 %8.3f ms   p99 %8.3f ms   (%d searches)" % (size, engine, c["p50_ms"], c["p99_ms"], c["samples"]))
+    out["note"] = ("each sample is one GET /api/search (limit 20) of a set of queries taken in turn: %s. The rows are "
+                   "written into a stopped relay's database, the index built by the relay's own migration step, then "
+                   "the relay started on it (FTS5), and last started with --search like (the scan)."
+                   % "; ".join("%s: %s" % (label, q) for label, q, _a in SEARCH_QUERIES))
+    return out
+
+
 # -- item 5: idle cost ----------------------------------------------------------------------------
 
 
@@ -665,6 +830,11 @@ def targets(res):
         lh["added_ms"], "<= %.0f ms" % lh["target_added_ms"], lh["met"], "ms",
         detail="whole hook processes with the check / without: x%.3f (%.1f ms without)"
                % (lh["process_ratio"], lh["process"]["off"]["p50_ms"]))
+    if not res["search"].get("skipped"):
+        big = res["search"][str(res["config"]["search_sizes"][-1])]
+        add("search p99 with FTS5, %d messages" % big["messages"], big["fts5"]["p99_ms"], "<= 50 ms",
+            big["fts5"]["p99_ms"] <= 50.0, "ms", detail="p50 %s ms; the scan: p50 %s ms, p99 %s ms"
+            % (big["fts5"]["p50_ms"], big["like"]["p50_ms"], big["like"]["p99_ms"]))
     return t
 
 
@@ -710,6 +880,15 @@ def print_summary(res):
         f = lh[kind]
         say("   %-30s %8.2f  %8.2f  %8.2f   (x%.3f, x%.3f)" % (label, f["off"]["p50_ms"], f["empty"]["p50_ms"],
                                                                f["leases"]["p50_ms"], f["empty"]["ratio"], f["leases"]["ratio"]))
+    say("9. search latency, ms             p50 fts5  p99 fts5   p50 scan  p99 scan   index build")
+    for size in res["config"]["search_sizes"] if not res["search"].get("skipped") else ():
+        c = res["search"][str(size)]
+        say("   %9d messages          %9.3f %9.3f  %9.1f %9.1f   %6.1f s"
+            % (size, c["fts5"]["p50_ms"], c["fts5"]["p99_ms"], c["like"]["p50_ms"], c["like"]["p99_ms"], c["index_build_s"]))
+        for label, q in c["fts5"]["queries"].items():
+            say("     %-38s fts5 p50 %8.3f ms, scan p50 %9.1f ms, %s results%s" % (
+                label, q["p50_ms"], c["like"]["queries"].get(label, {}).get("p50_ms") or 0, q["results"],
+                " (more)" if q["more"] else ""))
     say("-" * 78)
     say("targets:")
     for t in res["targets"]:
@@ -785,6 +964,7 @@ def main(argv=None):
              bench_lease_hook, relay, cfg)
         relay.stop()
         relay = None
+        item("search", "8. search latency as history grows", bench_search, cfg, tmp)
     finally:
         for srv in (relay, baseline):
             if srv is not None:

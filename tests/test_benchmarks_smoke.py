@@ -15,9 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "benchmarks", "run.py")
 
-ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress", "stream_memory", "lease_hook"]
-TARGETS = 10  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle; never-reading
-# streams' RSS; what a lease check adds to a hook call
+ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress", "stream_memory", "lease_hook", "search"]
+TARGETS = 11  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle; never-reading
+# streams' RSS; what a lease check adds to a hook call; search p99 with FTS5 at the larger size
 
 
 def test_quick_benchmark_runs_every_item(tmp_path):
@@ -29,7 +29,7 @@ def test_quick_benchmark_runs_every_item(tmp_path):
 
     # every item and every target is printed
     for heading in ("1. send throughput", "2. delivery latency", "3. scale", "4. inbox latency", "5. idle",
-                    "6. task ingress", "7. never-reading streams", "8. lease check in a hook call", "targets:"):
+                    "6. task ingress", "7. never-reading streams", "8. lease check in a hook call", "9. search latency", "targets:"):
         assert heading in text, "missing %r in:\n%s" % (heading, text[-3000:])
     target_lines = [line for line in text.splitlines() if line.strip().startswith(("[met", "[MISSED"))]
     assert len(target_lines) == TARGETS, text[-3000:]
@@ -86,6 +86,13 @@ def test_quick_benchmark_runs_every_item(tmp_path):
             assert lh[kind][case]["samples"] == res["config"][runs] and lh[kind][case]["p50_ms"] > 0, (kind, case)
         assert lh[kind]["leases"]["ratio"] > 0 and "added_ms" in lh[kind]["empty"]
     assert lh["leases_in_scope"] == res["config"]["hook_leases"]
+    # item 9: both sizes stored, searched with FTS5 and with the scan, the index built by the migration
+    for size in res["config"]["search_sizes"]:
+        cell = res["search"][str(size)]
+        assert cell["messages"] == size and cell["index_build_s"] >= 0
+        for engine in ("fts5", "like"):
+            assert cell[engine]["samples"] > 0 and 0 < cell[engine]["p50_ms"] <= cell[engine]["p99_ms"], (size, engine)
+            assert all(q["results"] >= 0 for q in cell[engine]["queries"].values())
 
     assert len(res["targets"]) == TARGETS
     for t in res["targets"]:
