@@ -83,10 +83,11 @@ def hold(port, n):
     return socks
 
 
-def wait_threads(pid, at_least, timeout=60):
+def wait_fds(pid, at_least, timeout=60):
+    """Until the relay holds at least this many descriptors (a connection is one, with or without a thread)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc_status(pid)["threads"] >= at_least:
+        if fds(pid) >= at_least:
             return True
         time.sleep(0.1)
     return False
@@ -134,7 +135,7 @@ def at_the_cap(tmp, cap):
         time.sleep(0.5)
         before = dict(proc_status(relay.pid), fds=fds(relay.pid))
         socks = hold(relay.port, cap)
-        wait_threads(relay.pid, before["threads"] + cap)
+        wait_fds(relay.pid, before["fds"] + cap)
         time.sleep(1.0)
         held = dict(proc_status(relay.pid), fds=fds(relay.pid))
         status, code, took = ask(relay.port)
@@ -144,7 +145,7 @@ def at_the_cap(tmp, cap):
         socks = []
         back = recovery(relay.port)
         relay.check()
-        out = {"cap": cap, "before": before, "at_cap": held, "connections_held": held["threads"] - before["threads"],
+        out = {"cap": cap, "before": before, "at_cap": held, "connections_held": held["fds"] - before["fds"],
                "rss_per_connection_kb": round((held["rss_mb"] - before["rss_mb"]) * 1024 / cap, 1),
                "next": {"status": status, "code": code, "ms": round(took * 1000, 1)},
                "cpu_share_while_turning_away": cpu, "turned_away": knocks, "serves_again_after_s": back}
