@@ -18,6 +18,10 @@ Environment:
 Afterwards run 'agent-relay setup --yes' and install, enable and start the
 relay as a background service for this user.
 
+.PARAMETER Codex
+Afterwards run 'agent-relay codex install --yes': the Codex hooks (trusted),
+notify and sandbox network access in $env:CODEX_HOME (default ~\.codex).
+
 .EXAMPLE
 irm https://raw.githubusercontent.com/agent-relay/agent-relay/main/install.ps1 | iex
 
@@ -30,6 +34,7 @@ powershell -ExecutionPolicy Bypass -File install.ps1 -Daemon
 [CmdletBinding()]
 param(
     [switch]$Daemon,
+    [switch]$Codex,
     [switch]$Help
 )
 
@@ -42,7 +47,7 @@ function Write-AgentRelayStep([string]$Text) {
 
 function Show-AgentRelayUsage {
     Write-Host @'
-Usage: powershell -ExecutionPolicy Bypass -File install.ps1 [-Daemon] [-Help]
+Usage: powershell -ExecutionPolicy Bypass -File install.ps1 [-Daemon] [-Codex] [-Help]
        irm <url>/install.ps1 | iex
        & ([scriptblock]::Create((irm <url>/install.ps1))) -Daemon
 
@@ -51,6 +56,8 @@ Installs Agent Relay (one Python file, needs Python 3.8 or newer) as
 
   -Daemon   afterwards run 'agent-relay setup --yes' and install, enable and
             start the relay as a background service for this user
+  -Codex    afterwards run 'agent-relay codex install --yes' (Codex hooks,
+            trusted, notify and sandbox network access)
   -Help     show this help
 
 Environment:
@@ -167,7 +174,7 @@ function Invoke-AgentRelayNative([string]$Exe, [string[]]$Arguments) {
     return @{ Code = $LASTEXITCODE; Output = ($lines -join [Environment]::NewLine) }
 }
 
-function Install-AgentRelay([bool]$WithDaemon) {
+function Install-AgentRelay([bool]$WithDaemon, [bool]$WithCodex) {
     $ErrorActionPreference = 'Stop'
     $ProgressPreference = 'SilentlyContinue'  # the progress bar makes Invoke-WebRequest very slow on PowerShell 5
     Set-StrictMode -Version 2
@@ -233,6 +240,11 @@ function Install-AgentRelay([bool]$WithDaemon) {
         Invoke-AgentRelay $python.Path $dest @('daemon', 'install', '--binary', $shim, '--enable', '--start', '--yes')
     }
 
+    if ($WithCodex) {
+        Write-AgentRelayStep 'running: agent-relay codex install --yes'
+        Invoke-AgentRelay $python.Path $dest @('codex', 'install', '--yes')
+    }
+
     Invoke-AgentRelay $python.Path $dest @('--version')
     if ($WithDaemon) {
         Write-AgentRelayStep "done: the relay runs in the background (dashboard: http://127.0.0.1:4850). Try: agent-relay --help"
@@ -246,7 +258,7 @@ if ($Help) {
     return
 }
 try {
-    Install-AgentRelay $Daemon.IsPresent
+    Install-AgentRelay $Daemon.IsPresent $Codex.IsPresent
 } catch {
     $message = "agent-relay install: error: $($_.Exception.Message)"
     if ($PSCommandPath) {

@@ -3,7 +3,7 @@
 #
 #   curl -fsSL https://raw.githubusercontent.com/agent-relay/agent-relay/main/install.sh | sh
 #   curl -fsSL .../install.sh | sh -s -- --daemon
-#   sh install.sh [--daemon]
+#   sh install.sh [--daemon] [--codex]
 #
 # Installs agent_relay.py as one executable file, ${AGENT_RELAY_PREFIX:-$HOME/.local}/bin/agent-relay.
 # Safe to run again: it replaces the old copy atomically.
@@ -26,8 +26,8 @@ die() {
 
 usage() {
     cat <<EOF
-Usage: sh install.sh [--daemon] [--help]
-       curl -fsSL <url>/install.sh | sh -s -- [--daemon]
+Usage: sh install.sh [--daemon] [--codex] [--help]
+       curl -fsSL <url>/install.sh | sh -s -- [--daemon] [--codex]
 
 Installs Agent Relay (one Python file, needs Python 3.8 or newer) as
   \${AGENT_RELAY_PREFIX:-\$HOME/.local}/bin/agent-relay
@@ -35,6 +35,8 @@ Installs Agent Relay (one Python file, needs Python 3.8 or newer) as
 Options:
   --daemon    afterwards run 'agent-relay setup --yes' and install, enable and
               start the relay as a background service for this user
+  --codex     afterwards run 'agent-relay codex install --yes': the hooks
+              (trusted), notify and sandbox network access in \${CODEX_HOME:-~/.codex}
   -h, --help  show this help
 
 Environment:
@@ -91,9 +93,11 @@ fetch() {
 
 main() {
     daemon=0
+    codex=0
     for arg in "$@"; do
         case $arg in
             --daemon) daemon=1 ;;
+            --codex) codex=1 ;;
             -h | --help) usage; exit 0 ;;
             *) usage >&2; die "unknown option: $arg" ;;
         esac
@@ -165,6 +169,11 @@ main() {
         say "running: agent-relay daemon install --binary $dest --enable --start --yes"
         run_detached "$dest" daemon install --binary "$dest" --enable --start --yes \
             || die "'agent-relay daemon install' failed"
+    fi
+
+    if [ "$codex" = 1 ]; then
+        say "running: agent-relay codex install --yes"
+        run_detached "$dest" codex install --yes || die "'agent-relay codex install --yes' failed"
     fi
 
     run_detached "$dest" --version || die "'$dest --version' failed"

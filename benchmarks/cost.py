@@ -83,8 +83,9 @@ def handler_for(which, relay_path, db):
     ar = load(relay_path, "agent_relay_under_test")
     relay = ar.Relay(ar.Config.from_sources({}, {"db": db, "port": "0"}))
     auth = ar.Auth(relay, {}, False)
+    agents = relay.agents if hasattr(relay.agents, "register") else relay  # the agent directory (an older relay: itself)
     for a in ("bench-sender", "bench-sink"):
-        relay.register({"id": a}, auth)
+        agents.register({"id": a}, auth)
     h = type("H", (ar.Handler,), {"relay": relay, "api": ar.Api(relay), "timeout": None, "disable_nagle_algorithm": False})
     return h, relay
 

@@ -79,13 +79,13 @@ def make_relay(tmp_path):
     relay = agent_relay.Relay(agent_relay.Config.from_sources({}, {"db": str(tmp_path / "relay.db"), "port": "0"}))
     auth = agent_relay.Auth(relay, {}, False)
     for a in ("a", "b"):
-        relay.register({"id": a}, auth)
+        relay.agents.register({"id": a}, auth)
     return relay
 
 
 def write(t, body):
     # messages are added only through Tx.insert, which hands out their ids
-    t.insert("messages", agent_relay.Relay.MESSAGE_COLUMNS, ("a", "b", None, body, "chat", None, 0, None, None, None, "{}", "{}", 0))
+    t.insert("messages", agent_relay.Messages.MESSAGE_COLUMNS, ("a", "b", None, body, "chat", None, 0, None, None, None, "{}", "{}", 0))
     return body
 
 
@@ -96,17 +96,17 @@ def run_in_one_batch(relay, jobs):
 
     def go(name, job):
         try:
-            results[name] = ("ok", relay.group_tx(job))
+            results[name] = ("ok", relay.writer.group_tx(job))
         except Exception as e:  # noqa: BLE001 - the test inspects what each caller got
             results[name] = ("error", e)
 
     first = threading.Thread(target=go, args=("first", lambda t: write(t, "first")))
     first.start()
-    assert wait_for(lambda: relay._leading and len(relay._jobs) == 1, timeout=5, every=0.001)  # it leads, its job queued
+    assert wait_for(lambda: relay.writer._leading and len(relay.writer._jobs) == 1, timeout=5, every=0.001)  # it leads, its job queued
     threads = [threading.Thread(target=go, args=(name, job)) for name, job in jobs]
     for th in threads:
         th.start()
-    assert wait_for(lambda: len(relay._jobs) == len(jobs) + 1, timeout=5, every=0.001)  # all of them queued behind it
+    assert wait_for(lambda: len(relay.writer._jobs) == len(jobs) + 1, timeout=5, every=0.001)  # all of them queued behind it
     relay.db.lock.release()
     for th in [first] + threads:
         th.join(10)
@@ -144,8 +144,8 @@ def test_a_job_that_fails_after_writing_rolls_its_batch_back_and_the_others_run_
         assert results["x"] == ("ok", "x") and results["y"] == ("ok", "y")
         assert bodies(relay) == ["first", "x", "y"]  # nothing of the failed job, the others exactly once
         # the relay goes on: the next send is a batch of its own again
-        assert relay.group_tx(lambda t: write(t, "after")) == "after"
-        assert not relay._leading and not relay._jobs
+        assert relay.writer.group_tx(lambda t: write(t, "after")) == "after"
+        assert not relay.writer._leading and not relay.writer._jobs
     finally:
         relay.stop()
         relay.close()
@@ -158,11 +158,11 @@ def test_held_rows_are_read_back_in_their_transaction_and_ids_follow_a_rollback(
     relay = make_relay(tmp_path)
     try:
         auth = agent_relay.Auth(relay, {}, False)
-        first, _ = relay.send({"from": "a", "to": "b", "body": "one"}, auth)
+        first, _ = relay.messages.send({"from": "a", "to": "b", "body": "one"}, auth)
         head = relay.db.query_one("SELECT MAX(id) FROM events")[0]
 
         def held_then_read(t):
-            out, _ = relay._send("a", "b", "two", t=t)
+            out, _ = relay.messages.create("a", "b", "two", t=t)
             seen = t.execute("SELECT body FROM messages WHERE id = ?", (out["message"]["id"],)).fetchone()
             assert seen is not None and seen[0] == "two"  # written before the read
             raise ValueError("rolled back after writing")
@@ -170,7 +170,7 @@ def test_held_rows_are_read_back_in_their_transaction_and_ids_follow_a_rollback(
         results = run_in_one_batch(relay, [("held", held_then_read)])
         assert results["held"][0] == "error" and str(results["held"][1]) == "rolled back after writing"
         assert bodies(relay) == ["first", "one"]
-        second, _ = relay.send({"from": "a", "to": "b", "body": "three"}, auth)
+        second, _ = relay.messages.send({"from": "a", "to": "b", "body": "three"}, auth)
         assert second["message"]["id"] == first["message"]["id"] + 2  # "first" (the helper's write) took the id between
         stored = relay.db.query("SELECT id, type FROM events WHERE id > ? ORDER BY id", (head,))
         assert [r["type"] for r in stored] == ["message.created"] and stored[0]["id"] == head + 1
@@ -295,12 +295,12 @@ def test_a_request_queued_behind_a_batch_is_answered_after_the_commit_by_the_thr
     try:
         # queued while a leader waits for the writer: it joins that batch, and the leader answers it
         relay.db.lock.acquire()
-        first = threading.Thread(target=lambda: answers.setdefault("first", relay.group_tx(lambda t: write(t, "first"))),
+        first = threading.Thread(target=lambda: answers.setdefault("first", relay.writer.group_tx(lambda t: write(t, "first"))),
                                  name="first")
         first.start()
-        assert wait_for(lambda: relay._leading and len(relay._jobs) == 1, timeout=5, every=0.001)
-        assert relay.group_tx(lambda t: write(t, "later"), then=then_for("later")) is agent_relay.DEFERRED
-        assert relay.group_tx(refuse, then=then_for("refused")) is agent_relay.DEFERRED
+        assert wait_for(lambda: relay.writer._leading and len(relay.writer._jobs) == 1, timeout=5, every=0.001)
+        assert relay.writer.group_tx(lambda t: write(t, "later"), then=then_for("later")) is agent_relay.DEFERRED
+        assert relay.writer.group_tx(refuse, then=then_for("refused")) is agent_relay.DEFERRED
         assert "later" not in answers and bodies(relay) == []  # nothing answered before its commit
         relay.db.lock.release()
         first.join(10)
@@ -315,19 +315,19 @@ def test_a_request_queued_behind_a_batch_is_answered_after_the_commit_by_the_thr
             gate.wait(10)
             return write(t, "slow")
 
-        lead = threading.Thread(target=lambda: answers.setdefault("slow", relay.group_tx(slow)), name="leader")
+        lead = threading.Thread(target=lambda: answers.setdefault("slow", relay.writer.group_tx(slow)), name="leader")
         lead.start()
         assert inside.wait(10)
-        assert relay.group_tx(lambda t: write(t, "next"), then=then_for("next")) is agent_relay.DEFERRED
+        assert relay.writer.group_tx(lambda t: write(t, "next"), then=then_for("next")) is agent_relay.DEFERRED
         gate.set()
         lead.join(10)
         assert wait_for(lambda: "next" in answers, timeout=10, every=0.01)
         assert answers["next"] == ("ok", "next", "committer")
         assert bodies(relay) == ["first", "later", "next", "slow"]
-        assert wait_for(lambda: not relay._leading and not relay._jobs, timeout=5, every=0.01)
+        assert wait_for(lambda: not relay.writer._leading and not relay.writer._jobs, timeout=5, every=0.01)
         # a request with nothing running leads its own batch, deferred or not
-        assert relay.group_tx(lambda t: write(t, "alone"), then=then_for("alone")) == "alone" and "alone" not in answers
+        assert relay.writer.group_tx(lambda t: write(t, "alone"), then=then_for("alone")) == "alone" and "alone" not in answers
     finally:
         relay.stop()
         relay.close()
-    assert not relay._committer  # closing ends the committer thread
+    assert not relay.writer._committer  # closing ends the committer thread

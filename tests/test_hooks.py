@@ -403,7 +403,8 @@ def test_plugin_and_codex_files():
                     assert words[i + 1] == tool and words[i + 2] in agent_relay.HOOK_EVENTS
                     assert agent_relay.HOOK_EVENT_NAMES.get(event, words[i + 2]) == words[i + 2]
                     events[tool].add(event)
-    assert events["claude"] == {"SessionStart", "UserPromptSubmit", "PreToolUse", "Stop", "Notification", "SessionEnd"}
+    assert events["claude"] == {"SessionStart", "UserPromptSubmit", "PreToolUse", "Stop", "Notification", "PermissionDenied",
+                                 "SessionEnd"}
     assert events["codex"] == {"SessionStart", "UserPromptSubmit", "PreToolUse", "Stop"}
     assert '"${CLAUDE_PLUGIN_ROOT}/agent_relay.py"' in claude_hooks["SessionStart"][0]["hooks"][0]["command"]
     with open(os.path.join(PLUGIN, "monitors", "monitors.json")) as f:

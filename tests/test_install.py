@@ -1,5 +1,6 @@
 """install.sh installs the real agent_relay.py into a temporary HOME; install.ps1
 (which cannot run here) is checked for its structure."""
+import json
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ def install(tmp_path, *args, source=RELAY_PY, prefix=None, path=None, stdin_scri
     home.mkdir(exist_ok=True)
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_") and k != "CODEX_HOME"}
     env.update(HOME=str(home), TMPDIR=str(tmpdir), AGENT_RELAY_SOURCE=str(source),
                PATH=path if path is not None else clean_path())
     if prefix is not None:
@@ -169,6 +170,23 @@ def test_daemon_flag_runs_setup_then_daemon_install(tmp_path):
     assert r.out.rstrip().splitlines()[-2] == "agent-relay 9.9.9-standin", r.out
 
 
+def test_codex_flag_runs_codex_install_with_the_installed_file(tmp_path):
+    """--codex: after installing, `agent-relay codex install --yes` sets up ~/.codex with hooks that run the installed
+    agent-relay (their trust recorded in config.toml), notify, and the AGENTS.md note."""
+    r = install(tmp_path, "--codex")
+    assert r.returncode == 0, r.out + r.err
+    exe = str(tmp_path / "home" / ".local" / "bin" / "agent-relay")
+    assert "running: agent-relay codex install --yes" in r.out, r.out
+    codex = tmp_path / "home" / ".codex"
+    hooks = json.loads((codex / "hooks.json").read_text())["hooks"]
+    assert sorted(hooks) == ["PreToolUse", "SessionStart", "Stop", "UserPromptSubmit"], hooks
+    assert hooks["Stop"][0]["hooks"][0]["command"] == exe + " hook codex stop"
+    config = (codex / "config.toml").read_text()
+    assert 'notify = ["%s", "hook", "codex", "notify"]' % exe in config and config.count("trusted_hash = ") == 4, config
+    assert "## Agent Relay" in (codex / "AGENTS.md").read_text()
+    assert r.out.rstrip().splitlines()[-2] == relay_version(), r.out
+
+
 def test_help_and_unknown_option(tmp_path):
     r = install(tmp_path, "--help")
     assert r.returncode == 0, r.err
@@ -282,6 +300,8 @@ def test_install_ps1_structure():
     assert "'setup', '--yes'" in text
     assert "'daemon', 'install', '--binary'" in text and "'--enable', '--start', '--yes'" in text
     assert "'--version'" in text
+    assert re.search(r"\[switch\]\$Codex", code) and "$Codex.IsPresent" in text, "-Codex switch"
+    assert "@('codex', 'install', '--yes')" in text, "-Codex runs agent-relay codex install --yes"
     assert "DoNotExpandEnvironmentNames" in text and "ExpandString" in text, "user PATH kept as REG_EXPAND_SZ"
     # Only the file-run branch may exit: under `irm | iex` an exit closes the user's window.
     assert len(re.findall(r"\bexit\b", code, re.I)) == 1

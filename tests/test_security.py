@@ -171,6 +171,22 @@ def test_a_foreign_page_cannot_open_an_agents_narrowed_stream(relay):
         s.close()
 
 
+def test_a_foreign_page_cannot_act_as_an_agent_through_mcp(relay):
+    """/api/mcp acts as an agent (its stream marks it listening, its calls send and claim): every method of it is
+    refused cross-site, and no agent is registered by the attempt."""
+    host = "127.0.0.1:%d" % relay.port
+    init = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "evil", "version": "1"}}})
+    for foreign in FOREIGN:
+        for method, body in (("POST", init), ("GET", None), ("DELETE", None)):
+            headers = dict(foreign, Host=host, **{"X-Agent-Relay-Agent": "mcp-victim", "Accept": "application/json, text/event-stream"})
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            status, hdrs, payload = raw_request(relay.port, method, "/api/mcp", headers, (body or "").encode())
+            assert status == 403, (method, foreign, status, payload[:200])
+    assert relay.get("/api/agents/mcp-victim").status == 404
+
+
 def test_the_relays_own_page_and_scripts_still_read_inboxes_and_streams(relay):
     relay.register("alice")
     relay.register("bob")

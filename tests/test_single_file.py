@@ -77,11 +77,23 @@ def test_the_embedded_copy_matches_dashboard_html():
     assert check.returncode == 0, STALE_HINT + "\n" + check.stdout.decode()
 
 
+def test_the_embedded_installer_matches_install_sh():
+    with open(RELAY_PY, encoding="utf-8") as f:
+        source = f.read()
+    m = re.search(r"# BEGIN EMBEDDED INSTALLER\nINSTALLER_GZIP_B64 = \[\n(.*?)\n\]\n# END EMBEDDED INSTALLER\n", source, re.S)
+    assert m, "agent_relay.py has lost its EMBEDDED INSTALLER markers"
+    chunks = re.findall(r'"([A-Za-z0-9+/=]*)"', m.group(1))
+    with open(os.path.join(ROOT, "install.sh"), "rb") as f:
+        assert gzip.decompress(base64.b64decode("".join(chunks))) == f.read(), (
+            "the installer embedded in agent_relay.py differs from install.sh: run `python3 tests/refresh_dashboard.py`")
+
+
 def test_refresh_dashboard_check_catches_a_stale_copy_and_refresh_fixes_it(tmp_path):
     # On a copy of the tree, never on the real files.
     (tmp_path / "tests").mkdir()
     shutil.copyfile(RELAY_PY, str(tmp_path / "agent_relay.py"))
     shutil.copyfile(REFRESH, str(tmp_path / "tests" / "refresh_dashboard.py"))
+    shutil.copyfile(os.path.join(ROOT, "install.sh"), str(tmp_path / "install.sh"))
     with open(str(tmp_path / "dashboard.html"), "wb") as f:
         f.write(page_bytes().replace(b"<title>Agent Relay</title>", b"<title>Agent Relay (edited)</title>"))
     script = str(tmp_path / "tests" / "refresh_dashboard.py")
