@@ -2171,6 +2171,57 @@ class AgentDirectory:
 # ============================================================================
 
 
+class InboxPoll:
+    """One inbox request, which may wait (a long-poll). look() reads what the agent may see; answer() hands it
+    over (records its delivery and moves the kept cursor); abandon() lets it go when the client has gone, so
+    that what it waited for stays for the next poll. Between looks it waits without querying the database:
+    the Hub wakes its waiter for whatever concerns the agent."""
+
+    def __init__(self, messages, agent_id, since, limit, unread, wait, auth):
+        self.messages = messages
+        self.agent_id = agent_id
+        self.limit, self.unread = limit, unread
+        agent = messages.agents.get_agent(agent_id)
+        auth.act_as(agent)
+        self.agent = agent
+        self.start = since if since is not None else agent["cursor"]
+        self.deadline = time.monotonic() + wait
+        self.waiter = messages.hub.subscribe(agent_id, "poll") if wait > 0 else None
+        self.found = None
+        messages.agents.touch(agent_id)
+
+    def look(self):
+        """True when there is something to answer now: messages, or no wait, or the relay stopping."""
+        if self.waiter is not None:
+            self.waiter.rearm()
+        try:
+            self.agent = self.messages.agents.get_agent(self.agent_id)
+            self.found = self.messages.visible_messages_for(self.agent, self.start, self.limit, self.unread)
+        except BaseException:
+            self.abandon()
+            raise
+        return bool(self.found[0]) or self.waiter is None or self.messages.hub.stopping
+
+    def answer(self):
+        """The answer, from the last look."""
+        waited = self.abandon()
+        if waited:
+            self.messages.agents.touch(self.agent_id)
+        messages, more, redelivered, cursor = self.found
+        try:
+            self.messages.record_delivery(self.agent, messages, redelivered, cursor)
+        except StorageUnavailable:
+            pass  # reading goes on while the database refuses writes; unrecorded messages come again, none are lost
+        return {"messages": messages, "cursor": cursor, "more": more}
+
+    def abandon(self):
+        """Stops waiting (a client gone is no activity, and is handed nothing). True when it had been waiting."""
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self.messages.hub.unsubscribe(waiter)
+        return waiter is not None
+
+
 class Messages:
     """Messages between agents: sending (to one agent, or fanned out to a tag, capability, label, channel or
     everyone), which agents may see a message, the inbox and its long-poll, receipts (delivered, read),
@@ -2399,47 +2450,10 @@ class Messages:
         cursor = rows[-1]["id"] if rows else since
         return messages, more, redelivered, cursor
 
-    # Each look wakes the waiting thread: once a second, 200 idle long-polls alone cost over 1% of a core.
-    HANGUP_CHECK_S = 5.0
-
-    def inbox(self, agent_id, since, limit, unread, wait, auth, client_gone=None):
-        agent = self.agents.get_agent(agent_id)
-        auth.act_as(agent)
-        start = since if since is not None else agent["cursor"]
-        waiter = self.hub.subscribe(agent_id, "poll") if wait > 0 else None
-        self.agents.touch(agent_id)
-        try:
-            deadline = time.monotonic() + wait
-            while True:
-                if waiter is not None:
-                    waiter.event.clear()
-                agent = self.agents.get_agent(agent_id)
-                messages, more, redelivered, cursor = self.visible_messages_for(agent, start, limit, unread)
-                if messages or waiter is None or self.hub.stopping:
-                    break
-                # sleep until woken by something that concerns this agent; between wake-ups, only look
-                # (every HANGUP_CHECK_S) whether the client hung up, without querying the database again
-                woken = False
-                while not woken:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or (client_gone is not None and client_gone()):
-                        break
-                    woken = waiter.event.wait(min(remaining, self.HANGUP_CHECK_S))
-                if not woken:
-                    break
-        finally:
-            if waiter is not None:
-                self.hub.unsubscribe(waiter)
-        if waiter is not None and client_gone is not None and client_gone():
-            return None  # nobody to hand it to: keep it for the next poll (and a client gone is no activity)
-        if waiter is not None:
-            self.agents.touch(agent_id)
-
-        try:
-            self.record_delivery(agent, messages, redelivered, cursor)
-        except StorageUnavailable:
-            pass  # reading goes on while the database refuses writes; unrecorded messages come again, none are lost
-        return {"messages": messages, "cursor": cursor, "more": more}
+    def inbox(self, agent_id, since, limit, unread, wait, auth):
+        """The agent's inbox from `since` (its kept cursor when None), as an InboxPoll: look() at once, and with a
+        `wait`, again each time something concerns the agent, until there is something or the wait is up."""
+        return InboxPoll(self, agent_id, since, limit, unread, wait, auth)
 
     def record_delivery(self, agent, messages, redelivered, cursor):
         if not messages and not redelivered and cursor <= agent["cursor"]:
@@ -3681,17 +3695,31 @@ class Api:
         wait = req.qint("wait", 0, 60, 0)
         limit = req.qint("limit", 1, 500, 100)
         unread = req.qbool("unread")
-        pool = req.handler.server.pool
-        if wait and pool is not None:
-            pool.blocking()  # this long-poll holds its worker while it waits
-        try:
-            out = self.relay.messages.inbox(req.agent_id(), since, limit, unread, wait, req.auth, client_gone=req.handler.client_gone)
-        finally:
-            if wait and pool is not None:
-                pool.unblocked()
-        if out is None:
-            return None, None
-        return 200, out
+        poll = self.relay.messages.inbox(req.agent_id(), since, limit, unread, wait, req.auth)
+        if poll.look():
+            return 200, poll.answer()
+        h = req.handler
+        waiter = poll.waiter
+
+        def step(reason):
+            """The wait ended (Handler.wait): the answer, or when to give up waiting."""
+            if reason == "woken" and not poll.look():
+                gone = h.client_gone()
+                if not gone:
+                    return poll.deadline  # what woke it is nothing it may see: it waits on
+            else:
+                gone = reason == "gone" or h.client_gone()
+            if gone:
+                poll.abandon()  # nobody to hand it to: it stays for the next poll
+                h.close_connection = True
+                return None
+            return 200, poll.answer()  # something to see, the time is up, or the relay stops
+
+        return h.wait("poll", waiter, step, poll.deadline, check_s=self.HANGUP_CHECK_S)
+
+    # A long-poll that holds its thread (see Handler.wait) looks this often whether its client has hung up:
+    # each look wakes the thread, and once a second 200 idle long-polls alone cost over 1% of a core.
+    HANGUP_CHECK_S = 5.0
 
     def read_upto(self, req):
         return 200, self.relay.messages.mark_read_upto(req.agent_id(), req.body, req.auth)
@@ -3799,7 +3827,8 @@ class Api:
 
     # -- MCP: the Streamable HTTP transport (the protocol lives in the MCP section) --
     def mcp(self, req):
-        return mcp_http(self, req)
+        with req.handler.holding_thread():  # MCP's calls and streams wait where they run
+            return mcp_http(self, req)
 
     def _stored_events(self, since):
         """The next page of a replay that memory no longer reaches, from the events table: at most STREAM_PAGE events
@@ -3856,7 +3885,7 @@ class EventStream:
             raise
         deadline = self.step(None)
         if deadline is not None:
-            h.wait("stream", self.waiter, self.step, deadline, check_s=1.0)
+            h.wait("stream", self.waiter, self.step, deadline, check_s=1.0)  # a client that left is seen within a second
 
     def step(self, reason):
         """Writes what is due; returns when to be woken at the latest (the next keep-alive), or None at the end."""
@@ -4124,6 +4153,26 @@ class RequestReader(socket.SocketIO):
                 self.sock.settimeout(self.idle)
 
 
+def wait_here(waiter, step, deadline, check_s, client_gone):
+    """Handler.wait on the calling thread: it sleeps on the waiter's event, and looks every `check_s` seconds
+    whether the client hung up. Returns the step's answer, or (None, None)."""
+    event = waiter.event
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reason = "timeout"
+        elif event.wait(min(left, check_s)):
+            reason = "woken"
+        elif client_gone():
+            reason = "gone"
+        else:
+            continue
+        out = step(reason)
+        if out is None or isinstance(out, tuple):
+            return out or (None, None)
+        deadline = out
+
+
 class ClientWriter:
     """The writing side of a connection: every write goes out whole, within the socket's timeout. With a worker
     pool, a write first gives the socket what it takes at once (its descriptor does not block); when the client
@@ -4288,9 +4337,21 @@ class Handler(BaseHTTPRequestHandler):
         self.server.room.park(self)
 
     def _resume(self, reason):
-        """A long-poll's or stream's wait ended: runs its step. False when it waits again (and is parked)."""
+        """A long-poll's or stream's wait ended: runs its step, and writes the answer it gives. False when it waits
+        again (and is parked)."""
         step, result = self.wait_step, []
-        self.answer(lambda: result.append(step(reason)))
+
+        def run():
+            out = step(reason)
+            if isinstance(out, tuple):
+                if out[0] is None:
+                    self.close_connection = True  # no answer: its client is gone
+                else:
+                    self.send_json(*out)
+                out = None
+            result.append(out)
+
+        self.answer(run)
         deadline = result[0] if result else None
         if deadline is not None:
             self._park(self.wait_kind, deadline)
@@ -4304,29 +4365,31 @@ class Handler(BaseHTTPRequestHandler):
     def wait(self, kind, waiter, step, deadline, check_s=1.0):
         """A long-poll or stream (`kind`) waits until its `waiter` is woken, or until `deadline` (time.monotonic()),
         then step(reason) runs, with reason "woken", "timeout", "gone" (the client hung up) or "stop" (the relay
-        stops): it answers, or returns the deadline of its next wait. Every step clears the waiter (Waiter.rearm)
-        before it looks.
+        stops). A step returns the deadline of its next wait, or the answer (status, body), or None when it wrote
+        its own (a stream) or has none to give (its client is gone). Every step clears the waiter
+        (Waiter.rearm) before it looks. Returns what the route handler returns.
 
-        In the waiting room this returns at once: the request's handler returns no answer, the connection waits in
-        the room without a thread, and a worker runs the step. Without it, this thread waits here, looking every
-        `check_s` seconds whether the client hung up."""
-        if self.server.room is not None:
-            self.wait_kind, self.waiter, self.wait_step, self.wait_deadline = kind, waiter, step, deadline
-            with self.server.active_lock:
-                self.server.waits += 1
+        In the waiting room this returns (None, None) at once: the connection waits in the room without a
+        thread, and a worker runs the step and writes its answer. Without it, this thread waits here (wait_here)."""
+        if self.server.room is None:
+            return wait_here(waiter, step, deadline, check_s, self.client_gone)
+        self.wait_kind, self.waiter, self.wait_step, self.wait_deadline = kind, waiter, step, deadline
+        with self.server.active_lock:
+            self.server.waits += 1
+        return None, None
+
+    @contextlib.contextmanager
+    def holding_thread(self):
+        """For a request that waits where it runs: the pool starts another worker for the others meanwhile."""
+        pool = self.server.pool
+        if pool is None:
+            yield
             return
-        event = waiter.event
-        while deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                reason = "timeout"
-            elif event.wait(min(left, check_s)):
-                reason = "woken"
-            elif self.client_gone():
-                reason = "gone"
-            else:
-                continue
-            deadline = step(reason)
+        pool.blocking()
+        try:
+            yield
+        finally:
+            pool.unblocked()
 
     def close(self):
         """Ends the connection (waiting room): the last answer written, the socket closed, the count down."""
@@ -8894,6 +8957,9 @@ class _McpInProcessHandler:
 
     def answer_later(self, compute):
         return None  # answered here, by this thread
+
+    def wait(self, kind, waiter, step, deadline, check_s=1.0):
+        return wait_here(waiter, step, deadline, check_s, self.client_gone)  # here, by this thread
 
 
 class RelayRouteBackend:
