@@ -2279,6 +2279,30 @@ class Messages:
             params += [agent["id"]] + agent["channels"]
         return sql, params
 
+    def _history_of(self, agent, where, params, limit):
+        """History filtered by agent: what it sent, and what it may see (addressed to it, within its channels, not
+        held for it nor rejected), newest first, with the other filters (`where`, `params`).
+
+        One branch for what it sent and one per target that addresses it, each an index range read newest first
+        and cut at the page size (messages_from, messages_target), merged: a page costs the same however long
+        the history, where one OR over all of them collected every match and sorted it."""
+        me = agent["id"]
+        hidden = ("NOT EXISTS (SELECT 1 FROM receipts r WHERE r.message_id = m.id AND r.agent_id = ? "
+                  "AND r.state IN ('held', 'rejected'))")
+        branches = [("m.from_agent = ?", [me])]
+        for target in agent_targets(agent):
+            cond, p = "m.to_target = ? AND m.from_agent != ?", [target, me]  # its own messages are in the first branch
+            if target != me and "all" not in agent["channels"]:
+                cond += " AND m.channel IN (%s)" % ",".join("?" * len(agent["channels"]))
+                p += agent["channels"]
+            branches.append((cond, p))
+        parts, out = [], []
+        for cond, p in branches:
+            parts.append("SELECT * FROM (SELECT m.* FROM messages m WHERE %s ORDER BY m.id DESC LIMIT ?)"
+                         % " AND ".join([cond, hidden] + where))
+            out += p + [me] + params + [limit]
+        return " UNION ALL ".join(parts) + " ORDER BY id DESC LIMIT ?", out + [limit]
+
     # -- sending -----------------------------------------------------------
     def send(self, body, auth, then=None):
         """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
@@ -2595,13 +2619,6 @@ class Messages:
     # -- history -----------------------------------------------------------
     def history(self, q):
         where, params = [], []
-        if q.get("agent"):
-            agent = self.agents.find(q["agent"])
-            if agent is None:
-                raise unknown_agent(q["agent"])
-            vis, p = self._visibility_sql(agent)
-            where.append("(m.from_agent = ? OR (%s))" % vis)
-            params += [agent["id"]] + p
         for key, col in (("from", "m.from_agent"), ("to", "m.to_target"), ("channel", "m.channel")):
             if q.get(key):
                 where.append(col + " = ?")
@@ -2615,12 +2632,19 @@ class Messages:
             params += [like, like]
         if q.get("held"):
             where.append("m.id IN (SELECT message_id FROM receipts WHERE state = 'held')")
-        sql = "SELECT m.* FROM messages m"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY m.id DESC LIMIT ?"
+        if q.get("agent"):
+            agent = self.agents.find(q["agent"])
+            if agent is None:
+                raise unknown_agent(q["agent"])
+            sql, params = self._history_of(agent, where, params, q["limit"] + 1)
+        else:
+            sql = "SELECT m.* FROM messages m"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY m.id DESC LIMIT ?"
+            params = params + [q["limit"] + 1]
         with self.db.read() as c:
-            rows = c.execute(sql, params + [q["limit"] + 1]).fetchall()
+            rows = c.execute(sql, params).fetchall()
             more = len(rows) > q["limit"]
             messages = [message_from_row(r) for r in rows[: q["limit"]]]
             if q.get("held") and messages:
