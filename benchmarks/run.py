@@ -445,10 +445,10 @@ def scale_level(relay, baseline, n, cfg, tmp):
     streams = n // 6
     polls = n - streams
     register(relay.port, ["w%d" % i for i in range(polls)] + ["s%d" % i for i in range(streams)] + ["scale-extra"])
-    time.sleep(1.0)
-    before = proc_status(relay.pid)
     none = paired_rounds(relay, baseline, 8, cfg)  # send throughput with none waiting, on the same relay
     commit_before = commit_cost(tmp)
+    time.sleep(1.0)
+    before = proc_status(relay.pid)  # where the crowd finds it: after the same send load it will see
     ctl = Http(relay.port)
     t0 = time.perf_counter()
     crowd = Crowd(relay.port, polls, streams)

@@ -4352,13 +4352,24 @@ class Handler(BaseHTTPRequestHandler):
         """Hands the connection to the waiting room; this thread must touch it no more."""
         self.wait_kind, self.wait_deadline = kind, deadline
         if kind == "idle":
-            if self.rfile is not None:
-                self.rfile.detach()  # its buffer is empty: 8 KB less for each connection that waits
-                self.rfile = None
             self.headers = None
         else:
             self.waiter.conn = self
+        if self.rfile is not None and (kind == "idle" or self._nothing_buffered()):
+            self.rfile.detach()  # its buffer is empty: 8 KB less for each connection that waits
+            self.rfile = None
         self.server.room.park(self)
+
+    def _nothing_buffered(self):
+        """True when nothing the client sent waits in the reader's buffer (a request sent ahead is kept with it)."""
+        reader = self.reader
+        reader.nowait, linger, reader.linger = True, reader.linger, 0.0
+        try:
+            return not self.rfile.peek(1) and not reader.eof
+        except OSError:
+            return False
+        finally:
+            reader.nowait, reader.linger = False, linger
 
     def _resume(self, reason):
         """A long-poll's or stream's wait ended: runs its step, and writes the answer it gives. False when it waits
