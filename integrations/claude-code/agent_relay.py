@@ -59,6 +59,7 @@ import plistlib
 import queue
 import re
 import secrets
+import select
 import selectors
 import shlex
 import shutil
@@ -4133,27 +4134,13 @@ class RequestReader(socket.SocketIO):
         finally:
             self.pool.unblocked()
 
-    LINGER_SLICE_S = 0.002
-
     def _linger(self, b):
-        """Waits up to `linger` seconds for bytes, in slices: it stops as soon as other work waits for a worker."""
-        sock, pool = self.sock, self.pool
-        end = None
-        try:
-            while not pool.queue:
-                sock.settimeout(self.LINGER_SLICE_S)
-                try:
-                    return sock.recv_into(b)
-                except (socket.timeout, BlockingIOError, InterruptedError):
-                    pass
-                now = time.monotonic()
-                if end is None:
-                    end = now + self.linger - self.LINGER_SLICE_S
-                elif now >= end:
-                    break
+        if not self.pool.linger(self.fd, self.linger):
             return None
-        finally:
-            sock.settimeout(self.idle)
+        try:
+            return os.readv(self.fd, [b])
+        except (BlockingIOError, InterruptedError):
+            return None
 
     def _wait_and_read(self, b):
         deadline = self.deadline
@@ -5019,6 +5006,9 @@ class WorkerPool:
         self.threads = 0
         self.blocked = 0  # workers waiting on a client
         self._short = False  # no thread could be started (said once)
+        self.lingering = 0  # workers looking for their connection's next request (linger)
+        self._call = None  # a pipe: a byte in it calls one lingering worker to queued work
+        self._local = threading.local()
 
     def submit(self, fn, *args):
         with self.lock:
@@ -5029,9 +5019,50 @@ class WorkerPool:
                 return
             if self.threads - self.blocked >= self.size:
                 self.queue.append((fn, args))
+                if self.lingering:
+                    try:
+                        os.write(self._call[1], b"\0")
+                    except OSError:
+                        pass  # full: lingering workers are being called already
                 return
             self.threads += 1
         self._start((fn, args))
+
+    def linger(self, fd, seconds):
+        """Waits up to `seconds` for `fd` to turn readable (a connection's next request), unless work is queued
+        meanwhile with no worker free for it: then the first lingering worker to see the call goes to it. True when
+        readable."""
+        if self.queue:
+            return False
+        poller = getattr(self._local, "poller", None)
+        if poller is None:
+            with self.lock:
+                if self._call is None:
+                    self._call = os.pipe()
+                    for end in self._call:
+                        os.set_blocking(end, False)
+            poller = self._local.poller = select.poll()
+            poller.register(self._call[0], select.POLLIN)
+        poller.register(fd, select.POLLIN)
+        with self.lock:
+            self.lingering += 1
+        try:
+            end = time.monotonic() + seconds
+            while True:
+                for got, _events in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+                    if got == fd:
+                        return True
+                    try:
+                        if os.read(self._call[0], 1):
+                            return False  # called to queued work
+                    except (BlockingIOError, InterruptedError):
+                        pass  # another lingering worker took the call
+                if time.monotonic() >= end:
+                    return False
+        finally:
+            poller.unregister(fd)
+            with self.lock:
+                self.lingering -= 1
 
     def blocking(self):
         """The calling worker waits on its client: queued work gets a new worker, if none is free."""
