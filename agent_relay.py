@@ -4418,6 +4418,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.closed:
             return
         self.closed = True
+        if self.wait_step is not None:  # a long-poll or stream cut short by an error: it waits no more
+            self.wait_step = None
+            if self.waiter is not None:
+                self.relay.hub.unsubscribe(self.waiter)
+            with self.server.active_lock:
+                self.server.waits -= 1
         try:
             self.finish()
         except OSError:
