@@ -45,6 +45,15 @@ def wait_for(predicate, timeout=20.0, every=0.05):
     return predicate()
 
 
+def hang_up(s):
+    """Closes a socket with a reset (SO_LINGER 0), as a killed client does."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    s.close()
+
+
 def raw_exchange(port, data, head_only=False, reset=False, timeout=10):
     """Send `data` exactly as given on a fresh connection (http.client would add and fix headers) and read the answer:
     only its head, or until the body is complete or the relay closes. `reset` hangs up with RST, as a killed client
@@ -277,3 +286,33 @@ def relay_factory(tmp_path):
 @pytest.fixture
 def relay(relay_factory):
     return relay_factory()
+
+
+# -- the real CLIs' surroundings (tests/test_real_*.py, tests/test_codex_launcher.py) ------------------------------
+
+
+@pytest.fixture
+def proxy():
+    """A loopback proxy port that refuses every connection: the real CLIs' outbound traffic goes nowhere."""
+    from realcli import RefusingProxy
+
+    p = RefusingProxy()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def model_factory():
+    """Starts scripted model endpoints (tests/scripted_model.py) for the real CLIs, stopped after the test."""
+    from scripted_model import ScriptedModel
+
+    started = []
+
+    def make(policy):
+        m = ScriptedModel(policy).start()
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        m.stop()

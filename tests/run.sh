@@ -115,7 +115,8 @@ else
 fi
 
 # --- the real Claude Code and Codex CLIs (npm, pinned in tests/cli) --------------
-# tests/test_real_claude.py and test_real_codex.py drive them against a scripted model on loopback.
+# tests/test_real_claude.py, test_real_codex.py and test_real_mcp.py drive them against a scripted model on
+# loopback.
 # `npm ci` installs exactly what tests/cli/package-lock.json pins (both ship their native binary
 # inside the npm package); it runs when node_modules is missing or holds other versions.
 CLI_DIR=$ROOT/tests/cli

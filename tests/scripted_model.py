@@ -40,13 +40,17 @@ class Text:
 
 
 class ToolCall:
-    """A call of one of the tools the CLI offered. `arguments` is the tool's input object."""
+    """A call of one of the tools the CLI offered. `arguments` is the tool's input object. `namespace` names the
+    Responses API namespace tool it belongs to (Codex offers an MCP server's tools as one, `mcp__<server>`)."""
 
-    def __init__(self, name, arguments):
+    def __init__(self, name, arguments, namespace=None):
         self.name = name
         self.arguments = arguments
+        self.namespace = namespace
 
     def __repr__(self):
+        if self.namespace:
+            return "ToolCall(%r, %r, namespace=%r)" % (self.name, self.arguments, self.namespace)
         return "ToolCall(%r, %r)" % (self.name, self.arguments)
 
 
@@ -73,7 +77,8 @@ def _texts_of(content):
 class ModelRequest:
     """One model request from a CLI, normalised for a policy.
 
-    api: "anthropic" or "openai"; body: the JSON as sent; tools: the names of the tools offered;
+    api: "anthropic" or "openai"; body: the JSON as sent; tools: the names of the tools offered; namespaces (openai):
+    for each namespace tool offered, the names of its functions;
     entries: the conversation in order as (role, kind, text) where kind is "text", "tool_call" (text = the
     call's arguments as JSON) or "tool_result"; system: the system prompt / instructions text.
     """
@@ -85,6 +90,7 @@ class ModelRequest:
         self.body = body if isinstance(body, dict) else {}
         self.entries = []
         self.tools = {}
+        self.namespaces = {}
         if api == "anthropic":
             self._read_anthropic()
         else:
@@ -119,6 +125,8 @@ class ModelRequest:
                 name = t.get("name") or (t.get("function") or {}).get("name") or t.get("type")
                 if name:
                     self.tools[name] = t
+                if t.get("type") == "namespace" and name:
+                    self.namespaces[name] = {f.get("name"): f for f in t.get("tools") or [] if isinstance(f, dict)}
         items = b.get("input")
         if isinstance(items, str):
             items = [{"type": "message", "role": "user", "content": items}]
@@ -198,8 +206,11 @@ def anthropic_stream(answer, model):
 
 def openai_item(answer):
     if isinstance(answer, ToolCall):
-        return {"type": "function_call", "id": "fc_" + uuid.uuid4().hex[:24], "call_id": "call_" + uuid.uuid4().hex[:24],
+        item = {"type": "function_call", "id": "fc_" + uuid.uuid4().hex[:24], "call_id": "call_" + uuid.uuid4().hex[:24],
                 "name": answer.name, "arguments": json.dumps(answer.arguments), "status": "completed"}
+        if answer.namespace:
+            item["namespace"] = answer.namespace
+        return item
     return {"type": "message", "id": "msg_" + uuid.uuid4().hex[:24], "role": "assistant", "status": "completed",
             "content": [{"type": "output_text", "text": answer.text, "annotations": []}]}
 

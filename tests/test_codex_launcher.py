@@ -23,9 +23,9 @@ from conftest import ROOT as _ROOT
 sys.path.insert(0, _ROOT)
 import agent_relay  # noqa: E402
 from conftest import RELAY_PY, ROOT, need, wait_for  # noqa: E402
-from realcli import (CodexHome, RefusingProxy, Tmux, agent, agents_by_host, cli_ready, describe_proc,  # noqa: E402
+from realcli import (CodexHome, Tmux, agent, agents_by_host, cli_ready, describe_proc,  # noqa: E402
                      exec_thread_id, print_timing, processes_with, replies_to, toml_str)
-from scripted_model import ScriptedModel, Text, act_then_reply, relay_message_ids, relay_reply_policy
+from scripted_model import Text, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@openai/codex"
 REPLY_TEXT = "pong from the launcher's session"
@@ -36,27 +36,6 @@ HOOK_EVENTS = ["preToolUse", "sessionStart", "stop", "userPromptSubmit"]
 def codex_ready():
     ok, why = cli_ready(PACKAGE)
     need(ok, why)
-
-
-@pytest.fixture
-def proxy():
-    p = RefusingProxy()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def model_factory():
-    started = []
-
-    def make(policy):
-        m = ScriptedModel(policy).start()
-        started.append(m)
-        return m
-
-    yield make
-    for m in started:
-        m.stop()
 
 
 class BareCodexHome(CodexHome):

@@ -291,7 +291,11 @@ def check_one(fz, method, template, path, body, headers):
     assert "Traceback" not in log, log
     assert 200 <= status < 500, (status, method, path, body, answer)
     if status >= 400 and method != "HEAD" and answer is not None:
-        assert set(answer) == {"error"} and answer["error"]["code"] and answer["error"]["message"], answer
+        if template == "/api/mcp" and "jsonrpc" in answer:
+            # the MCP transport answers in JSON-RPC, as the MCP specification says: an error object with a code
+            assert answer["jsonrpc"] == "2.0" and isinstance(answer["error"]["code"], int) and answer["error"]["message"], answer
+        else:
+            assert set(answer) == {"error"} and answer["error"]["code"] and answer["error"]["message"], answer
     if 400 <= status < 500:
         after = fz.fingerprint()
         assert after == before, "a rejected request (%d %s) changed stored data: %s %s %r" % (

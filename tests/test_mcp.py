@@ -110,6 +110,14 @@ def test_initialize_and_tool_schemas(relay, transport):
             assert (wait["type"], wait["minimum"], wait["maximum"]) == ("integer", 0, 60)
             assert tools["update_task"].input_schema["properties"]["status"]["enum"] == [
                 "open", "claimed", "blocked", "done", "failed", "canceled"]
+            # what a client decides approvals by (Codex asks before, or under `codex exec` refuses, a tool that may be
+            # destructive, the default): only whoami (approval mode, tags) and update_task overwrite anything
+            hints = {name: (t.annotations.read_only_hint, t.annotations.destructive_hint, t.annotations.open_world_hint)
+                     for name, t in tools.items()}
+            assert hints == {"agents": (True, None, False), "thread": (True, None, False), "tasks": (True, None, False),
+                             "send": (False, False, False), "reply": (False, False, False), "inbox": (False, False, False),
+                             "read": (False, False, False), "claim": (False, False, False), "release": (False, False, False),
+                             "whoami": (False, None, False), "update_task": (False, None, False)}, hints
             me, text = await s.call("whoami")
             assert not me.is_error and me.structured_content["id"] == "schema-" + transport
             assert text.startswith("you are agent schema-" + transport)
@@ -225,6 +233,7 @@ def test_claim_race_between_an_mcp_agent_and_an_http_agent(relay):
                 if mine.is_error:
                     assert text.startswith("already_claimed: http-worker holds it")
                     assert mine.structured_content["error"]["code"] == "already_claimed"
+                    assert mine.structured_content["error"]["hint"] == "http-worker holds it; leave it and pick other work"
                 else:
                     assert r.code == "already_claimed"
                 outcomes.append(holder)
@@ -246,13 +255,16 @@ def test_read_only_agent_is_refused_with_a_tool_error(relay, transport):
             assert result.is_error
             assert text.startswith("read_only: this session is read-only"), text
             assert result.structured_content["error"]["code"] == "read_only"
+            assert result.structured_content["error"]["hint"].startswith("this session is read-only; it may read")
 
     run(go)
     assert relay.get("/api/messages", query={"from": agent}).json["messages"] == []
 
 
 def test_modern_revision_through_server_discover(relay):
-    """The SDK's default client probes server/discover at 2026-07-28 and stays there: no initialize, no session."""
+    """The SDK's default client probes server/discover at 2026-07-28 and stays there: no initialize, no session.
+    Over stdio the agent joins (listening) as the client connects, before any tool is called, as it does at
+    initialize: Claude Code connects this way."""
     from mcp.client import Client
 
     async def go():
@@ -260,6 +272,10 @@ def test_modern_revision_through_server_discover(relay):
                                              env=stdio_env(relay, "modern-stdio")),):
             async with Client(server) as c:
                 assert c.session.protocol_version == "2026-07-28"
+                joined = await anyio.to_thread.run_sync(
+                    lambda: wait_for(lambda: (card(relay, "modern-stdio") or {}).get("listening"), timeout=10))
+                assert joined, card(relay, "modern-stdio")
+                assert relay.get("/api/messages", query={"agent": "modern-stdio"}).json["messages"] == []
                 names = {t.name for t in (await c.list_tools()).tools}
                 assert names == TOOLS
                 result = await c.call_tool("send", {"to": "modern-stdio", "body": "note to self"})
@@ -464,3 +480,46 @@ def test_modern_listen_pushes_inbox_updates_over_stdio(relay):
     proc.stdin.close()
     assert proc.wait(10) == 0
     assert card(relay, "listener")["status"] == "offline"
+
+
+def test_claude_channel_mode_pushes_channel_events_to_a_client_that_declares_nothing(relay):
+    """`agent-relay mcp --claude-channel`, as Claude Code talks to it (its own initialize, captured from 2.1.332):
+    server/discover is refused as by a server of the handshake era, so the client initializes; the client declares
+    no claude/channel, the server does, and each message for the agent comes as a notifications/claude/channel."""
+    proc = subprocess.Popen([sys.executable, RELAY_PY, "mcp", "--claude-channel"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=dict(os.environ, **stdio_env(relay, "channel-stdio")))
+
+    def write(message):
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+
+    client = {"name": "claude-code", "title": "Claude Code", "version": "2.1.332"}
+    caps = {"roots": {"listChanged": True}, "elicitation": {"form": {}, "url": {}}}
+    write({"jsonrpc": "2.0", "id": "server-discover-probe-1", "method": "server/discover", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientInfo": client,
+        "io.modelcontextprotocol/clientCapabilities": caps}}})
+    probe = json.loads(proc.stdout.readline())
+    assert probe["id"] == "server-discover-probe-1" and probe["error"]["code"] == -32601, probe
+    write({"jsonrpc": "2.0", "id": "stateless", "method": "tools/list", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": caps}}})
+    refused = json.loads(proc.stdout.readline())  # no stateless requests in this mode: the handshake comes first
+    assert refused["error"]["code"] == -32600 and "initialize" in refused["error"]["message"], refused
+    write({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+           "params": {"protocolVersion": "2025-11-25", "capabilities": caps, "clientInfo": client}})
+    init = json.loads(proc.stdout.readline())["result"]
+    assert init["protocolVersion"] == "2025-11-25" and init["capabilities"]["experimental"] == {"claude/channel": {}}
+    write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    write({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert {t["name"] for t in json.loads(proc.stdout.readline())["result"]["tools"]} == TOOLS
+    assert wait_for(lambda: card(relay, "channel-stdio") and card(relay, "channel-stdio")["listening"])
+    relay.register("peer")
+    sent = relay.send("peer", "channel-stdio", "ping through the channel")
+    note = json.loads(proc.stdout.readline())
+    assert note == {"jsonrpc": "2.0", "method": "notifications/claude/channel", "params": {
+        "content": "[msg:%d] from peer: ping through the channel" % sent["id"],
+        "meta": {"message_id": str(sent["id"]), "from": "peer", "to": "channel-stdio", "kind": "chat"}}}, note
+    proc.stdin.close()
+    assert proc.wait(10) == 0
+    assert card(relay, "channel-stdio")["status"] == "offline"
+    assert "Traceback" not in proc.stderr.read().decode()

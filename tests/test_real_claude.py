@@ -17,9 +17,9 @@ import uuid
 import pytest
 
 from conftest import need, wait_for
-from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, RefusingProxy, Tmux, agent, agents_by_host, cli_ready,
+from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, Tmux, agent, agents_by_host, cli_ready,
                      describe_proc, print_timing, process_tree_has, processes_with, replies_to)
-from scripted_model import ScriptedModel, Text, act_then_reply, relay_message_ids, relay_reply_policy
+from scripted_model import Text, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@anthropic-ai/claude-code"
 # Only the reply command may run without a prompt (claude -p refuses every other Bash command).
@@ -31,27 +31,6 @@ REPLY_TEXT = "pong from claude"
 def claude_ready():
     ok, why = cli_ready(PACKAGE)
     need(ok, why)
-
-
-@pytest.fixture
-def proxy():
-    p = RefusingProxy()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def model_factory():
-    started = []
-
-    def make(policy):
-        m = ScriptedModel(policy).start()
-        started.append(m)
-        return m
-
-    yield make
-    for m in started:
-        m.stop()
 
 
 def relay_context_requests(model, message_id):

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from conftest import need, wait_for
-from realcli import (RELAY_PY, CodexHome, RefusingProxy, agent, agents_by_host, cli_ready, describe_proc, exec_events,
+from realcli import (RELAY_PY, CodexHome, agent, agents_by_host, cli_ready, describe_proc, exec_events,
                      exec_thread_id, print_timing, replies_to)
-from scripted_model import ScriptedModel, Text, act_then_reply, relay_message_ids, relay_reply_policy
+from scripted_model import Text, act_then_reply, relay_message_ids, relay_reply_policy
 
 PACKAGE = "@openai/codex"
 REPLY_TEXT = "pong from codex"
@@ -28,27 +28,6 @@ REPLY_TEXT = "pong from codex"
 def codex_ready():
     ok, why = cli_ready(PACKAGE)
     need(ok, why)
-
-
-@pytest.fixture
-def proxy():
-    p = RefusingProxy()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def model_factory():
-    started = []
-
-    def make(policy):
-        m = ScriptedModel(policy).start()
-        started.append(m)
-        return m
-
-    yield make
-    for m in started:
-        m.stop()
 
 
 def relay_context_requests(model, message_id):

@@ -12,13 +12,12 @@ waits out the head's deadline.)
 import json
 import os
 import socket
-import struct
 import threading
 import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import hang_up, wait_for
 
 
 def counts(pid):
@@ -42,15 +41,6 @@ def settle(pid, target, timeout=15):
 def connect(port):
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     return s
-
-
-def hang_up(s):
-    """Closes with a reset (SO_LINGER 0), as a killed client does."""
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    s.close()
 
 
 def timed(fn):

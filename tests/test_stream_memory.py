@@ -18,7 +18,7 @@ import termios
 
 import pytest
 
-from conftest import wait_for
+from conftest import hang_up, wait_for
 from test_stream import Stream
 
 MB = 1024 * 1024
@@ -45,14 +45,6 @@ def slow_stream(relay, path):
     s.connect(("127.0.0.1", relay.port))
     s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (path, relay.port)).encode("latin-1"))
     return s
-
-
-def hang_up(s):
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    s.close()
 
 
 def read_to_end(s):
