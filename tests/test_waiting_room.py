@@ -15,13 +15,12 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 
 import pytest
 
-from conftest import RELAY_PY, wait_for
+from conftest import RELAY_PY, hang_up, wait_for
 
 LINUX = sys.platform.startswith("linux")
 QUIET = {"AGENT_RELAY_SSE_PING_MS": "600000"}  # no keep-alive comment could notice a hang-up in these tests
@@ -84,12 +83,6 @@ def read_answers(s, count, timeout=30):
     return out
 
 
-def hang_up(s, reset):
-    if reset:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
-
-
 def listening(relay, agent):
     return relay.get("/api/agents/" + agent).json["listening"]
 
@@ -108,7 +101,7 @@ def test_a_parked_stream_notices_its_client_hang_up_at_once(relay_factory, reset
     assert s.recv(12) == b"HTTP/1.1 200"
     assert wait_for(lambda: listening(relay, "w"))
     relay.send("src", "w", "one event while it waits")
-    hang_up(s, reset)
+    hang_up(s) if reset else s.close()
     # nothing else would end it: no keep-alive comment is due for ten minutes, and no event comes
     assert wait_for(lambda: not listening(relay, "w") and stats(relay)["streams"] == 0, timeout=30), stats(relay)
     assert relay.proc.poll() is None and "Traceback" not in relay.log
@@ -122,7 +115,7 @@ def test_a_parked_long_poll_notices_its_client_hang_up_and_the_message_waits_for
     s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
     s.sendall(request("GET", "/api/agents/w/inbox?wait=60"))
     assert wait_for(lambda: listening(relay, "w") and stats(relay)["longPolls"] == 1)
-    hang_up(s, reset)
+    hang_up(s) if reset else s.close()
     assert wait_for(lambda: not listening(relay, "w") and stats(relay)["longPolls"] == 0, timeout=30), stats(relay)
     m = relay.send("src", "w", "for the next poll")
     assert [x["id"] for x in relay.inbox("w")["messages"]] == [m["id"]]  # from its kept cursor
