@@ -486,7 +486,7 @@ def test_clients_that_vanish_mid_stream_leave_no_thread_behind(relay):
                Stream(relay, "/api/events?types=message.created"), Stream(relay, "/api/events?agentId=w2&since=0")]
     assert all(s.status == 200 for s in streams)
     assert wait_for(lambda: relay.get("/api/stats").json["streams"] == len(streams))
-    assert _threads(relay.proc.pid) >= baseline + len(streams)
+    # (they wait in the waiting room, without a thread each; tests/test_waiting_room.py counts the threads)
     for s in streams:
         s.block()  # connected
 

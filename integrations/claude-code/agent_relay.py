@@ -49,6 +49,7 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import heapq
 import hmac
 import http.client
 import io
@@ -58,6 +59,8 @@ import plistlib
 import queue
 import re
 import secrets
+import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -206,7 +209,14 @@ def default_db_path(system=None):
     return os.path.join(base, "agent-relay", "relay.db")
 
 
-MAX_CONNECTIONS_CEILING = 4096  # a connection is a thread: the default is never more, nor where the limit is unknown
+# Connections that wait (an idle keep-alive between requests, a long-poll, a stream between events) are parked in
+# one thread's selector and hold no thread where the selector scales: epoll (Linux), kqueue (macOS, BSD) or poll.
+# Windows has only select(), which takes at most 512 sockets a call: there each connection keeps a thread of its own.
+WAITING_ROOM = (os.name == "posix" and hasattr(os, "readv") and hasattr(socket, "MSG_DONTWAIT")
+                and selectors.DefaultSelector is not getattr(selectors, "SelectSelector", None))
+# The default cap is never more, nor where the descriptor limit is unknown: a parked connection costs a few KB,
+# one with a thread of its own about 40 KB and a thread.
+MAX_CONNECTIONS_CEILING = 65536 if WAITING_ROOM else 4096
 FD_RESERVE = 96  # descriptors kept for the database (a writer and up to 16 pooled readers, two each), the listening
 # socket, the standard streams and callback deliveries
 
@@ -330,6 +340,9 @@ SETTINGS = [
     ("max_connections", "AGENT_RELAY_MAX_CONNECTIONS", "--max-connections", _parse_int(1), None,
      "Most connections open at once, long-polls and streams included (then 503); "
      "by default the descriptor limit less a reserve, at most %d" % MAX_CONNECTIONS_CEILING),
+    ("workers", "AGENT_RELAY_WORKERS", "--workers", _parse_int(1, 4096), 32,
+     "Threads that run requests; connections that wait hold none (more start for clients that are slow to send "
+     "or to read, within the deadlines)"),
     ("integrations", "AGENT_RELAY_INTEGRATIONS", "--integrations", _parse_integrations, [], "Integrations, a JSON list"),
     (
         "integration_rate_limit",
@@ -1562,14 +1575,45 @@ def lease_conflict_text(conflicts, now):
 
 
 class Waiter:
-    """One long-poll or stream: woken only by what concerns it."""
+    """One long-poll or stream: woken only by what concerns it.
 
-    __slots__ = ("agent_id", "event", "kind")
+    A wait parked in the waiting room (Handler.wait) has no thread: wake() hands its connection back to the room,
+    which gives it to a worker. A wait that holds its thread (Windows, in-process callers) sleeps on `event`,
+    made when first asked for. `woken` says that something concerned it since its owner last looked."""
+
+    __slots__ = ("agent_id", "kind", "woken", "conn", "_event")
 
     def __init__(self, agent_id, kind):
         self.agent_id = agent_id
         self.kind = kind
-        self.event = threading.Event()
+        self.woken = False
+        self.conn = None  # the parked connection (a Handler) to hand back when woken
+        self._event = None
+
+    @property
+    def event(self):
+        ev = self._event
+        if ev is None:
+            ev = self._event = threading.Event()
+            if self.woken:  # a wake that came before the event was made is not lost
+                ev.set()
+        return ev
+
+    def rearm(self):
+        """Before its owner looks: what wakes it from now on is news."""
+        self.woken = False
+        ev = self._event
+        if ev is not None:
+            ev.clear()
+
+    def wake(self):
+        was, self.woken = self.woken, True
+        ev = self._event
+        if ev is not None:
+            ev.set()
+        conn = self.conn
+        if conn is not None and not was:  # one hand-back until its owner looks again
+            conn.server.room.wake(conn)
 
 
 class Event:
@@ -1631,7 +1675,7 @@ class Hub:
             else:
                 self.by_agent[agent_id].add(w)
         if self.stopping:
-            w.event.set()
+            w.wake()
         return w
 
     def unsubscribe(self, w):
@@ -1663,7 +1707,7 @@ class Hub:
         with self.lock:
             for a in agent_ids:
                 for w in self.by_agent.get(a, ()):
-                    w.event.set()
+                    w.wake()
 
     def publish(self, events):
         """Called in id order (under the storage write lock) after the commit."""
@@ -1692,9 +1736,9 @@ class Hub:
                     woken.update(ev.audience)
             for a in woken:
                 for w in self.by_agent.get(a, ()):
-                    w.event.set()
+                    w.wake()
             for w in self.everyone:
-                w.event.set()
+                w.wake()
 
     def after(self, last_id, limit=500, max_bytes=None):
         """Events newer than last_id from memory, at most `limit` of them and, past the first, at most `max_bytes`
@@ -1719,7 +1763,7 @@ class Hub:
             self.stopping = True
             for ws in list(self.by_agent.values()) + [self.everyone]:
                 for w in ws:
-                    w.event.set()
+                    w.wake()
 
 # ============================================================================
 # The writer: write transactions and group commit
@@ -2030,6 +2074,7 @@ class AgentDirectory:
         self._agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
         self._index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
         self._dirty_seen = set()  # agents whose lastSeen changed in memory only
+        self._listener_stored = {}  # listening agent id -> monotonic ms when its listening last went to the file
 
     def connect(self, messages, claims, leases=None):
         """Relay wires in the parts built on this one, once they exist."""
@@ -2161,12 +2206,13 @@ class AgentDirectory:
             except StorageUnavailable:
                 pass  # presence is best effort: the request it rides on (often a read, or a write already committed) goes on
 
-    def _seen(self, agent):
-        """Records activity in memory (flush_presence writes lastSeen): the wall-clock time shown as lastSeen, and
-        the monotonic time that the sweeper counts silence from."""
+    def _seen(self, agent, store=True):
+        """Records activity in memory (flush_presence writes lastSeen, unless `store` is False): the wall-clock time
+        shown as lastSeen, and the monotonic time that the sweeper counts silence from."""
         agent["lastSeen"] = now_ms()
         agent["seenMono"] = monotonic_ms()
-        self._dirty_seen.add(agent["id"])
+        if store:
+            self._dirty_seen.add(agent["id"])
 
     def mark_seen(self, agent_id):
         """Activity recorded inside a transaction (a claim): in memory only, no write and no status change of its own."""
@@ -2198,11 +2244,21 @@ class AgentDirectory:
         Silence is counted on the monotonic clock (seenMono, offlineMono), never as the wall clock's now minus
         lastSeen: a clock set back an hour would keep a dead agent's claims for that hour, and one set forward
         would take every agent offline at once."""
+        # An agent that holds a long-poll or stream open is active. Its lastSeen moves in memory at every sweep,
+        # and goes to the file only every half STALE_TTL_MS (at most a minute): ten thousand waiting agents
+        # would otherwise cost a 10,000-row write (38 ms of the write lock) every few seconds.
+        every = min(self.config.stale_ttl_ms // 2, 60000)
+        mono = monotonic_ms()
+        stored, kept = self._listener_stored, {}
         for aid in list(self._agents):
             if self.hub.listening(aid):
                 a = self._agents.get(aid)
                 if a is not None:
-                    self._seen(a)
+                    last = stored.get(aid)
+                    store = last is None or mono - last >= every
+                    kept[aid] = mono if store else last
+                    self._seen(a, store)
+        self._listener_stored = kept
         self.flush_presence()
         ttl, prune = self.config.stale_ttl_ms, self.config.offline_prune_ms
         now = monotonic_ms()
@@ -2447,6 +2503,57 @@ class AgentDirectory:
 # ============================================================================
 
 
+class InboxPoll:
+    """One inbox request, which may wait (a long-poll). look() reads what the agent may see; answer() hands it
+    over (records its delivery and moves the kept cursor); abandon() lets it go when the client has gone, so
+    that what it waited for stays for the next poll. Between looks it waits without querying the database:
+    the Hub wakes its waiter for whatever concerns the agent."""
+
+    def __init__(self, messages, agent_id, since, limit, unread, wait, auth):
+        self.messages = messages
+        self.agent_id = agent_id
+        self.limit, self.unread = limit, unread
+        agent = messages.agents.get_agent(agent_id)
+        auth.act_as(agent)
+        self.agent = agent
+        self.start = since if since is not None else agent["cursor"]
+        self.deadline = time.monotonic() + wait
+        self.waiter = messages.hub.subscribe(agent_id, "poll") if wait > 0 else None
+        self.found = None
+        messages.agents.touch(agent_id)
+
+    def look(self):
+        """True when there is something to answer now: messages, or no wait, or the relay stopping."""
+        if self.waiter is not None:
+            self.waiter.rearm()
+        try:
+            self.agent = self.messages.agents.get_agent(self.agent_id)
+            self.found = self.messages.visible_messages_for(self.agent, self.start, self.limit, self.unread)
+        except BaseException:
+            self.abandon()
+            raise
+        return bool(self.found[0]) or self.waiter is None or self.messages.hub.stopping
+
+    def answer(self):
+        """The answer, from the last look."""
+        waited = self.abandon()
+        if waited:
+            self.messages.agents.touch(self.agent_id)
+        messages, more, redelivered, cursor = self.found
+        try:
+            self.messages.record_delivery(self.agent, messages, redelivered, cursor)
+        except StorageUnavailable:
+            pass  # reading goes on while the database refuses writes; unrecorded messages come again, none are lost
+        return {"messages": messages, "cursor": cursor, "more": more}
+
+    def abandon(self):
+        """Stops waiting (a client gone is no activity, and is handed nothing). True when it had been waiting."""
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self.messages.hub.unsubscribe(waiter)
+        return waiter is not None
+
+
 class Messages:
     """Messages between agents: sending (to one agent, or fanned out to a tag, capability, label, channel or
     everyone), which agents may see a message, the inbox and its long-poll, receipts (delivered, read),
@@ -2503,6 +2610,30 @@ class Messages:
             sql += " AND (m.to_target = ? OR m.channel IN (%s))" % ",".join("?" * len(agent["channels"]))
             params += [agent["id"]] + agent["channels"]
         return sql, params
+
+    def _history_of(self, agent, where, params, limit):
+        """History filtered by agent: what it sent, and what it may see (addressed to it, within its channels, not
+        held for it nor rejected), newest first, with the other filters (`where`, `params`).
+
+        One branch for what it sent and one per target that addresses it, each an index range read newest first
+        and cut at the page size (messages_from, messages_target), merged: a page costs the same however long
+        the history, where one OR over all of them collected every match and sorted it."""
+        me = agent["id"]
+        hidden = ("NOT EXISTS (SELECT 1 FROM receipts r WHERE r.message_id = m.id AND r.agent_id = ? "
+                  "AND r.state IN ('held', 'rejected'))")
+        branches = [("m.from_agent = ?", [me])]
+        for target in agent_targets(agent):
+            cond, p = "m.to_target = ? AND m.from_agent != ?", [target, me]  # its own messages are in the first branch
+            if target != me and "all" not in agent["channels"]:
+                cond += " AND m.channel IN (%s)" % ",".join("?" * len(agent["channels"]))
+                p += agent["channels"]
+            branches.append((cond, p))
+        parts, out = [], []
+        for cond, p in branches:
+            parts.append("SELECT * FROM (SELECT m.* FROM messages m WHERE %s ORDER BY m.id DESC LIMIT ?)"
+                         % " AND ".join([cond, hidden] + where))
+            out += p + [me] + params + [limit]
+        return " UNION ALL ".join(parts) + " ORDER BY id DESC LIMIT ?", out + [limit]
 
     # -- sending -----------------------------------------------------------
     def send(self, body, auth, then=None):
@@ -2694,6 +2825,8 @@ class Messages:
         return {"reached": reached, "reachable": reached or bool(live), "message": message_from_row(row),
                 "receipts": receipts, "replies": replies}
 
+    WAIT_HANGUP_CHECK_S = 5.0  # a message wait holds its worker thread (it is not parked): it looks for a hung-up client
+
     def wait_for(self, message_id, until, every, timeout, client_gone=None):
         """GET /api/messages/:id/wait: answers once the message has reached `until` (delivered, read, replied) for one
         recipient (every=True: for every recipient it was sent to that it is not held for), or after `timeout`
@@ -2704,7 +2837,7 @@ class Messages:
             deadline = time.monotonic() + timeout
             while True:
                 if waiter is not None:
-                    waiter.event.clear()
+                    waiter.rearm()
                 with self.db.read() as c:
                     out = self.delivery_state(c, message_id, until, every)
                 if out["reached"] or not out["reachable"] or waiter is None or self.hub.stopping:
@@ -2714,7 +2847,7 @@ class Messages:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or (client_gone is not None and client_gone()):
                         break
-                    woken = waiter.event.wait(min(remaining, self.HANGUP_CHECK_S))
+                    woken = waiter.event.wait(min(remaining, self.WAIT_HANGUP_CHECK_S))
                 if not woken:
                     break
         finally:
@@ -2773,47 +2906,10 @@ class Messages:
         cursor = rows[-1]["id"] if rows else since
         return messages, more, redelivered, cursor
 
-    # Each look wakes the waiting thread: once a second, 200 idle long-polls alone cost over 1% of a core.
-    HANGUP_CHECK_S = 5.0
-
-    def inbox(self, agent_id, since, limit, unread, wait, auth, client_gone=None):
-        agent = self.agents.get_agent(agent_id)
-        auth.act_as(agent)
-        start = since if since is not None else agent["cursor"]
-        waiter = self.hub.subscribe(agent_id, "poll") if wait > 0 else None
-        self.agents.touch(agent_id)
-        try:
-            deadline = time.monotonic() + wait
-            while True:
-                if waiter is not None:
-                    waiter.event.clear()
-                agent = self.agents.get_agent(agent_id)
-                messages, more, redelivered, cursor = self.visible_messages_for(agent, start, limit, unread)
-                if messages or waiter is None or self.hub.stopping:
-                    break
-                # sleep until woken by something that concerns this agent; between wake-ups, only look
-                # (every HANGUP_CHECK_S) whether the client hung up, without querying the database again
-                woken = False
-                while not woken:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or (client_gone is not None and client_gone()):
-                        break
-                    woken = waiter.event.wait(min(remaining, self.HANGUP_CHECK_S))
-                if not woken:
-                    break
-        finally:
-            if waiter is not None:
-                self.hub.unsubscribe(waiter)
-        if waiter is not None and client_gone is not None and client_gone():
-            return None  # nobody to hand it to: keep it for the next poll (and a client gone is no activity)
-        if waiter is not None:
-            self.agents.touch(agent_id)
-
-        try:
-            self.record_delivery(agent, messages, redelivered, cursor)
-        except StorageUnavailable:
-            pass  # reading goes on while the database refuses writes; unrecorded messages come again, none are lost
-        return {"messages": messages, "cursor": cursor, "more": more}
+    def inbox(self, agent_id, since, limit, unread, wait, auth):
+        """The agent's inbox from `since` (its kept cursor when None), as an InboxPoll: look() at once, and with a
+        `wait`, again each time something concerns the agent, until there is something or the wait is up."""
+        return InboxPoll(self, agent_id, since, limit, unread, wait, auth)
 
     def record_delivery(self, agent, messages, redelivered, cursor):
         if not messages and not redelivered and cursor <= agent["cursor"]:
@@ -3016,6 +3112,10 @@ class Messages:
         """WHERE terms (and their parameters) on messages `m` for the filters history and search share: `agent` (sent by
         it, or addressed to it and not held or rejected for it), `from`, `to` (the exact target string), `channel`."""
         where, params = [], []
+        for key, col in (("from", "m.from_agent"), ("to", "m.to_target"), ("channel", "m.channel")):
+            if q.get(key):
+                where.append(col + " = ?")
+                params.append(q[key])
         if q.get("agent"):
             agent = self.agents.find(q["agent"])
             if agent is None:
@@ -3024,14 +3124,10 @@ class Messages:
             where.append("(m.from_agent = ? OR ((%s) AND NOT EXISTS (SELECT 1 FROM receipts h WHERE h.message_id = m.id "
                          "AND h.agent_id = ? AND h.state IN ('held','rejected'))))" % vis)
             params += [agent["id"]] + p + [agent["id"]]
-        for key, col in (("from", "m.from_agent"), ("to", "m.to_target"), ("channel", "m.channel")):
-            if q.get(key):
-                where.append(col + " = ?")
-                params.append(q[key])
         return where, params
 
     def history(self, q):
-        where, params = self.filter_sql(q)
+        where, params = self.filter_sql(dict(q, agent=None))  # `agent` is read by index ranges below (_history_of)
         if q.get("before") is not None:
             where.append("m.id < ?")
             params.append(q["before"])
@@ -3041,12 +3137,19 @@ class Messages:
             params += [like, like]
         if q.get("held"):
             where.append("m.id IN (SELECT message_id FROM receipts WHERE state = 'held')")
-        sql = "SELECT m.* FROM messages m"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY m.id DESC LIMIT ?"
+        if q.get("agent"):
+            agent = self.agents.find(q["agent"])
+            if agent is None:
+                raise unknown_agent(q["agent"])
+            sql, params = self._history_of(agent, where, params, q["limit"] + 1)
+        else:
+            sql = "SELECT m.* FROM messages m"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY m.id DESC LIMIT ?"
+            params = params + [q["limit"] + 1]
         with self.db.read() as c:
-            rows = c.execute(sql, params + [q["limit"] + 1]).fetchall()
+            rows = c.execute(sql, params).fetchall()
             more = len(rows) > q["limit"]
             messages = [message_from_row(r) for r in rows[: q["limit"]]]
             if q.get("held") and messages:
@@ -4686,10 +4789,31 @@ class Api:
         wait = req.qint("wait", 0, 60, 0)
         limit = req.qint("limit", 1, 500, 100)
         unread = req.qbool("unread")
-        out = self.relay.messages.inbox(req.agent_id(), since, limit, unread, wait, req.auth, client_gone=req.handler.client_gone)
-        if out is None:
-            return None, None
-        return 200, out
+        poll = self.relay.messages.inbox(req.agent_id(), since, limit, unread, wait, req.auth)
+        if poll.look():
+            return 200, poll.answer()
+        h = req.handler
+        waiter = poll.waiter
+
+        def step(reason):
+            """The wait ended (Handler.wait): the answer, or when to give up waiting."""
+            if reason == "woken" and not poll.look():
+                gone = h.client_gone()
+                if not gone:
+                    return poll.deadline  # what woke it is nothing it may see: it waits on
+            else:
+                gone = reason == "gone" or h.client_gone()
+            if gone:
+                poll.abandon()  # nobody to hand it to: it stays for the next poll
+                h.close_connection = True
+                return None
+            return 200, poll.answer()  # something to see, the time is up, or the relay stops
+
+        return h.wait("poll", waiter, step, poll.deadline, check_s=self.HANGUP_CHECK_S)
+
+    # A long-poll that holds its thread (see Handler.wait) looks this often whether its client has hung up:
+    # each look wakes the thread, and once a second 200 idle long-polls alone cost over 1% of a core.
+    HANGUP_CHECK_S = 5.0
 
     def read_upto(self, req):
         return 200, self.relay.messages.mark_read_upto(req.agent_id(), req.body, req.auth)
@@ -4830,47 +4954,13 @@ class Api:
             since = req.qint("since")
         if since is None or since > relay.hub.head:
             since = relay.hub.head  # a cursor from another database (a fresh or :memory: relay) must not mute the stream
-        waiter = relay.hub.subscribe(agent_id, "stream")
-        h = req.handler
-        try:
-            h.connection.settimeout(relay.config.sse_send_timeout_ms / 1000.0)  # the send deadline of every write below
-            h.send_head(200, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                              "X-Accel-Buffering": "no", "Connection": "close"})
-            h.close_connection = True
-            h.wfile.write(b"retry: 2000\n: connected\n\n")
-            if agent_id:
-                relay.agents.touch(agent_id)
-            ping = relay.config.sse_ping_ms / 1000.0
-            next_ping = time.monotonic() + ping
-            while not relay.hub.stopping:
-                waiter.event.clear()
-                batch = relay.hub.after(since, self.STREAM_PAGE, self.STREAM_PAGE_BYTES)
-                if batch is None:
-                    batch = self._stored_events(since)
-                wanted = [ev for ev in batch if (types is None or ev.type in types) and (agent_id is None or ev.concerns(agent_id))]
-                h.write_pieces((p for ev in wanted for p in ev.frame_pieces(self.STREAM_PIECE_BYTES)), self.STREAM_PIECE_BYTES)
-                if agent_id and wanted and not h.client_gone():  # written, to a client still there
-                    relay.messages.record_stream_delivery(agent_id, wanted)
-                if batch:
-                    since = batch[-1].id
-                    continue
-                left = next_ping - time.monotonic()
-                if left <= 0:
-                    h.wfile.write(b": ping\n\n")
-                    next_ping = time.monotonic() + ping
-                elif not waiter.event.wait(min(left, 1.0)) and h.client_gone():
-                    break  # a client that left is noticed within a second, not at the next keep-alive
-        except (OSError, ValueError):
-            pass  # the client went away
-        finally:
-            relay.hub.unsubscribe(waiter)
-            if agent_id:
-                relay.agents.touch(agent_id)
+        EventStream(self, req.handler, agent_id, types, since).begin()
         return None, None
 
     # -- MCP: the Streamable HTTP transport (the protocol lives in the MCP section) --
     def mcp(self, req):
-        return mcp_http(self, req)
+        with req.handler.holding_thread():  # MCP's calls and streams wait where they run
+            return mcp_http(self, req)
 
     def _stored_events(self, since):
         """The next page of a replay that memory no longer reaches, from the events table: at most STREAM_PAGE events
@@ -4888,6 +4978,87 @@ class Api:
             finally:
                 rows.close()  # ends the read at once: a statement left open would hold back checkpoints
         return out
+
+
+class EventStream:
+    """One open stream: it writes the events it has not sent yet, then waits (Handler.wait) until the Hub wakes it
+    or its keep-alive comment is due. Between events it holds no thread in the waiting room, which writes the
+    comments itself; a client that hangs up is noticed at once there, and within a second elsewhere."""
+
+    PING = b": ping\n\n"
+
+    def __init__(self, api, handler, agent_id, types, since):
+        self.api = api
+        self.relay = api.relay
+        self.h = handler
+        self.agent_id = agent_id
+        self.types = types
+        self.since = since
+        self.waiter = None
+        self.ended = False
+
+    def begin(self):
+        relay, h = self.relay, self.h
+        self.waiter = relay.hub.subscribe(self.agent_id, "stream")
+        try:
+            h.connection.settimeout(relay.config.sse_send_timeout_ms / 1000.0)  # the send deadline of every write
+            h.send_head(200, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                              "X-Accel-Buffering": "no", "Connection": "close"})
+            h.close_connection = True
+            h.wfile.write(b"retry: 2000\n: connected\n\n")
+            if self.agent_id:
+                relay.agents.touch(self.agent_id)
+            h.ping_every = relay.config.sse_ping_ms / 1000.0
+            h.next_ping = time.monotonic() + h.ping_every
+        except (OSError, ValueError):
+            return self.end()  # the client went away
+        except BaseException:
+            self.end()
+            raise
+        deadline = self.step(None)
+        if deadline is not None:
+            h.wait("stream", self.waiter, self.step, deadline, check_s=1.0)  # a client that left is seen within a second
+
+    def step(self, reason):
+        """Writes what is due; returns when to be woken at the latest (the next keep-alive), or None at the end."""
+        h, hub = self.h, self.relay.hub
+        api = self.api
+        try:
+            if reason in ("gone", "stop"):
+                return self.end()
+            while not hub.stopping:
+                self.waiter.rearm()
+                batch = hub.after(self.since, api.STREAM_PAGE, api.STREAM_PAGE_BYTES)
+                if batch is None:
+                    batch = api._stored_events(self.since)
+                wanted = [ev for ev in batch if (self.types is None or ev.type in self.types)
+                          and (self.agent_id is None or ev.concerns(self.agent_id))]
+                h.write_pieces((p for ev in wanted for p in ev.frame_pieces(api.STREAM_PIECE_BYTES)), api.STREAM_PIECE_BYTES)
+                if self.agent_id and wanted and not h.client_gone():  # written, to a client still there
+                    self.relay.messages.record_stream_delivery(self.agent_id, wanted)
+                if batch:
+                    self.since = batch[-1].id
+                    continue
+                rest, h.ping_rest = h.ping_rest, None
+                now = time.monotonic()
+                if rest is not None or now >= h.next_ping:
+                    h.wfile.write(rest or self.PING)
+                    h.next_ping = now + h.ping_every
+                return h.next_ping
+            return self.end()
+        except (OSError, ValueError):
+            return self.end()  # the client went away, or took nothing within the send deadline
+        except BaseException:
+            self.end()
+            raise
+
+    def end(self):
+        if not self.ended:
+            self.ended = True
+            self.relay.hub.unsubscribe(self.waiter)
+            if self.agent_id:
+                self.relay.agents.touch(self.agent_id)
+        return None
 
 
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
@@ -5019,15 +5190,26 @@ class RequestReader(socket.SocketIO):
     bounds a single recv, so a client that trickles a byte at a time would reset it forever: while a
     deadline runs, each recv may wait only for what is left of it. The head's clock starts at its first
     byte (a kept-alive connection waiting for its next request is under the socket timeout alone), the
-    body's when the relay starts to read it. Past a deadline, reading raises RequestTimeout."""
+    body's when the relay starts to read it. Past a deadline, reading raises RequestTimeout.
 
-    def __init__(self, sock, idle):
+    With a worker pool (the waiting room), a read first takes what the socket holds without waiting (one
+    system call, where a socket with a timeout makes two); only when the client has sent nothing yet does
+    the thread wait, and the pool then counts it as waiting on its client. With `nowait` set, a read returns
+    None instead of waiting (after `linger` seconds at most): how a worker looks for a connection's next
+    request before it parks the connection."""
+
+    def __init__(self, sock, idle, pool=None):
         socket.SocketIO.__init__(self, sock, "rb")
         self.sock = sock
         self.idle = idle  # the socket's own timeout, in seconds
         self.deadline = None  # time.monotonic() by which the part being read must be in
         self.part = "head"
         self.head_seconds = None  # set while waiting for a request: the head's clock starts with its first byte
+        self.pool = pool
+        self.fd = sock.fileno() if pool is not None else None
+        self.nowait = False
+        self.linger = 0.0
+        self.eof = False  # a read found the client's end of the stream
 
     def await_request(self, head_seconds):
         self.deadline, self.part, self.head_seconds = None, "head", head_seconds
@@ -5036,6 +5218,40 @@ class RequestReader(socket.SocketIO):
         self.deadline, self.part, self.head_seconds = time.monotonic() + seconds, "body", None
 
     def readinto(self, b):
+        if self.fd is None:
+            return self._wait_and_read(b)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise RequestTimeout(self.part)
+        if self.nowait and self.linger > 0:
+            n = self._linger(b)
+        else:
+            try:
+                n = os.readv(self.fd, [b])
+            except (BlockingIOError, InterruptedError):
+                n = None
+        if n is not None:
+            if not n:
+                self.eof = True
+            elif self.head_seconds is not None:
+                self.deadline, self.head_seconds = time.monotonic() + self.head_seconds, None
+            return n
+        if self.nowait:
+            return None
+        self.pool.blocking()
+        try:
+            return self._wait_and_read(b)
+        finally:
+            self.pool.unblocked()
+
+    def _linger(self, b):
+        if not self.pool.linger(self.fd, self.linger):
+            return None
+        try:
+            return os.readv(self.fd, [b])
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def _wait_and_read(self, b):
         deadline = self.deadline
         if deadline is None:
             n = socket.SocketIO.readinto(self, b)
@@ -5055,6 +5271,61 @@ class RequestReader(socket.SocketIO):
         finally:
             if shorter:
                 self.sock.settimeout(self.idle)
+
+
+def wait_here(waiter, step, deadline, check_s, client_gone):
+    """Handler.wait on the calling thread: it sleeps on the waiter's event, and looks every `check_s` seconds
+    whether the client hung up. Returns the step's answer, or (None, None)."""
+    event = waiter.event
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reason = "timeout"
+        elif event.wait(min(left, check_s)):
+            reason = "woken"
+        elif client_gone():
+            reason = "gone"
+        else:
+            continue
+        out = step(reason)
+        if out is None or isinstance(out, tuple):
+            return out or (None, None)
+        deadline = out
+
+
+class ClientWriter:
+    """The writing side of a connection: every write goes out whole, within the socket's timeout. With a worker
+    pool, a write first gives the socket what it takes at once (its descriptor does not block); when the client
+    is slow to take the rest, the pool counts the thread as waiting on its client while it writes that."""
+
+    closed = False
+
+    def __init__(self, sock, pool=None):
+        self.sock = sock
+        self.pool = pool
+        self.fd = sock.fileno() if pool is not None else None
+
+    def write(self, data):
+        if self.fd is None:
+            self.sock.sendall(data)
+            return len(data)
+        try:
+            sent = os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self.pool.blocking()
+            try:
+                self.sock.sendall(memoryview(data)[sent:])
+            finally:
+                self.pool.unblocked()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -5077,19 +5348,205 @@ class Handler(BaseHTTPRequestHandler):
     _nowait = False  # writing from the committing thread: what the client does not take at once is left in _rest
     _rest = b""
 
+    # In the waiting room (RelayServer.room), a connection is served in turns (serve), each on a worker from the
+    # pool; between turns it waits in the room without a thread. What it waits for:
+    wait_kind = None  # "idle" (its next request), "poll" or "stream"
+    waiter = None  # the Hub's Waiter of a long-poll or stream
+    wait_step = None  # what the long-poll or stream does when its wait ends (see wait)
+    wait_deadline = None  # time.monotonic() at which the wait ends at the latest
+    ping_every = None  # a waiting stream's keep-alive interval: the room writes the comment itself
+    next_ping = None
+    ping_rest = None  # the part of a keep-alive comment the room could not write at once
+    # the room's own bookkeeping, changed by its thread only
+    in_room = False
+    watched = False  # registered with the room's selector
+    timer_at = None
+    timer_seq = None
+    closed = False
+    _awaiting = False  # the reader is set for the next request (its head's clock starts with its first byte)
+
+    # How long a worker looks for a connection's next request before it parks the connection. A client that
+    # sends its next request as soon as it has the answer costs no trip through the room.
+    LINGER_S = 0.02
+
+    def __init__(self, request, client_address, server):
+        """Sets the connection up; the server runs it (serve in the waiting room, else handle and finish)."""
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.close_connection = False
+        self.setup()
+
     def log_message(self, format, *args):
         pass  # no access log: request lines are not worth a write per request (and must never show a token)
 
     def setup(self):
-        BaseHTTPRequestHandler.setup(self)
-        self.rfile.close()  # the stdlib's reader gives way to one that holds each request to its deadlines
-        self.reader = RequestReader(self.connection, self.timeout)
+        self.connection = sock = self.request
+        sock.settimeout(self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        pool = self.server.pool
+        # a reader that holds each request to its deadlines, in place of the stdlib's
+        self.reader = RequestReader(sock, self.timeout, pool)
+        self.reader.linger = self.LINGER_S
         self.rfile = io.BufferedReader(self.reader)
+        self.wfile = ClientWriter(sock, pool)
+
+    # -- turns in the waiting room -------------------------------------------
+    def serve(self, reason=None):
+        """One turn on a worker: requests are answered while they come; the connection is parked in the room when
+        it has to wait (for its next request, or a long-poll or stream for what it waits for), and closed when it
+        is done. `reason` says why a long-poll's or stream's wait ended (see wait)."""
+        server = self.server
+        th = threading.current_thread()
+        with server.active_lock:
+            server.active.add(th)
+        try:
+            if reason is not None and self.wait_step is not None and not self._resume(reason):
+                return  # waits again
+            self.wait_kind = None
+            head_seconds = self.relay.config.head_timeout_ms / 1000.0
+            while not self.close_connection:
+                if not self._awaiting:
+                    self.reader.await_request(head_seconds)
+                    self._awaiting = True
+                th.relay_idle = True
+                try:
+                    ready = self.next_request_ready()
+                finally:
+                    th.relay_idle = False
+                if not ready:
+                    return self._park("idle", time.monotonic() + self.timeout)
+                self.handle_one_request()
+                if self.wait_step is not None:
+                    return self._park(self.wait_kind, self.wait_deadline)
+            self.close()
+        except Exception:
+            server.handle_error(self.connection, self.client_address)
+            self.close()
+        finally:
+            th.relay_idle = False
+            with server.active_lock:
+                server.active.discard(th)
+
+    def next_request_ready(self):
+        """True when the next request has begun to arrive (or the client has hung up): bytes are buffered, or the
+        socket has some now (or within LINGER_S). False when the buffer is empty and nothing came."""
+        if self.rfile is None:
+            self.rfile = io.BufferedReader(self.reader)
+        reader = self.reader
+        reader.nowait = True
+        try:
+            if self.rfile.peek(1):
+                return True
+        except OSError:
+            return True  # a reset: the reader meets it again and ends the connection
+        finally:
+            reader.nowait = False
+        return reader.eof  # the client hung up: the reader meets the end again and ends the connection
+
+    def _park(self, kind, deadline):
+        """Hands the connection to the waiting room; this thread must touch it no more."""
+        self.wait_kind, self.wait_deadline = kind, deadline
+        if kind == "idle":
+            self.headers = None
+        else:
+            self.waiter.conn = self
+        if self.rfile is not None and (kind == "idle" or self._nothing_buffered()):
+            self.rfile.detach()  # its buffer is empty: 8 KB less for each connection that waits
+            self.rfile = None
+        self.server.room.park(self)
+
+    def _nothing_buffered(self):
+        """True when nothing the client sent waits in the reader's buffer (a request sent ahead is kept with it)."""
+        reader = self.reader
+        reader.nowait, linger, reader.linger = True, reader.linger, 0.0
+        try:
+            return not self.rfile.peek(1) and not reader.eof
+        except OSError:
+            return False
+        finally:
+            reader.nowait, reader.linger = False, linger
+
+    def _resume(self, reason):
+        """A long-poll's or stream's wait ended: runs its step, and writes the answer it gives. False when it waits
+        again (and is parked)."""
+        step, result = self.wait_step, []
+
+        def run():
+            out = step(reason)
+            if isinstance(out, tuple):
+                if out[0] is None:
+                    self.close_connection = True  # no answer: its client is gone
+                else:
+                    self.send_json(*out)
+                out = None
+            result.append(out)
+
+        self.answer(run)
+        deadline = result[0] if result else None
+        if deadline is not None:
+            self._park(self.wait_kind, deadline)
+            return False
+        self.wait_step = self.waiter = None
+        self.ping_every = self.next_ping = self.ping_rest = None
+        with self.server.active_lock:
+            self.server.waits -= 1
+        return True
+
+    def wait(self, kind, waiter, step, deadline, check_s=1.0):
+        """A long-poll or stream (`kind`) waits until its `waiter` is woken, or until `deadline` (time.monotonic()),
+        then step(reason) runs, with reason "woken", "timeout", "gone" (the client hung up) or "stop" (the relay
+        stops). A step returns the deadline of its next wait, or the answer (status, body), or None when it wrote
+        its own (a stream) or has none to give (its client is gone). Every step clears the waiter
+        (Waiter.rearm) before it looks. Returns what the route handler returns.
+
+        In the waiting room this returns (None, None) at once: the connection waits in the room without a
+        thread, and a worker runs the step and writes its answer. Without it, this thread waits here (wait_here)."""
+        if self.server.room is None:
+            return wait_here(waiter, step, deadline, check_s, self.client_gone)
+        self.wait_kind, self.waiter, self.wait_step, self.wait_deadline = kind, waiter, step, deadline
+        with self.server.active_lock:
+            self.server.waits += 1
+        return None, None
+
+    @contextlib.contextmanager
+    def holding_thread(self):
+        """For a request that waits where it runs: the pool starts another worker for the others meanwhile."""
+        pool = self.server.pool
+        if pool is None:
+            yield
+            return
+        pool.blocking()
+        try:
+            yield
+        finally:
+            pool.unblocked()
+
+    def close(self):
+        """Ends the connection (waiting room): the last answer written, the socket closed, the count down."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.wait_step is not None:  # a long-poll or stream cut short by an error: it waits no more
+            self.wait_step = None
+            if self.waiter is not None:
+                self.relay.hub.unsubscribe(self.waiter)
+            with self.server.active_lock:
+                self.server.waits -= 1
+        try:
+            self.finish()
+        except OSError:
+            pass
+        self.server.shutdown_request(self.connection)
+        self.server.connection_closed()
 
     def handle_one_request(self):
         th = threading.current_thread()
         try:
-            self.reader.await_request(self.relay.config.head_timeout_ms / 1000.0)
+            if self._awaiting:
+                self._awaiting = False  # set by serve, whose look for this request may have read its first bytes
+            else:
+                self.reader.await_request(self.relay.config.head_timeout_ms / 1000.0)
             th.relay_idle = True  # waiting for a request on a kept-alive connection: nothing to finish at stop
             try:
                 self.raw_requestline = self.rfile.readline(65537)
@@ -5126,7 +5583,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def finish(self):
         self.await_answer()
-        BaseHTTPRequestHandler.finish(self)
+        self.wfile.close()
+        if self.rfile is not None:
+            self.rfile.close()
 
     def answer_later(self, compute):
         """A `then` for Writer.group_tx that answers this request from the thread that commits it, with the
@@ -5162,7 +5621,14 @@ class Handler(BaseHTTPRequestHandler):
         answering, self._answering = self._answering, None
         if answering is None:
             return True
-        return answering.wait(self.timeout * 2) and not self.close_connection
+        pool = self.server.pool
+        if pool is None or answering.is_set():
+            return answering.wait(self.timeout * 2) and not self.close_connection
+        pool.blocking()  # written by another thread, as fast as this client takes it
+        try:
+            return answering.wait(self.timeout * 2) and not self.close_connection
+        finally:
+            pool.unblocked()
 
     def _write(self, data):
         if not self._nowait:
@@ -5635,6 +6101,396 @@ for _m in ("GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS", "TRACE", 
     setattr(Handler, "do_" + _m, Handler.dispatch)
 
 
+class WorkerPool:
+    """The threads that run connections' turns: at most `size` of them at work at once, started as needed.
+
+    A worker waiting on one client (a request that arrives slowly, an answer the client is slow to take) does
+    not count against the size: while any wait so, the pool starts another for the work queued meanwhile, so a
+    few slow clients cannot hold everyone up (they are bounded by the deadlines and the connection cap, as a
+    thread per connection was). The worker that finished last is given the next turn, and one idle for IDLE_S
+    ends: when a crowd leaves, its threads go with it."""
+
+    IDLE_S = 2.0
+
+    def __init__(self, size, name="worker"):
+        self.size = size
+        self.name = name
+        self.lock = threading.Lock()
+        self.idle = []  # [task, gate] of each waiting worker, the last to finish at the end
+        self.queue = collections.deque()
+        self.threads = 0
+        self.blocked = 0  # workers waiting on a client
+        self._short = False  # no thread could be started (said once)
+        self.lingering = 0  # workers looking for their connection's next request (linger)
+        self._call = None  # a pipe: a byte in it calls one lingering worker to queued work
+        self._local = threading.local()
+
+    def submit(self, fn, *args):
+        with self.lock:
+            if self.idle:
+                slot = self.idle.pop()
+                slot[0] = (fn, args)
+                slot[1].release()
+                return
+            if self.threads - self.blocked >= self.size:
+                self.queue.append((fn, args))
+                if self.lingering:
+                    try:
+                        os.write(self._call[1], b"\0")
+                    except OSError:
+                        pass  # full: lingering workers are being called already
+                return
+            self.threads += 1
+        self._start((fn, args))
+
+    def linger(self, fd, seconds):
+        """Waits up to `seconds` for `fd` to turn readable (a connection's next request), unless work is queued
+        meanwhile with no worker free for it: then the first lingering worker to see the call goes to it. True when
+        readable."""
+        if self.queue:
+            return False
+        poller = getattr(self._local, "poller", None)
+        if poller is None:
+            with self.lock:
+                if self._call is None:
+                    self._call = os.pipe()
+                    for end in self._call:
+                        os.set_blocking(end, False)
+            poller = self._local.poller = select.poll()
+            poller.register(self._call[0], select.POLLIN)
+        poller.register(fd, select.POLLIN)
+        with self.lock:
+            self.lingering += 1
+        try:
+            end = time.monotonic() + seconds
+            while True:
+                for got, _events in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+                    if got == fd:
+                        return True
+                    try:
+                        if os.read(self._call[0], 1):
+                            return False  # called to queued work
+                    except (BlockingIOError, InterruptedError):
+                        pass  # another lingering worker took the call
+                if time.monotonic() >= end:
+                    return False
+        finally:
+            poller.unregister(fd)
+            with self.lock:
+                self.lingering -= 1
+
+    def blocking(self):
+        """The calling worker waits on its client: queued work gets a new worker, if none is free."""
+        with self.lock:
+            self.blocked += 1
+            if not self.queue or self.threads - self.blocked >= self.size:
+                return
+            self.threads += 1
+            task = self.queue.popleft()
+        self._start(task)
+
+    def unblocked(self):
+        with self.lock:
+            self.blocked -= 1
+
+    def _start(self, task):
+        try:
+            threading.Thread(target=self._work, args=(task,), name=self.name, daemon=True).start()
+            return
+        except RuntimeError:
+            pass
+        with self.lock:  # no thread to be had: the task waits for a worker that is running
+            self.threads -= 1
+            self.queue.appendleft(task)
+            said, self._short = self._short, True
+        if not said:
+            log("could not start a worker thread (%d running); requests wait for one" % self.threads)
+
+    def _work(self, task):
+        gate = threading.Lock()
+        gate.acquire()
+        slot = [None, gate]
+        while True:
+            fn, args = task
+            try:
+                fn(*args)
+            except Exception:
+                log("worker error:\n" + traceback.format_exc())
+            task = fn = args = None  # a finished turn holds nothing while the worker waits
+            with self.lock:
+                if self.queue:
+                    task = self.queue.popleft()
+                    continue
+                if self.threads - self.blocked > self.size:
+                    self.threads -= 1  # started for a slow client's sake: no longer needed
+                    return
+                slot[0] = None
+                self.idle.append(slot)
+            given = gate.acquire(timeout=self.IDLE_S)
+            with self.lock:
+                task = slot[0]
+                if task is None:
+                    self.idle.remove(slot)
+                    self.threads -= 1
+                    return
+                if not given:
+                    gate.acquire(False)  # released as the task was given, just after the wait ended
+
+
+def release_memory():
+    """Gives the heap's free pages back to the system once a crowd of connections has left (glibc's
+    malloc_trim; elsewhere nothing)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+                import ctypes
+
+                _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, ValueError, AttributeError):
+            pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+class WaitingRoom:
+    """One thread with a selector (epoll, kqueue or poll) that holds the connections that wait: an idle keep-alive
+    connection until its next request, a long-poll until something concerns it, a stream between events.
+
+    It gives a connection back to a worker (Handler.serve) when its next request arrives (readable), when the
+    Hub wakes its waiter, when its time is up (one heap of deadlines for all), or when its client hangs up: a
+    waiting long-poll or stream that turns readable with nothing to read. Nothing runs per waiting connection
+    in between. It writes a waiting stream's keep-alive comment itself, and closes an idle connection at its
+    idle timeout. Other threads talk to it through a list of commands and a socketpair that wakes the selector."""
+
+    TRIM_AFTER = 1000  # when a crowd at least this large has mostly left, free memory goes back (release_memory)
+    TRIM_DELAY_S = 3.0  # once the workers have closed what was handed back
+
+    PING = b": ping\n\n"
+
+    def __init__(self, server):
+        self.server = server
+        self.pool = server.pool
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.lock = threading.Lock()
+        self.commands = []
+        self.signalled = False
+        self.parked = set()
+        self.counts = {"idle": 0, "poll": 0, "stream": 0}
+        self.timers = []  # heap of (when, seq, conn): at most one live entry per connection
+        self.seq = 0
+        self.peak = 0
+        self.trim_at = None
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="waiting-room", daemon=True)
+        self.thread.start()
+
+    # -- from other threads
+    def park(self, conn):
+        self._command("park", conn)
+
+    def wake(self, conn):
+        self._command("wake", conn)
+
+    def stop(self):
+        """The relay stops: idle connections are closed, waiting long-polls and streams answered and ended."""
+        self._command("stop", None)
+
+    def _command(self, what, conn):
+        with self.lock:
+            self.commands.append((what, conn))
+            if self.signalled:
+                return
+            self.signalled = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full: the room is being woken already
+
+    # -- the room's thread
+    def _run(self):
+        select = self.selector.select
+        while True:
+            timeout = None
+            if self.timers:
+                timeout = self.timers[0][0]
+            if self.trim_at is not None and (timeout is None or self.trim_at < timeout):
+                timeout = self.trim_at
+            if timeout is not None:
+                timeout = max(0.0, timeout - time.monotonic())
+            for key, _events in select(timeout):
+                conn = key.data
+                if conn is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+                elif conn.in_room:
+                    self._readable(conn)
+            with self.lock:
+                commands, self.commands = self.commands, []
+                self.signalled = False
+            for what, conn in commands:
+                if what == "park":
+                    self._enter(conn)
+                elif what == "wake":
+                    if conn.in_room and conn.wait_kind != "idle":
+                        self._hand_back(conn, "woken")
+                else:
+                    self._close_all()
+            if self.timers and self.timers[0][0] <= time.monotonic():
+                self._expire()
+            if len(self.timers) > 2 * len(self.parked) + 1024:
+                self._compact()
+            self._maybe_trim()
+
+    def _enter(self, conn):
+        if self.closing:
+            return self._turn_out(conn)
+        kind = conn.wait_kind
+        conn.in_room = True
+        self.parked.add(conn)
+        self.counts[kind] += 1
+        if len(self.parked) > self.peak:
+            self.peak = len(self.parked)
+        try:
+            self.selector.register(conn.connection, selectors.EVENT_READ, conn)
+            conn.watched = True
+        except (OSError, ValueError, KeyError):
+            self._hand_back(conn, None if kind == "idle" else "gone")  # its socket is gone already
+            return
+        self._arm(conn, conn.wait_deadline)
+        if kind != "idle" and conn.waiter.woken:
+            self._hand_back(conn, "woken")  # woken before it got here
+
+    def _leave(self, conn):
+        conn.in_room = False
+        self.parked.discard(conn)
+        self.counts[conn.wait_kind] -= 1
+        if conn.watched:
+            conn.watched = False
+            try:
+                self.selector.unregister(conn.connection)
+            except (KeyError, ValueError, OSError):
+                pass
+        if conn.waiter is not None:
+            conn.waiter.conn = None
+
+    def _hand_back(self, conn, reason):
+        self._leave(conn)
+        self.pool.submit(conn.serve, reason)
+
+    def _readable(self, conn):
+        if conn.wait_kind == "idle":
+            self._hand_back(conn, None)  # its next request, or its client's hang-up: the reader sees which
+            return
+        # a waiting long-poll or stream: readable is its client's hang-up, or a request it sent ahead (pipelined)
+        try:
+            gone = conn.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            gone = True
+        if gone:
+            self._hand_back(conn, "gone")
+        else:  # read on its turn; no longer watched, or the selector would report it again and again
+            conn.watched = False
+            self.selector.unregister(conn.connection)
+
+    def _arm(self, conn, when):
+        if when is not None and (conn.timer_at is None or when < conn.timer_at):
+            self.seq += 1
+            conn.timer_at, conn.timer_seq = when, self.seq
+            heapq.heappush(self.timers, (when, self.seq, conn))
+
+    def _expire(self):
+        now = time.monotonic()
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            _when, seq, conn = heapq.heappop(timers)
+            if conn.timer_seq != seq:
+                continue  # an earlier deadline replaced it
+            conn.timer_at = conn.timer_seq = None
+            if not conn.in_room or conn.wait_deadline is None:
+                continue
+            if conn.wait_deadline > now:
+                self._arm(conn, conn.wait_deadline)
+            else:
+                self._due(conn, now)
+
+    def _due(self, conn, now):
+        kind = conn.wait_kind
+        if kind == "idle":
+            self._leave(conn)
+            if conn._answering is None:
+                conn.close()  # idle for its whole timeout
+            else:
+                self.pool.submit(conn.close)  # the last answer is still being written
+        elif kind == "stream" and conn.ping_every is not None:
+            try:
+                sent = os.write(conn.connection.fileno(), self.PING)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return self._hand_back(conn, "gone")
+            if sent == len(self.PING):
+                conn.next_ping = conn.wait_deadline = now + conn.ping_every
+                self._arm(conn, conn.wait_deadline)
+            else:  # the client is slow to read: a worker writes the rest, within the stream's send deadline
+                conn.ping_rest = self.PING[sent:]
+                self._hand_back(conn, "timeout")
+        else:
+            self._hand_back(conn, "timeout")
+
+    def _compact(self):
+        """Drops the heap's entries for connections that left (each holds its connection's memory)."""
+        keep = []
+        for entry in self.timers:
+            conn = entry[2]
+            if conn.timer_seq == entry[1]:
+                if conn.in_room:
+                    keep.append(entry)
+                else:
+                    conn.timer_at = conn.timer_seq = None
+        heapq.heapify(keep)
+        self.timers = keep
+
+    def _maybe_trim(self):
+        now = time.monotonic()
+        if self.trim_at is not None:
+            if now >= self.trim_at:
+                self.trim_at = None
+                self._compact()
+                self.pool.submit(release_memory)
+        elif self.peak >= self.TRIM_AFTER and len(self.parked) <= self.peak // 2:
+            self.peak = len(self.parked)
+            self.trim_at = now + self.TRIM_DELAY_S
+
+    def _turn_out(self, conn):
+        if conn.wait_kind == "idle":
+            if conn._answering is None:
+                conn.close()
+            else:
+                self.pool.submit(conn.close)
+        else:
+            self.pool.submit(conn.serve, "stop")
+
+    def _close_all(self):
+        self.closing = True
+        for conn in list(self.parked):
+            self._leave(conn)
+            self._turn_out(conn)
+
+
 class RelayServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -5642,17 +6498,23 @@ class RelayServer(ThreadingHTTPServer):
     allow_reuse_address = True
     ACCEPT_BACKOFF_S = 0.1  # when no descriptor is left to accept with
 
-    def __init__(self, addr, handler, max_connections):
-        self.active = set()
+    def __init__(self, addr, handler, max_connections, workers=None):
+        self.active = set()  # threads serving a connection now
         self.active_lock = threading.Lock()
         self.max_connections = max_connections
         self.connections = 0  # open now: counted when accepted, so that a burst cannot overshoot the cap
+        self.waits = 0  # long-polls and streams waiting in the room (or on their way in or out of it)
         self.starved = False  # descriptors ran out (said once, until an accept succeeds again)
         self.spare_fd = None
+        # threads for work, one selector for waiting (WaitingRoom); without it, a thread per connection
+        self.pool = WorkerPool(workers) if workers and WAITING_ROOM else None
+        self.room = None
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         ThreadingHTTPServer.__init__(self, addr, handler)
         self.spare_fd = self._take_spare()
+        if self.pool is not None:
+            self.room = WaitingRoom(self)
 
     @staticmethod
     def _take_spare():
@@ -5703,6 +6565,9 @@ class RelayServer(ThreadingHTTPServer):
             self.turn_away(request, "The relay has too many connections open (%d, AGENT_RELAY_MAX_CONNECTIONS); "
                            "try again shortly." % self.max_connections)
             return
+        if self.pool is not None:
+            self.pool.submit(self.open_connection, request, client_address)
+            return
         try:
             ThreadingHTTPServer.process_request(self, request, client_address)
         except RuntimeError:  # no thread to be had
@@ -5729,6 +6594,29 @@ class RelayServer(ThreadingHTTPServer):
         finally:
             request.close()
 
+    def open_connection(self, request, client_address):
+        """A new connection's first turn, on a worker (waiting room)."""
+        try:
+            handler = self.RequestHandlerClass(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+            self.connection_closed()
+            return
+        handler.serve()
+
+    def connection_closed(self):
+        with self.active_lock:
+            self.connections -= 1
+
+    def finish_request(self, request, client_address):
+        """A connection on a thread of its own (no waiting room): it waits where it is."""
+        handler = self.RequestHandlerClass(request, client_address, self)
+        try:
+            handler.handle()
+        finally:
+            handler.finish()
+
     def process_request_thread(self, request, client_address):
         th = threading.current_thread()
         with self.active_lock:
@@ -5745,6 +6633,8 @@ class RelayServer(ThreadingHTTPServer):
         if self.spare_fd is not None:
             os.close(self.spare_fd)
             self.spare_fd = None
+        if self.room is not None:
+            self.room.stop()
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -5753,13 +6643,19 @@ class RelayServer(ThreadingHTTPServer):
         log("connection error:\n" + traceback.format_exc())
 
     def wait_for_requests(self, timeout):
+        """Until every request in progress is answered (long-polls and streams included), at most `timeout` s;
+        connections waiting for their next request, or in the middle of sending it, are not waited for."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.active_lock:
                 threads = [t for t in self.active if not getattr(t, "relay_idle", False)]
-            if not threads:
+                waits = self.waits
+            if not threads and not waits:
                 return True
-            threads[0].join(max(0.0, min(0.2, deadline - time.monotonic())))
+            if self.pool is not None or not threads:
+                time.sleep(0.01)  # workers do not end with their turn
+            else:
+                threads[0].join(max(0.0, min(0.2, deadline - time.monotonic())))
         return False
 
 
@@ -5772,7 +6668,7 @@ def make_server(config, relay=None):
                               "user (SQLite keeps -wal and -shm files beside it)" % (config.db, e))
     handler = type("RelayHandler", (Handler,), {"relay": relay, "api": Api(relay)})
     try:
-        server = RelayServer((config.host, config.port), handler, config.max_connections)
+        server = RelayServer((config.host, config.port), handler, config.max_connections, config.workers)
     except OSError as e:
         relay.close()
         raise ConfigError("PORT: cannot listen on %s:%d (%s)" % (config.host, config.port, e.strerror or e))
@@ -10054,6 +10950,9 @@ class _McpInProcessHandler:
 
     def answer_later(self, compute):
         return None  # answered here, by this thread
+
+    def wait(self, kind, waiter, step, deadline, check_s=1.0):
+        return wait_here(waiter, step, deadline, check_s, self.client_gone)  # here, by this thread
 
 
 class RelayRouteBackend:
