@@ -1652,6 +1652,9 @@ class Hub:
 
     RING = 20000
     RING_BYTES = 8 * 1024 * 1024  # and about this much memory: large messages must not grow memory without end
+    # events that change nothing an inbox returns (what became of a message an agent sent): they go to streams, and
+    # wake no long-poll, so that a sender's waiting inbox does not look again for each receipt of its messages
+    STREAMS_ONLY = frozenset(("message.delivered", "message.read", "message.replied"))
 
     @staticmethod
     def cost(ev):
@@ -1728,15 +1731,20 @@ class Hub:
                 del self.ring[:cut]
                 del self.ring_ids[:cut]
                 self.ring_bytes -= dropped
-            woken = set()
+            woken, streams = set(), set()
             for ev in events:
+                into = streams if ev.type in self.STREAMS_ONLY else woken
                 if ev.agent_id is not None:
-                    woken.add(ev.agent_id)
+                    into.add(ev.agent_id)
                 if ev.audience:
-                    woken.update(ev.audience)
+                    into.update(ev.audience)
             for a in woken:
                 for w in self.by_agent.get(a, ()):
                     w.wake()
+            for a in streams - woken:
+                for w in self.by_agent.get(a, ()):
+                    if w.kind != "poll":
+                        w.wake()
             for w in self.everyone:
                 w.wake()
 
