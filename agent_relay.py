@@ -49,6 +49,7 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import heapq
 import hmac
 import http.client
 import io
@@ -58,6 +59,8 @@ import plistlib
 import queue
 import re
 import secrets
+import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -67,6 +70,7 @@ import subprocess
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -205,7 +209,14 @@ def default_db_path(system=None):
     return os.path.join(base, "agent-relay", "relay.db")
 
 
-MAX_CONNECTIONS_CEILING = 4096  # a connection is a thread: the default is never more, nor where the limit is unknown
+# Connections that wait (an idle keep-alive between requests, a long-poll, a stream between events) are parked in
+# one thread's selector and hold no thread where the selector scales: epoll (Linux), kqueue (macOS, BSD) or poll.
+# Windows has only select(), which takes at most 512 sockets a call: there each connection keeps a thread of its own.
+WAITING_ROOM = (os.name == "posix" and hasattr(os, "readv") and hasattr(socket, "MSG_DONTWAIT")
+                and selectors.DefaultSelector is not getattr(selectors, "SelectSelector", None))
+# The default cap is never more, nor where the descriptor limit is unknown: a parked connection costs a few KB,
+# one with a thread of its own about 40 KB and a thread.
+MAX_CONNECTIONS_CEILING = 65536 if WAITING_ROOM else 4096
 FD_RESERVE = 96  # descriptors kept for the database (a writer and up to 16 pooled readers, two each), the listening
 # socket, the standard streams and callback deliveries
 
@@ -251,6 +262,16 @@ def _parse_list(text):
 
 def _parse_str(text):
     return str(text)
+
+
+def _parse_choice(*choices):
+    def parse(text):
+        t = str(text).strip().lower()
+        if t not in choices:
+            raise ValueError("%r is not one of %s" % (text, ", ".join(choices)))
+        return t
+
+    return parse
 
 
 def _parse_integrations(text):
@@ -319,6 +340,9 @@ SETTINGS = [
     ("max_connections", "AGENT_RELAY_MAX_CONNECTIONS", "--max-connections", _parse_int(1), None,
      "Most connections open at once, long-polls and streams included (then 503); "
      "by default the descriptor limit less a reserve, at most %d" % MAX_CONNECTIONS_CEILING),
+    ("workers", "AGENT_RELAY_WORKERS", "--workers", _parse_int(1, 4096), 32,
+     "Threads that run requests; connections that wait hold none (more start for clients that are slow to send "
+     "or to read, within the deadlines)"),
     ("integrations", "AGENT_RELAY_INTEGRATIONS", "--integrations", _parse_integrations, [], "Integrations, a JSON list"),
     (
         "integration_rate_limit",
@@ -332,6 +356,8 @@ SETTINGS = [
     ("sse_ping_ms", "AGENT_RELAY_SSE_PING_MS", "--sse-ping-ms", _parse_int(100), 15000, "Stream keep-alive interval"),
     ("sse_send_timeout_ms", "AGENT_RELAY_SSE_SEND_TIMEOUT_MS", "--sse-send-timeout-ms", _parse_int(100), 30000,
      "How long a stream waits for its client to take the next piece before closing it"),
+    ("search", "AGENT_RELAY_SEARCH", "--search", _parse_choice("auto", "fts5", "like"), "auto",
+     "Search engine: auto (FTS5 where SQLite has it, else a scan), fts5, or like (always scan)"),
     ("agent_keys", "AGENT_RELAY_AGENT_KEYS", "--agent-keys", _parse_bool, False, "Per-agent keys (1 to turn on)"),
     ("admin_token", "AGENT_RELAY_ADMIN_TOKEN", "--admin-token", _parse_str, None, "The person's token when agent keys are on"),
 ]
@@ -383,6 +409,9 @@ class Config:
             raise ConfigError("AGENT_RELAY_AGENT_KEYS: agent keys need both AGENT_RELAY_TOKEN and AGENT_RELAY_ADMIN_TOKEN")
         if self.admin_token is not None and self.token is not None and hmac.compare_digest(self.admin_token, self.token):
             raise ConfigError("AGENT_RELAY_ADMIN_TOKEN: the admin token must differ from AGENT_RELAY_TOKEN")
+        if self.search == "fts5" and not fts5_available():
+            raise ConfigError("AGENT_RELAY_SEARCH: fts5 was asked for, but this Python's SQLite (%s) has no FTS5; use auto "
+                              "(or like), which searches by scanning" % sqlite3.sqlite_version)
         names = {i["token"] for i in self.integrations}
         if self.token in names or (self.admin_token and self.admin_token in names):
             raise ConfigError("AGENT_RELAY_INTEGRATIONS: an integration token must differ from the relay's tokens")
@@ -565,7 +594,57 @@ SCHEMA = [
     CREATE INDEX leases_holder ON leases(agent_id, id) WHERE released_at IS NULL;
     CREATE INDEX leases_ended ON leases(released_at) WHERE released_at IS NOT NULL;
     """,
+    # version 5: who a fan-out reached when it was sent (comma-separated agent ids; NULL for a direct message, whose
+    # recipient is its `to`), for GET /api/messages/:id/wait?all=1
+    """
+    ALTER TABLE messages ADD COLUMN recipients TEXT;
+    """,
+    # version 6: the search index (FTS5 over message subjects and bodies and task titles and bodies), built for the
+    # rows already stored; with no FTS5 in this interpreter's SQLite, nothing (search scans). Storage.sync_search.
+    lambda storage, c: storage.sync_search(c),
 ]
+
+
+_FTS5 = []  # the probe's answer, once asked
+
+
+def fts5_available():
+    """Whether this interpreter's SQLite has FTS5 (asked once: a virtual table made in a throwaway database)."""
+    if not _FTS5:
+        con = sqlite3.connect(":memory:")
+        try:
+            con.execute("CREATE VIRTUAL TABLE probe USING fts5(text)")
+            _FTS5.append(True)
+        except sqlite3.Error:
+            _FTS5.append(False)
+        finally:
+            con.close()
+    return _FTS5[0]
+
+
+# The search index: an FTS5 table per searched table, with the stored rows as its content (external content: the
+# text is kept once, in the table itself), kept in step by triggers inside the transaction that writes the row.
+# Subjects, bodies and titles never change once stored, so the update trigger fires only if one ever does. No
+# per-row sizes are kept (columnsize=0): bm25 measures the few rows it ranks instead, and each send writes one row
+# less (5 to 7 us of a send's SQLite time; searches measured no slower).
+SEARCH_INDEX = (("messages_fts", "messages", ("subject", "body")), ("tasks_fts", "tasks", ("title", "body")))
+
+
+def search_index_sql(fts, table, columns):
+    """The statements that make one FTS5 table and its three triggers (their names start with the table's)."""
+    cols = ", ".join(columns)
+    new = ", ".join("new." + c for c in columns)
+    old = ", ".join("old." + c for c in columns)
+    return [
+        "CREATE VIRTUAL TABLE %s USING fts5(%s, content='%s', content_rowid='id', tokenize='unicode61', columnsize=0)"
+        % (fts, cols, table),
+        "CREATE TRIGGER %s_insert AFTER INSERT ON %s BEGIN INSERT INTO %s(rowid, %s) VALUES (new.id, %s); END"
+        % (fts, table, fts, cols, new),
+        "CREATE TRIGGER %s_delete AFTER DELETE ON %s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); END"
+        % (fts, table, fts, fts, cols, old),
+        "CREATE TRIGGER %s_update AFTER UPDATE OF %s ON %s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); "
+        "INSERT INTO %s(rowid, %s) VALUES (new.id, %s); END" % (fts, cols, table, fts, fts, cols, old, fts, cols, new),
+    ]
 
 
 class StorageUnavailable(Exception):
@@ -631,9 +710,11 @@ class Storage:
     WRITE_BUSY_MS = 1000
     WRITE_WAIT_S = 2.0
 
-    def __init__(self, path):
+    def __init__(self, path, search="auto"):
         self.path = path
         self.memory = path == ":memory:"
+        # what GET /api/search uses: "fts5" (the index) where the interpreter's SQLite has it, else "like" (a scan)
+        self.search = "fts5" if search != "like" and fts5_available() else "like"
         self.failure = None  # (code, message) once the file is found damaged or lost: every later read and write gets it
         self._failing = threading.Lock()
         self._file = None  # (device, inode) of the file opened, to tell when the path names another one
@@ -684,14 +765,50 @@ class Storage:
             for v in range(version, len(SCHEMA)):
                 c.execute("BEGIN IMMEDIATE")
                 try:
-                    for stmt in SCHEMA[v].split(";"):
-                        if stmt.strip():
-                            c.execute(stmt)
+                    if callable(SCHEMA[v]):  # a step that depends on the interpreter (the search index)
+                        SCHEMA[v](self, c)
+                    else:
+                        for stmt in SCHEMA[v].split(";"):
+                            if stmt.strip():
+                                c.execute(stmt)
                     c.execute("PRAGMA user_version = %d" % (v + 1))
                     c.execute("COMMIT")
                 except BaseException:
                     c.execute("ROLLBACK")
                     raise
+            c.execute("BEGIN IMMEDIATE")  # a database that moves between engines (a setting, another interpreter)
+            try:
+                self.sync_search(c)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def sync_search(self, c):
+        """Inside a write transaction at start: the search index exists, complete and kept in step by its triggers,
+        exactly when this relay searches with FTS5. Triggers present mean an index in step (they were made with
+        it); with none, the index is built again from the stored rows ('rebuild'). A relay that scans has no
+        triggers (an FTS5 trigger would fail every write where SQLite lacks FTS5), and drops the index where it can."""
+        triggers = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for fts, table, columns in SEARCH_INDEX:
+            mine = {n for n in triggers if n.startswith(fts + "_")}
+            statements = search_index_sql(fts, table, columns)
+            if self.search == "fts5" and len(mine) == len(statements) - 1:
+                continue  # in step
+            for name in sorted(mine):
+                c.execute("DROP TRIGGER %s" % name)
+            if fts in tables and fts5_available():
+                try:
+                    c.execute("DROP TABLE %s" % fts)
+                except sqlite3.OperationalError:
+                    if self.search == "fts5":  # it must go, to be built again
+                        raise  # scanning, an index that cannot be dropped here is only left unused
+            if self.search == "fts5":
+                c.execute(statements[0])
+                c.execute("INSERT INTO %s(%s) VALUES ('rebuild')" % (fts, fts))
+                for stmt in statements[1:]:
+                    c.execute(stmt)
 
     def check_file(self):
         """At start, before anything writes to the file: refuses one that is damaged or is no database, with a
@@ -1718,14 +1835,45 @@ def lease_conflict_text(conflicts, now):
 
 
 class Waiter:
-    """One long-poll or stream: woken only by what concerns it."""
+    """One long-poll or stream: woken only by what concerns it.
 
-    __slots__ = ("agent_id", "event", "kind")
+    A wait parked in the waiting room (Handler.wait) has no thread: wake() hands its connection back to the room,
+    which gives it to a worker. A wait that holds its thread (Windows, in-process callers) sleeps on `event`,
+    made when first asked for. `woken` says that something concerned it since its owner last looked."""
+
+    __slots__ = ("agent_id", "kind", "woken", "conn", "_event")
 
     def __init__(self, agent_id, kind):
         self.agent_id = agent_id
         self.kind = kind
-        self.event = threading.Event()
+        self.woken = False
+        self.conn = None  # the parked connection (a Handler) to hand back when woken
+        self._event = None
+
+    @property
+    def event(self):
+        ev = self._event
+        if ev is None:
+            ev = self._event = threading.Event()
+            if self.woken:  # a wake that came before the event was made is not lost
+                ev.set()
+        return ev
+
+    def rearm(self):
+        """Before its owner looks: what wakes it from now on is news."""
+        self.woken = False
+        ev = self._event
+        if ev is not None:
+            ev.clear()
+
+    def wake(self):
+        was, self.woken = self.woken, True
+        ev = self._event
+        if ev is not None:
+            ev.set()
+        conn = self.conn
+        if conn is not None and not was:  # one hand-back until its owner looks again
+            conn.server.room.wake(conn)
 
 
 class Event:
@@ -1764,6 +1912,9 @@ class Hub:
 
     RING = 20000
     RING_BYTES = 8 * 1024 * 1024  # and about this much memory: large messages must not grow memory without end
+    # events that change nothing an inbox returns (what became of a message an agent sent): they go to streams, and
+    # wake no long-poll, so that a sender's waiting inbox does not look again for each receipt of its messages
+    STREAMS_ONLY = frozenset(("message.delivered", "message.read", "message.replied"))
 
     @staticmethod
     def cost(ev):
@@ -1787,7 +1938,7 @@ class Hub:
             else:
                 self.by_agent[agent_id].add(w)
         if self.stopping:
-            w.event.set()
+            w.wake()
         return w
 
     def unsubscribe(self, w):
@@ -1819,7 +1970,7 @@ class Hub:
         with self.lock:
             for a in agent_ids:
                 for w in self.by_agent.get(a, ()):
-                    w.event.set()
+                    w.wake()
 
     def publish(self, events):
         """Called in id order (under the storage write lock) after the commit."""
@@ -1840,17 +1991,22 @@ class Hub:
                 del self.ring[:cut]
                 del self.ring_ids[:cut]
                 self.ring_bytes -= dropped
-            woken = set()
+            woken, streams = set(), set()
             for ev in events:
+                into = streams if ev.type in self.STREAMS_ONLY else woken
                 if ev.agent_id is not None:
-                    woken.add(ev.agent_id)
+                    into.add(ev.agent_id)
                 if ev.audience:
-                    woken.update(ev.audience)
+                    into.update(ev.audience)
             for a in woken:
                 for w in self.by_agent.get(a, ()):
-                    w.event.set()
+                    w.wake()
+            for a in streams - woken:
+                for w in self.by_agent.get(a, ()):
+                    if w.kind != "poll":
+                        w.wake()
             for w in self.everyone:
-                w.event.set()
+                w.wake()
 
     def after(self, last_id, limit=500, max_bytes=None):
         """Events newer than last_id from memory, at most `limit` of them and, past the first, at most `max_bytes`
@@ -1875,7 +2031,7 @@ class Hub:
             self.stopping = True
             for ws in list(self.by_agent.values()) + [self.everyone]:
                 for w in ws:
-                    w.event.set()
+                    w.wake()
 
 # ============================================================================
 # The writer: write transactions and group commit
@@ -2186,6 +2342,7 @@ class AgentDirectory:
         self._agents = {}  # id -> agent dict; written through under the storage lock (seenMono, offlineMono: memory only)
         self._index = collections.defaultdict(set)  # target string -> agent ids (fan-out routing)
         self._dirty_seen = set()  # agents whose lastSeen changed in memory only
+        self._listener_stored = {}  # listening agent id -> monotonic ms when its listening last went to the file
 
     def connect(self, messages, claims, leases=None):
         """Relay wires in the parts built on this one, once they exist."""
@@ -2317,12 +2474,13 @@ class AgentDirectory:
             except StorageUnavailable:
                 pass  # presence is best effort: the request it rides on (often a read, or a write already committed) goes on
 
-    def _seen(self, agent):
-        """Records activity in memory (flush_presence writes lastSeen): the wall-clock time shown as lastSeen, and
-        the monotonic time that the sweeper counts silence from."""
+    def _seen(self, agent, store=True):
+        """Records activity in memory (flush_presence writes lastSeen, unless `store` is False): the wall-clock time
+        shown as lastSeen, and the monotonic time that the sweeper counts silence from."""
         agent["lastSeen"] = now_ms()
         agent["seenMono"] = monotonic_ms()
-        self._dirty_seen.add(agent["id"])
+        if store:
+            self._dirty_seen.add(agent["id"])
 
     def mark_seen(self, agent_id):
         """Activity recorded inside a transaction (a claim): in memory only, no write and no status change of its own."""
@@ -2354,11 +2512,21 @@ class AgentDirectory:
         Silence is counted on the monotonic clock (seenMono, offlineMono), never as the wall clock's now minus
         lastSeen: a clock set back an hour would keep a dead agent's claims for that hour, and one set forward
         would take every agent offline at once."""
+        # An agent that holds a long-poll or stream open is active. Its lastSeen moves in memory at every sweep,
+        # and goes to the file only every half STALE_TTL_MS (at most a minute): ten thousand waiting agents
+        # would otherwise cost a 10,000-row write (38 ms of the write lock) every few seconds.
+        every = min(self.config.stale_ttl_ms // 2, 60000)
+        mono = monotonic_ms()
+        stored, kept = self._listener_stored, {}
         for aid in list(self._agents):
             if self.hub.listening(aid):
                 a = self._agents.get(aid)
                 if a is not None:
-                    self._seen(a)
+                    last = stored.get(aid)
+                    store = last is None or mono - last >= every
+                    kept[aid] = mono if store else last
+                    self._seen(a, store)
+        self._listener_stored = kept
         self.flush_presence()
         ttl, prune = self.config.stale_ttl_ms, self.config.offline_prune_ms
         now = monotonic_ms()
@@ -2590,6 +2758,57 @@ class AgentDirectory:
 # ============================================================================
 
 
+class InboxPoll:
+    """One inbox request, which may wait (a long-poll). look() reads what the agent may see; answer() hands it
+    over (records its delivery and moves the kept cursor); abandon() lets it go when the client has gone, so
+    that what it waited for stays for the next poll. Between looks it waits without querying the database:
+    the Hub wakes its waiter for whatever concerns the agent."""
+
+    def __init__(self, messages, agent_id, since, limit, unread, wait, auth):
+        self.messages = messages
+        self.agent_id = agent_id
+        self.limit, self.unread = limit, unread
+        agent = messages.agents.get_agent(agent_id)
+        auth.act_as(agent)
+        self.agent = agent
+        self.start = since if since is not None else agent["cursor"]
+        self.deadline = time.monotonic() + wait
+        self.waiter = messages.hub.subscribe(agent_id, "poll") if wait > 0 else None
+        self.found = None
+        messages.agents.touch(agent_id)
+
+    def look(self):
+        """True when there is something to answer now: messages, or no wait, or the relay stopping."""
+        if self.waiter is not None:
+            self.waiter.rearm()
+        try:
+            self.agent = self.messages.agents.get_agent(self.agent_id)
+            self.found = self.messages.visible_messages_for(self.agent, self.start, self.limit, self.unread)
+        except BaseException:
+            self.abandon()
+            raise
+        return bool(self.found[0]) or self.waiter is None or self.messages.hub.stopping
+
+    def answer(self):
+        """The answer, from the last look."""
+        waited = self.abandon()
+        if waited:
+            self.messages.agents.touch(self.agent_id)
+        messages, more, redelivered, cursor = self.found
+        try:
+            self.messages.record_delivery(self.agent, messages, redelivered, cursor)
+        except StorageUnavailable:
+            pass  # reading goes on while the database refuses writes; unrecorded messages come again, none are lost
+        return {"messages": messages, "cursor": cursor, "more": more}
+
+    def abandon(self):
+        """Stops waiting (a client gone is no activity, and is handed nothing). True when it had been waiting."""
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self.messages.hub.unsubscribe(waiter)
+        return waiter is not None
+
+
 class Messages:
     """Messages between agents: sending (to one agent, or fanned out to a tag, capability, label, channel or
     everyone), which agents may see a message, the inbox and its long-poll, receipts (delivered, read),
@@ -2647,6 +2866,30 @@ class Messages:
             params += [agent["id"]] + agent["channels"]
         return sql, params
 
+    def _history_of(self, agent, where, params, limit):
+        """History filtered by agent: what it sent, and what it may see (addressed to it, within its channels, not
+        held for it nor rejected), newest first, with the other filters (`where`, `params`).
+
+        One branch for what it sent and one per target that addresses it, each an index range read newest first
+        and cut at the page size (messages_from, messages_target), merged: a page costs the same however long
+        the history, where one OR over all of them collected every match and sorted it."""
+        me = agent["id"]
+        hidden = ("NOT EXISTS (SELECT 1 FROM receipts r WHERE r.message_id = m.id AND r.agent_id = ? "
+                  "AND r.state IN ('held', 'rejected'))")
+        branches = [("m.from_agent = ?", [me])]
+        for target in agent_targets(agent):
+            cond, p = "m.to_target = ? AND m.from_agent != ?", [target, me]  # its own messages are in the first branch
+            if target != me and "all" not in agent["channels"]:
+                cond += " AND m.channel IN (%s)" % ",".join("?" * len(agent["channels"]))
+                p += agent["channels"]
+            branches.append((cond, p))
+        parts, out = [], []
+        for cond, p in branches:
+            parts.append("SELECT * FROM (SELECT m.* FROM messages m WHERE %s ORDER BY m.id DESC LIMIT ?)"
+                         % " AND ".join([cond, hidden] + where))
+            out += p + [me] + params + [limit]
+        return " UNION ALL ".join(parts) + " ORDER BY id DESC LIMIT ?", out + [limit]
+
     # -- sending -----------------------------------------------------------
     def send(self, body, auth, then=None):
         """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
@@ -2683,7 +2926,7 @@ class Messages:
         return got if got is DEFERRED else committed(got)
 
     MESSAGE_COLUMNS = ("id", "from_agent", "to_target", "subject", "body", "kind", "channel", "claimable", "reply_to", "thread_id",
-                       "idempotency_key", "payload", "meta", "created_at")
+                       "idempotency_key", "payload", "meta", "created_at", "recipients")
 
     def create(self, sender, to, text, subject=None, kind="chat", channel=None, claimable=False, reply_to=None,
               idem=None, payload=None, meta=None, t=None, outside=False):
@@ -2699,8 +2942,10 @@ class Messages:
                 if row is not None:
                     msg = message_from_row(row)
                     matched = self.agents.matching_agents(msg["to"], msg["channel"], sender)
-                    return {"message": msg, "matched": matched, "online": self.agents.online_count(matched), "duplicate": True}, False
-            thread = None
+                    held = [r[0] for r in t.execute("SELECT agent_id FROM receipts WHERE message_id = ? AND state = 'held' "
+                                                    "ORDER BY agent_id", (msg["id"],))]
+                    return dict(self._send_answer(msg, matched, held), duplicate=True), False
+            thread = parent = None
             if reply_to is not None:
                 parent = t.execute("SELECT * FROM messages WHERE id = ?", (reply_to,)).fetchone()
                 if parent is None:
@@ -2716,9 +2961,11 @@ class Messages:
             matched = self.agents.matching_agents(to, channel, sender)
             held = [a for a in matched if self.held_for(self.agents.find(a), sender, outside)]
             ts = now_ms()
+            fanout = to == "broadcast" or to.startswith(FANOUT_PREFIXES)
             mid = t.insert("messages", self.MESSAGE_COLUMNS, (sender, to, subject, text, kind, channel, int(claimable), reply_to,
                                                               thread, idem, dumps(payload) if payload else "{}",
-                                                              dumps(meta) if meta else "{}", ts))
+                                                              dumps(meta) if meta else "{}", ts,
+                                                              ",".join(matched) if fanout else None))
             msg = {
                 "id": mid, "from": sender, "to": to, "subject": subject, "body": text, "kind": kind, "channel": channel,
                 "claimable": bool(claimable), "claimedBy": None, "claimedAt": None, "replyTo": reply_to,
@@ -2731,9 +2978,29 @@ class Messages:
             for a in held:
                 t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (mid, a))
                 t.emit("message.held", {"message": msg, "agentId": a}, audience={sender})
+            if parent is not None and parent["from_agent"] != sender and parent["from_agent"] not in held:
+                self._replied(t, parent["id"], parent["from_agent"], sender, mid)  # held for that sender: on approval
         if sender not in SYSTEM_AGENTS and owns_tx:
             self.agents.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
-        return {"message": msg, "matched": matched, "online": self.agents.online_count(matched)}, True
+        return self._send_answer(msg, matched, held), True
+
+    def _send_answer(self, msg, matched, held):
+        """What a send answers: the message, who it matched now, how many of those are online, whom it is held for,
+        and how many of them listen now (an open long-poll, stream or MCP session's stream: it reaches them at once)."""
+        return {"message": msg, "matched": matched, "online": self.agents.online_count(matched), "held": held,
+                "listening": sum(1 for a in matched if self.hub.listening(a))}
+
+    def _replied(self, t, message_id, original_sender, replier, reply_id):
+        """A reply to message_id, visible to its sender, exists now: message.replied (ids only, no text) to that
+        sender and the one who replied, and whoever waits on the message looks again."""
+        t.emit("message.replied", {"messageId": message_id, "agentId": replier, "replyId": reply_id}, agent_id=replier,
+               audience={original_sender})
+        t.wake.add(self.watchers(message_id))
+
+    @staticmethod
+    def watchers(message_id):
+        """The Hub key under which waits on a message's delivery (wait_for) listen: no agent id is a tuple."""
+        return ("message", message_id)
 
     def emit_message(self, t, type, row, **extra):
         data = {"message": message_from_row(row)}
@@ -2761,6 +3028,82 @@ class Messages:
             tid = row["thread_id"] if row["thread_id"] is not None else row["id"]
             rows = c.execute("SELECT * FROM messages WHERE id = ? OR thread_id = ? ORDER BY id", (tid, tid)).fetchall()
         return {"threadId": tid, "messages": [message_from_row(r) for r in rows]}
+
+    # -- delivery truth for the sender --------------------------------------
+    WAIT_STATES = ("delivered", "read", "replied")
+
+    def recipients_of(self, row):
+        """The agents a stored message was sent to: its `to` for a direct message, else the agents the fan-out matched
+        when it was sent (for a message stored before the relay kept that: the agents it matches now)."""
+        to = row["to_target"]
+        if to != "broadcast" and not to.startswith(FANOUT_PREFIXES):
+            return [to]
+        if row["recipients"] is not None:
+            return [a for a in row["recipients"].split(",") if a]
+        return self.agents.matching_agents(to, row["channel"], row["from_agent"])
+
+    def delivery_state(self, c, message_id, until, every):
+        """{reached, reachable, message, receipts, replies} of a message now, for wait_for; `reachable` is False once
+        `until` can no longer be reached: no recipient is left that could (every one rejected or removed)."""
+        row = self.get_message_row(c, message_id)
+        receipts = [{"agentId": r["agent_id"], "state": r["state"], "deliveredAt": r["delivered_at"], "readAt": r["read_at"]}
+                    for r in c.execute("SELECT * FROM receipts WHERE message_id = ? ORDER BY agent_id", (message_id,))]
+        state = {r["agentId"]: r for r in receipts}
+        sender = row["from_agent"]
+        root = row["thread_id"] if row["thread_id"] is not None else row["id"]
+        # replies its sender may see: not held for it (nor rejected), as for its inbox
+        replies = [message_from_row(r) for r in c.execute(
+            "SELECT m.* FROM messages m WHERE m.thread_id = ? AND m.reply_to = ? AND NOT EXISTS (SELECT 1 FROM receipts r "
+            "WHERE r.message_id = m.id AND r.agent_id = ? AND r.state IN ('held','rejected')) ORDER BY m.id",
+            (root, message_id, sender))]
+        repliers = {m["from"] for m in replies}
+        # who counts: the recipients of the send that a person has not held it for (or rejected it for), and that
+        # are still registered
+        recipients = [a for a in self.recipients_of(row) if a != sender]
+        live = [a for a in recipients if self.agents.knows(a) and state.get(a, {}).get("state") != "rejected"]
+        counted = [a for a in live if state.get(a, {}).get("state") != "held"]
+
+        def at(a):
+            if until == "replied":
+                return a in repliers
+            st = state.get(a, {})
+            return st.get("state") == "read" if until == "read" else st.get("deliveredAt") is not None
+
+        reached = bool(counted) and (all(at(a) for a in counted) if every else any(at(a) for a in counted))
+        return {"reached": reached, "reachable": reached or bool(live), "message": message_from_row(row),
+                "receipts": receipts, "replies": replies}
+
+    WAIT_HANGUP_CHECK_S = 5.0  # a message wait holds its worker thread (it is not parked): it looks for a hung-up client
+
+    def wait_for(self, message_id, until, every, timeout, client_gone=None):
+        """GET /api/messages/:id/wait: answers once the message has reached `until` (delivered, read, replied) for one
+        recipient (every=True: for every recipient it was sent to that it is not held for), or after `timeout`
+        seconds with reached false, or at once when it can no longer get there. Waits as the inbox does, on a Hub
+        waiter, woken by every change of the message's receipts and replies (watchers)."""
+        waiter = self.hub.subscribe(self.watchers(message_id), "poll") if timeout > 0 else None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if waiter is not None:
+                    waiter.rearm()
+                with self.db.read() as c:
+                    out = self.delivery_state(c, message_id, until, every)
+                if out["reached"] or not out["reachable"] or waiter is None or self.hub.stopping:
+                    break
+                woken = False
+                while not woken:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or (client_gone is not None and client_gone()):
+                        break
+                    woken = waiter.event.wait(min(remaining, self.WAIT_HANGUP_CHECK_S))
+                if not woken:
+                    break
+        finally:
+            if waiter is not None:
+                self.hub.unsubscribe(waiter)
+        if waiter is not None and client_gone is not None and client_gone():
+            return None
+        return out
 
     # -- the inbox and receipts --------------------------------------------
     def visible_messages_for(self, agent, since, limit, unread=False):
@@ -2811,60 +3154,17 @@ class Messages:
         cursor = rows[-1]["id"] if rows else since
         return messages, more, redelivered, cursor
 
-    # Each look wakes the waiting thread: once a second, 200 idle long-polls alone cost over 1% of a core.
-    HANGUP_CHECK_S = 5.0
-
-    def inbox(self, agent_id, since, limit, unread, wait, auth, client_gone=None):
-        agent = self.agents.get_agent(agent_id)
-        auth.act_as(agent)
-        start = since if since is not None else agent["cursor"]
-        waiter = self.hub.subscribe(agent_id, "poll") if wait > 0 else None
-        self.agents.touch(agent_id)
-        try:
-            deadline = time.monotonic() + wait
-            while True:
-                if waiter is not None:
-                    waiter.event.clear()
-                agent = self.agents.get_agent(agent_id)
-                messages, more, redelivered, cursor = self.visible_messages_for(agent, start, limit, unread)
-                if messages or waiter is None or self.hub.stopping:
-                    break
-                # sleep until woken by something that concerns this agent; between wake-ups, only look
-                # (every HANGUP_CHECK_S) whether the client hung up, without querying the database again
-                woken = False
-                while not woken:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0 or (client_gone is not None and client_gone()):
-                        break
-                    woken = waiter.event.wait(min(remaining, self.HANGUP_CHECK_S))
-                if not woken:
-                    break
-        finally:
-            if waiter is not None:
-                self.hub.unsubscribe(waiter)
-        if waiter is not None and client_gone is not None and client_gone():
-            return None  # nobody to hand it to: keep it for the next poll (and a client gone is no activity)
-        if waiter is not None:
-            self.agents.touch(agent_id)
-
-        try:
-            self.record_delivery(agent, messages, redelivered, cursor)
-        except StorageUnavailable:
-            pass  # reading goes on while the database refuses writes; unrecorded messages come again, none are lost
-        return {"messages": messages, "cursor": cursor, "more": more}
+    def inbox(self, agent_id, since, limit, unread, wait, auth):
+        """The agent's inbox from `since` (its kept cursor when None), as an InboxPoll: look() at once, and with a
+        `wait`, again each time something concerns the agent, until there is something or the wait is up."""
+        return InboxPoll(self, agent_id, since, limit, unread, wait, auth)
 
     def record_delivery(self, agent, messages, redelivered, cursor):
         if not messages and not redelivered and cursor <= agent["cursor"]:
             return
-        ts = now_ms()
         with self.writer.tx() as t:
             if messages:
-                t.c.executemany(
-                    "INSERT INTO receipts(message_id, agent_id, state, delivered_at) VALUES (?,?,'delivered',?) "
-                    "ON CONFLICT(message_id, agent_id) DO UPDATE SET state = CASE WHEN state = 'read' THEN 'read' "
-                    "ELSE 'delivered' END, delivered_at = COALESCE(delivered_at, excluded.delivered_at)",
-                    [(m["id"], agent["id"], ts) for m in messages],
-                )
+                self._delivered(t, agent["id"], [(m["id"], m["from"]) for m in messages])
             if redelivered:
                 t.c.executemany("DELETE FROM redeliveries WHERE agent_id = ? AND message_id = ?",
                                 [(agent["id"], mid) for mid in redelivered])
@@ -2874,6 +3174,62 @@ class Messages:
                 head = t.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
                 if min(cursor, head) > current["cursor"]:
                     self.agents.update_card(t, current, {"cursor": min(cursor, head)}, event=None)
+
+    def _delivered(self, t, agent_id, messages):
+        """Records that messages ((id, sender) pairs) reached the agent, in the caller's transaction: one
+        message.delivered per message delivered for the first time (to its sender and the agent; ids only, no text),
+        and whoever waits on one of them looks again. A message read already stays read."""
+        ids = [mid for mid, _sender in messages]
+        seen = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            seen.update(r[0] for r in t.execute(
+                "SELECT message_id FROM receipts WHERE agent_id = ? AND delivered_at IS NOT NULL AND message_id IN (%s)"
+                % ",".join("?" * len(chunk)), [agent_id] + chunk))
+        new = [(mid, sender) for mid, sender in messages if mid not in seen]
+        if not new:
+            return
+        ts = now_ms()
+        t.c.executemany(
+            "INSERT INTO receipts(message_id, agent_id, state, delivered_at) VALUES (?,?,'delivered',?) "
+            "ON CONFLICT(message_id, agent_id) DO UPDATE SET state = CASE WHEN state = 'read' THEN 'read' "
+            "ELSE 'delivered' END, delivered_at = COALESCE(delivered_at, excluded.delivered_at)",
+            [(mid, agent_id, ts) for mid, _sender in new],
+        )
+        for mid, sender in new:
+            t.emit("message.delivered", {"messageId": mid, "agentId": agent_id, "deliveredAt": ts}, agent_id=agent_id,
+                   audience={sender})
+            t.wake.add(self.watchers(mid))
+
+    # the stream events that hand a message's text to the agent a narrowed stream belongs to
+    STREAM_DELIVERIES = ("message.created", "message.approved")
+
+    def record_stream_delivery(self, agent_id, events):
+        """A narrowed stream (/api/events?agentId=...) wrote these events to its client: the messages among them
+        that reached the agent (a message.created addressed to it and not held for it, or a message.approved for
+        it) are recorded as delivered, as an inbox read records them. The kept inbox cursor does not move: the
+        inbox still returns them once."""
+        got = []
+        for ev in events:
+            if ev.type not in self.STREAM_DELIVERIES or not ev.concerns(agent_id):
+                continue
+            data = loads_or(ev.data, None)
+            msg = data.get("message") if isinstance(data, dict) else None
+            if not isinstance(msg, dict) or msg.get("from") == agent_id:
+                continue  # its own message, on its way out
+            if ev.type == "message.approved" and data.get("agentId") != agent_id:
+                continue
+            got.append((msg["id"], msg["from"]))
+        if not got:
+            return
+        try:
+            with self.writer.tx() as t:
+                if self.agents.knows(agent_id):  # a replay may reach back to messages retention removed since
+                    stored = {r[0] for r in t.execute("SELECT id FROM messages WHERE id IN (%s)" % ",".join("?" * len(got)),
+                                                      [mid for mid, _sender in got])}
+                    self._delivered(t, agent_id, [(mid, sender) for mid, sender in got if mid in stored])
+        except StorageUnavailable:
+            pass  # as for the inbox: unrecorded, the message is still handed over (and the inbox returns it)
 
     def cursor(self):
         return {"cursor": self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM messages")[0]}
@@ -2894,6 +3250,7 @@ class Messages:
             )
             t.emit("message.read", {"messageId": message_id, "agentId": agent["id"]}, agent_id=agent["id"],
                    audience={row["from_agent"]})
+            t.wake.add(self.watchers(message_id))
         self.agents.touch(agent["id"])
         return {"ok": True, "messageId": message_id, "agentId": agent["id"], "readAt": ts}
 
@@ -2904,20 +3261,22 @@ class Messages:
         vis, params = self._visibility_sql(agent)
         ts = now_ms()
         with self.writer.tx() as t:
-            ids = [r[0] for r in t.execute(
-                "SELECT m.id FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE " + vis +
-                " AND m.id <= ? AND (m.id > ? OR m.claimable = 1 OR r.state IS NOT NULL) AND (r.state IS NULL OR r.state NOT IN "
-                "('held','rejected','read'))",
+            rows = t.execute(
+                "SELECT m.id, m.from_agent FROM messages m LEFT JOIN receipts r ON r.message_id = m.id AND r.agent_id = ? WHERE "
+                + vis + " AND m.id <= ? AND (m.id > ? OR m.claimable = 1 OR r.state IS NOT NULL) AND (r.state IS NULL OR "
+                "r.state NOT IN ('held','rejected','read')) ORDER BY m.id",
                 [agent["id"]] + params + [up_to, agent["floor"]],
-            )]
+            ).fetchall()
+            ids = [r[0] for r in rows]
             t.c.executemany(
                 "INSERT INTO receipts(message_id, agent_id, state, delivered_at, read_at) VALUES (?,?,'read',?,?) "
                 "ON CONFLICT(message_id, agent_id) DO UPDATE SET state = 'read', read_at = excluded.read_at, "
                 "delivered_at = COALESCE(delivered_at, excluded.delivered_at)",
                 [(i, agent["id"], ts, ts) for i in ids],
             )
-            if ids:
-                t.emit("message.read", {"agentId": agent["id"], "upTo": up_to, "count": len(ids)}, agent_id=agent["id"])
+            for mid, sender in rows:  # each receipt that changed is an event, to the message's sender too
+                t.emit("message.read", {"messageId": mid, "agentId": agent["id"]}, agent_id=agent["id"], audience={sender})
+                t.wake.add(self.watchers(mid))
         self.agents.touch(agent["id"])
         return {"count": len(ids)}
 
@@ -2979,6 +3338,9 @@ class Messages:
             if not held:
                 raise ApiError(409, "invalid_transition", "Message %d is not held for anyone." % message_id)
             msg = message_from_row(row)
+            parent = None
+            if approve and row["reply_to"] is not None:
+                parent = t.execute("SELECT id, from_agent FROM messages WHERE id = ?", (row["reply_to"],)).fetchone()
             for aid in held:
                 t.execute("UPDATE receipts SET state = ? WHERE message_id = ? AND agent_id = ?", (state, message_id, aid))
                 if approve:
@@ -2987,22 +3349,32 @@ class Messages:
                 # an approved message is the recipient's from now on; a rejected one never reaches it, not even as news
                 t.emit("message." + state, {"message": msg, "agentId": aid}, agent_id=aid if approve else None,
                        audience={msg["from"]})
+                if parent is not None and parent["from_agent"] == aid and aid != msg["from"]:
+                    self._replied(t, parent["id"], aid, msg["from"], message_id)  # a reply its sender may see now
+            t.wake.add(self.watchers(message_id))
         return self.message_detail(message_id)
 
     # -- history -----------------------------------------------------------
-    def history(self, q):
+    def filter_sql(self, q):
+        """WHERE terms (and their parameters) on messages `m` for the filters history and search share: `agent` (sent by
+        it, or addressed to it and not held or rejected for it), `from`, `to` (the exact target string), `channel`."""
         where, params = [], []
+        for key, col in (("from", "m.from_agent"), ("to", "m.to_target"), ("channel", "m.channel")):
+            if q.get(key):
+                where.append(col + " = ?")
+                params.append(q[key])
         if q.get("agent"):
             agent = self.agents.find(q["agent"])
             if agent is None:
                 raise unknown_agent(q["agent"])
             vis, p = self._visibility_sql(agent)
-            where.append("(m.from_agent = ? OR (%s))" % vis)
-            params += [agent["id"]] + p
-        for key, col in (("from", "m.from_agent"), ("to", "m.to_target"), ("channel", "m.channel")):
-            if q.get(key):
-                where.append(col + " = ?")
-                params.append(q[key])
+            where.append("(m.from_agent = ? OR ((%s) AND NOT EXISTS (SELECT 1 FROM receipts h WHERE h.message_id = m.id "
+                         "AND h.agent_id = ? AND h.state IN ('held','rejected'))))" % vis)
+            params += [agent["id"]] + p + [agent["id"]]
+        return where, params
+
+    def history(self, q):
+        where, params = self.filter_sql(dict(q, agent=None))  # `agent` is read by index ranges below (_history_of)
         if q.get("before") is not None:
             where.append("m.id < ?")
             params.append(q["before"])
@@ -3012,12 +3384,19 @@ class Messages:
             params += [like, like]
         if q.get("held"):
             where.append("m.id IN (SELECT message_id FROM receipts WHERE state = 'held')")
-        sql = "SELECT m.* FROM messages m"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY m.id DESC LIMIT ?"
+        if q.get("agent"):
+            agent = self.agents.find(q["agent"])
+            if agent is None:
+                raise unknown_agent(q["agent"])
+            sql, params = self._history_of(agent, where, params, q["limit"] + 1)
+        else:
+            sql = "SELECT m.* FROM messages m"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY m.id DESC LIMIT ?"
+            params = params + [q["limit"] + 1]
         with self.db.read() as c:
-            rows = c.execute(sql, params + [q["limit"] + 1]).fetchall()
+            rows = c.execute(sql, params).fetchall()
             more = len(rows) > q["limit"]
             messages = [message_from_row(r) for r in rows[: q["limit"]]]
             if q.get("held") and messages:
@@ -3806,6 +4185,309 @@ class CallbackDelivery:
 
 
 # ============================================================================
+# Search: messages and tasks by their words (FTS5, or a scan with the same answers)
+# ============================================================================
+
+# Words, as the search index sees them (FTS5's unicode61 tokenizer): runs of letters and digits, lower-cased, the
+# diacritic of a Latin letter removed. The scan uses the same, so both engines find the same rows.
+SEARCH_WORD_RE = re.compile(r"[^\W_]+")
+_FOLDED = {}
+
+
+def _fold_char(ch):
+    f = _FOLDED.get(ch)
+    if f is None:
+        f = ch.lower()
+        if len(f) == 1 and ord(f) > 127:
+            d = unicodedata.normalize("NFD", f)
+            if len(d) == 2 and unicodedata.combining(d[1]) and (ord(d[0]) < 0x250 or 0x1E00 <= ord(d[0]) <= 0x1EFF):
+                f = d[0]
+        _FOLDED[ch] = f
+    return f
+
+
+def search_words(text):
+    """The words of a text, folded as the index folds them: "Déploy-2 OK" -> ["deploy", "2", "ok"]."""
+    words = SEARCH_WORD_RE.findall(text or "")
+    return [w.lower() if w.isascii() else "".join(_fold_char(ch) for ch in w) for w in words]
+
+
+def search_word_spans(text):
+    """(start, end, folded word) for each word of a text, for snippets."""
+    return [(m.start(), m.end(), search_words(m.group())[0]) for m in SEARCH_WORD_RE.finditer(text or "")]
+
+
+SEARCH_MAX_TERMS = 16
+
+
+def parse_search(q):
+    """The query language of GET /api/search: whitespace-separated words, all of which must match; "a phrase" (its
+    words in a row, in one field); word* (a word that starts so; "a phrase"* too). Nothing else is an operator: AND, OR,
+    NOT, NEAR, -, ^, :, parentheses are searched as text, whose letters and digits are words; a quote left open runs to
+    the end, a lone * is ignored. Returns terms, each (words, prefix); 400 naming q when nothing is left to search."""
+    terms, pos, n = [], 0, len(q)
+    while pos < n:
+        if q[pos].isspace():
+            pos += 1
+            continue
+        if q[pos] == '"':
+            end = q.find('"', pos + 1)
+            text = q[pos + 1:] if end < 0 else q[pos + 1:end]
+            pos = n if end < 0 else end + 1
+            prefix = pos < n and q[pos] == "*"
+            pos += 1 if prefix else 0
+        else:
+            end = pos
+            while end < n and not q[end].isspace() and q[end] != '"':
+                end += 1
+            text, pos = q[pos:end], end
+            prefix = text.endswith("*")
+        words = tuple(search_words(text))
+        if words and (words, prefix) not in terms:
+            terms.append((words, prefix))
+    if not terms:
+        raise invalid("q", "has no word to search for (letters or digits); for example: deploy, \"disk full\" or migrat*")
+    if len(terms) > SEARCH_MAX_TERMS:
+        raise invalid("q", "has %d words and phrases; at most %d" % (len(terms), SEARCH_MAX_TERMS))
+    return terms
+
+
+def fts5_query(terms):
+    """The terms as an FTS5 query: each a quoted phrase (so that nothing in it is an FTS5 operator), * for a prefix."""
+    return " ".join('"%s"%s' % (" ".join(words), "*" if prefix else "") for words, prefix in terms)
+
+
+def _term_positions(term, words):
+    """Where in `words` (one field's folded words) the term starts."""
+    want, prefix = term
+    k, last = len(want), want[-1]
+    out = []
+    for i in range(len(words) - k + 1):
+        w = words[i + k - 1]
+        if (w.startswith(last) if prefix else w == last) and (k == 1 or tuple(words[i:i + k - 1]) == want[:-1]):
+            out.append(i)
+    return out
+
+
+def scan_match(terms, fields, weights=(2.0, 1.0)):
+    """The scan's match and rank: None when some term is in no field (FTS5's AND), else a score: each time a term
+    occurs, its field's weight (a subject or title counts twice), over the square root of the words there are."""
+    score, size = 0.0, 0
+    parsed = [search_words(f) for f in fields]
+    for term in terms:
+        hits = 0.0
+        for words, weight in zip(parsed, weights):
+            hits += weight * len(_term_positions(term, words))
+        if not hits:
+            return None
+        score += hits
+    size = sum(len(w) for w in parsed)
+    return round(score / (1.0 + size) ** 0.5, 6)
+
+
+SNIPPET_WORDS = 12
+
+
+def scan_snippet(terms, fields):
+    """A window of SNIPPET_WORDS words around the most hits, as FTS5's snippet() makes: hits between ** and **, … where
+    text was cut; from the field with the most hits."""
+    best = None
+    for text in fields:
+        spans = search_word_spans(text)
+        words = [w for _s, _e, w in spans]
+        hit = set()
+        for term in terms:
+            for i in _term_positions(term, words):
+                hit.update(range(i, i + len(term[0])))
+        if not hit:
+            continue
+        starts = sorted({max(0, min(h - 2, len(spans) - SNIPPET_WORDS)) for h in hit})
+        start = max(starts, key=lambda s: (sum(1 for h in hit if s <= h < s + SNIPPET_WORDS), -s))
+        count = sum(1 for h in hit if start <= h < start + SNIPPET_WORDS)
+        if best is None or count > best[0]:
+            best = (count, text, spans, hit, start)
+    if best is None:
+        return snippet_text(fields[-1] or fields[0] or "")
+    _count, text, spans, hit, start = best
+    end = min(len(spans), start + SNIPPET_WORDS)
+    out = ["\u2026"] if start > 0 else []
+    pos = spans[start][0]
+    for i in range(start, end):
+        s, e, _w = spans[i]
+        out.append(text[pos:s])
+        out.append("**%s**" % text[s:e] if i in hit else text[s:e])
+        pos = e
+    if end < len(spans):
+        out.append("\u2026")
+    elif start == 0:
+        out.append(text[pos:])
+    return snippet_text("".join(out))
+
+
+def snippet_text(text, limit=400):
+    """A snippet on one line: runs of whitespace (newlines too) as one space, at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rstrip() + "\u2026"
+
+
+class Search:
+    """Searching message subjects and bodies and task titles and bodies (GET /api/search): the query language
+    (parse_search), visibility and filters (those of history, from messages), and two engines with the same answers:
+    FTS5 over the search index (Storage.sync_search keeps it, bm25 ranks, snippet() cuts) where the interpreter's
+    SQLite has it, else a scan (a LIKE that passes a superset of the rows, then the words themselves, as FTS5 tokenizes
+    them, decide; a simple rank). A task's announcing message is found as the task.
+
+    Owns no table (the index is Storage's, kept by triggers inside each write). May call: the Storage (reads), the
+    agent directory (through messages) and messages (the filters of history: filter_sql)."""
+
+    # Matches ranked per search, per kind: the newest this many that pass the filters. A word that is in most rows
+    # would otherwise make every search rank all of them (at a million messages, seconds).
+    CANDIDATES = 1000
+
+    def __init__(self, db, messages):
+        self.db = db
+        self.messages = messages
+
+    @property
+    def engine(self):
+        return self.db.search
+
+    def search(self, q, filters, since=None, until=None, limit=20):
+        terms = parse_search(q)
+        mq = {k: filters.get(k) for k in ("agent", "from", "to", "channel")}
+        m_where, m_params = self.messages.filter_sql(mq)  # raises unknown_agent first, for both kinds
+        t_where, t_params = self.messages.filter_sql({"agent": mq["agent"], "from": mq["from"]})
+        for key, col in (("to", "k.target"), ("channel", "k.channel")):
+            if mq[key]:
+                t_where.append(col + " = ?")
+                t_params.append(mq[key])
+        if since is not None:
+            t_where.append("k.created_at >= ?")
+            t_params.append(since)
+        if until is not None:
+            t_where.append("k.created_at <= ?")
+            t_params.append(until)
+        m_where.append("NOT (m.kind = 'task' AND EXISTS (SELECT 1 FROM tasks x WHERE x.message_id = m.id))")
+        with self.db.read() as c:
+            lo = Storage.first_id_since(c, "messages", since) if since is not None else None
+            hi = Storage.first_id_since(c, "messages", until + 1) if until is not None else None
+            if self.engine == "fts5":
+                found = self._fts5(c, terms, m_where, m_params, t_where, t_params, lo, hi, limit)
+            else:
+                found = self._scan(c, terms, m_where, m_params, t_where, t_params, lo, hi, limit)
+        results, more = found
+        return {"results": results, "engine": self.engine, "more": more}
+
+    def _rank(self, hits, limit):
+        """hits: (rank, kind, id), best first (then newest); the first `limit`, and whether there are more."""
+        hits.sort(key=lambda h: (-h[0], h[1], -h[2]))
+        return hits[:limit], len(hits) > limit
+
+    def _rows(self, c, kind, ids):
+        table = "messages" if kind == "message" else "tasks"
+        rows = c.execute("SELECT * FROM %s WHERE id IN (%s)" % (table, ",".join("?" * len(ids))), ids).fetchall() if ids else []
+        convert = message_from_row if kind == "message" else task_from_row
+        return {r["id"]: convert(r) for r in rows}
+
+    def _answer(self, c, top, snippets):
+        """The results for `top`: each row as the API shows it, with its snippet (snippets(kind, items) -> id -> text)."""
+        rows = {kind: self._rows(c, kind, [h[2] for h in top if h[1] == kind]) for kind in ("message", "task")}
+        cut = {kind: snippets(kind, list(items.values())) if items else {} for kind, items in rows.items()}
+        out = []
+        for rank, kind, row_id in top:
+            item = rows[kind].get(row_id)
+            if item is not None:
+                out.append({"type": kind, kind: item, "snippet": cut[kind].get(row_id, ""), "rank": rank})
+        return out
+
+    # -- FTS5 ----------------------------------------------------------------
+    def _fts5(self, c, terms, m_where, m_params, t_where, t_params, lo, hi, limit):
+        match = fts5_query(terms)
+        hits, more = [], False
+        for kind, fts, sql, where, params in (
+            ("message", "messages_fts", "SELECT m.id, -bm25(messages_fts, 2.0, 1.0) FROM messages_fts JOIN messages m "
+             "ON m.id = messages_fts.rowid WHERE messages_fts MATCH ?", m_where, m_params),
+            ("task", "tasks_fts", "SELECT k.id, -bm25(tasks_fts, 2.0, 1.0) FROM tasks_fts JOIN tasks k ON k.id = tasks_fts.rowid "
+             "LEFT JOIN messages m ON m.id = k.message_id WHERE tasks_fts MATCH ?", t_where, t_params),
+        ):
+            where, params = list(where), [match] + list(params)
+            if kind == "message" and lo is not None:
+                where.append("messages_fts.rowid >= ?")
+                params.append(lo)
+            if kind == "message" and hi is not None:
+                where.append("messages_fts.rowid < ?")
+                params.append(hi)
+            rows = c.execute(sql + "".join(" AND " + w for w in where) + " ORDER BY %s.rowid DESC LIMIT ?" % fts,
+                             params + [self.CANDIDATES]).fetchall()
+            more = more or len(rows) >= self.CANDIDATES
+            hits.extend((r[1], kind, r[0]) for r in rows)
+        top, over = self._rank(hits, limit)
+
+        def snippets(kind, items):
+            fts = "messages_fts" if kind == "message" else "tasks_fts"
+            ids = [item["id"] for item in items]
+            return {r[0]: snippet_text(r[1] or "") for r in c.execute(
+                "SELECT rowid, snippet(%s, -1, '**', '**', '\u2026', %d) FROM %s WHERE %s MATCH ? AND rowid IN (%s)"
+                % (fts, SNIPPET_WORDS, fts, fts, ",".join("?" * len(ids))), [match] + ids)}
+
+        return self._answer(c, top, snippets), more or over
+
+    # -- the scan ------------------------------------------------------------
+    SCAN_BATCH = 200
+
+    def _scan(self, c, terms, m_where, m_params, t_where, t_params, lo, hi, limit):
+        # A row passes to Python when each ASCII word of the query is somewhere in its text (LIKE ignores ASCII case),
+        # or when its text holds anything beyond ASCII (a word there may fold to the query's: é -> e).
+        words = sorted({w for ws, _p in terms for w in ws if w.isascii()})
+        wide = any(not w.isascii() for ws, _p in terms for w in ws)  # only a text beyond ASCII folds to such a word
+        hits, more = [], False
+        for kind, sql, fields, where, params in (
+            ("message", "SELECT m.id, m.subject, m.body FROM messages m", ("m.subject", "m.body"), m_where, m_params),
+            ("task", "SELECT k.id, k.title, k.body FROM tasks k LEFT JOIN messages m ON m.id = k.message_id",
+             ("k.title", "k.body"), t_where, t_params),
+        ):
+            where, params = list(where), list(params)
+            if kind == "message" and lo is not None:
+                where.append("m.id >= ?")
+                params.append(lo)
+            if kind == "message" and hi is not None:
+                where.append("m.id < ?")
+                params.append(hi)
+            text = " || ' ' || ".join("COALESCE(%s, '')" % f for f in fields)
+            beyond_ascii = "length(%s) != length(CAST(%s AS BLOB))" % (text, text)
+            if wide:
+                where.append(beyond_ascii)
+            elif words:
+                where.append("(%s OR %s)" % (" AND ".join("(%s) LIKE ?" % text for _w in words), beyond_ascii))
+                params += ["%" + w + "%" for w in words]
+            order = "m.id" if kind == "message" else "k.id"
+            cur = c.execute(sql + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY %s DESC" % order, params)
+            found = 0
+            try:
+                while found < self.CANDIDATES:
+                    batch = cur.fetchmany(self.SCAN_BATCH)
+                    if not batch:
+                        break
+                    for r in batch:
+                        rank = scan_match(terms, (r[1], r[2]))
+                        if rank is not None:
+                            hits.append((rank, kind, r[0]))
+                            found += 1
+                            if found >= self.CANDIDATES:
+                                more = True
+                                break
+            finally:
+                cur.close()
+        top, over = self._rank(hits, limit)
+
+        def snippets(kind, items):
+            return {item["id"]: scan_snippet(terms, (item["subject"], item["body"]) if kind == "message" else
+                                             (item["title"], item["body"])) for item in items}
+
+        return self._answer(c, top, snippets), more or over
+
+
+# ============================================================================
 # Housekeeping: orphaned claims at start, the sweeper, retention, stats
 # ============================================================================
 
@@ -3945,14 +4627,14 @@ class Relay:
     workers. It holds no rule of its own.
 
     The HTTP layer calls the parts themselves: relay.agents (AgentDirectory), relay.messages (Messages),
-    relay.claims (Claims), relay.tasks (Tasks), relay.leases (Leases), relay.callbacks (CallbackDelivery),
+    relay.claims (Claims), relay.tasks (Tasks), relay.leases (Leases), relay.search (Search), relay.callbacks (CallbackDelivery),
     relay.housekeeping (Housekeeping); and the shared services relay.config, relay.db (Storage), relay.hub (Hub) and
     relay.writer (Writer). Each part is handed what it may call when it is built; the two that also call parts
     built after them (the writer, the agent directory) are wired once those exist."""
 
     def __init__(self, config):
         self.config = config
-        self.db = Storage(config.db)
+        self.db = Storage(config.db, search=config.search)
         self.hub = Hub()
         self.started = time.monotonic()  # for uptimeMs: a duration
         self.integrations = {i["name"]: i for i in config.integrations}
@@ -3964,6 +4646,7 @@ class Relay:
         self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
         self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
         self.leases = Leases(self.db, self.writer, self.agents)
+        self.search = Search(self.db, self.messages)
         self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
         self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping,
                                          leases=self.leases)
@@ -4359,9 +5042,12 @@ STREAM_EVENTS = collections.OrderedDict([
     ("message.rejected", (_MESSAGE_FOR, "A person rejected a held message for agentId; to its sender only.")),
     ("message.claimed", (_MESSAGE_FOR, "agentId claimed claimable work.")),
     ("message.released", (_MESSAGE_FOR, "agentId gave claimed work back to the pool.")),
-    ("message.read", ({"anyOf": [_shape({"messageId": _ID, "agentId": _STR}),
-                                 _shape({"agentId": _STR, "upTo": _COUNT, "count": _ID})]},
-                      "agentId read a message (messageId), or every visible one up to upTo (count of them).")),
+    ("message.read", (_shape({"messageId": _ID, "agentId": _STR}),
+                      "agentId read a message (a read up to an id is one of these per message it marks); to its sender.")),
+    ("message.delivered", (_shape({"messageId": _ID, "agentId": _STR, "deliveredAt": _MS}),
+                           "The message reached agentId for the first time (its inbox, or its narrowed stream); to its sender.")),
+    ("message.replied", (_shape({"messageId": _ID, "agentId": _STR, "replyId": _ID}),
+                         "agentId replied to the message (replyId) where its sender may see it; to the sender and agentId.")),
     ("task.created", (_shape({"task": _ref("Task")}), "A task was created.")),
     ("task.updated", (_shape({"task": _ref("Task")}), "A task changed: claimed, released, its status, progress or result, an occurrence.")),
     ("callback.delivered", (_shape({"callback": _ref("Callback")}), "An integration's callback was delivered.")),
@@ -4615,10 +5301,23 @@ _LIST_AGENTS = _shape({"agents": _list(_ref("Agent"))})
 _MESSAGES = _list(_ref("Message"))
 _SENT = _shape({"message": _ref("Message"), "matched": dict(_STRS, description="The agents the target matches now."),
                 "online": dict(_COUNT, description="How many of them are not offline."),
+                "held": dict(_STRS, description="The matched agents it is held for (a person approves), sorted."),
+                "listening": dict(_COUNT, description="How many matched agents hold an open long-poll or stream now."),
                 "duplicate": dict(_TRUE, description="A repeated (from, idempotencyKey): the first message, nothing stored.")},
                optional=("duplicate",))
 _MESSAGE_DETAIL = _shape({"message": _ref("Message"), "receipts": _list(_ref("Receipt"))})
 _ONE_MESSAGE = _shape({"message": _ref("Message")})
+_WAITED = _shape({"reached": dict(_BOOL, description="The message got there (for one recipient, or with all=1 every one)."),
+                  "reachable": dict(_BOOL, description="false: no recipient is left that could (rejected or removed)."),
+                  "message": _ref("Message"), "receipts": _list(_ref("Receipt")),
+                  "replies": dict(_MESSAGES, description="Replies to it that its sender may see.")})
+_SEARCHED = _shape({
+    "results": _list({"anyOf": [
+        _shape({"type": {"type": "string", "const": "message"}, "message": _ref("Message"), "snippet": _STR, "rank": {"type": "number"}}),
+        _shape({"type": {"type": "string", "const": "task"}, "task": _ref("Task"), "snippet": _STR, "rank": {"type": "number"}})]}),
+    "engine": {"type": "string", "enum": ["fts5", "like"], "description": "fts5, or like where SQLite lacks FTS5 "
+                                                                       "(or AGENT_RELAY_SEARCH=like)."},
+    "more": _BOOL})
 _ONE_TASK = _shape({"task": _ref("Task")})
 _ONE_LEASE = _shape({"lease": _ref("Lease")})
 _TASK_MADE = _shape({"task": _ref("Task"), "created": _BOOL})
@@ -4644,7 +5343,8 @@ _MCP_ABOUT = ("The Model Context Protocol's Streamable HTTP transport: requests 
 
 ROUTES = [
     Route("GET", "/api/health", "health", "Liveness and version; needs no token.", auth="public",
-          answers={200: _shape({"ok": _TRUE, "version": _STR, "uptimeMs": _COUNT})}),
+          answers={200: _shape({"ok": _TRUE, "version": _STR, "uptimeMs": _COUNT, "search": dict(
+              {"type": "string", "enum": ["fts5", "like"]}, description="The search engine: fts5, or like.")})}),
     Route("GET", "/api/stats", "stats", "Counts of agents, messages, tasks, callbacks, long-polls and streams.",
           answers={200: _STATS}),
     Route("GET", "/api/spec", "spec", "This OpenAPI 3 document.",
@@ -4723,6 +5423,13 @@ ROUTES = [
           answers={200: _MESSAGE_DETAIL}, errors={404: ("not_found",)}),
     Route("GET", "/api/messages/{id}/thread", "thread", "The message's whole thread, oldest first.", params=MESSAGE_IN_PATH,
           answers={200: _shape({"threadId": _ID, "messages": _MESSAGES})}, errors={404: ("not_found",)}),
+    Route("GET", "/api/messages/{id}/wait", "wait_message",
+          "Long-poll until the message is delivered, read or replied to (one recipient, or all=1 every one), or time is up.",
+          params=MESSAGE_IN_PATH,
+          query={"until": Str(enum=Messages.WAIT_STATES, default="delivered", desc="What to wait for."),
+                 "timeout": Int(0, 60, default=0, desc="Seconds to wait; 0 looks once."),
+                 "all": Bool(default=False, desc="Wait for every recipient, not the first.")},
+          answers={200: _WAITED}, errors={404: ("not_found",)}),
     Route("POST", "/api/messages/{id}/read", "read_message", "Mark a message read for one agent.", params=MESSAGE_IN_PATH,
           body={"agentId": AGENT_ID_REQUIRED},
           answers={200: _shape({"ok": _TRUE, "messageId": _ID, "agentId": _STR, "readAt": _MS})},
@@ -4825,6 +5532,13 @@ ROUTES = [
           errors={403: ("forbidden",), 404: ("not_found", "unknown_agent"), 409: ("not_owner",)},
           acting=_acts_as("agentId (the query's, else the body's)") + " Without one it is a person's act (the admin "
                  "token, with agent keys on)."),
+    Route("GET", "/api/search", "search", "Search message subjects and bodies and task titles and bodies, best first.",
+          query={"q": Str(500, required=True, rule="is required: the words to search for (words, \"a phrase\", prefix*)",
+                          desc="Words (all must match), \"a phrase\", prefix*."),
+                 "agent": Str(200, desc="Sent by or visible to this agent."), "from": Str(200), "to": Str(200),
+                 "channel": Str(200), "since": Int(desc="Created at or after (ms since the epoch)."),
+                 "until": Int(desc="Created at or before (ms since the epoch)."), "limit": Int(1, 100, default=20)},
+          answers={200: _SEARCHED}, errors={404: ("unknown_agent",)}),
     Route("GET", "/api/events", "events", "Server-Sent Events: the live stream (Last-Event-ID or ?since= replays).",
           query={"since": Int(desc="Replay the events after this id."),
                  "agentId": Str(128, desc="Only what this agent's inbox sees, and events about it; marks it listening."),
@@ -4985,7 +5699,8 @@ class Api:
     # -- health, stats, spec -----------------------------------------------
     def health(self, req):
         self.relay.db.verify(now=False)  # a damaged or lost database file is a 503 here too, for monitoring
-        return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000)}
+        return 200, {"ok": True, "version": __version__, "uptimeMs": int((time.monotonic() - self.relay.started) * 1000),
+                     "search": self.relay.search.engine}
 
     def stats(self, req):
         return 200, self.relay.housekeeping.stats()
@@ -5021,11 +5736,31 @@ class Api:
 
     def inbox(self, req):
         a = req.args
-        out = self.relay.messages.inbox(a["id"], a["since"], a["limit"], a["unread"], a["wait"], req.auth,
-                                        client_gone=req.handler.client_gone)
-        if out is None:
-            return None, None
-        return 200, out
+        poll = self.relay.messages.inbox(a["id"], a["since"], a["limit"], a["unread"], a["wait"], req.auth)
+        if poll.look():
+            return 200, poll.answer()
+        h = req.handler
+        waiter = poll.waiter
+
+        def step(reason):
+            """The wait ended (Handler.wait): the answer, or when to give up waiting."""
+            if reason == "woken" and not poll.look():
+                gone = h.client_gone()
+                if not gone:
+                    return poll.deadline  # what woke it is nothing it may see: it waits on
+            else:
+                gone = reason == "gone" or h.client_gone()
+            if gone:
+                poll.abandon()  # nobody to hand it to: it stays for the next poll
+                h.close_connection = True
+                return None
+            return 200, poll.answer()  # something to see, the time is up, or the relay stops
+
+        return h.wait("poll", waiter, step, poll.deadline, check_s=self.HANGUP_CHECK_S)
+
+    # A long-poll that holds its thread (see Handler.wait) looks this often whether its client has hung up:
+    # each look wakes the thread, and once a second 200 idle long-polls alone cost over 1% of a core.
+    HANGUP_CHECK_S = 5.0
 
     def read_upto(self, req):
         return 200, self.relay.messages.mark_read_upto(req.args["id"], req.body, req.auth)
@@ -5047,6 +5782,13 @@ class Api:
 
     def thread(self, req):
         return 200, self.relay.messages.thread(req.args["id"])
+
+    def wait_message(self, req):
+        a = req.args
+        out = self.relay.messages.wait_for(a["id"], a["until"], a["all"], a["timeout"], client_gone=req.handler.client_gone)
+        if out is None:
+            return None, None
+        return 200, out
 
     def read_message(self, req):
         return 200, self.relay.messages.mark_read(req.args["id"], req.body, req.auth)
@@ -5087,6 +5829,12 @@ class Api:
         body, status = self.relay.tasks.integration_event(req.auth.integration, req.body)
         return status, body
 
+    # -- search ------------------------------------------------------------
+    def search(self, req):
+        a = req.args
+        filters = {k: a[k] for k in ("agent", "from", "to", "channel")}
+        return 200, self.relay.search.search(a["q"], filters, a["since"], a["until"], a["limit"])
+
     def callbacks(self, req):
         return 200, self.relay.callbacks.list_callbacks(req.args)
 
@@ -5126,45 +5874,13 @@ class Api:
             since = req.args["since"]
         if since is None or since > relay.hub.head:
             since = relay.hub.head  # a cursor from another database (a fresh or :memory: relay) must not mute the stream
-        waiter = relay.hub.subscribe(agent_id, "stream")
-        h = req.handler
-        try:
-            h.connection.settimeout(relay.config.sse_send_timeout_ms / 1000.0)  # the send deadline of every write below
-            h.send_head(200, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                              "X-Accel-Buffering": "no", "Connection": "close"})
-            h.close_connection = True
-            h.wfile.write(b"retry: 2000\n: connected\n\n")
-            if agent_id:
-                relay.agents.touch(agent_id)
-            ping = relay.config.sse_ping_ms / 1000.0
-            next_ping = time.monotonic() + ping
-            while not relay.hub.stopping:
-                waiter.event.clear()
-                batch = relay.hub.after(since, self.STREAM_PAGE, self.STREAM_PAGE_BYTES)
-                if batch is None:
-                    batch = self._stored_events(since)
-                wanted = [ev for ev in batch if (types is None or ev.type in types) and (agent_id is None or ev.concerns(agent_id))]
-                h.write_pieces((p for ev in wanted for p in ev.frame_pieces(self.STREAM_PIECE_BYTES)), self.STREAM_PIECE_BYTES)
-                if batch:
-                    since = batch[-1].id
-                    continue
-                left = next_ping - time.monotonic()
-                if left <= 0:
-                    h.wfile.write(b": ping\n\n")
-                    next_ping = time.monotonic() + ping
-                elif not waiter.event.wait(min(left, 1.0)) and h.client_gone():
-                    break  # a client that left is noticed within a second, not at the next keep-alive
-        except (OSError, ValueError):
-            pass  # the client went away
-        finally:
-            relay.hub.unsubscribe(waiter)
-            if agent_id:
-                relay.agents.touch(agent_id)
+        EventStream(self, req.handler, agent_id, types, since).begin()
         return None, None
 
     # -- MCP: the Streamable HTTP transport (the protocol lives in the MCP section) --
     def mcp(self, req):
-        return mcp_http(self, req)
+        with req.handler.holding_thread():  # MCP's calls and streams wait where they run
+            return mcp_http(self, req)
 
     def _stored_events(self, since):
         """The next page of a replay that memory no longer reaches, from the events table: at most STREAM_PAGE events
@@ -5182,6 +5898,87 @@ class Api:
             finally:
                 rows.close()  # ends the read at once: a statement left open would hold back checkpoints
         return out
+
+
+class EventStream:
+    """One open stream: it writes the events it has not sent yet, then waits (Handler.wait) until the Hub wakes it
+    or its keep-alive comment is due. Between events it holds no thread in the waiting room, which writes the
+    comments itself; a client that hangs up is noticed at once there, and within a second elsewhere."""
+
+    PING = b": ping\n\n"
+
+    def __init__(self, api, handler, agent_id, types, since):
+        self.api = api
+        self.relay = api.relay
+        self.h = handler
+        self.agent_id = agent_id
+        self.types = types
+        self.since = since
+        self.waiter = None
+        self.ended = False
+
+    def begin(self):
+        relay, h = self.relay, self.h
+        self.waiter = relay.hub.subscribe(self.agent_id, "stream")
+        try:
+            h.connection.settimeout(relay.config.sse_send_timeout_ms / 1000.0)  # the send deadline of every write
+            h.send_head(200, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                              "X-Accel-Buffering": "no", "Connection": "close"})
+            h.close_connection = True
+            h.wfile.write(b"retry: 2000\n: connected\n\n")
+            if self.agent_id:
+                relay.agents.touch(self.agent_id)
+            h.ping_every = relay.config.sse_ping_ms / 1000.0
+            h.next_ping = time.monotonic() + h.ping_every
+        except (OSError, ValueError):
+            return self.end()  # the client went away
+        except BaseException:
+            self.end()
+            raise
+        deadline = self.step(None)
+        if deadline is not None:
+            h.wait("stream", self.waiter, self.step, deadline, check_s=1.0)  # a client that left is seen within a second
+
+    def step(self, reason):
+        """Writes what is due; returns when to be woken at the latest (the next keep-alive), or None at the end."""
+        h, hub = self.h, self.relay.hub
+        api = self.api
+        try:
+            if reason in ("gone", "stop"):
+                return self.end()
+            while not hub.stopping:
+                self.waiter.rearm()
+                batch = hub.after(self.since, api.STREAM_PAGE, api.STREAM_PAGE_BYTES)
+                if batch is None:
+                    batch = api._stored_events(self.since)
+                wanted = [ev for ev in batch if (self.types is None or ev.type in self.types)
+                          and (self.agent_id is None or ev.concerns(self.agent_id))]
+                h.write_pieces((p for ev in wanted for p in ev.frame_pieces(api.STREAM_PIECE_BYTES)), api.STREAM_PIECE_BYTES)
+                if self.agent_id and wanted and not h.client_gone():  # written, to a client still there
+                    self.relay.messages.record_stream_delivery(self.agent_id, wanted)
+                if batch:
+                    self.since = batch[-1].id
+                    continue
+                rest, h.ping_rest = h.ping_rest, None
+                now = time.monotonic()
+                if rest is not None or now >= h.next_ping:
+                    h.wfile.write(rest or self.PING)
+                    h.next_ping = now + h.ping_every
+                return h.next_ping
+            return self.end()
+        except (OSError, ValueError):
+            return self.end()  # the client went away, or took nothing within the send deadline
+        except BaseException:
+            self.end()
+            raise
+
+    def end(self):
+        if not self.ended:
+            self.ended = True
+            self.relay.hub.unsubscribe(self.waiter)
+            if self.agent_id:
+                self.relay.agents.touch(self.agent_id)
+        return None
 
 
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
@@ -5313,15 +6110,26 @@ class RequestReader(socket.SocketIO):
     bounds a single recv, so a client that trickles a byte at a time would reset it forever: while a
     deadline runs, each recv may wait only for what is left of it. The head's clock starts at its first
     byte (a kept-alive connection waiting for its next request is under the socket timeout alone), the
-    body's when the relay starts to read it. Past a deadline, reading raises RequestTimeout."""
+    body's when the relay starts to read it. Past a deadline, reading raises RequestTimeout.
 
-    def __init__(self, sock, idle):
+    With a worker pool (the waiting room), a read first takes what the socket holds without waiting (one
+    system call, where a socket with a timeout makes two); only when the client has sent nothing yet does
+    the thread wait, and the pool then counts it as waiting on its client. With `nowait` set, a read returns
+    None instead of waiting (after `linger` seconds at most): how a worker looks for a connection's next
+    request before it parks the connection."""
+
+    def __init__(self, sock, idle, pool=None):
         socket.SocketIO.__init__(self, sock, "rb")
         self.sock = sock
         self.idle = idle  # the socket's own timeout, in seconds
         self.deadline = None  # time.monotonic() by which the part being read must be in
         self.part = "head"
         self.head_seconds = None  # set while waiting for a request: the head's clock starts with its first byte
+        self.pool = pool
+        self.fd = sock.fileno() if pool is not None else None
+        self.nowait = False
+        self.linger = 0.0
+        self.eof = False  # a read found the client's end of the stream
 
     def await_request(self, head_seconds):
         self.deadline, self.part, self.head_seconds = None, "head", head_seconds
@@ -5330,6 +6138,40 @@ class RequestReader(socket.SocketIO):
         self.deadline, self.part, self.head_seconds = time.monotonic() + seconds, "body", None
 
     def readinto(self, b):
+        if self.fd is None:
+            return self._wait_and_read(b)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise RequestTimeout(self.part)
+        if self.nowait and self.linger > 0:
+            n = self._linger(b)
+        else:
+            try:
+                n = os.readv(self.fd, [b])
+            except (BlockingIOError, InterruptedError):
+                n = None
+        if n is not None:
+            if not n:
+                self.eof = True
+            elif self.head_seconds is not None:
+                self.deadline, self.head_seconds = time.monotonic() + self.head_seconds, None
+            return n
+        if self.nowait:
+            return None
+        self.pool.blocking()
+        try:
+            return self._wait_and_read(b)
+        finally:
+            self.pool.unblocked()
+
+    def _linger(self, b):
+        if not self.pool.linger(self.fd, self.linger):
+            return None
+        try:
+            return os.readv(self.fd, [b])
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def _wait_and_read(self, b):
         deadline = self.deadline
         if deadline is None:
             n = socket.SocketIO.readinto(self, b)
@@ -5349,6 +6191,61 @@ class RequestReader(socket.SocketIO):
         finally:
             if shorter:
                 self.sock.settimeout(self.idle)
+
+
+def wait_here(waiter, step, deadline, check_s, client_gone):
+    """Handler.wait on the calling thread: it sleeps on the waiter's event, and looks every `check_s` seconds
+    whether the client hung up. Returns the step's answer, or (None, None)."""
+    event = waiter.event
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reason = "timeout"
+        elif event.wait(min(left, check_s)):
+            reason = "woken"
+        elif client_gone():
+            reason = "gone"
+        else:
+            continue
+        out = step(reason)
+        if out is None or isinstance(out, tuple):
+            return out or (None, None)
+        deadline = out
+
+
+class ClientWriter:
+    """The writing side of a connection: every write goes out whole, within the socket's timeout. With a worker
+    pool, a write first gives the socket what it takes at once (its descriptor does not block); when the client
+    is slow to take the rest, the pool counts the thread as waiting on its client while it writes that."""
+
+    closed = False
+
+    def __init__(self, sock, pool=None):
+        self.sock = sock
+        self.pool = pool
+        self.fd = sock.fileno() if pool is not None else None
+
+    def write(self, data):
+        if self.fd is None:
+            self.sock.sendall(data)
+            return len(data)
+        try:
+            sent = os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self.pool.blocking()
+            try:
+                self.sock.sendall(memoryview(data)[sent:])
+            finally:
+                self.pool.unblocked()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -5371,19 +6268,205 @@ class Handler(BaseHTTPRequestHandler):
     _nowait = False  # writing from the committing thread: what the client does not take at once is left in _rest
     _rest = b""
 
+    # In the waiting room (RelayServer.room), a connection is served in turns (serve), each on a worker from the
+    # pool; between turns it waits in the room without a thread. What it waits for:
+    wait_kind = None  # "idle" (its next request), "poll" or "stream"
+    waiter = None  # the Hub's Waiter of a long-poll or stream
+    wait_step = None  # what the long-poll or stream does when its wait ends (see wait)
+    wait_deadline = None  # time.monotonic() at which the wait ends at the latest
+    ping_every = None  # a waiting stream's keep-alive interval: the room writes the comment itself
+    next_ping = None
+    ping_rest = None  # the part of a keep-alive comment the room could not write at once
+    # the room's own bookkeeping, changed by its thread only
+    in_room = False
+    watched = False  # registered with the room's selector
+    timer_at = None
+    timer_seq = None
+    closed = False
+    _awaiting = False  # the reader is set for the next request (its head's clock starts with its first byte)
+
+    # How long a worker looks for a connection's next request before it parks the connection. A client that
+    # sends its next request as soon as it has the answer costs no trip through the room.
+    LINGER_S = 0.02
+
+    def __init__(self, request, client_address, server):
+        """Sets the connection up; the server runs it (serve in the waiting room, else handle and finish)."""
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.close_connection = False
+        self.setup()
+
     def log_message(self, format, *args):
         pass  # no access log: request lines are not worth a write per request (and must never show a token)
 
     def setup(self):
-        BaseHTTPRequestHandler.setup(self)
-        self.rfile.close()  # the stdlib's reader gives way to one that holds each request to its deadlines
-        self.reader = RequestReader(self.connection, self.timeout)
+        self.connection = sock = self.request
+        sock.settimeout(self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        pool = self.server.pool
+        # a reader that holds each request to its deadlines, in place of the stdlib's
+        self.reader = RequestReader(sock, self.timeout, pool)
+        self.reader.linger = self.LINGER_S
         self.rfile = io.BufferedReader(self.reader)
+        self.wfile = ClientWriter(sock, pool)
+
+    # -- turns in the waiting room -------------------------------------------
+    def serve(self, reason=None):
+        """One turn on a worker: requests are answered while they come; the connection is parked in the room when
+        it has to wait (for its next request, or a long-poll or stream for what it waits for), and closed when it
+        is done. `reason` says why a long-poll's or stream's wait ended (see wait)."""
+        server = self.server
+        th = threading.current_thread()
+        with server.active_lock:
+            server.active.add(th)
+        try:
+            if reason is not None and self.wait_step is not None and not self._resume(reason):
+                return  # waits again
+            self.wait_kind = None
+            head_seconds = self.relay.config.head_timeout_ms / 1000.0
+            while not self.close_connection:
+                if not self._awaiting:
+                    self.reader.await_request(head_seconds)
+                    self._awaiting = True
+                th.relay_idle = True
+                try:
+                    ready = self.next_request_ready()
+                finally:
+                    th.relay_idle = False
+                if not ready:
+                    return self._park("idle", time.monotonic() + self.timeout)
+                self.handle_one_request()
+                if self.wait_step is not None:
+                    return self._park(self.wait_kind, self.wait_deadline)
+            self.close()
+        except Exception:
+            server.handle_error(self.connection, self.client_address)
+            self.close()
+        finally:
+            th.relay_idle = False
+            with server.active_lock:
+                server.active.discard(th)
+
+    def next_request_ready(self):
+        """True when the next request has begun to arrive (or the client has hung up): bytes are buffered, or the
+        socket has some now (or within LINGER_S). False when the buffer is empty and nothing came."""
+        if self.rfile is None:
+            self.rfile = io.BufferedReader(self.reader)
+        reader = self.reader
+        reader.nowait = True
+        try:
+            if self.rfile.peek(1):
+                return True
+        except OSError:
+            return True  # a reset: the reader meets it again and ends the connection
+        finally:
+            reader.nowait = False
+        return reader.eof  # the client hung up: the reader meets the end again and ends the connection
+
+    def _park(self, kind, deadline):
+        """Hands the connection to the waiting room; this thread must touch it no more."""
+        self.wait_kind, self.wait_deadline = kind, deadline
+        if kind == "idle":
+            self.headers = None
+        else:
+            self.waiter.conn = self
+        if self.rfile is not None and (kind == "idle" or self._nothing_buffered()):
+            self.rfile.detach()  # its buffer is empty: 8 KB less for each connection that waits
+            self.rfile = None
+        self.server.room.park(self)
+
+    def _nothing_buffered(self):
+        """True when nothing the client sent waits in the reader's buffer (a request sent ahead is kept with it)."""
+        reader = self.reader
+        reader.nowait, linger, reader.linger = True, reader.linger, 0.0
+        try:
+            return not self.rfile.peek(1) and not reader.eof
+        except OSError:
+            return False
+        finally:
+            reader.nowait, reader.linger = False, linger
+
+    def _resume(self, reason):
+        """A long-poll's or stream's wait ended: runs its step, and writes the answer it gives. False when it waits
+        again (and is parked)."""
+        step, result = self.wait_step, []
+
+        def run():
+            out = step(reason)
+            if isinstance(out, tuple):
+                if out[0] is None:
+                    self.close_connection = True  # no answer: its client is gone
+                else:
+                    self.send_json(*out)
+                out = None
+            result.append(out)
+
+        self.answer(run)
+        deadline = result[0] if result else None
+        if deadline is not None:
+            self._park(self.wait_kind, deadline)
+            return False
+        self.wait_step = self.waiter = None
+        self.ping_every = self.next_ping = self.ping_rest = None
+        with self.server.active_lock:
+            self.server.waits -= 1
+        return True
+
+    def wait(self, kind, waiter, step, deadline, check_s=1.0):
+        """A long-poll or stream (`kind`) waits until its `waiter` is woken, or until `deadline` (time.monotonic()),
+        then step(reason) runs, with reason "woken", "timeout", "gone" (the client hung up) or "stop" (the relay
+        stops). A step returns the deadline of its next wait, or the answer (status, body), or None when it wrote
+        its own (a stream) or has none to give (its client is gone). Every step clears the waiter
+        (Waiter.rearm) before it looks. Returns what the route handler returns.
+
+        In the waiting room this returns (None, None) at once: the connection waits in the room without a
+        thread, and a worker runs the step and writes its answer. Without it, this thread waits here (wait_here)."""
+        if self.server.room is None:
+            return wait_here(waiter, step, deadline, check_s, self.client_gone)
+        self.wait_kind, self.waiter, self.wait_step, self.wait_deadline = kind, waiter, step, deadline
+        with self.server.active_lock:
+            self.server.waits += 1
+        return None, None
+
+    @contextlib.contextmanager
+    def holding_thread(self):
+        """For a request that waits where it runs: the pool starts another worker for the others meanwhile."""
+        pool = self.server.pool
+        if pool is None:
+            yield
+            return
+        pool.blocking()
+        try:
+            yield
+        finally:
+            pool.unblocked()
+
+    def close(self):
+        """Ends the connection (waiting room): the last answer written, the socket closed, the count down."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.wait_step is not None:  # a long-poll or stream cut short by an error: it waits no more
+            self.wait_step = None
+            if self.waiter is not None:
+                self.relay.hub.unsubscribe(self.waiter)
+            with self.server.active_lock:
+                self.server.waits -= 1
+        try:
+            self.finish()
+        except OSError:
+            pass
+        self.server.shutdown_request(self.connection)
+        self.server.connection_closed()
 
     def handle_one_request(self):
         th = threading.current_thread()
         try:
-            self.reader.await_request(self.relay.config.head_timeout_ms / 1000.0)
+            if self._awaiting:
+                self._awaiting = False  # set by serve, whose look for this request may have read its first bytes
+            else:
+                self.reader.await_request(self.relay.config.head_timeout_ms / 1000.0)
             th.relay_idle = True  # waiting for a request on a kept-alive connection: nothing to finish at stop
             try:
                 self.raw_requestline = self.rfile.readline(65537)
@@ -5420,7 +6503,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def finish(self):
         self.await_answer()
-        BaseHTTPRequestHandler.finish(self)
+        self.wfile.close()
+        if self.rfile is not None:
+            self.rfile.close()
 
     def answer_later(self, compute):
         """A `then` for Writer.group_tx that answers this request from the thread that commits it, with the
@@ -5456,7 +6541,14 @@ class Handler(BaseHTTPRequestHandler):
         answering, self._answering = self._answering, None
         if answering is None:
             return True
-        return answering.wait(self.timeout * 2) and not self.close_connection
+        pool = self.server.pool
+        if pool is None or answering.is_set():
+            return answering.wait(self.timeout * 2) and not self.close_connection
+        pool.blocking()  # written by another thread, as fast as this client takes it
+        try:
+            return answering.wait(self.timeout * 2) and not self.close_connection
+        finally:
+            pool.unblocked()
 
     def _write(self, data):
         if not self._nowait:
@@ -5932,6 +7024,396 @@ for _m in ("GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS", "TRACE", 
     setattr(Handler, "do_" + _m, Handler.dispatch)
 
 
+class WorkerPool:
+    """The threads that run connections' turns: at most `size` of them at work at once, started as needed.
+
+    A worker waiting on one client (a request that arrives slowly, an answer the client is slow to take) does
+    not count against the size: while any wait so, the pool starts another for the work queued meanwhile, so a
+    few slow clients cannot hold everyone up (they are bounded by the deadlines and the connection cap, as a
+    thread per connection was). The worker that finished last is given the next turn, and one idle for IDLE_S
+    ends: when a crowd leaves, its threads go with it."""
+
+    IDLE_S = 2.0
+
+    def __init__(self, size, name="worker"):
+        self.size = size
+        self.name = name
+        self.lock = threading.Lock()
+        self.idle = []  # [task, gate] of each waiting worker, the last to finish at the end
+        self.queue = collections.deque()
+        self.threads = 0
+        self.blocked = 0  # workers waiting on a client
+        self._short = False  # no thread could be started (said once)
+        self.lingering = 0  # workers looking for their connection's next request (linger)
+        self._call = None  # a pipe: a byte in it calls one lingering worker to queued work
+        self._local = threading.local()
+
+    def submit(self, fn, *args):
+        with self.lock:
+            if self.idle:
+                slot = self.idle.pop()
+                slot[0] = (fn, args)
+                slot[1].release()
+                return
+            if self.threads - self.blocked >= self.size:
+                self.queue.append((fn, args))
+                if self.lingering:
+                    try:
+                        os.write(self._call[1], b"\0")
+                    except OSError:
+                        pass  # full: lingering workers are being called already
+                return
+            self.threads += 1
+        self._start((fn, args))
+
+    def linger(self, fd, seconds):
+        """Waits up to `seconds` for `fd` to turn readable (a connection's next request), unless work is queued
+        meanwhile with no worker free for it: then the first lingering worker to see the call goes to it. True when
+        readable."""
+        if self.queue:
+            return False
+        poller = getattr(self._local, "poller", None)
+        if poller is None:
+            with self.lock:
+                if self._call is None:
+                    self._call = os.pipe()
+                    for end in self._call:
+                        os.set_blocking(end, False)
+            poller = self._local.poller = select.poll()
+            poller.register(self._call[0], select.POLLIN)
+        poller.register(fd, select.POLLIN)
+        with self.lock:
+            self.lingering += 1
+        try:
+            end = time.monotonic() + seconds
+            while True:
+                for got, _events in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+                    if got == fd:
+                        return True
+                    try:
+                        if os.read(self._call[0], 1):
+                            return False  # called to queued work
+                    except (BlockingIOError, InterruptedError):
+                        pass  # another lingering worker took the call
+                if time.monotonic() >= end:
+                    return False
+        finally:
+            poller.unregister(fd)
+            with self.lock:
+                self.lingering -= 1
+
+    def blocking(self):
+        """The calling worker waits on its client: queued work gets a new worker, if none is free."""
+        with self.lock:
+            self.blocked += 1
+            if not self.queue or self.threads - self.blocked >= self.size:
+                return
+            self.threads += 1
+            task = self.queue.popleft()
+        self._start(task)
+
+    def unblocked(self):
+        with self.lock:
+            self.blocked -= 1
+
+    def _start(self, task):
+        try:
+            threading.Thread(target=self._work, args=(task,), name=self.name, daemon=True).start()
+            return
+        except RuntimeError:
+            pass
+        with self.lock:  # no thread to be had: the task waits for a worker that is running
+            self.threads -= 1
+            self.queue.appendleft(task)
+            said, self._short = self._short, True
+        if not said:
+            log("could not start a worker thread (%d running); requests wait for one" % self.threads)
+
+    def _work(self, task):
+        gate = threading.Lock()
+        gate.acquire()
+        slot = [None, gate]
+        while True:
+            fn, args = task
+            try:
+                fn(*args)
+            except Exception:
+                log("worker error:\n" + traceback.format_exc())
+            task = fn = args = None  # a finished turn holds nothing while the worker waits
+            with self.lock:
+                if self.queue:
+                    task = self.queue.popleft()
+                    continue
+                if self.threads - self.blocked > self.size:
+                    self.threads -= 1  # started for a slow client's sake: no longer needed
+                    return
+                slot[0] = None
+                self.idle.append(slot)
+            given = gate.acquire(timeout=self.IDLE_S)
+            with self.lock:
+                task = slot[0]
+                if task is None:
+                    self.idle.remove(slot)
+                    self.threads -= 1
+                    return
+                if not given:
+                    gate.acquire(False)  # released as the task was given, just after the wait ended
+
+
+def release_memory():
+    """Gives the heap's free pages back to the system once a crowd of connections has left (glibc's
+    malloc_trim; elsewhere nothing)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+                import ctypes
+
+                _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, ValueError, AttributeError):
+            pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+class WaitingRoom:
+    """One thread with a selector (epoll, kqueue or poll) that holds the connections that wait: an idle keep-alive
+    connection until its next request, a long-poll until something concerns it, a stream between events.
+
+    It gives a connection back to a worker (Handler.serve) when its next request arrives (readable), when the
+    Hub wakes its waiter, when its time is up (one heap of deadlines for all), or when its client hangs up: a
+    waiting long-poll or stream that turns readable with nothing to read. Nothing runs per waiting connection
+    in between. It writes a waiting stream's keep-alive comment itself, and closes an idle connection at its
+    idle timeout. Other threads talk to it through a list of commands and a socketpair that wakes the selector."""
+
+    TRIM_AFTER = 1000  # when a crowd at least this large has mostly left, free memory goes back (release_memory)
+    TRIM_DELAY_S = 3.0  # once the workers have closed what was handed back
+
+    PING = b": ping\n\n"
+
+    def __init__(self, server):
+        self.server = server
+        self.pool = server.pool
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.lock = threading.Lock()
+        self.commands = []
+        self.signalled = False
+        self.parked = set()
+        self.counts = {"idle": 0, "poll": 0, "stream": 0}
+        self.timers = []  # heap of (when, seq, conn): at most one live entry per connection
+        self.seq = 0
+        self.peak = 0
+        self.trim_at = None
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="waiting-room", daemon=True)
+        self.thread.start()
+
+    # -- from other threads
+    def park(self, conn):
+        self._command("park", conn)
+
+    def wake(self, conn):
+        self._command("wake", conn)
+
+    def stop(self):
+        """The relay stops: idle connections are closed, waiting long-polls and streams answered and ended."""
+        self._command("stop", None)
+
+    def _command(self, what, conn):
+        with self.lock:
+            self.commands.append((what, conn))
+            if self.signalled:
+                return
+            self.signalled = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full: the room is being woken already
+
+    # -- the room's thread
+    def _run(self):
+        select = self.selector.select
+        while True:
+            timeout = None
+            if self.timers:
+                timeout = self.timers[0][0]
+            if self.trim_at is not None and (timeout is None or self.trim_at < timeout):
+                timeout = self.trim_at
+            if timeout is not None:
+                timeout = max(0.0, timeout - time.monotonic())
+            for key, _events in select(timeout):
+                conn = key.data
+                if conn is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+                elif conn.in_room:
+                    self._readable(conn)
+            with self.lock:
+                commands, self.commands = self.commands, []
+                self.signalled = False
+            for what, conn in commands:
+                if what == "park":
+                    self._enter(conn)
+                elif what == "wake":
+                    if conn.in_room and conn.wait_kind != "idle":
+                        self._hand_back(conn, "woken")
+                else:
+                    self._close_all()
+            if self.timers and self.timers[0][0] <= time.monotonic():
+                self._expire()
+            if len(self.timers) > 2 * len(self.parked) + 1024:
+                self._compact()
+            self._maybe_trim()
+
+    def _enter(self, conn):
+        if self.closing:
+            return self._turn_out(conn)
+        kind = conn.wait_kind
+        conn.in_room = True
+        self.parked.add(conn)
+        self.counts[kind] += 1
+        if len(self.parked) > self.peak:
+            self.peak = len(self.parked)
+        try:
+            self.selector.register(conn.connection, selectors.EVENT_READ, conn)
+            conn.watched = True
+        except (OSError, ValueError, KeyError):
+            self._hand_back(conn, None if kind == "idle" else "gone")  # its socket is gone already
+            return
+        self._arm(conn, conn.wait_deadline)
+        if kind != "idle" and conn.waiter.woken:
+            self._hand_back(conn, "woken")  # woken before it got here
+
+    def _leave(self, conn):
+        conn.in_room = False
+        self.parked.discard(conn)
+        self.counts[conn.wait_kind] -= 1
+        if conn.watched:
+            conn.watched = False
+            try:
+                self.selector.unregister(conn.connection)
+            except (KeyError, ValueError, OSError):
+                pass
+        if conn.waiter is not None:
+            conn.waiter.conn = None
+
+    def _hand_back(self, conn, reason):
+        self._leave(conn)
+        self.pool.submit(conn.serve, reason)
+
+    def _readable(self, conn):
+        if conn.wait_kind == "idle":
+            self._hand_back(conn, None)  # its next request, or its client's hang-up: the reader sees which
+            return
+        # a waiting long-poll or stream: readable is its client's hang-up, or a request it sent ahead (pipelined)
+        try:
+            gone = conn.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            gone = True
+        if gone:
+            self._hand_back(conn, "gone")
+        else:  # read on its turn; no longer watched, or the selector would report it again and again
+            conn.watched = False
+            self.selector.unregister(conn.connection)
+
+    def _arm(self, conn, when):
+        if when is not None and (conn.timer_at is None or when < conn.timer_at):
+            self.seq += 1
+            conn.timer_at, conn.timer_seq = when, self.seq
+            heapq.heappush(self.timers, (when, self.seq, conn))
+
+    def _expire(self):
+        now = time.monotonic()
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            _when, seq, conn = heapq.heappop(timers)
+            if conn.timer_seq != seq:
+                continue  # an earlier deadline replaced it
+            conn.timer_at = conn.timer_seq = None
+            if not conn.in_room or conn.wait_deadline is None:
+                continue
+            if conn.wait_deadline > now:
+                self._arm(conn, conn.wait_deadline)
+            else:
+                self._due(conn, now)
+
+    def _due(self, conn, now):
+        kind = conn.wait_kind
+        if kind == "idle":
+            self._leave(conn)
+            if conn._answering is None:
+                conn.close()  # idle for its whole timeout
+            else:
+                self.pool.submit(conn.close)  # the last answer is still being written
+        elif kind == "stream" and conn.ping_every is not None:
+            try:
+                sent = os.write(conn.connection.fileno(), self.PING)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return self._hand_back(conn, "gone")
+            if sent == len(self.PING):
+                conn.next_ping = conn.wait_deadline = now + conn.ping_every
+                self._arm(conn, conn.wait_deadline)
+            else:  # the client is slow to read: a worker writes the rest, within the stream's send deadline
+                conn.ping_rest = self.PING[sent:]
+                self._hand_back(conn, "timeout")
+        else:
+            self._hand_back(conn, "timeout")
+
+    def _compact(self):
+        """Drops the heap's entries for connections that left (each holds its connection's memory)."""
+        keep = []
+        for entry in self.timers:
+            conn = entry[2]
+            if conn.timer_seq == entry[1]:
+                if conn.in_room:
+                    keep.append(entry)
+                else:
+                    conn.timer_at = conn.timer_seq = None
+        heapq.heapify(keep)
+        self.timers = keep
+
+    def _maybe_trim(self):
+        now = time.monotonic()
+        if self.trim_at is not None:
+            if now >= self.trim_at:
+                self.trim_at = None
+                self._compact()
+                self.pool.submit(release_memory)
+        elif self.peak >= self.TRIM_AFTER and len(self.parked) <= self.peak // 2:
+            self.peak = len(self.parked)
+            self.trim_at = now + self.TRIM_DELAY_S
+
+    def _turn_out(self, conn):
+        if conn.wait_kind == "idle":
+            if conn._answering is None:
+                conn.close()
+            else:
+                self.pool.submit(conn.close)
+        else:
+            self.pool.submit(conn.serve, "stop")
+
+    def _close_all(self):
+        self.closing = True
+        for conn in list(self.parked):
+            self._leave(conn)
+            self._turn_out(conn)
+
+
 class RelayServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -5939,17 +7421,23 @@ class RelayServer(ThreadingHTTPServer):
     allow_reuse_address = True
     ACCEPT_BACKOFF_S = 0.1  # when no descriptor is left to accept with
 
-    def __init__(self, addr, handler, max_connections):
-        self.active = set()
+    def __init__(self, addr, handler, max_connections, workers=None):
+        self.active = set()  # threads serving a connection now
         self.active_lock = threading.Lock()
         self.max_connections = max_connections
         self.connections = 0  # open now: counted when accepted, so that a burst cannot overshoot the cap
+        self.waits = 0  # long-polls and streams waiting in the room (or on their way in or out of it)
         self.starved = False  # descriptors ran out (said once, until an accept succeeds again)
         self.spare_fd = None
+        # threads for work, one selector for waiting (WaitingRoom); without it, a thread per connection
+        self.pool = WorkerPool(workers) if workers and WAITING_ROOM else None
+        self.room = None
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         ThreadingHTTPServer.__init__(self, addr, handler)
         self.spare_fd = self._take_spare()
+        if self.pool is not None:
+            self.room = WaitingRoom(self)
 
     @staticmethod
     def _take_spare():
@@ -6000,6 +7488,9 @@ class RelayServer(ThreadingHTTPServer):
             self.turn_away(request, "The relay has too many connections open (%d, AGENT_RELAY_MAX_CONNECTIONS); "
                            "try again shortly." % self.max_connections)
             return
+        if self.pool is not None:
+            self.pool.submit(self.open_connection, request, client_address)
+            return
         try:
             ThreadingHTTPServer.process_request(self, request, client_address)
         except RuntimeError:  # no thread to be had
@@ -6026,6 +7517,29 @@ class RelayServer(ThreadingHTTPServer):
         finally:
             request.close()
 
+    def open_connection(self, request, client_address):
+        """A new connection's first turn, on a worker (waiting room)."""
+        try:
+            handler = self.RequestHandlerClass(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+            self.connection_closed()
+            return
+        handler.serve()
+
+    def connection_closed(self):
+        with self.active_lock:
+            self.connections -= 1
+
+    def finish_request(self, request, client_address):
+        """A connection on a thread of its own (no waiting room): it waits where it is."""
+        handler = self.RequestHandlerClass(request, client_address, self)
+        try:
+            handler.handle()
+        finally:
+            handler.finish()
+
     def process_request_thread(self, request, client_address):
         th = threading.current_thread()
         with self.active_lock:
@@ -6042,6 +7556,8 @@ class RelayServer(ThreadingHTTPServer):
         if self.spare_fd is not None:
             os.close(self.spare_fd)
             self.spare_fd = None
+        if self.room is not None:
+            self.room.stop()
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -6050,13 +7566,19 @@ class RelayServer(ThreadingHTTPServer):
         log("connection error:\n" + traceback.format_exc())
 
     def wait_for_requests(self, timeout):
+        """Until every request in progress is answered (long-polls and streams included), at most `timeout` s;
+        connections waiting for their next request, or in the middle of sending it, are not waited for."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.active_lock:
                 threads = [t for t in self.active if not getattr(t, "relay_idle", False)]
-            if not threads:
+                waits = self.waits
+            if not threads and not waits:
                 return True
-            threads[0].join(max(0.0, min(0.2, deadline - time.monotonic())))
+            if self.pool is not None or not threads:
+                time.sleep(0.01)  # workers do not end with their turn
+            else:
+                threads[0].join(max(0.0, min(0.2, deadline - time.monotonic())))
         return False
 
 
@@ -6069,7 +7591,7 @@ def make_server(config, relay=None):
                               "user (SQLite keeps -wal and -shm files beside it)" % (config.db, e))
     handler = type("RelayHandler", (Handler,), {"relay": relay, "api": Api(relay)})
     try:
-        server = RelayServer((config.host, config.port), handler, config.max_connections)
+        server = RelayServer((config.host, config.port), handler, config.max_connections, config.workers)
     except OSError as e:
         relay.close()
         raise ConfigError("PORT: cannot listen on %s:%d (%s)" % (config.host, config.port, e.strerror or e))
@@ -6112,382 +7634,398 @@ def installer_script(source_url):
 
 # BEGIN EMBEDDED DASHBOARD
 DASHBOARD_GZIP_B64 = [
-    "H4sIAAAAAAACA8W9XXMbSZIg+K5fkWL3NJASAIKkpFKBInVqlapL25KqrqSe3jMWuyoJJIlsAkhUZkIUW82xfhqzs3s4s50zm5fd",
-    "x5u/sO97/6R+yflXRHhEZgKgVLfXu1MiIuPTw8PDv8L9yd1JPq6ul2k0reaz4ztP8J9oliwujnbSxQ4WpMkE/pmnVRKNp0lRptXR",
-    "zqo67z/eMcWLZJ4e7bzP0qtlXlQ70ThfVOkCql1lk2p6NEnfZ+O0Tz96UbbIqiyZ9ctxMkuP9oJOxvksL+DbNJ2nqqNZdjGtoklS",
-    "XAb1i/Q8LYq0UHUXed+WQuUqq2bp8bML+BZ9n86S6ye7XHTnySxbXEZFOjvayaD1TjSFdkc7k6RKRj1sWlbXWG/3XtSH/0UVTor+",
-    "/NT/Rfd274yKPK+ij3ci6OnsYhT95vzh+aPzx4fwc5ks0hmW0P9sSX8fy748T87PsKxKP1RQsDfe3z8YYsF8VaUTKHn06Ivh44eH",
-    "3HNeTNICCtP99GGaYLVkPAYYQNHBw0cH4y9dUb/Mz7E8fZymPMQE9p9aj4cHX+6fcZdcaCqfT9Ix95tf4myg8YOUf9r+Hp4/TMdY",
-    "dpUUCyhIHj86Gw5Ngevp/CDdk2mvymso+iJ5uD/+4lAKbMVhKiDIz8/h9+Pky70vx/LbDpqeD88PuLcimWSrchTtDZcfsFo5TSb5",
-    "1SgaRnvLD9E+/F9xcZZ09x71ov0HvejBsBcNhg9jbjzPF/koWmX0R7lMxmkvevv1a/jR/z69WM2Sohe9ThezvBc9zxdlPkvKXrTz",
-    "KjtLi6TK8kWEVXd6kW1+eOfmzv8yTydZEnWXhKFlX6P7iPA7JtRwSGLRZO/B3hd7Y40mgAHD/S98NNnf3//iYE+hCezKF7wJBk2+",
-    "fJzsnxGEPETZTw8ePBh6iPJFmuyfD+uIsv/gYPgg8RDlfPg4+SI1nfqocpDsP9jft6jy8Hx8/njso8re5OCAlyKokj4+Gz44D1Hl",
-    "IDkY7g/t1BlZzh5/mfAsNbLsp/tf8HLWIMs+rO/gsenPoMciX9BKbmDD7kUfo7P8Q7/M/pYtYBsYXAA1QKibO0gse1A2uYZq86S4",
-    "yGDuQ/zCZdDJWTK+vCjy1QJA/z4purib8WFEG29KcKugDMhR2p+mSOoAZwcP6Cif57gVew+WH3axKCqvyyqd91dZL+ony+Us7XMJ",
-    "4N7b9CJPoz+9BKT7Pj/LK8DMnW/S2fu0ysZJ9CZdpfDlWQHEtxeVyaLsl2mRneMg+fu0OJ/lV/0Po2iaTSbpApH1bFVV+QIp9nJV",
-    "QZN0lo7hX5xtUqQJLJknly2m0FFlF2V/39w54d5Ooe4kK5dAfRm80d1sjndFsqBqA8JNqOSBhQpj/g6HSMbrnyfzbHZtK8EXqENf",
-    "YJPgFO3tDx4uaXsGV0WyhGZ2efh7FCWL6yuYIVCrK9jN/hmsBfCS/uljCTa1RB+vv7T4bKrP3QyqfElYsczLDInEKCphcy6vDyP4",
-    "Qqjzt362mKSwDw8PG3CHDjoRKIuIsEfzERE0oEHZxCAZfQbALJPJhDAXiWC09wggA1uLE+kX+ZXel/NZClBL4Kpd9DPAKCCceOjT",
-    "4jC6QLAxFcVaAkf87yGg/Qe+2qHGoyHVsSchSlZVTjtxViSLidnBK8HxRw+H/s49cq37BdfhHq6mMKM+kVFEIB4ZuoVre6HXkC3o",
-    "EG1aCo3TgDIWWAcIK1yLg7S5TL788kusWt8bQ1fC023QeN0aRqOz9DwvUjoCxMeMop0daMOAfYwjGspAP4JJPRz+U8uUYjvGCTI2",
-    "/bJKqhQZqvfpDh7LhkaXjcvIL9d2pVbQ1GVL2yLFIiArAPWdU7h+azX098a+7f0QThg/bDWsmfqm4dcucc1ogMLTlsmrizKcPn9a",
-    "2+XaCen22Kqsn/XaWXaHY82pBvyjU8kXHfW93RE8S+AKgW8yTsuJiwxH0kbS6kfycfOBFK6o+Xa41RGlNZ6F95Nc27rzB5awQJUM",
-    "brf+YjWHy3A8iqrkDJlGLChtpwOQgYqGrsPNW5X9s6QgJqN1Xx6pfdm04LD/aFCuztruX68zuVkBRsVlw7afzfLxpaVbe/tDTbn2",
-    "aKMYJwAVzh1V9sZlZjNW48B5RRw7z2bA945XINotqufYJKgzQBSzFYOb8Abv9HfTFK5cuOrnUVZGwO4B4BLAHTjlBcy6mqKUF1UZ",
-    "CHpZFV2h0IiVgGPPoMoErmmqwNcu8EQ5Viun+VUZEU8BnEaE/M00KZGrLMdFPpsBFHsR3n/YFI8xgG0OkkC0WlTZDHuAuSD+DpBV",
-    "GABMx32Z0kfFKpxnH1JgTmYp8q68E3JJ8g/LC9Avy0js7XvH+Yv9pjtaOE2zzQfe2cQTb4bw78J151Uo4lqKDcM20WyPS3iIXALx",
-    "4FZ8eyCsDMtvILbx/x/sPYwN883kEkHJFDydnMKas8UAsDVHdratkiWWOZCBrALUHgArBhhV4SIviuSaNBfdAY9lGUXu97MZRTVH",
-    "fbwuigy2Hv8LZGcOZUCnAHKr+QK2YZ4tYIMRDnvniOnMrj3y9nBvE1l3zBoek6s8st2DmFHk75MZyLcJqlFKwmXglC8B1QmnESUP",
-    "6S8AJByBkiVg+UpIGnUzaAjzi5DtrJLLtIxWS/pezgBFYsJ9Ix/Diuw8hzhPFot94GyExkOAhvr5BQPHawWTKZnJxLnh6qPoN9BV",
-    "PzEDcL8wD2laIAruqZpnYc19r2a0GwGBWmCpbTJe2/m+TyMBHwuSkoSAFWlq9gYhnCCxTZHSpCn0hBTouprCnkdA1pPoYpYsxmkr",
-    "cPcffCpwH/jADWD9YC2sNZx7AsVeABoD50ZQrAH9TQuIDxiEwEvNWjihSYZ3CJFabuSdJAW1oZySN0mByMygL6NuEi2nQPzjEV0B",
-    "po+rKWzEIk0ncG6iJRwO2LSuOlN4kGIgMEWJwjWch2lWVnlxDRSlrGjjYKhn3PWIK7BM2qX7Co8VMipLuE/GQGaBTJWxXDww4lVy",
-    "DXdzWUGTKD+HGoAfhBzRzysAJl5X53wKaRU+ojhq8UjwJNKCrCfGwpEfI/RvmpqT0MRoFm6AyDulbKsFDFJguVhoU4ne2DLeaCFH",
-    "tvRAtn8OE0td8QMqnqdlCQ1U9YeMEiXv+oD4xUZeWsTujaxpeD/yV/4ljKu7xvgj//IE9QdN6Maz6yP4byO0P26R2UnEtgzDULg6",
-    "NcZ030jrwhI89C6LwwZJng4XIGDQcL+V3V7Hst9eChDB3MJxyItHBpE3uJ/CcS1aWe0Gntndja4zoGbV9Tasss9DIbdCMJoeCK9d",
-    "q2tGQ4jBgI9a4eaDfqi6HREZ6Y+n2WxiVZJ9o1tS3Eo5T2YzmF0Bx+czuJXBEjjtdjFAL3EvULHgxjapMmQbm0SxRnXqJrVLnZe8",
-    "4WkPyn5OswXGUX5Pcu9XiqqNIp24IqZOpKq8teJEusgmMzVGvkwX7hf8QOC4ggug0RM9gWk6m3yqGkS6QC2563A8S7J5y4KsPj3s",
-    "Ez94fZ4n2UxPk/ZfF4DENUFwX+uivxLL3bO9jIsMVdUzV8ec2E/WnEg/CAS89T5VgTTNlp+G5cPoiwYcf7StnmMNgXS0CaWhB0xe",
-    "WjXdsohtlEAtOhtU4lYLModsugQ33J8WDF94oHqgdK4g45e4Ecs848usRix5OqMprthOqt+qR8C6sPDkbEa4rmQ7YALMaJP0PFnN",
-    "KtNgsCwygPJ1I9bYzteOLKW/IXOu9HqR5zVTB9OIiL6fJZN16iCsQoZrtxNksPLmyCXNc7IA32e8wV7JxHOCfgBHO6jWQl2sLivT",
-    "pBhPw9JlUpZoMMFyYxUydiLi9ZwI908hR3NbVuqL2m36pajnW7FNljU6z8er0s3Q/OZ5ml+EIfR3/31WZmdEpIGPrRBl/A+IP6sK",
-    "TwXDUE/fQllq4PVUphWt024fb+d6rW0TWtmPAVptZVWO/KF9en4RM+s+S87S2eA841vmNkLSQc2k0sq+hKytZUqEnf9cFcrAigXb",
-    "qU+KdJkmVRcF0z5qDntGjt0/AHLESpXYM4LdyBhbUcMGlZlnlFvPB3vAAnS/zZ481HPts8i2teTQKPRKV4QmNWseMqLYK0lsfst1",
-    "95I5ZIiUQojxqNYg9yC4WI0q2h5Sexe0EGtzyas2A4DFOJ3ms0n9UDQykA+GVruOzkHAClQAwrGCDVtVt7U4BNuhrJNbXsstO4Sz",
-    "GFy2Lck3se57aEItL4rlJ9l09utI0yZ8yuCP6oMvV+XUCS+s7raGZFWPGRrDnAUyrVnULCurdAGsZ8uVa07yAFjN7UTDgADUWBXz",
-    "bVvexJI/q6D4TPLHuupPpX+VJX97D2vk77Ey0Ne0B+dpettbwwjV8/Lis2npY2dB3JaeytADgMDseq3mR0vSj9yk++SKuKVh9YGR",
-    "eFtO0LY0Qw89uJrm6+ySHnFeR4Vdj1W+zmVGVyUzWeNBbTOkYtNydfZXsefVZqjBTBzFpnmI75U3HrBBfR7x1o4/4fikFv/gnLIe",
-    "pXPV6/VI20xeA5/FtsKzFZxAtiZ+9e3rCCRa1PMuyDi4RA/aSZSU0TfvXr+KR1iQXMD0pmV0maZkEckK8gXjmZVsFJxPoqV2MoP/",
-    "N3jwEKdzQx9XM/V1sJ/OXQU5IbJBe4MD1+o4GqGWOVQYmaM9NPXG+STd1v9q8CX2v+kS3nC5GxkPl12kt3X9CtHh0PNw4z3b7Fy1",
-    "PSF6VBNOHmuFHkI83C9clUC1Lrg5QHjLU4512MVgVcy2UETyfkATIMFpttzeEeSBIvZ0Ih42soS2W6MMbD91PlUo5slMK2lQR6TV",
-    "Q8tZ9lmathLQzfW3yCun0WvudYMmUUhOQhdZAxS194wD2oNGbg5d8KakFON1lo5P4GO6v8Ghz5zmYeN4iqsw1pDPFaqcVSXkKvRF",
-    "LrVC38Jflf9ww2hfVMRLQ6cfERCKlA8A7DipFb0JnpOD9Wd7P4Y9Dgi7keuzkhAdEeAvWP/YQK1uSSrrWrPHfFPdzii07mY9h7N5",
-    "C2vJwVb95ZeNLHiTZm88TceXrQKIO2eNS2zo0B4GMiL+znk0RJ96GmjMT2R2se3/H9zuLbUHD9R0+/RkppFlW7fv1LTRzbidQ5aD",
-    "tiUv3K6stmMfs//FmnupdqWxr52hJg+aody2T95psP70epBHlpaIaXHY5hcnczmOMg1CsTtYrnTY7P2r9d8G41vEUWfqMBU3XHOP",
-    "N+so1BpoL7a4Nz+tQ6NwNupm5u/8TdWOTwQuIc/4/x4Ma56oRsSrkvKy3yBPb4REwEg/burP6lnVXPaHAcWq8st0Ec3zCezdZ93f",
-    "1EUfsaTJqTBbkJZ66OMRP49Cv7IHvWgfPewePKwrrZo2CWjNX1dllZ1f961Du9m/wCfNOirui7hBa/013TBYZ+OGpd3Q2CBinhQd",
-    "8HlsYnOMh7J2RqSHFagpDr0R9x/GakHkUBH6T+h3D7bmsr3iwVqlAO1w6zGr7QchbboIWDhfGx9NQNDPZujbVKKbGW0BzGkFnD6B",
-    "i13Q2O8pakG9SZFc4VuVz8S9g1h7tT6gNXPXTb0apwfRMw6df+zQbj7QiO7DR8xlDofvr7wBtnuAI2x4OyY6VOk/Jr+OJlTZexw3",
-    "6RWa3mVFvqcQ+8HuP/AwdhunNqPHZAiyhUtbtlgStRU+zfOodrPqzjaeiE8wJgg+iMePiAUNM4isG47WqMg5nMwGl++3974FyiFn",
-    "qtkT98C6T6871WbYSdX+Dk5qTHy4bQ8dnGaRz9qushYZx9tjRzR0f8FVNsSr7LHRCwMT1id91v9cPak7o0QKNr+Qe8g+FHUFh5n/",
-    "AMXNNm2ru8OJv9ie2bTdfwKjKm8hWrg666bzZFeesj/Zlef8qDeVx/1wGMazpCyPdgBOO8cAtieT7L0qQy6ayv0v9KRvx39ZD5+l",
-    "Ii0lm/ALqj6/Ydmhxw8AMbiIwi/SKZZJtfoLrAhwDZ0RuMmx+/LLP/4DlggjyuD8cpWGx5dS5GUVDK7KzXoq+JsdG7g9/EKp52jn",
-    "bVqxIzsukjmyneN3+M+TXa5KUDOrJyDhGPSSIBhXymRM+YVvhdioerRDkGR/WnwbWu5ogKpmO3aIPtu77XSfsfl7kVdRfn5OqNU1",
-    "nm7ofRaBWE+oEe3CYqpktnP85CzsTXzjGmYfVDj+5R//BmA43m3og3tv70JGlx6M/Z87Dla8OqstmBX4qHJfM4Srcywo4mFKDaoe",
-    "KNh4SKhXH8B9tAuwRbcYw1j9+vsPpk3DeN/tSNZWCKXrB3Mj0TspiyWvTQ9LIABAWIBo9sjlHMRT+Q24584xtcaH7w6QGlJoRZjm",
-    "q6IRUvajgxQOhEW3gBQKT2XTWQ6/2lHwV0QfNsDInBygJu/xOQvcNSWaZqppabCyxKM/Ta/hsKYR+g/QznswoGaNAOAvbvX0e9t9",
-    "Q59Pugr84bC4aTAqt0Phr1vAGG1VyPVaX9SmEeqV7HD2UySftl2k65N9SRsWHFZZPzWpY2fGv910msk1P7Rs6Nl8ULM3RXwr0UvO",
-    "HWHTj+u961dmQf/6kzz8swOpx4DB/RcMxVd7WhzfufMEn/KYDvhFT+1eB0ZhR+5nkBntJSN8s1QiaYerWZVpeI+a8r601bcZAPzs",
-    "WteZykD+XNyzA9hwkAr8fqHNM/MDFrl/7KERvTgIptjnwuOhpfiWL4GBl3YP9bOAsAsptDBeNk2cWNOwJV4CrUCij8GEVIf0uKA2",
-    "FS5s6ZG/Hr/J+dFXVkZXCREn4JMLq+keaN5sV1YOqLJp14Wz8Mfmm3XNfnOFW2y2bcC8y/pt5sqfvsfcfqsNNutX7Zq2V33Zbm9l",
-    "ClwiU3iTm6umSC+QkUA75XVatWydpWDrDvbZ5oMt5qsab85GrfZNNjW232XV4i1cDugDMV3NkwXvtgc2NBi5BckEdR9YoWXK/AkV",
-    "KFgyS1GIAD54BxhiOAgZtEnNOP6cjZXOH8mVNo7mPss22q59IUjVrvJ1fcFXj0WVrkSk8eUTJ7mgw8hlw8ThQlyM09m6AU2VY/43",
-    "okIt2MgM9AaFKGeNvjvepNlPVGqRigDlJlUD6pCPdqRcz71FtMIKP+CBg0ZJcZFWwPmR3nMnUi6dctKgxx6wgRejDz1gUJb4D80M",
-    "/zgr8mQyTvBMl0tAbjI9wmSBtKb+Ynapzcb1PZ/iZT0DkYsmlMzi26x3zK1bFm2/emtMBxeDaAK7ll+Xv9Yq3oqT1qetQly82miK",
-    "fF07rxDdmiYpIozuxjoE6AFR2dEyF/7kgfPPBVzrUWJErF/+8R9R93lVzO6/QO1mVALpKmM8o2YsPelwFQ2nBP0E1hwT2jroXkOY",
-    "ylD08nEFn26hF3Mbttjvx5H9O+qSDRw5l7gJGTwWnXwZNpMj2NB5VnnkSJ7OBGgBoGu9Z1CXhNfCrSiPc1TwR5KixqHk21quvWWk",
-    "PCCxLWot/+M6pt0sEHt312iCPuVlRUMF1A0byufm+uwf3Vr9FryfUTEEy7P6iHbWwFbZnjfQTYxmYi0XaBus5QP1BrLVdWcDTSEG",
-    "9E4LpZNnUDQB7o/VTAGI/E98S/n74lMcdFSLzq5RL2eeGFU50J31xLxObBoJOU35Fgv6uXkxPwdzJlU4SJnGmxd1ikhLW+e3PYNu",
-    "t3YrFh29zoN2DSy6/20rJt1NI2TTzZfP4czHmzlzJNTBMrBozcGjz9sfOlP9z/BvAxM+PdDa1+N3qEeL2s4jq99qh3F60DQZ7Qax",
-    "6UC+JcLpXVHs72FGlY6aiXFDhWOfk+EjGYFosIIDsXOczGZPdrlwbc2EdIVQn3WGXX7JLc+pe5G8gI636ou1lvjfrarLIMCx8x9b",
-    "NZIJ7RzLH1s1wgfxO8f4362qG52b0bVtsxYSOmgx8ldTMzxduOm3p34Y7qS63gZ9pOo6BDJVjtdizcbJbk8K+VTdVhfFrRqooPqw",
-    "FQmU4UP6R8WDtcTiueU3raWijXJY1nRr8qGWqho3rDf8utWiVaPayse1Za0HwytS9Lcune0Asmx/6t6nZoisQxxpflvMkWYNoNRf",
-    "tgKjmUGD8tL/FKi/IuQwMFQS1UI/FBNQLyqTbIKPCMZTMc2E9phNF/KTXdSMo4ZczVl5J/HM2eVJCuqKvr73PVDCJ+Ql5fWsVH7S",
-    "dE2vRlyYZMksv5Arnhy74DQWq7Th0pfpkAlrB8NMkgPT0U5/T+ukGlbMzAADSzgCvy/fSKE/HRO7EFj6pUbjPRx8M0xJNpv54uUm",
-    "PZe3Q+NZXXHpf9KG9eczejEwTRnPOqX4tpVIreDTelu+2fS6KsH7Qn4WZLUhPxdycwn8sMQNC11dKNSTc+oY7jhjDiFSgKnOhdPw",
-    "kYvzDMRSKq87V+hvzYggH5UofAu8MyMIstD3SVqOi+wsqID6IR/PgraNM69j2tJvS2qn5qY0oiV3dRiKk6TjlLdCO9N9i07V+3j8",
-    "h5zcB0N1xkZFLr+w8AfML1sGgw/H3/7RH8PhrsElFkbWYRJ5wzShUe3DJVAX9ApCHxiNVVpjL/Vt+wZlvSq/NcGjtgbramp+H9FU",
-    "3ePvnftODamo3jTDu/bdNCvF1cdE7aM2g+glBWq9TJck+VZY7wyDGqYFEBPgqpNZhJH7gLwMHO5pcdsGTFFzY0jWgSMffKGby+pa",
-    "gXY4/EqoT1NqxHv95fg5/bse5zdpC6nDMnmfNg1E5cdv4b+tSM+6NIv1SJCWFWZxuRPdi5S3GvReTs/ypJhwVMUl7BtfDT/S7g+W",
-    "1xFs7Xvg35Iq2tndGWAH/5ws4NJKov/0toesySRFP4d0Mc5SDCmTzNN+XmQXgB7YB0mGf/r+Ffk0XVP7r+lRSJoAD2Mk/1meAJbR",
-    "c+E/vHgX7SbLbHcwGBy6XyB3oF2w+xanU/TfkorqXvSCinsRviPk9udpNZ52Y4xLTHGM6fFAVQC4ZiXibCLxG+OoSjE85Kqk8JTY",
-    "GdoWLlBypeCu6OzWp974xjw/J+8EM2eYyyQ9A950DGV7w2E0L2Na3vcrDIqRLCQEaYWxLwEvAYbnRT63Hl5FhMESLjhTShnRgQMw",
-    "FvwyGsk3dtbFP56La+0uFQPM4Y6JzWtqeUZ9aNhx1EHhY8qLFGOfUpA77Mg+zQbcK+GTeqA9BuBV6YtZOsdBumWaomst1waSk1/x",
-    "ut6adVPZKFpV2QxYTtx0U70XPfvuZXQfj+K0FwmFpgXiDp0XaTnFnjAszwSgVPQifIwq0ah7JqgneQT2IvK2Ypc9hlnP88fvYU/m",
-    "4W3PCiM989qTo4r2xNGop0P4nuV5hUvavdNZlTR8Nq46h+T3f9T8P7fa1hrQHay4rKLfRkdRN5vE0dFxNMnHKwTrALZDIPz765cT",
-    "/Ezj3Yt+v8J358A/pvx5EL2tKDwpPUgHnAB4I/qovT+E0wh1ztA/jXh/2NDmx/X0cP4ccJROWTrrVslFD2hNvsR4T4PBZTYpOSYp",
-    "T30BU7dT9vACW8YcI7uIulz7BMD7/hSjp35LGtAB1CsARF0aIPr736OPN3EsOXyy86j7HoAXLfDhBHzDH0cREe+YQqBmi5Wkz8G6",
-    "l/S5QySyE0eLAf31BsgLzPE914MjnerKCCKqq0/NkQC0+z5uboUkFlrphU1gZZPGpb2PsX9sAkCHeqeu/0l9gAGF6y3/DMes28kX",
-    "MMrvfkd3AHTM6++Y3aF5J5MJUbRX5EWZFtjDLBun3X047173iwGM/8ygQRd3gvpDhiF6GnU60citO+ZcPt7mjXFxuP+Dc6DS3Zdw",
-    "VhdZde3t11jv17h9vxb4Zg6oFzTAQLt4A0Lnb/Bt/1NoNwpx6h1sD37tygzHsZtikVarYhFR+h2eKZxPPFHv6UApHGpYJTcgS5Br",
-    "8awo4CrLSvoXC58CrEbRyaltgKL0y4lrApcZzO5P3798jrRkgegPk9BDsBT3HFHSNeuU/Q5QP646qPJXOciYzwFRujG9fwY2prt7",
-    "8pek/7dh/8v+6S4cxU6/g4TAHlG4Mt9l87RbybHEXbgL1wWiTRndhaUPYwOiDp34zqE9vbiCrwC8g0V+BTdgP3qzmp8BElUceZf6",
-    "ysqvcZ/T7iR2Hf3yj39T3STQzWuAyCA5K7sYt780BfQOqJvARYQhyanTGTqGm97L6En00HWLz60w9ElHf38EC8DdKQFSnZI+2fOC",
-    "3w8eDaUGDXk+y/MCPuxSQ2gyrzd5/OhBSxvuDFpNXauGatIB1JtQPVnAJDoGeAO6VPgJbp8c8a0DTARuc3VI4cgxMPUTDANzzFc9",
-    "J08YXwItxmAmeOvDtRd1KSq5IfJ88TJvV8Y+lca+XgClpnh9yPdpAp0DzWJM4DMAeGF31O12rBYBRL+DXXZ6crA7iqXsjGSMniku",
-    "oQgGeWqOleoU197pUR/oQYSdSt1FekWIp2sD/r98+630gm1xvtyahJH1TV+hKJE2tL7p2TNC7V0zqYSLv9HQHF9i7bLLYFQUEN8G",
-    "OMr08wr25y1prfPi2QygdiIQOe1YosgN3+Me4I3u6K+FntDoKriCzJyF6Hdw5bh/I7MAS6TV3GflH9KqS5ELK4rBKVtKctZbEbNg",
-    "Gi+rdI7VgEh3OhjRa5wg19pNY9eGP3idv8XO8Vqx/dMdHfv9l6Z/uoD4CHkVinSev09lDuHowFGJPIgPMQDP/Ulg2pAu8jQ9EA+w",
-    "Pv49YJkaoHY3Xxx61dMKrw5pQc+OTBsf3EiC5VWSGuLuXSlTXaZFQV2SmljBi0M/PKWe6O+BcJhIJqRkzBdcJ+oiPVBlQC1iIhUd",
-    "PjTeiEZq6J4DVzxHOi9E1AzdBcYsoQvlI0iIaVIg5uQrYMFg6rQ6AIMUdane+YLbUH8wGI4n99QMAyrBDYUDQU08bt+BGJLBpdQt",
-    "qEj1VlAH6lqc7GPbBd+jCyC1e0gOO0OzuPt4TyMN/Oab0evXo7dvUcJiNQCSB5+wjdHqxjeburAsAcBbyoAAR+5OELe/yVcFnF0i",
-    "ziMEs/v0ml9oNH98i/mtJviRY1Nx3huKDc6RpeDsJ4RCIDGgdiIH5heTuyZjepneRUIBVz+/S1sWKeZ2DUl1uciA76m63M3CLczD",
-    "QXf3/1Dep0sf0GMAlGPedSuuBrN0cQGXAuwR3jjC9w2hW7jI92iJv/zjPxDwlXmj3CaJWOltjaiyuwv3FkmHKLOfp0YuxGX7kqQX",
-    "n6uronKRGghw7t69s3w2uXcP/uJQkPDXT3gOfurhMOcpich0MMjwCr389NNPKAH/y7/8C7Q/A0KYMtcGn/rQTS+6H5MQfoIAPO2u",
-    "illM7p3lACV+k90DlU9WjMWhfEmW0g1ZoWlEAhFrAChkGrBw1yxoDwAUFE+YJS1M7hI9SY5JY0EAmVbVsgt4i3oMHKdLGXMXOZqr",
-    "4Z5f5Dbbbo+SUUzzklMiofBG5pAMz26yuI5y4A8KHo0nkJTMMpAzCSwlwVwWWQWEDD4N5CS+/urH18/+MyDVPvBdw8MI5jDLKYyt",
-    "SPskBdKA0B6wDZVzqEKwzV++efXyzQvoYfen7slffvphcXo//unvP9z74V736dEPb2MohLJ7T+FPLPw7lUNZee8Uv92jj/IbP59g",
-    "g1Mo/bjXezgc3sTwowtl3fiHEstwolAY714cqkm8e/Eap/CX6OOwd3Bz0r93//Qk+qE6vc+T2D10Z2s+eQVAkqMFCAD3fnKlmOLd",
-    "v+CulE9HP+z+sIsTO93NBsjMELZYJvQEWp0aRpX2Ba9fLOArT4qQCsHuUtsBlrVco9ydFlROkMFKkLui5MkjmSump+00YEgH3XDR",
-    "nw0+/3g2SxaXWMIMEbUM2LPOfIIk6LKDnA+Rk54Igd0O2oxoYBKNoS50QPXkRqK10V0Un3pM0Xzykh4YCnQncI6nHpe5QpicnOI6",
-    "BDjfpxcvPiy7FpMGJRBmTAjcuehYQYCetB3hc/45Fl1NM/S27M6JARqkH9IxU0RPyJwPyFoX8Yu4GAen+KdUVcggfoFOuWYcOy3B",
-    "/GTv1DDDqilCBwkOQgfggbXiUDifn+y3NQXSDadLGhN04OrbB7JsAYeNzaf7SJ5HERY1DHLQNkg6Xz/AQX2AA38A2x1c/nJc5icP",
-    "TnG9D+m/Q1tfdgZ2Af96iWA0AjdOkz4/YWLI91D7PnjSBVQyYpDTMBJmRL/8639BEzbK4nDXEg0GHoKUVESJUVMFVDy4Us3d1S2L",
-    "sUZJoo98qeIXI1GqGQMCMZmMvaO5FCgT4p06KRehjIIt9eBu6OKHxVO6o39YwCVdLmdZ1aW/e/ZUGGzHa9EWcKfnMwzcCyyTsG84",
-    "RaxWB6qemt10qvrXPFuYIYeoGFEDAWtnZBicQYaH7RD+ecLLkWGg5P59X2Sha/uIa51kp4fqE93Piip3f/p40Lv5+7/gf+NdPrXY",
-    "Tp06amIGiHjVXfluuiXzs088OjIC0ibuA84lICnLRD+hUIT/BUL2L8Rbdj5iTVPRbDOU925+gIvotwghYivMJtBkEDiw/jpYUFi+",
-    "S9Pie8IAIxZ4YVe8Oe6LdOpvW2HoSkBmqAO3fXGsQaLUZTcWkHInuvnEG6DKQddq621ebK13vdqP1jWLMAkDsjn8sAdCuught39o",
-    "Wwhhz5AyNYyLmLQPe/R21xsaa5+SBvRu08z4c8xTuX9EJxDK+Ov9+zApYZntNAgYbl9mWXieMsoKPlQbcSP/Zv1+496uZtIH9b15",
-    "A+/iODKxmIJ/8Ka5BlKZjrZFLqeQdZtcp6jPNCd+HZH7D3DqhtD6hBOroNqIbnStOFJ6oEn23uMXbPjg+aTTa1YMITthaTJf3ji9",
-    "deKHswFttpW8+/aPL978+McX/xuyZWTeIcMkRZboGM7x2VevXzZUejaZZwu/Jg+KsZD46bXojTDoCoi8ZToZoa4Dm4xYk92LEuxF",
-    "frF2iXPybK6Jj0xBVERNMtJl3DK0SRkDJGekK1gryPdeNeUEgEVa5jO0qn7ML3uiS+6ROrDHaoQbEEnQ1Zjer4oNE/b4wRBzKdI8",
-    "4O8DypW3YDsYWSegDiY6zJcVHAtOs4d757LudeBPfNKURBK3xiSoRMtvTFZL7Dj6CQY+Iy3MT1FiJkJWUBwbR+Q5cf49Nstdptc4",
-    "gR6OYN/eLuQjuxGgbATVIt0Z9wSUHC28UXKOD4zQGpYUswzjspA5na11SXm9GEcW45Nl1p2n1TSf9EiDzwlNe7R8Rn38C9CB/iFr",
-    "lLupGWKogLh7l+AlBYax0DBEiiWfY0KxgcWnAa9B7CKuezZlloSLz8ZjYOPguAE+ABdF9tDdv+JuRGpCDNAjUfrZcxEL3tkv9jA4",
-    "HogAaIYcPIMJ5kX2N05ACifm9wBLgCTprLGqGxP1xjRFA0bpA98IjqcpSTB91N/hDQfCNeBDlcFC4YOy88syiN2lfshO0fnDi3cd",
-    "c81IvycdUdH1310v084pnecQKI7NoIXHrvF/7pPvQp9Of5+Of5/PP/ZEtaUxrGtAhO0o+k9vv30zKEmRnJ1fd6mULZOGBuP9ByfS",
-    "yYQFMYYJnm85zYxe2G2o4WT7V1qxj36XzWM8CyG8H6P80tIQPusjFJHwuBv6RId+ROqjCYE9rdB63bF2bSh7nq9mEwppU5DvhA3H",
-    "M+igUtWsxs0FTYFWNKOcyyyHuIU6ZRUvFhZOilS8wKRBBUwZgZAMy93KqNlD+Vj3b8UK7C+/jH1I4LQcILBKAwHkQfT5QC6PBnEW",
-    "VPw5YEUtcZA5mWo7WMN9Uj1wzQh1tgbSpN4lpW2sYM2lVuF7E6mtQa3Dj3iW9MxtS1eIWmXSyH/z7t13kd/AHRhHV5xArOrhsoDo",
-    "O26NhLWAQtBxY/IB4/FOAtGmk9Ht0IcOKb+JTtjdaCOfYvAGDiG7WHSRF8rJw+KjoZm8hdGN4Y5unLhbm/oBbkY3K+mwvsANMJp2",
-    "mGpIZJUGnU3j5hLqxHETCBwpJBAwnWwAAX0gEDBF+f8ABL7xuvHIt2A64oJSzTSByjdKNAKI2G5andGC+UYLURnfi95OMfe0dYzi",
-    "cJtddC+nXMmotQeJ/HvDoFBa3OQ9pX2/xNc9MOFOBxO9L+RqnsEl6DGiFu7oJ4lcUvm9sFROe0eXqPBoZmfNnqhPA+yClkp/PPU/",
-    "LtmOEY0aiwfIG4l9ZM2UYq0G8e/2E6x9apFFzCYDYd66Haf3kiJHaszUjpoMLh9NfVTIwMZQN3oJdCXzVKWjnm2iKKLhCyyQBNGx",
-    "xm8B663faic2DisCUGqiq5ECEo0SnhWNBwCh/Jlj1Eg8V26k3mjoPVrrpavAjZ29s2HkJhnfZwkxSIxryGxMjLepMzN1hfGE/1EX",
-    "GTGyiG7MWQbsJNR3PCnqxvNFvM559Yea92qHxhrJWLf0hW3oLvbATZCLB/R2yiqkyVIZbFwvsrd42JjClXadZ4dwS7DLAPsFV+5o",
-    "yVJwySM3pA5BjrFLc9EaNzQbaqxsn6JjemgiS3NkGvDa8B9kaXYjRmKOXg5CZIbtduLfyMmLPX54JvQ3OLjczalmy+WS+ri+OgLb",
-    "8Z96NgJ1oea/T4pu55ngGuw7YgahbbSiBxYGZQbRn+D3L//4r0R+fvnHf8MqFCIWZCFBCiQ+S0tV3Ko0iGRLrsyWiOhJ+km0EgJ9",
-    "v8IUAy+AMex2z9koLLZPfbkAA0ubzVA3G4nuwoBQNeezDvspw83ZTdnDicGXvh+gQRSqfsXpQo1SxrlHNGK6p8ARXwOFgAwND9f5",
-    "immc2xhWjgwyU3jXDdCLuIkC1nsA4oBaDb08mhUsD4VU2vYX5TgBSSX2BzgMpolWnrWTZMm1q2AYiJFG+rP4GtWY8zpLp4UNEgQR",
-    "UxSC4kSNry16tJC1mTwS35LHbTdmVv0mNhone+/TBZ84BGceoLtC39KzayHV2IeR2B03QHRmWQV6fVzvc/av7iqOpuF69BCcNGZF",
-    "7PgXvj0mrNBeocM0TYZlxFEkghMc5HyFbxTRBkxKIbyaOI8UXthQ7SsykBuA23k68Wm1dPzKaokMlrQin5OggxDsCNbd3ejPpChV",
-    "0AJQko0Ei3TMu4jj22GIRVSTRMkMPdrRX55pKk/gbuMMiGixvyZ0N8D+32ak0zd2JzW55zBOXYQkN4TimuPIdkKy4ZoblxvjiPNb",
-    "tJWZMIB0WxkHm3UKQu0YvsFH4Z3opuBCxcXyE5moi0u4AtqcXw2ks1hp1Yg3t8Z7XKRUivi9xGHEx5r0ZzgKvgKaFPmS0GVHni3t",
-    "WJ6LtnigPkzFaG/S6OboaV8VwCJwgJxJihbEawpAi54Kxowv00AES4nJkxGMGoCtxU72ddc0N3w2rrrEqvXEcyW/fIWvghyi6hHM",
-    "nSLE6zl/UioKr7JYqpX/Nz/rF28KIXfey7Qaq0elYU3yyQ4rYnZTv15+Waslq9OMh/emL2SP/PdnPovUTm8+Rk1Ac7x5yC0ZONYY",
-    "JgReU1dmX8PPXFrbCDcBwyw175P52goany2TdkBF+K9BVj631MfpVOQjx8IPHdT1R8d5AhgLy7cE3IYBlmU4vO3e6lY3XdBOt271",
-    "rbpiyIR9tXMKtquQT2BXDoJTvaPmc+dYh83j3opD+Yh8GcgbS8BvIJlEXckS1TgJQe11ZFpe7LjnOhto9Qv9ogtJJGoV8GUXoIzt",
-    "BHaDTRL2GdUkK6prorzFakF0dY698ZOqCBMNwEFMpCMxpHDNK+B9UW2BVg9Kz0E+fzDvn1cpcsvAQ+CbLLGA51Yjf2PMRTw0C+ko",
-    "fljPR+h/IQJL+AkgS1K3+oAcBRny0I/SHU13f5q1DwaDRTJPxTpBfzqunb0saUqICvDbiVSu99gfSTlvUjll8fCPoccB4t2tZiOK",
-    "LhSTuwKg2PePFQMl+07X12gfDuFa0C4NndISTjnXFi6GfFiZXPhLBii/okFpwoF1x37sYiN3w8nWDADB+AuuiTaFoYZFxqtSHLWk",
-    "hftsFeDMWcvKT/DjabfJh9kgT5Eu86KSBKXIkJCWrSS/ZjXSJMVHqG4w0i3RFPWXOFzjpgOpHsttOIpv374wL8GAW5/i4aJMzGKb",
-    "HEXZZMQWt2oklogeudCO8zne9tbx0IyGTsroODQxrMq4Kmbmb2SK8vNzsmpcJZeWnRFhg+ywYjU1p+jtu+9fPHv948uvXr348fVb",
-    "6P+Lh8axcQFc1nVFzkLA5bFVkJ5S9BMEQCxMXVaSCySyfcJFOyZrQRO2jLBjqDxXclKTUIoFfYuPI0PLTWYGFtPHVodWCvtG//In",
-    "n2/5SDs1ijr4T4ceQkqWBijzUjZ0em76/Fn/5AoovoxEASGKhk50c0Kjn6K6286D3sPw5PBmoNFj2cI/LbtWynvn5BHkepeoz8bY",
-    "7iVJDSj68RPYSTant7EotRAhKVJUrcGJmUPtM3JAi9gOAyBcLapshrIL6sEAIwJXaRoPJZaux602yithuXrVZNZpJSFf8EJ+yMkm",
-    "WsJCjqjzlRa5eLlomWHPdH9Udirn9V/nq4ifxYbLRlW5v2E0B8tDoz3BIo4n8KFOCTiajk+r7V4ZjPThYHm+NWuUGRCh2WIi3viB",
-    "eoAmwXMauMOs9GSMcfQdCYJBNvoxSM6AVrodk09IIGw9/NFtov78/VWeL/W7ncND36sN5rSaOQ0JN/oW31YorYipRDpF0olaU9Jm",
-    "Fcvdu6G1zboE8dM8kYY9lavpTas8Dq3rkSxdiCZ58K1xMqrVDgqe8ls2TOMVfLkX7QM3gGQVbbbwL3drJ6spTUfBq7bfcSMKiN6D",
-    "tKr6cItCliDQKG2prWchy3+AUltFdzj44iEcRn6BCHQpR8y8Fw0HD2PLTkdBt+ag3LShFmOJpvuAssLWPUPEfc4OMsD28poUZqMg",
-    "B/9s8PbAO4HDFvS57VbuHp/j1KF2jy9r53lsfSheYSISEjP6L78ivwmvxeF2/hAdFZOBXd+N4whaTBPgDIgC8I9be5PEbW/YiNvq",
-    "+P4FNUu5x9phDSJ9LCg2MncwSZgTv00zI9FJdgPdZU8GvG3vmi5/raH0opppgz2yfKMfNnt5BJpe4KSu+MaaJsA2sp5ZQlyU4sEJ",
-    "E79WHlEkYB25hYBo+z0VdmP1yDhF+3MhRwVvoa+4RFdK39NZQJ0CPRoVZxd8UQD36EKxg4xuZ6tzMoP15IXWkXiJUK6mUNZIirly",
-    "sfZeyGF9dHDlZrV3cvpa6gU8aCzO1UkhJgra2zvOxfYwvDc+sgkKFoeC7o3yoiGRF//perfFhDJE0uMpU2xHw/8hFO4fGQgP+N+u",
-    "DGIIp3U90D0z1H73O+wiFiUB/DnAB23PoZNnVRduATwjww/n6TnUYYhjHfbs38MEbgJ7Ie03nofxoXYZFvcx0wOF0O3unqD3/Omu",
-    "9tA9Ry/hJ9GQ3D2g7kkm3t4/FOSzkNEv7ETch/Gtm4ER4TBAdGQYLxDx0SE/wnGCuYiDu1sQyCKZmkm4XnQ3bpoQFZErshSTCXIf",
-    "btC9WHUHh+kVehhzfJL0feBgTFaV8PAT4sEZzAtrphD228iPDbjsfLU0S7WWsjhtZwcjykwCFjOcueXGGYT0PJk63Y3ofVLEyTAx",
-    "nhsOafkE1DaleEflC+YX6VYhrRgce3J9Eu+TDo5DzKf2jj80tkSqTkZwU00eO8gIvlnMmZZv1LztK4JRx1qfcQUiz0a7SoL0RD3y",
-    "36ZnRd+ed7G1esxBCR3hricEfsooNuIWFsfG1gnEGPNNdQpOoSqP6R2PZ9m1s45g1qY9m0rtqbxjTjhNBivTtQsNHOioiRcWQVWX",
-    "8CYf7R6QTU30tQrGbEa6aeklm9Dx4MlZeP0whJ6fYEwKn++wU1KI56MJzlw96Wt1UZRCqOg7IlLLLV0R5VHbkpbJ0YMGmWWOLMcF",
-    "M/LitZALyYAe/zulGZci00OWL1QOWPV6rKrxMMYUaCHKG4YAlbNB14QVSQBjv0W7lYlrJPf1iHSmpBpFeRffXgA7iC/ArFSOTi7E",
-    "m2HwH1Q1YdAmc++I2yTtvoyrmcNivERuAqZ9gp6PfrX4NHzT5nW3Wr7LG3r6M2br7JooSBLjAH89OTK/bHPxwfKB5O2EgZULxOAA",
-    "bQI/4Y7YGE96eywYWrdISZRz5WWq4aBeHOKnufYMAamxo/ul2MB64Pqm80PliRJFKdrVs8mkO/cudhmNEtI0Apq3zNawu6XAOec3",
-    "OTL2D4MuJsT7O8MqnfzdPHiIfyvPdXC6ccMQmcGFdVuFi6+dGYZIL/I261OPjzecSXZHQzYMqJCgvRMKEVabNAcO+5SZuo92+PWK",
-    "XR34bPObGarmbMi4m1+DkI0lZYPtuGRRoYtBXijWx2/xIAYqy4bIXBSkhEID6SBLuMxAoEblOA3eDa2hogdZZl16DQCgJLlRbQoL",
-    "V1a0ogtKu4/JivEGGLDTLJL2ciBR9MiRv0enthzYMNtSSu9FB4QKpmh8RmUuRaN9FQKU9zsQfFJSF3OsHnYhrEQBqnPJUkhqerov",
-    "iVqbk8sOvLhqJhxVGK8HI4o9dWFgANhDxYQQx4KgHFCmWBv452m06EoZRnrCHzI7ey2y5Eh736lnrUXNMunTW+tR51hNhlHurXh2",
-    "7CtEUsfC+LTmmD8yk2FLKX4S/uV2Hb8Ri1trQaXUAv+ynpONKW1rPgPclwgTgL9dDguChcx79iJ+WyoBWuqrtxlsaen2VwOcdF5a",
-    "fKpB3A/83VDVpWbF5/5kxG+oZUkOroDCpj+1f4o7holyVG9cS0mKWpYz62W9rgEnK+D6/LcH9MbEpAB5ekaI1mpAkIsLYo4wgDL0",
-    "I9jsuouOBav9jcTtQ58RedktBh4KtiUmFAwxg7i9YNTGT+asmW8+hrlyH4+i//HfI3bqve+fFuqSf3T0DNWWxch0wnzFF8bMmcNp",
-    "EV9p4r7J1lKnMKBkp1CfpcTWkFQUqoZJm6HViySHzAf0h6MAUjCKumX4qTSfHLLYW2Pg3RjREfVvjqXuh5yJv4ECKg2syvJlIUYC",
-    "D7OwegcD4mh42hy+22DOwmDM+ovTxgjdYA9tyPTMBlH04rKJmHscoXWaoZLyGm1MVynJgQVGn4BrYI4BNd5+9+z7P/743bM/vHhL",
-    "rmkl2oL2h8OYot3gqwP2CV8t0dkXjUTcbcD7sfUVY3mipwyt4e0//0HHZf3q29eUTNgaY3nk1y/fwJ49AtlTz+QoemhjEyJQiDVg",
-    "XRvq6V4nS1R5jRO29hn1G1575o0xSET9YwmhM3lWNd7y2LN3y5c1Ax1cRm6e92Ce8D/W+onKkKZiFX/peV4YFZ+Znxb4bawDik1M",
-    "4Q4O6e8wwsHPLooLJ3z6LimSedlFY+wcdUgd2KOO1ZuRhowHt9j+MwY763a4GHCR//DkgzVcjbkNnuJR/hkQ20SvUyMSq6P5Gyt3",
-    "lKSLAO6b+Rxk2fkvy9bEA87B0v19nsOVsJBuVUC7OWIiBvrCoeQgzQd2R2MMZ1iybRP3g1ZrWXt79HQLb+0YgZv0g/PyZF4qhd2p",
-    "WmDD/BGGxN5JB/CnDMUFeoZPzASVlpSDaFykFG0AlqDQnlzjDc6wAkNUh6yHs+glI2WThkioJ5Qbs6Ror3R2RK9F6yFAoa9JhgEz",
-    "Ldi4CavZk6LI0DuadepX+P+LlLTAsP13ItUn6aTZVsOFdu78Bxlui+RKzplPcJ2A6IIgzRGYuH2afXfj0cTtDsca8VSlAA1C/tTD",
-    "B8epeog1UgQgXrcKVa7DDudXHg2hR3MFxWWCL40E5WwFlyTdXmSxo9CuthodlVl3WAtY3LLT7u1lhfFEaXASBh2QxHEH4zbXYjvI",
-    "XE6sJdbNF05HTyy0yQfUF6rIozhY3wy2ywuDTTpFG8CewVNjLUTe/8iMBNL+ZDVOu90PveiapIoPcDiuMdRFD6645NKEOJVBB4OB",
-    "tFRcxRu8NOg562h39+rqanB1MMiLi12M3LVbvkf28RuKOKbksPcXrQGi37ztvnmLwvL7C61E5ZRUIP14CA+MOVynyNhW6pEXrxIZ",
-    "I6M4RiW9rB0QfM9oVTtlRxi7hbvBsbIFvDB6Hbns4ZoF3jBD6sMFzFkuhcZsE9P6Y4QRAH+ff4Cmw2joD0dDYck3+GQvpZj5z8ol",
-    "tP8eLbZk+iSRy0TeIGhIMFXM/oBhZecXpMOyuR46I4ZePSaYZXtc1A6S1ayczgKb+YjLdN/wV4xPV3E761Gk1d4Z1nz9hosrOKls",
-    "8c9AIJtZF24YTcJEUz010FlSbh4Hk8d04u23y4AaOwc40b7Bv9cWEN/A6RsOHgGYOPeMKXdkBAMiZBdTZB6gYoeAht21QE2tEGtR",
-    "mTmx1s3zPdql3DsgIuPvm1iCqT7E+z2MfL0b8ebdi2jye/79fJYUtwBiHYzJrBmQHyxk0DA2HOzFBEWawhSD9X6dfUgnFKJcAAnQ",
-    "etxxwJvqOqLcbERpekVisJaULB2lehLwF3Xoi3Ii2IHCf1AmI+QfOjYi53MJsd+Fdp6sggSljyJB/TVrSMd++d//74CCbRJaRHe1",
-    "Uc/H9ZyiD9lDtqFLri/9xBxJiDWqN7DuFDljaw2dkc49FV3w8EdUMey+gLTGBajAAWX6TGhNlN2CYzLEgYfuul55EsBmYaKEqp8t",
-    "DPy609U8WcDir0vM5EwJLxY5cFKYzUQe3qDNdVWx4WScYDROk+RjEH2LkTivMkmIRc+g8JVRgZpYI/ohHrxFxo1kQKXQA7GslWHn",
-    "+TWy62pLBxKlHnoyNbsc9fduMpA18cMVfOT2jh4afMu5c7vKqdj1J0jB7tCumO1Fhju2UEeITnLarQlMZFWcoSBKugy+srG7vLAT",
-    "MPgTuAvqT4RaTUMHsXHgCMoLUd5rBATvMnypHU0MbBxADSjikpf+HDbbPffk7phuxM05IGpdSWA+73GzoCDm5kMUbGnD7hTBA6Fp",
-    "tkS1BptXGyO4vzd4w1XCUO21mJ7YZbkuOtd7p+18T5DpfuAkBm29UYhQZPg/xBTUvbHifFWRn3EPTQD/VyeIqm6BjyirtAHii8XK",
-    "POOahZ4Aq8XlgtS1Dg3mHLmPqxrL3WssxAasd6vzkXqyfPfJhDmFoMNdTFFJ/GMy4ELDO+p8Up24zlypjoRBMwkFhYMQfo3fErro",
-    "rZ3n+EqIHnjD8MKXmk5uSJcs8+Alz/jlHo44mUjV2ItWI8sNo7bBl07btJlu9iQtmecr5FnBsV+7AOuoZUss71QtOFYxKudbBxW1",
-    "Nvt4CfXBlwK8TkT/GwYkM7cglC7z5WqJHfCDzhrf2/mK8xIiP2I0o6Yn+1FDC6l+C7g41WHb3LHhhrmb2bd2Dtw3HSphbZhplx+N",
-    "hwuTPsq6bBqRLv/dipDyFoHPLtWMN02ryK/UtJqPeQ5XJill28bNJpZeEDwsB5fQWya89+QvisGDuoinzWOtHQZ7UAPJAxmdNQJH",
-    "5HuxbQBL3DpcrxN2AHceJ5pGgx4e0EVezEG4HFOaVXoxfLEChEAfCnpIlkz6VIo5bSYUKXLttmLwV7u33bmN00MHxBAgvedYJW7d",
-    "ckMUFY0xRUQ9aa3SxaejQgv9U1Yw6UoZw3At/KOfc0gYdYZsrVoTevCAtYkj6Lijxbvr1f3l3/9P1xM1+uXf/w/mLm1p3LQg3P//",
-    "8d9Z40yQo3QqycDwcj1H4oHJx2odh9RkvfkVztVFwZjY+JGDeXeq5KKkELaGaUgGWGTnx9/jzx4HZJVwHCiCO82kb7OkcPnrjDfF",
-    "WAaz2phS7Maz9Sz+FoWi6UYHyL67eKnSc/Bu0jN6EVNfAgVcwaWe8lWA+8hHnP0zSHmDXlNptCPXx45EA0BaIIEpKRVidJVcR9kC",
-    "c22YK5wGp+yBxDsM7jCibHx0jJWIO+5a8smPwZlnxZlu89pYu1zyi+MBPeoFsHYGhtfB8ITLVdWTVQG/gVYXTGfDwQISoGad2Fc0",
-    "tM/PSc4EgDWzZP3luppbvWLGuAkd5Px0aWT8FmvhZnjYrn3JbHlohKl558YMGcYhJ9AcSnQGdM+YrQqKaQJi5HfP3j3/JvpIs8en",
-    "B/ygWuKZlEEGPYeECDZBxBeMii9UHIZGwUxFRap/Vq+qTHDOJQUcx6NGf2tOjaIqrOVd+6ZNwFnR9En3Yxkr8nMkVocFS2xoY1O5",
-    "Gsyw2p1+MTOyGnlRUSvVXgcJoAJGRmf6I6/5mnCIWegohLqEzMFNCk4Bu9FrPJauXPQmEbVkCWpBtRBE2L91bCUWJlywijxI/YC4",
-    "jOdt4g3YolMh3Aq0KrvskYIZ5xzoe/TA9gyzRvBMfP9+o35R87IuUUrzwB9wERgZB0BJKirvo/R/aHUuhLisZ7Ee/+zFFlRgxMEL",
-    "mIIBtSl21Ns1gyZBVDm1hqc1aPvy0KHXT91rQItyvehuiKdmyzSeSmfmnVrjQVTu5uFhJp1GXFOKsGd6i6bmxh2CraijpvcBhWyl",
-    "h3xu5DWQwN96PLbHi2jtyAaKsBdB2wKQltobT0/Dvjf+KsG0QCUqAyU5q+RAKTFPKmpJkosRGf9HQlHh37MiTyZjyghCiXxM0vqI",
-    "lWXUMogx1bgBSj0BLSStCbJWOoYDDR6U0ERKP9KDpzRPKIdUoBzSxsREeZnHODr7uDlRStDb8X6xsxNUBE8spMAF5BsUB000G6ea",
-    "jvmxE6zINh3H2g3BKh94jbaWKY996yNrqhB0HbsrHbIqUvpQUV6yVSPj4M+kmzX8OVTEuBC4ltNBSS9YWFHFa0RGmLJ3YTIpqYuT",
-    "9+vyopCZpbpjv29eiN9ixi0YoSiVAOf/+C36ByOO9HNGkgaDgHRrtl50dafc8XurX+MO6GKmKkBd0UrhaSTXj4IQBCiPk6p7IlA7",
-    "jbcfZgtLg+GANyYDwzxVwNILd0AhYbH9iLhj5Kt6Jmo8nFtPEMUoBpgEEM/RqijIbTYpL3v037LHbnAlcqhn+QccjfybKGc3xyug",
-    "hNvkaAu3CyVBprgYE45DR2GHWCRHHowTab63zrlzikW6Gk+xtYQxiaxftnGeMlBA5tNGsZAF8g/jaDMSEgFT5z/ZAZP/vsgXqbW7",
-    "0FgT+1MiV6MsrCN5IaLCtZlSRgG4CqXGpUolQA6qznebZ/zVi3fPXr768eWb33+Lqb8Ohj1T9PbFm3dQsjdUbt6Ol0cnBx7f8aP6",
-    "1QswRDbetCvH0kNdxshzVFd/A42fGFuFU5MdSb/AwhvvY9uV9czmd11Syp7ZXpF4vXplF5pPtBUZPcJiE+K70/HGR+jzg9Qm8B+K",
-    "EwccShYNu5b+SXsbc0v+UGs0RgOu2Uc3WS8smWdU6BukVBX40tIDu95IygvimNmQMer9Si2gK+FB0+7bEBuhiz1hgK2nQpZ5IDi8",
-    "46OMgYKUGb9wU4xPSP60uMK3WRpG+eTaBen0CmsUci0MXYCzll3wQt2p2E3NSV9txlcSp452nHJ755S/GI3o0Q5eJ8/fvh2kxE3R",
-    "y6b7UWfntEMHwAHLRv4hPSmFAFJx12IpsvsbRE8zWGGCpwVo0S6UOywIwUyQuVVLH+qfw8Fu4Dw16vr2Ya8v4i/eJWcdXwaEW+WP",
-    "mOsUGUWryskWdKtxhhO82dhHj4PUkApHJ8KS+FX1NddzAxsli9GwiO4lOcEcgHBNnBib0dHOELHiVCQryy1xtK+7CydOYoBR9EoH",
-    "ues78janlVr/bRMJzKYSq3uM2PfbJ0O8tRL5cd7sqokvP6fZefVHgCm+dmsM+8g538n43bZtOI7F4FDyuLv9KJz9r1UqKcJRbrx4",
-    "RrS9nRIqfsAQtEiIDk3oT2ZZ8IUke1dTvDgK2mlC3HFUOVaqWTs4722QZUnfEp5ooclnzchJ6lLqjpg4ZEDMiVRK/lCbE9YwOueT",
-    "jljcOmKt6JBnjxgrOttxqei0FMc6IQ5ycLczDZ4lk/Zpc4esEv6eO6djZYMkGd/PKg0sdy0dYk1nfhV7WKOpE6HeROPI9cPKquhG",
-    "pMzOxDdRS34bLbczTnyjoperGfZLg7VM8ZV512RZZ883RyOdqxcCYHrg6dPL1Rmn/aRGPXGcWAMp4xQQJqBZUOoSRsKxwQXomBJe",
-    "fIjNH5JEpv7O66PRziN7azMXunlyp9b43LJ/LbZpxmnmq+t9sxdGa58X7Fbpd9kzGQKIg6W3eyZdbpFe4BYW6WRgpFN2GII1uPuV",
-    "bcIddHCwtYSMNIFxzdZ1JIxQ6duqQruS6b2jDWKU0449CFRVepPPfT/zjIFiCnTtjUwmBXh8zGJYSAtWzYW0cCXEmYmLPKRb2Fe2",
-    "7/jFc884ZICwF/RNZdQ1/yV1jWSl67p3t6/4L6lLwqNflYqw5kv6QyqWtaWVsq63FDiBa2m5tUfA6RnkD7hZvky24Vb5nSHhuch0",
-    "JL2Yv8new6nopUC23f5muHMdkzawkjesfksCo1ckzwR1EcHHKylN901B11Co2upuo7Aua4SJkwSQEegWMCGnViFu8qckwD+dsPK1",
-    "2e1QK8idw8H69zbNL3+M/gIIr3kEtMePgPTznJb+CehrOpeXfL+//tQBeMM2TR+dUYimhz2eWi/AunCvI6AgU0NBZ5IFJx9nsihK",
-    "lXmaLIgp9tNk+a97EzE/hJoBMiy0COreu/3ED9P1IA7aGEMKNeAJsK60w9RZmxoSbWrgBNI4u7qqgZSkc2sjmW/xnMrFTDATvmsm",
-    "7M3KqYr0zObhzCo9M6PuoGlVdlr8F39tn5M3upBiPXQVDj3TQ1u1Co09s2PPxDJEn9cDZBYAhJt7ZQ8DIBniruc50/MMlDbS2L3d",
-    "DhyKpR+sw0+5DyPy8GFlT6gYMigV6leUiH35/vv8ikLvmmwyOmEqZY+eVHLHk0MSX/WTyToule9n5w1Dv0fUnvxdZKTTBkfaBtq7",
-    "dKSXCHivhRrfXaLeYR1NTlwzPr8Y+oAoi3+1taSCanZelEfMuDMZvjbWoo91BtVH/SkKKnjlTtgVap2bqJuTicPLFsA3CMqj9V50",
-    "Le39RXGxjqe6NJe3Rk2nYVrKda5WZPxPnhOdYt00h02yXuXRBUi6JSaB4WTjFkKk3EbhoOTIEPQowLzgJrdbgNGJODDh3tPO9gTm",
-    "Pbo18NGceakH/eAt8QozT6XmruBrYsnMR5ODNaG0z2NevreMKJ8RDP/Ua/cgJHbUXdXShlz6PIc+2mNyJ/YqGibXQ63mqlbq06jT",
-    "2m9zJAcE7jXwlRE9ywraUNoVqk9/NWyI+bKuF+3ObCerC2Pl5Oy1nCfjKT/s4kbyu22JRXZhq8LfbdVg4L+y8oGryu+26uR51uSY",
-    "Zhl/5ZkmbbQtsrPO2cwKWct6H8YjrM1xzLR1nmM+li7QUXOcvtyMrWK4sA0UKPw+02U+nhJC0F8NCMFd0deg7Rymu3EmyJLwdayj",
-    "8XNp7G7DII+tfEfs+3gTztm4OsKASGOU82MIcPOE19VUj339k8cutT3thesdgNiSQisqAwfwXtIfkfIrSmZ4CbAStsznKf4C+XxV",
-    "4rHMKpPuqEVLiGzGckAqNUyGxH9aBWos33zPpXUvC4IOUNQbiMJHlenrC1+x2+c53AVKjt69pGxOGNfoKaXppIQn5PmKf0vIV+/i",
-    "IQnUa8y5lMwF7/E3sY5MamIk5efRydLIkCDwDcT6uhwY++tSWD38i2RD/ANFwtM4Ktsvh/D9AalkSAOBpigT9zxuis+I6KCUCSNC",
-    "BgqjgSHuFtXsOlotJxQPA7+jZh7deUov7BI7laQTd3MaXlqz1hIyMWYfAPc0Wi7H64EM9IxYnyEGqpBPH8JP+mGBzP6IxxTjpzhn",
-    "aKmmI/IgOTH6XySii0E6I+U3wdsM91SWhpqVrt3SQFVDCpiO2BLlIc+azXqTC4wpFeRFATLMQLZNcGUwDTgk1uxEFESJawg9ogBK",
-    "umXL062u1+qpdKKcP9QyK33B0MIkTw9yQRvW9tLgzSKXMTrA+ViKJCop2iI819bW7xCum7C6ixON2aAoJXF+i0gyfhEAkzPUqzls",
-    "5OPl0NF0bo09c1rqfODGB/rFIResFsFY0Im0dWsBBlmCXSbXJArpH7QBKpyjwTLWENV2lGHBWyp16nsqH9o21W/31PSD28ogoEG2",
-    "2TfASRMjyUJN79wrkSHZgldNacNMkjzYHPHZG9CsRQNWWzJ3wkv2JOKGlcuHtpU3Nn8a9Kq8j6gEuPeZw20qcsgteWZvg+AyjIYT",
-    "KUCjrvGhQZeYMk1JRLAhjGJ2u0FvHud6c+j73SjvY7Y2rEdpxmEMbxQb3VOPOrpVS3EdCT0G5I7CvRCc5t+1/ZXF06MbriIbc+z7",
-    "0OCjlQQFdpIavU8cBEzFovD6uW91bHY1ZoQjSlQFPd93bS0y2fk34pI3xFMZ0QYW1tMTh7C5opi0ZmTM5ix5bXXW+E00Mg2w39dp",
-    "5VCI2YA6aFFjLpClCiFgyROpEa70pQZW3YkCVNl2HyKcdJun3EMIJRxMA6n1AU+RX/X9wBmh/qYkFw9mdY0OxwbDHUU2UI5+vLSe",
-    "we/8xnjacxieXu25Ej5RcHWqHOuI2K/C7Bj5f92g9C4AB0UN5orkCdHZ2N+S2EbtySJbLlNUX6JZoxftPcIwNNveuknJB96kuhSU",
-    "0jF/vCveWELPsgut6MIQqKhzvnO7R5OVVQGITGcLjNkKcOt9WmTVddurwbZ+pZnu2RT57wo37D6xDL9x8f2cnsRwYajdGZgfZt6i",
-    "9fFZ06qGDacqMwPHvf4YMUMwcuOZJ6MjH0TimI6R0MxmeG/Rw53HUxEpM2GT8ZkPjX80mvoxj+ho4+ONtVkr2XpoccVSx20Xm82d",
-    "M/OalbWThWBVNN01297yLme7adbODLFRJuAXbzJ5U4mwMfLoinblIA7hV/TloOH60q9x6aAf1ptDPm7hKkH1ZGk98zsOAyHcnnLT",
-    "JLem2p9JszX/grdcAwm/0/Qy1UYE1RSey+yZji1UNmHar0Hpe865gxJDAIY1IqPmOMQyGcZ+SIMADe2uQcmElPKp2i5k/YKdsoFL",
-    "08GPPy6TjCPwYGSia+VDg4/JUPqicmRG4CrqT1IMIFuwncG4A5PbG7dWmpMCWRQqHpi4+xz8rzBiWjGwC7Zu9fjDhLooOCdgHIxC",
-    "L7OAoclQvuNVUUQ+05476EiVjsljhcut5Rr0zCO6Zi2U0a3uObk4TS/dTh/PV9TZMjCIUfvc1Daqi9s5oMRPmEdIRyE0fP6fict3",
-    "kPusw0/c8+34ts/l2iiqq6u0mRZoBYAIzb9PJhdpd24ZijVsH8P3fwZFaEzI1+Ist85Y2axj9V+53vLBpDyV1ErdETtZ3mD5Mi3K",
-    "3PcFXOsg0ThB+/pPR75a95zA88MijaUEmWp+I9nw+KBBc931jLXoOqt+t9qSVHoG54Rdeyeqn6UFPh1c43D75ZKO9ooWSr8BwQby",
-    "voJ3wbFf4UOHpqQqXgoP/cIhTA/se1wqLMwvLUpJhu1n46prXFDFVA2zfCrRfTrv7NNCWAvH+ZxwyGZrwpU3UKw6u8gpvylG+iG1",
-    "VJ7P6G2S1SlSDG2RstHrWLI8DaKXFUUhM06I8h6BUlwPzGy0q6wKwMYZEtYhsj55DWaMtcfuqxevXrx7sf7cEcyWq+IiPaI4Hj2h",
-    "WJ906tqOVtvs1YvcFqx8kxsf5u2PXR0lQ/uF9yahBWU5nUWQ3cT6RjqE3iLhumT9Wf9U73v3bo7CmYuqmjD2Dy/eRZ533O4IKbXJ",
-    "DETBbBAzG9L6vsQHxuLY+u0ZhTAtOKa5iXz+/fPv3v347Pm7l//8AssSuqwku+Mk6nrVnj97/s0LeyT4DS8mMUonksHo7JpOD0dB",
-    "Z3MPU004NThoVydIso/zOKz9bmSy18CfJn9Nj/z5l7NrHoxdMQ6GEar2F6LPJL0nqiwWOY8cD/jxI7pEkqa/dLsAMxwnRXGNOjNi",
-    "OpBpOdp54gKmH+/QUElkmB7DXAqVMm8PNeCOooOeBhE+7BvavPMwAiG1ZMxUodt/XqXouY9vEOnPyUg/Vs4W5zMOtqkKgfvNvQI2",
-    "p1KebgxKW0sV47iyhb3a+aQiM5flVkfAP+VtdBPidLsSP1Tx6Z65MjVMN9VxmQVTE+Hkxx/zxVtGTWDtB1nphllc+BkGw6+xLAQ3",
-    "xHRnGGr8EibrQxpW5Hn1GqpmC/ThfDhcfojg/0y8+Js7dtGDnJfYtV60HviM8hr7U0nrDfwUBBYIAazW8LzoxOLbaUdSMeHQq4Ud",
-    "vD7yG5hPyXehdWEbDAbNb92CUdY9aDtFX05vpG9lY/zBvDkM0LpvXjkt1GbGtd6+o5Pj3+EsPh1FgRAhWo4aEPXIsc3xBF8WTm5E",
-    "S5oZF1hf+0XObA2chD7+rMatM8Ihu2My3Y1NiAi4rqkyn1YTQ94WmxPrgsu7m0e3w7f5yjjCxexhqYq/W82X3foiuJiWwE4XjImS",
-    "SuaJR5iQPXQDmFdm+pkKuR6qOvSwy96bas4qWLpKfRBgTqziqAMNhmsIsy1PKCmtc0se+Vnt2GeOWDsgw8SHudF5WffvqwlZKCsw",
-    "rvElD13PB5jOw6auFqqhxur3D3WhHS0EgIviQvtf84Z29E/hV70T77NJQ/DR3lijqGCPk+a4tE65IZl4vajBahCNKjJW9rc0OlbX",
-    "VtwwUVVCLkzxYIH8VyzvqfxF2FPv02JFLvH2UjDwEtJlk1POvZBZWStIvwDsF2dfsAPKCaGxYpMb3Dst3DnGFXEp5y3mAzWxXzYT",
-    "BF7HGHDcD8B7x1tiAw2wK/cQ1rph1w+RplXtq+J8jMsiZYrtIAk3RG3fTo2tluoTxcZnls8k7jK/IgCObSGuXchExxh9zWi7UDRy",
-    "XFLPCVMmtQ5MDZpPwvAtRlUWCHQUBkuxMawDRyG5fiFIDpQLFa9AwmsEFtxYR2ppTrPovDRMdkU6saggpViQJmyK6H5CQwNU2cTx",
-    "u9cKm4KBmyWFkcA/LJPFJGAGrZZJYlZM2QPd8JKS94dL/ew/JyIHT8pTty/naTr5X5F56KL/wNeEGmWo91mfemfPpd5BcNf6cQ/0",
-    "WQvx226HUbAvcrAXvatHyX5cnZ+D70HkppgMzFXXRoJN7PN2rvWzrfEzfP053MeG50ZL9Rin5SGVSTnlufPzhEmivXu3u36VeFO0",
-    "rzE+XB/H3W2aicXUHsnd5rFrjeXe/N5lczT3hp5Zp+Gd0M2pj9xDDgdWHfgRc2lTT/MVPymOJilmAUBCg3QHoUGPwwnnBhKBjoO4",
-    "e1Nx6ZZ5oyjBEEF5tR7K4s1zKJ2u1EW8sstaBcuii5iBZmfhDm8QHF6cyJhS2VoKNM9ty659Gv91Li8R2BGozyECCFRw/6ICC0Vi",
-    "2Fexv/NvEkuA0Bcm5xPlNFlUJFMikS7NB36X75Fx6bLrVunw/6LIVzbOlk0EViPfXkuT6kjxi4piuLtgPuCRX/op8mzhKLJmUumS",
-    "Z0OXLxm9ZHpECqCgB5sj1eXDBX+Imf2eB2Gy+J7iV3Nebg3sas5Zh7gjs7B5Kc6qSS86086qHFLHOqieqWhhcuZxgxB3xSFVO1WZ",
-    "aDx0T2F+qPJkKHEf8NaiuX+MaFbYjd3TEXfnYxuq7kiW7UXs4zOyCaDCLGAqhCQCBccKVnc2ED+hPj0owj+15UcuzOBVVCMhpYe5",
-    "FtP0CY4bAs9YMsSpBszroKC4yfmoYm8+HunFrN50bbYBnw9pSDXg6KNJNtDUpCnTgJlRt/ITaVG4CemW/Ed4i10knAVZO0QbYg8H",
-    "ABOZP/dwUXCiUQ6UGPJ2qoYJoZNE/fh5aWphC6zFiobvy1gNxr1aBfPQ/y7NAWMj2JkqFzm3/rl4R/unh9LdB0vU3zm85O3D5Lev",
-    "gHu00VgNxKAGLaQpNrYOSY0VvsFINgYSaC9Ep7yFS4zFyk9OcWCqmWXz8Bt9Mz56sUwX+dW3vNPkdUmQN9KaK0FWRmpqWVeK4gYs",
-    "QbZZsIQFm3oVEfs0LtlF+CfNTPJTARR07qUWCvaqpwcLtssTLOWQBcGlBrDMfjI2sQBNKiwaVzcz+YvE61UxovjZIwIenmfl96z9",
-    "Vhl+sOBXQWOcu4CPnX/wT6Hd8OdGzKJwzdSqO6+5+sCnbEynQ9nhywv25+VVBfvXkLdDVRSw9F19k0/uNq4BIbFCENCDrg1+nyAH",
-    "twAQpUTr+GWExrYQ9r/863/pbPD1bBunytUozv2AHBD45dzaDArNnUrLmm+ElNeSNcgLBuJW6S+K2wW1q846D5WW0bEHtSj82TDi",
-    "RvcKqYmir/n0iT68hmw0uGvwHsCHjnP8cP4YbaglNVrWb746EBiPDn9t6MVB82F3DmrLwUr4Owos34se0C6+bUqGWOGgbFnzeRAN",
-    "RkV1UBGkuAOsFbgAqfOPlQFH4B+5h2lG61yYSpNeuglO8smky7CWeNw9HMPPAR8B75bNokQs2MaqyCumxh3zPoNDGrJQhVF2Uema",
-    "LTMU20sxxlKW7J41TfaUZdJ6o/UiNmeKrit2pllSbNPrOPf0yFpnfQkr2EQF+nZWyyh/W2m7/bzJHw+v/jXeeMobsCbofZoHnvW+",
-    "U3nJqXubudb55/U8f7x6okOK2cyBQdbgZ2yS//IwJotugh+CoZPYYkrzYIEDIPec2Ejzxm+MVI3UM04liSWMMnWsx0x6zmEwtpEP",
-    "n0WTDFM7WuSpMLodOQuKTo0M7Gz5rizOySuQuteiWTnp/SlyZRADls17TTFg3a1TgxUVo8OEdW1hbDLSiI3dYT05Ay7LNWmJ18wD",
-    "noZPQLsfQAKOnkTX+M/TqL8HXe7F8mDkRFI5UNtT+3rktqmb0oY0PoLMTfml9KA66JdQLt40cda7b6u5chN2QxDdeWGq47m1D6bh",
-    "NYUmw88gpqy+SlWIFPV8cQuybR7ItvAX/LV/JiymcZQ+u1a+lO61pKHL6wY0URLbRuMUcXYw+lkPwiqKak/9cJGTq+MZCP+YhpmP",
-    "gXUNsn5AgBL7D4dGZxDoeusss8nYcZEHTX7eXH29ncGE3d9oZrAVyaxIRo8GPxGPmxewUDtrQTkiZZtKJcxFZAg6cgHirX8qEIZo",
-    "pAmiAED6RZY2tu6RVR58Nbxp7HlQOt7URYoyfBjSONWBYa+MrVLusvYaMMTuX4p0tJsNELG6IU9W87sdodA0UqhsvhgZT41FQKQV",
-    "B6/xCOTojgTg9BlSIglNDsla2+T1z/mzXBxq9V2i2zVFJeasOLz1bTtvoj9vs6LOpvkZxVWDQ/LC2Fgo7LBxtcG/m0LI+qjYiFrW",
-    "vIQA8CsJSDh3im/jMFU8E0dTBROFyBpBiMdAzP+4vr/n0xzPZCJZM0YYodYY6jh5xi//+A/On0F/cMYD+JNSHZmMDYNOYKeh4XFh",
-    "xqS0aR5/LjKM1e88Dkn5H3Zr7ZVERBAJR+a4w2Rzga6KMmrO5NGa82a3xgiwR2vOvzIDUoofcwZhTgM3mPxlahlaQbXcKPKXqaUH",
-    "dXcG1E8xwoM0tlKoM/rTCMFJsdwsNnLHJ6im8uZWiwBGcAQkcW612N7F/tu3dceXDmmeW5x5g94b/ePXYs4Gg6E8X3QZjTA02Y17",
-    "SG4MZlyugisnzMaK+RDqcUGsVLrrzyE9b7aUtDR5sPC9t+mMNE/AbJmf5Oguf1O9fIEvU5TNqSORBswXegRNf8bm4QX9t4XsmvuF",
-    "aePaK6hWpQEnvRRbmnr77szad5kdmuuc0HMexcWjN8NiUJtGFgWmPM8o7JSj1nHT3dDnqa0PTe9m3wK6z82uhGwBFo+rYoYByzkd",
-    "HSr9/kj2weDOObRRyNfxXmicHknEmvtNIUg2MmXYg3P+UIlJ6M9n75Nshj3ymUU4zWboGFd6/sPyeJnsfM5XhHh5YJqzC07YKWlR",
-    "qCBFfqXj8pFYB+aPZJMgN2JhyEGcArrOYW5G0T62IUUJhxIFKZjjd1yknTJyQW8v02WF/D3ugheOfZKnLKheZcuUs7dz1MvRy686",
-    "hl2Xv+mdJP7NyaBE8h5XL0wYU6WBcHn8vNeO2q6ItNI0tvZeemDT2fBGTUV2akjMN3a5mSWAeTJLCy0aIhRulIWrIvOWfwrRPCGz",
-    "Yws1xYiyvA//cvO3hmwOJcXWFvdZrCzGxhK61W70HLaJMsziTJ4M6LHmUUxwFJfi2JLlhZmbZ9uEnWavisbk4r9lXOiLcGSDO1rm",
-    "jOv/fFuvJBlANDES1rTDjp5As39mFyEVgZAjTaL+JYkwghkGNeOWGHy8ROIrqE+PiA6jHe5M0g8XaRo6GbmYwz9v9jCi2EweiBo9",
-    "gRQ0fS8gonahL2qDf+pD6ypnCdHApzz+A52glvWJ8C5j+lRzC3JJ9GhpTS9y2piOsMPAg6khZm4LN7JmkYav2riOOgiaHZw46q94",
-    "Mn1LGbcuivQCST1ScTqShpyLEghDFqKLDmAWRqTDF0DYi4pGdRYdhRNw4VNq6MGIZ++Mp3Q4jh7C0UA25WP4aEpY0WvcoVC9S0zu",
-    "GW2NoiVjq3KFb2b98ufAjuu5Y94dtzj7iGQ/lphX2pmHp8TOPNCZ/CQKqBx5pJgIu7jxjK0I7oBmp4XGb2ri3KwUbjb7XTlqnRcV",
-    "165KT29WhcHqrIeM5wyZUOBdQ1IW5gJ+Gg0jvnBxp89aK3hJIKCzPjaA422dirzQImfOhBXGx0v8mklY0/FBtVSMIYXajohbbuW6",
-    "oaZ8qRN89rwLMb8hqLVCzopyOFJ6RnJ7cVFfXD+Oc3KZGFUsGIcIb6XMS/6p/JUcPmi/Po6D19UBA+XOwXh59d0dsXaeIyZ7gQbl",
-    "RqJtR9p+10IRagbT5gZ2EYYGUQqlJJoms/P+PJkAGZrmgKg4PN9jzBraeJ7jIi9L+US8m6NDS+DaOYPYVtm2aI8N44lMgqEo3I/e",
-    "EFMLA3bSR4cJliJvdumCasqhi1ut9eaqSu3C5Wg/u24Fbe62XiNPTVRFfBqM91NiP5FfV1YyuzDoiIrb7bYKZWSiOZYsjLKXq7i3",
-    "kpT5xgZC1Co2b8q9yC6pycWsBan1aTaKmOYDStkgEe/TWXhWXUpR2JGmo2ZSedp7ZUW2wLvccJAtxrMVvviCcqD2Usr0fKWTyE8T",
-    "SmpExqEU09jRKk6F/u6JDSjndO3qpQqOiW3FYvwDvhlDGMlIrlS/28IRmiKo1hMwddjuAHSgw0lPpd/bZW6ygEW10aqoCeyIZ775",
-    "oo3sbk6WZDUF/LLZOzgNtHlNh+pu8BFOxcNaOqFmaUMuwwlYMoG0ud+sslk9+pM6C7q8SKbPyq8RHCl063syLkkT+DqppgD5DxhQ",
-    "jv+GzQXhoAddHcNdCj0soyfkRLaM7lHAv1G09APero97Q0AyyyPZ4ZpkwElWLjG8QEbqof75LP1weJEsR4+WHw6TGRA5imhSjjBU",
-    "Lq5lvefRWUJVOGM8fTHjXGWTakrhomDFIFl8jVnSukMSyP4JZSBAwqYvTbGztlwk4bf5xYx3sEG5uLTUYlsvjS1oGYbFMnzZ29V8",
-    "noBEMz4r1Stl+EURmuHfIEueRRPn/4mazsWElB5D5aBBv86BINOfzPPiWwEMoP3Cyy4asrg8l2hxMpY7GVPfdPVPZqvuA2fGJM0L",
-    "EsxjErqOB3a02BuYeV/3UatPTbYiCSIuT6u7C5vWo3sChIPs20A/xPR96YpITYm7dBkf1oI6LQY8PYpmLRMdQamAEIvlT7p7XPCl",
-    "w9vgjuW6lVbEWr7FMO7AIUlYzZnoKLVXW8z1NcZ7m4VXuQgFyFcm5+mfill3pR497/5lWlXL8unoh90fdrUxcGWNgCvjoeW9fGb2",
-    "w/feXhV4nZphYA8/wL4tkhn82hQgSQIfNYFVAXP7wIDrHCF1+L5bu0rYMZona26ktnCOv0ZAx7aRzeW1MeBjZASjapCPOR4iXPjI",
-    "OsZwX+yF82oczTUslb+aLiUC+v/8uwscGY4VTuqT41AGTc2lMadwCP1Zel6NkpU4lW4Rl7IjYQ7JATLegEdtgR3XhUr8ZNS0sVZ7",
-    "W+wQG1v16FQQa1S0/ijBnocOLDze2RrS53u/8IDK22WbcGxAWsTDRh+WfFWM04bpyYetQMF19cGggriGgusimka127tB32L9lBg/",
-    "bVMkjbyGhKaJaXZHWNqzRvHOj2ezhJzXQXyinBSSw3qRQ+UUTk7Rhmfk9E4wpMcWv/zrv3fMylwY2bqWBduaZBfdKggKay0MbLjw",
-    "z519n/e9Eai7JmineyuNT+yKHv4tLljEclBO22lepuIDwNFu2DbWoxroHcABHkgx6D/OC6YcZPmzM1QJEKjnXyOWqNzxZOfj3Jjc",
-    "NZa7pLBUtvE9AVczMYX5l1NvO8RSxi0bharhKdP2a2tblxmIiaRHGDpmk3GRyB49s79EhKBM1Ns+zmle3JHk3vJrKE2JiYHZqGL3",
-    "BfrtFTbG4EMgWJcXPdpC2WNUuSV6YaBoq9LeR2FS21bqr53WEa4WO/zHmqzXoje2oW+r4ZdD71bjsusR5sNAGRJkem7EFbNw+xyM",
-    "E2DB5z+YU8sXNQeqi/jqtZdeqzYB84yhT2+VE25JOlZeKDP8yRrNgluoS4/EvhAu+Zu4NoQ54Ixfg2zifZXwEZ2HdZrADntCdIxb",
-    "hevO8J4mNGWYu4ekJJfl2nSgStirokE1IiBod1qunxjk3hvOkYklq9xAb0EXl0WGF18bDeFR+hf5OiKiKIhOo00Wol+DkMkkNJ1+",
-    "Q9nR55nxNrrINxMrc5KNQ6WhVYZk20/sv8qmaX3oje8RrGuL0dqIIstdPsWTnm9DSEq8Wy/Qdw2moyhKzS7r30sM921u2ZagleqG",
-    "1BTBhq785R//taOiuAqH3Iv29lmD88s//lt0lnKsJJ4aPkG5mmbjKdqgz7MFppVHzYyPbO6Ya2JHxIizkGT0PDRmVbNNpa3n68Wu",
-    "1EpSBsonRoQl5WNDYMpda5b/aEXajllxpzU4bH0u1o6tXS0cC4cOlxJkqSNq9spCts28fEeFf8K3Ts24KtzJWkz2XLZsiMkW361a",
-    "xFT/BMpThM1Y2hNWlB5NazSp4YehjqQ8pzYBt9UWmlWY4DY8jyjVBDpNJJfAr1k/Z5kXoiUywXj/LdC/F7+ZN0MYjzZ6eR6W4aah",
-    "8QV7BGzuUQacChMLEUvIfPQ1txi4aVgqrE3PPn7fbIHjEsVfoZUPNkQT+euuDjiugfnZ58S+RTGShj049HCi9dA0RG9de5LE88N3",
-    "XFL+GbIFTdu65kRRr6FRwrG4Zjd4P268GH5tzrCtQDOZBSzMPoWgsIpaAa0Gk3b09OEwFjgg4RZYPUUsf2cSlGWCxRQyrxcis/I+",
-    "9UJF1/fIAHQTTbq5FV1CuZcY3QQwbgVsCwu3YUxlSpiLYZdliV3zTLNTonzL7n41Gucnl1hD2uYBaQsfGB1uDijNAvtvWkJK86o2",
-    "Ei395PMil5iGXmxpb/vwoMAmALBLDLNtZ8Eo+mvduU0u4k0Hw2QEaSAnn33nuhQnjZeuDL3u0m32brboaeM26zDjgfVb+/YQFmHE",
-    "KTxi1nsXrfg6RWDG/ljuPS/94ohLpbP1q0xraOHTD6ZdBKggGs/dbqtTgXtm/8kpA2keoT8SJoRVNz4+nCTPoO5ZU7l2LvICGCX2",
-    "2fdvu+6x3TovDZmNyfP1cOjlQHOJP1yuG0OMzFMvxZfYyJ2/XmKcLTLiqBE/LyuOCY55e/sP4sunJDNbm7HJew7a+8TACdEnJNS5",
-    "vZnCj8tA0PDtEptjMygrxabgC/XwCzSijr/gcPDpdpKnQYTQ1uPUyw2poORybzpxaz2c+NA1xKlSHVjfIV1ZuQ+tewrBiSs3hLf/",
-    "8zRXmT1FWKXcn5wGVHTb0lfXRrzngpgjLEi0YPSUpvN3zwSar4WGxyGB5qRXyYxzWZjA8BzmgWPCOzYEMGAMvFWPZ0SDUeQIvMkB",
-    "syJEw0MXUQITcZodzxepCQhPBfV4nuhu0ODozflLN3t6dxQcOp/h662mZ+IzYphC5fXMYwRPHvnGNJNteGvY4LVd6yhw255J/tfb",
-    "hZ1smh75cYTLavbKFkxqch0N1lhnGBr2ylzwwfBtLsD2ykw/LLMiLev+uGfhJ3POZd1b36p7Q3Ot1rPVGsZOhU9zI3waFTHbsoGC",
-    "oHyAvvD8sgdaJxgxFZjg9MN4tirh8PcCuYDvbY5xgYIPe6RKiIWrqcSDpnArcnrtWTUH+U50T85yjw6zXOa+9UzBx+QFxFC23yhV",
-    "RyBlzFjKEHmfV+QEfmRgrACiPdnCXiNX7fNjedEs+tyh8j2gyGbmGpm5jGdy6bkS4Um4g42cDe4HJ1DxezGiVxwYZn49Ho3/QGbi",
-    "V81cSCccUcDj0cSDh+IJHTmHQzmxM3diyS9ojE/lmj+OUGv7b51P8vfRySpHho4jo4eFVj4L9/dX9fWh1cgxRXnNhf3AlUlMjrgN",
-    "KTGDFG1S0Iv9wb0QRehsG7rLE9Mt3q1vTF4VbbMkGsJ9Z/rIUPltnWraBsEa6nQyZuFY/BcODhdOqRJJKjwyq+5LyXpHHIz6VrZO",
-    "hOgjbwrelpijCQrk3lhag2JjLLnI7oJx55RpzAbCOD29vWsQT4vbdxx54oKG3Lxb89itmTAp+r1h6QjqCZ+tqMuZszQHihmX6FrA",
-    "eMByyg459TprcDDIfoT3DN1XizSdyH01meMzi/wyXaxTbln6s0a5NdvKumR0R016rJBKoEh2hYcc88/niwu4i/AcEUb6eOH8J++w",
-    "MbhzGHHKALa0E0+M3D0sGsNaUDPm1z2NFlPsX0mjFSQ4k50KEwuuSWi2rdZKX/Gfq7USTr5NVbVO0rJZx9YJWw2ihsntt7W0YcPi",
-    "Y6gySgz3O35BuI8vCNdFibBTbOf+KXzfp8aeb+pfW8yp842R55vCr3P8OAoc9zVMQbO6ruvXyVK9j6Qgc0qBdaJU0GF3WA0+cx51",
-    "612SocK9O2eCi89Z5svTmhf3JRlNEE7vzTkE0i9PaaTk0G0LdNqVuYp7S3bhB8YjcdArgVlIk8N6SH7Nx6Hc3BAOnSK8U9deqDwx",
-    "fdjofBYcMfXET3vMlnLAW3LhMDypEVDcrrdLQdhhvf5amYbm0CDSKCQzUo2qaoUa98C8dJD8usjn+Ks0D1zoWfw38IXRxQ6nhEwf",
-    "Ag1pmAHXWyJAro9PIP3aCiYMgSKBslMc3vJ2/PlFnk9aR0376I5CHA2Tn7TjJTOXeD2frbLlntxg36ccTsWNNUnHGQVQZ8rYZSZB",
-    "aZxlwvoa4F6bLqJPNa7YgF5UyHPYxvYYkNqt5sqXmCWbsPsbo/VEfm1rJFSpMXUO10YjoMQqNFPcJHnxvpiO0455dEur2bZxIdu9",
-    "jfOPPWdrjsoGlboz5/56ApaEvlXRaT8venGggm/3UbfkoTmEtVHXb/Alt73UAlR/+kMEX8PvRtju9YExaahAwVuBgWM42oCcLyfb",
-    "Rnq+hTUhtCXYwbU9oWkMN0sl48jRMUGJnayzkZU8o1Qj7VwkRW3FYDN8lRHnRtfaof0kjD9/4zRi7qOLg+TlTXIVbAgNE/NEdezY",
-    "XJ99dVWMzUFp0t1HZqflI+cBdh8BD4tLsyD8+/DOHdTqPFtVU9T9ckgsEqfMT5dK2Iscyj+917imuUTUOrwDRJVymMLsuxXQr3eA",
-    "wSUaPofIQOzuRkzfgBnp0SO4fompUVFVKa/troM8t7HJp2tl0QWbNkbwuU9GEoqshNm7xRFhMfCm4fzOJ0VyRSDocrwbFFevssUE",
-    "mmLGZRRnTdJn4zvODIT3OtpeEFaccUmUQ6uFTh5tmCPb3klBUZjijucsUS0B7w+GFoDfFfkZQ4MipxTpzyubwqjHAahI+MY3rBUF",
-    "7uaH+PiqZY4JgfPFOMWOVAgWNiVJ8ltgmiqyWT0Y7mGCZMqOl8xTolWDO8Vq8YpQywDApJe0YDYrxBhLzGZWsE/zV3m+BPZ9TLF6",
-    "5Tl2iqi3wFsNmIwF572luw15gSe75bjIltUx/IXUAv+dVvPZ8Z3/F3sFRqjtlAEA",
+    "H4sIAAAAAAACA8S925IbR7Ig+M6vSFb3aWSSAOpGUhSKRS5FsVucFiktyT49a6VqKQvIKmQXgIQyEyxWs3msn47Z2j6s2Zw1Oy8z",
+    "j3t+Yd5n/0Rfsn6LCI/ITABFamd75oiFyLh6eHi4e/jl0e1JMa6vl1k0reezx7ce4T/RLF1cHO9kix0syNIJ/DPP6jQaT9Oyyurj",
+    "nVV9Pni4Y4oX6Tw73nmXZ1fLoqx3onGxqLMFVLvKJ/X0eJK9y8fZgH70o3yR13k6G1TjdJYd7wedjItZUcK3aTbPVEez/GJaR5O0",
+    "vAzql9l5VpZZqeouioEthcp1Xs+yx08v4Fv0Opul1492uejWo1m+uIzKbHa8k0PrnWgK7Y53JmmdjvrYtKqvsd7unWgA/4tqnBT9",
+    "+an/i+7s3hqVRVFHH25F0NPZxSj6zfn98wfnD4/g5zJdZDMsof/ZksEBln15np6fYVmdva+hYH98cHC4hwXzVZ1NoOTBgy/2Ht4/",
+    "4p6LcpKVUJgdZPezFKul4zHAAIoO7z84HH/pigZVcY7l2cMs4yEmsP/Uerx3+OXBGXfJhaby+SQbc7/FJc4GGt/L+Kft7/75/WyM",
+    "ZVdpuYCC9OGDs709U+B6Oj/M9mXaq+oair5I7x+MvziSAltxLxMQFOfn8Pth+uX+l2P5bQfNzvfOD7m3Mp3kq2oU7e8t32O1appO",
+    "iqtRtBftL99HB/B/5cVZGu8/6EcH9/rRvb1+NNy7n3DjebEoRtEqpz+qZTrO+tGb37+EH4PX2cVqlpb96GW2mBX96FmxqIpZWvWj",
+    "nW/zs6xM67xYRFh1px/Z5ke3Pt76X+bZJE+jeEkYWg00uo8IvxNCDYckFk327+1/sT/WaAIYsHfwhY8mBwcHXxzuKzSBXfmCN8Gg",
+    "yZcP04MzgpCHKAfZ4b17ex6ifJGlB+d7TUQ5uHe4dy/1EOV872H6RWY69VHlMD24d3BgUeX++fj84dhHlf3J4SEvRVAle3i2d+88",
+    "RJXD9HDvYM9OnZHl7OGXKc9SI8tBdvAFL2cNshzA+g4fmv4MeiyKBa3kI2zYnehDdFa8H1T53/IFbAODC6AGCPXxFhLLPpRNrqHa",
+    "PC0vcpj7Hn7hMujkLB1fXpTFagGgf5eWMe5mchTRxpsS3CooA3KUDaYZkjrA2eE9OsrnBW7F/r3l+10siqrrqs7mg1XejwbpcjnL",
+    "BlwCuPcmuyiy6E8vAOleF2dFDZi58002e5fV+TiNXmWrDL48LYH49qMqXVSDKivzcxykeJeV57PiavB+FE3zySRbILKereq6WCDF",
+    "Xq5qaJLNsjH8i7NNyyyFJfPk8sUUOqrtouzvj7dOuLdTqDvJqyVQXwZvdDuf412RLqjakHATKnlgocKEv8MhkvEG5+k8n13bSvAF",
+    "6tAX2CQ4RfsHw/tL2p7hVZkuoZldHv4eReni+gpmCNTqCnZzcAZrAbykfwZYgk0t0cfrLys/m+pzN8O6WBJWLIsqRyIxiirYnMvr",
+    "owi+EOr8bZAvJhnsw/2jFtyhg04EyiIi7NF8RAQNaFA+MUhGnwEwy3QyIcxFIhjtPwDIwNbiRAZlcaX35XyWAdRSuGoXgxwwCggn",
+    "HvqsPIouEGxMRbGWwBH/ewRo/56vdqjxYI/q2JMQpau6oJ04K9PFxOzgleD4g/t7/s49cK0HJdfhHq6mMKMBkVFEIB4ZuoVre6HX",
+    "kC/oEG1aCo3TgjIWWIcIK1yLg7S5TL788kus2twbQ1fC023QeN0aRqOz7LwoMzoCxMeMop0daMOAfYgjGspAP4JJ3d/7p44pJXaM",
+    "E2RsBlWd1hkyVO+yHTyWLY0uW5dRXK7tSq2grcuOtmWGRUBWAOo7p3D9Nmro76192/shnDB+2GpYM/VNw69d4prRAIWnHZNXF2U4",
+    "ff60tsu1E9LtsVXVPOuNs+wOx5pTDfhHp5IvOup7uyN4lsIVAt9knI4TFxmOpIukNY/kw/YDKVxR++1woyNKazwL7ye5tnXn9yxh",
+    "gSo53G6DxWoOl+F4FNXpGTKNWFDZTocgA5UtXYebt6oGZ2lJTEbnvjxQ+7JpwWH/0bBanXXdv15ncrMCjMrLlm0/mxXjS0u39g/2",
+    "NOXap41inABUOHdU2RuXmc1EjQPnFXHsPJ8B3ztegWi3qJ9hk6DOEFHMVgxuwo94p7+dZnDlwlU/j/IqAnYPAJcC7sApL2HW9RSl",
+    "vKjOQdDL6+gKhUasBBx7DlUmcE1TBb52gScqsFo1La6qiHgK4DQi5G+maYVcZTUui9kMoNiP8P7DpniMAWxzkASi1aLOZ9gDzAXx",
+    "d4iswhBgOh7IlD4oVuE8f58BczLLkHflnZBLkn9YXoB+WUZi/8A7zl8ctN3RwmmabT70ziaeeDOEfxeuO69CEddSbBi2jWZ7XMJ9",
+    "5BKIB7fi2z1hZVh+A7GN//9w/35imG8mlwhKpuDZ5BTWnC+GgK0FsrNdlSyxLIAM5DWg9hBYMcCoGhd5UabXpLmIhzyWZRS5389m",
+    "FNUc9fG6KHPYevwvkJ05lAGdAsit5gvYhnm+gA1GOOyfI6Yzu/bA28P9TWTdMWt4TK6KyHYPYkZZvEtnIN+mqEapCJeBU74EVCec",
+    "RpQ8or8AkHAEKpaA5SshaRTn0BDmFyHbWaeXWRWtlvS9mgGKJIT7Rj6GFdl57uE8WSz2gbMRGvcBGurnFwwcrxVMpmImE+eGq4+i",
+    "30BXg9QMwP3CPKRpiSi4r2qehTUPvJrRbgQEaoGltsl4becHPo0EfCxJShICVmaZ2RuEcIrENkNKk2XQE1Kg63oKex4BWU+ji1m6",
+    "GGedwD2496nAvecDN4D1vbWw1nDuCxT7AWgMnFtBsQb0HztAfMggBF5q1sEJTXK8Q4jUciPvJCmo7ckpeZWWiMwM+iqK02g5BeKf",
+    "jOgKMH1cTWEjFlk2gXMTLeFwwKbF6kzhQUqAwJQVCtdwHqZ5VRflNVCUqqaNg6GectcjrsAyaUz3FR4rZFSWcJ+MgcwCmaoSuXhg",
+    "xKv0Gu7mqoYmUXEONQA/CDmin1cATLyuzvkU0ip8RHHU4oHgSaQFWU+MhSM/Ruh/bGtOQhOjWbgBIu9Usq0WMEiB5WKhTSV6Y8t4",
+    "o4Uc2dJD2f45TCxzxfeoeJ5VFTRQ1e8zSlS860PiF1t5aRG7N7Km4f3IX/mXMK7uGuOP/MsT1O+1oRvPboDgv4nQ/rBDZicR2zIM",
+    "e8LVqTGmB0ZaF5bgvndZHLVI8nS4AAGDhged7PY6lv3mUoAI5haOe7x4ZBB5gwcZHNeyk9Vu4Znd3eg6A2pWX2/DKvs8FHIrBKPp",
+    "ofDajbpmNIQYDPigE24+6PdUtyMiI4PxNJ9NrEpyYHRLilup5ulsBrMr4fh8BrcyXAKn3S0G6CXuByoW3Ng2VYZsY5so1qpO3aR2",
+    "afKSH3naw2pQ0GyBcZTfk8L7laFqo8wmroipE6kqb6w4kS7yyUyNUSyzhfsFPxA4ruACaPRET2CazSafqgaRLlBL7jocz9J83rEg",
+    "q08P+8QPXp/naT7T06T91wUgcU0Q3Ne66K/EcvdtL+MyR1X1zNUxJ/aTNSfSDwIBb71PVSBN8+WnYfle9EULjj/YVs+xhkA62oTS",
+    "0D0mL52ablnENkqgDp0NKnHrBT2HbLoEN9yfFgxfeKC6p3SuIONXuBHLIufLrEEseTqjKa7YTmrQqUfAurDw9GxGuK5kO2ACzGiT",
+    "7DxdzWrTYLgsc4DydSvW2M7Xjiylv6HnXOn1oigaTx1MIyL6fpZO1qmDsAo9XLudoAcrb45c0j4nC/ADxhvslZ54TtAO4HgH1Vqo",
+    "i9VlVZaW42lYukyrCh9MsNy8Cpl3IuL1nAj3TyFHc1NW6ovGbfqlqOc7sU2WNTovxqvKzdD85nmaX4Qh9PfgXV7lZ0SkgY+tEWX8",
+    "D4g/qxpPBcNQT99CWWrg9VRlNa3Tbh9v53qtbRta2Y8BWm31qhz5Q/v0/CJh1n2WnmWz4XnOt8xNhKTDxpNKJ/sSsraWKRF2/nNV",
+    "KEMrFmynPimzZZbWMQqmA9Qc9o0ce3AI5IiVKon3CPZRxtiKGraozLxHufV8sAcsQPeb7Ml9PdcBi2xbSw6tQq90RWjSeM1DRhR7",
+    "JYnNb7nuXjKHDJFSCDEe1Qbk7gUXq1FF20Nq74IOYm0uedVmCLAYZ9NiNmkeilYG8t6e1a6jcRCwAjWAcKxgw6+q2744BNuhXie3",
+    "vJY7dghnMbzsWpL/xHrgoQm1vCiXn/Smc9BEmi7hUwZ/0Bx8uaqmTnhhdbd9SFb1mKExzFkg05pFzfKqzhbAenZcueYkD4HV3E40",
+    "DAhAg1Ux37blTSz5swqKzyR/rKv+VPpXW/K3f79B/h6qB/qG9uA8y256axihel5dfDYtfeheELelpzL0ECAwu16r+dGS9AM36QGZ",
+    "Im75sHrPSLwdJ2hbmqGHHl5Ni3Xvkh5xXkeFXY91sc5kRlelZ7LWg9r1kIpNq9XZX+U9rzFDDWbiKDbNQ2yvvPGADRrwiDc2/AnH",
+    "J7X4e2eU9SCbq16vR/rN5CXwWfxWeLaCE8iviV9/9zICiRb1vAt6HFyiBe0kSqvom7cvv01GWJBewPSmVXSZZfQikpdkC8Yzq/hR",
+    "cD6JltrIDP7f8N59nM5H+riaqa/Dg2zuKsgJkQ3aHx66Vo+jEWqZQ4WROdp7pt64mGTb2l8Nv8T+N13CGy53I+PhssvspqZfIToc",
+    "eRZuvGebjau2J0QPGsLJQ63QQ4iH+4WrEqg2BTcHCG95yrAOuxiuytkWikjeD2gCJDjLl9sbgtxTxJ5OxP1WlpBlw0G1yJfLrA60",
+    "jvdCseCwk6ytO+rBGHM2PriBLkdoYrBvhwHW7VuFMQ23KOpsa2W2PpnmhrAQN3rSboLkE8xyns60/grVZ1pztpzln6WErOAkuv5g",
+    "nU7Z2d7rBiWrUOOU7vgWBNOGRSFyhLiH1olT0hfyOivHQjEFO9hg62gI3V7reIrhMg9FnytvugenkOHSPI7UCs0uf1XWzA2jzXTx",
+    "yJor7AEBocwYn2HHSePqTfCcbM8/2zA07HFI2I0MsRUS6YgA68Wq2RZCfsNbpKlQfMiX+M3ey9ZRonM4mzd4SDrcqr/islU6aVN6",
+    "jqfZ+LJTNnPnrHWJLR3aw0Dvq79zxh7Rp54GGvMT5QBs+/+HIHBDxco9Nd0BeRO1crPr9p2atlpgdwsPctC2FBO69fh27MdsmrLm",
+    "Xmrc9myGaKjJvXYod+2Tdxqsq4Ee5IGlJfLqutdlMihzeRzlGoTyJGMZ9r12w2j9NGAwvkNSd69ApuKGa+7hZvWNWgPtxRb35qd1",
+    "aHTxRhPPrK+/qdomjMAl5Bn/3729hpGu4W3qtLoctKgaNkIikDEetvVnVdBqLgd7AcWqi8tsEc2LCezdZ93f1MUAsaTN3jJfkAJ/",
+    "z8cj9hxDk7t7/egAjQ/v3W/q89o2CWjNX1dVnZ9fD6ytv9m/wFzP2nAeiCRGa/01LVSYoXXD0m5obBAJWIoO+Ty2sTnGeFvbaZLP",
+    "CSrRQ0PNg/uJWhDZmoSmJdolxNZcdlc8XKsvoR3uPGaN/SCkzRYBC+c/VESTrE7zGZp9VWiBR1sAc1oBp0/gYus8NgmLOlBvUqZX",
+    "6Mbzmbh3mGiD33u0Zu66rVdjDyIq2D1nOrxnNx9oRHz/AXOZe3vvrrwBtvNNEja8GxMdqgwekslLG6rsP0zaVC5tLmuRb0TFJsIH",
+    "9zyM3cbez6h4GYL8+Kcf/VhItxU+zSircbPqzjaeiE94ZxF8EGMoEQtaZhBZC6UWkXYyG16+294wGSiHnKl2I+VDa1m+7lSbYSd1",
+    "t4ug1Jj4cNseOjjNsph1XWUdMo63x45o6P6Cq2wPr7KHRmUOTNiAVH3/c1XI7owSKdjsPHifzUsaGGPnP0Rxs0sR7e5w4i+2ZzZt",
+    "95/AqIqbSAdXZy2YHu2Kl/+jXYl0gCpliXsAh2E8S6vqeAfgtPMYwPZokr9TZchFU7n/hbwdd/ygA/BZKtJS8gk7lw3YvWeH/EIA",
+    "YnARhV+kUyyTak3ntAhwDe00uMlj9+WXf/wHLBFGlMHZqZeGRycyMkALBlflZj01/M02H9wefqHUc7zzJqvZxh8XyRzZzuO3+M+j",
+    "Xa5KUDOrJyDhGORkEYwrZTKm/EI3Kn5vPt4hSLKpMbrNVjsaoKrZjh1iwKYAdrpP2TJgUdRRcX5OqBUbI0A0zItArCfUiHZhMXU6",
+    "23n86CzsTcwGW2YfVHj8yz/+DcDweLelD+69uwsZXXowphHccbDi1Vljwfy2ga8Ra4ZwdR4LiniY0oCqBwp+VyXUaw7gPtoF2KIb",
+    "jGEeRAcH96Ztw3jf7Uj2GRVK1w/mRiIXMoslL00PSyAAQFiAaPbJGh/EU/kNuOfOMbXGmAAOkBpS+MAyLVZlK6TsRwcpHAiLbgAp",
+    "FJ6qtrMcfrWj4K+IPmyAkTk5QE3eoacP3DUVvlrV08pgZYVHf5pdw2HNIjStoJ33YEDNWgHAX9zq6fe2+4bmsHQV+MNhcdtgVG6H",
+    "wl83gDE+4yHXa81020ZoVrLD2U+RfNp2ka5PNrNtWXBYZf3UpI6dGf9202kn1+yD2tKz+aBmb4r4ViIn1x1h0x83e9cOeEH/+pP4",
+    "RNqBlJ9kcP8FQ/HVnpWPb916hF5OpgN2dmrc68Ao7Mj9DDKjvWSEb5ZKJO1wNasyDe9RUz6Qtvo2A4CfXes6UxnIn4vzyIANB6nA",
+    "7xfaPDU/YJEHjz00ImeMYIoDLny8Zym+5Utg4KXdQ+0xEXYhhRbGy7aJE2satsRLoBNI9DGYkOqQ/C4aU+HCjh756+NXBfvD5VV0",
+    "lRJxAj65tJruoebNdmXlgCqbdl04C39svlnX7DdXuMFm2wbMu6zfZq786XvM7bfaYLN+1a5te9WX7fZWpsAlMoVXhblqyuwCGQl8",
+    "p7zO6o6tsxRs3cE+23yw5fmqwZvzo1b3Jpsa2++yavEGLgc0D5mu5umCd9sDGz4YuQXJBHUfWKFjyvwJFShYMstQiAA+eAcYYjgI",
+    "ObTJzDj+nM0rnT+SK20dzX2WbbRd+0KQql0X6/qCrx6LKl2JSOPLJ05yQVuay5aJw4W4GGezdQOaKo/534gKtWAjM9AbFKKcffTd",
+    "8SbNJrRSi1QEKDepGlCHzNcjZZXvLaITVvgBDxw0SsuLrAbOj/SeO5GydpWTBj32gQ28GL3vA4OyxH9oZvjHWVmkk3GKZ7paAnLT",
+    "0yNMFkhr5i9ml9psXN+zKV7WMxC5aELpLLnJesfcumPR9qu3xmx4MYwmsGvFdfVrreKN2K992irE+q2LpsjXtfMK0a1tkiLC6G6s",
+    "QYAeEJUdHXPhTx44/1zCtR6lRsT65R//EcXP6nJ29zlqN6MKSFeV4Bk1Y+lJh6toOSVoJ7DmmNDWQfcawlSGopePK+jVhgbeXdhi",
+    "vz+O7N9RTG/gyLkkbcjgsehky7CZHMGGzvPaI0fiVRSgBYCu855BXRJeCzeiPM5QwR9JilqHkm9rufaOkYqAxHaotfyP65h2s0Ds",
+    "3V2jKZrbVzUNFVA3bCif2+uz6Xhn9RvwfkbFECzP6iO6WQNbZXveQDcxmom1XKBtsJYP1BvIr647G2gKMaC3OiideIjRBLg/VjMF",
+    "IPI/8S3l74tPcdBQLTq7Rr2c8b6qC6A764l5k9i0EnKa8g0W9HP7Yn7259xDU2KMBYpvf2VaYdRF9MzK39/pdU6xk0e3hoiiENAF",
+    "viSuv7Sw7uv4fosxW3H+aOcftGvh/P1vW/H+bhoh92++fA7DP97M8CP9D5aBRWvOM33e/iyb6n+Gf1t4++mhVuo+fovquajrmLNW",
+    "r3HGp4dtk9HWFZvO+Ruix97Nx2YkZlTpqJ3Gt1R47DNIfNIjkDhWcM52Hqez2aNdLlxbMyUVJNRnVWTMvvPiwN6PxOc82aovVobi",
+    "f7eqLoOAIMB/bNVIJrTzWP7YqhGGINh5jP/dqrpR5RkV3jZrIVmGFiN/tTXD04WbfnOiigFm6utt0EeqrkMgU+XxWqzZONntVSB8",
+    "qm6q4uJWLVRQfdiKBMrwIf2j4uFaYvHMsrH2AaSLcliOd2vyoZaqGresN/y61aJVo8bKx41lrQfDt/R+0Ll0fl6QZftT9z61Q2Qd",
+    "4kjzm2KONGsBpf6yFRjNDFp0ov6nQKsWIeOCwamoFpq3mBCGUZXmE/RNGE/lxSd85tl0IT/aRYU7Kt7VnJXRE8+cLamkoKk/HHjf",
+    "A91+SsZXXs9KkyhN1/RqpJBJns6KC7niyV4MTmO5yloufZkOvYztYGBPsos63hnsa1VXy4qZGWBgCUfg9+W/fehPj4ldCAwIpEbr",
+    "PRx8M0xJPpv5Uusm9Zm3Q+NZUx/qf9Lv9c9m5IgwzRjPepWYzFVIreDTehMBs+lNDYX3hcw36DGIzGfIeiYw7xLrLrSgoeBazlZk",
+    "b8e9EREiBZjqLEMNH7k4z0HapfKmzYb+1o4I8lFJ2DfAOzOCIAt9n2TVuMzPggqodvLxLGjbOvMmpi39tqTNam9KI1py14Sh2F46",
+    "TnkrtDPdd6hqvY+P/1CQVWKoJdmoH2bHDX/A4rJjMPjw+Ls/+mM43DW4xMLIOkwiI5s2NGp8uATqgsZGaFqjsUo/BEh9277lDUCV",
+    "35jgUVuDdY3XAx/RVN3Hr51VUAOpqN40x7v27TSvxILIxEmkNsPoBYXGvcyW8C8GE8U4uRhGMiuBmABXnc4ijJUI5GXocE9L8TZE",
+    "jZobQ7IJHPng6R+krKls6IbDr4T6NKVWvNdfHj+jf9fj/CYlJHVYpe+ytoGo/PEb+G8n0rOKzmI9EqRljXlzbkV3ImUEB71X07Mi",
+    "LSccx3IJ+8ZXw4+0+8PldQRb+w74t7SOdnZ3htjBP6cLuLTS6D+96SNrMsnQfCJbjPMMg/ik82xQlPkFoAf2QZLhn15/S6ZS19T+",
+    "9+RrkqXAwxjJf1akgGXkoP2H52+j3XSZ7w6HwyP3C+QOfG6M3+B0ysEb0nzdiZ5TcT9C90Ruf57V42mcYCRoihxNPgl1CeCaVYiz",
+    "qUTMTKI6w4Ccq4oCgmJn+GRxgZIrhdNFG7oB9cY35vk5GT2YOcNcJtkZ8KZjKNvf24vmVULLe73CMCTpQoK+1hhtFPASYHheFnNr",
+    "OFZGGJ7ignPTVBEdOABjyb7oSL6xsxj/eCYWu7tUDDCHOyYx/uviuH5k2HGMo4w+mhcZRpulsILYkXWGB9yr4JNyiR8D8Ors+Syb",
+    "4yBxlWXkz0u1geQUV7yuN2bdVDaKVnU+A5YTN91U70dPv38R3cWjOO1HQqFpgbhD52VWTbEnDIQ0ASiV/Qh9XCX+d9+EUSVDw35E",
+    "RlxsCcgw63tm/n3syfjz9q0w0jdOpBzHtS/2S30dNPmsKGpc0u6t3qqi4fNx3Tsid4Lj9v+51XbWgO5gxVUd/TY6juJ8kkTHj6NJ",
+    "MV4hWIewHQLhr65fTPAzjXcn+mqFnv7AP2b8eRi9qSkgLIUAAJwAeCP6qL0/gtMIdc7Q7I14f9jQ9nAGFKrgHHCUTlk2i+v0ApWf",
+    "xRIjbA2Hl/mk4iiwPPUFTN1O2cMLbJlwVPIyirn2CYD33SnGq/2OXsmGUK8EEMU0QPT3v0cfPiaJZE3Kz6P4HQAvWqA/BnzDH8cR",
+    "Ee+Egs7mi5UkLMK6l/S5RySyl0SLIf31CsgLzPEd14MjnenKCCKqq0/NsQA0fpe0t0ISC630wiawsknr0t4l2D82AaBDvVPX/6Q5",
+    "wJACJFd/hmMW94oFjPK739EdAB3z+ntmd2je6WRCFO1bMs7MSuxhlo+z+ADOu9f9YgjjPzVoEONOUH/IMERPol4vGrl1J5w9ydu8",
+    "MS4O9394DlQ6fgFndZHX195+jfV+jbv3a4GueEC9oAGGNsYbEDp/hdEUnkC7UYhTb2F78GssMxwnboplVq/KRUQJj3imcD7xRL2j",
+    "A6VwqGWV3IAemFyLp2UJV1le0b9Y+ARgNYpOTm0DFKVfTFwTuMxgdn96/eIZ0pIFoj9MQg/BUtwzREnXrFcNekD9uOqwLr4tQMZ8",
+    "BogSJ+RWDWxMvHvyl3Twt73Bl4PTXTiKvUEPCYE9onBlvs3nWVzLscRduA3XBaJNFd2Gpe8lBkQ9OvG9I3t6cQVfA3iHi+IKbsBB",
+    "9Go1PwMkqjnWMfWVV7/Hfc7iSeI6+uUf/6a6SaGblwCRYXpWxZgpoTIF5F4Up3ARYRB46nSG9uam9yp6FN133aIXFwab6envD2AB",
+    "uDsVQKpX0Sd7XvD74YM9qUFDns+KooQPu9QQmsybTR4+uNfRhjuDVlPXqqWadAD1JlRPFjCJHgO8AV1q/AS3T4H41gMmAre5PqIA",
+    "8BgK/BEG3nnMVz2nqxhfAi3G8DF468O1F8UUB94Qeb54mberEp9KY1/PgVJThETk+zSBLoBmMSbwGQC8sDvqdjtRiwCi38Mue305",
+    "2D3FUvZGMkbfFFdQBIM8McdKdYpr7/WpDzRMwk6l7iK7IsTTtQH/X7z5TnrBtjhfbk3CyPqm36IokbW0/ti3Z4Tau2ZSCRf/UUNz",
+    "fIm1q5jBqCgguhw4yvTzCvbnDWmti/LpDKB2IhA57VmiyA3f4R7gje7or4We0Og6uILMnIXo93DluH8jswBLpNXcZ9UfsjqmWJE1",
+    "RT2VLSU5642IWTCNF3U2x2pApHs9jKE2TpFrjbPEteEPXudvsHO8Vmz/dEcnfv+V6Z8uID5CXoUymxfvMplDODpwVCIPon8H4Lk/",
+    "CUzUEiNP0wfxAOvj30OWqQFqt4vFkVc9q/HqkBbkzWTa+OBGEizOTmqI27elTHWZlSV1SWpiBS+OKPGEeqK/h8JhIpmQkjFfcL0o",
+    "RnqgyoBaJEQqenxovBGN1BCfA1c8RzovRNQMHQNjltKF8gEkxCwtEXOKFbBgMHVaHYBBimKqd77gNtQfDIbjyT01wxBWcEPhQFAT",
+    "j9v3IIbkcCnFJRWp3krqQF2LkwNsu+B7dAGkdh/JYW/PLO4u3tNIA7/5ZvTy5ejNG5SwWA2A5MEnbGN8deObTV1YlgDgLWVAgCPH",
+    "E8Ttb4pVCWeXiPMIwew+vWTHj/aPbzCj2AQ/cjQwzjRE0dg5lhec/ZRQCCQG1E4UwPxiOt10TA7vMRIKuPrZ3W1ZZphNNyTVEv4o",
+    "5m4WbmEeDrq7/4fqLl36gB5DoBzz2K24Hs6yxQVcCrBHeOMI37cH3cJFvk9L/OUf/4GAr43rc5ckYqW3NaLK7i7cWyQdosx+nhm5",
+    "EJftS5JeRLRYxUEjNRDg3J07Z8VscucO/MXBN+Gvn/Ac/NTHYc4zEpHpYNDDK/Ty008/oQT8L//yL9D+DAhhxlwbfBpAN/3obkJC",
+    "+AkC8DRelbOErEarIUr8Jp8KKp+sGItD+ZIsJXiyQtOIBCLWAFCQOmDhrlnQHgIoKIIzS1qYTid6lD4mjQUBZFrXyxjwFvUYOE5M",
+    "OYoXBT5Xwz2/KGx+4z6l/5gWFSehQuGNnkNyPLvp4joqgD8oeTSeQFoxy4ATxQxXKWYPyWsgZPBpKCfx5dc/vnz6nwGpDoDv2juK",
+    "YA6zggIHi7RPUiANCO0B21A5hyoE2/zFq29fvHoOPez+FJ/85acfFqd3k5/+/sOdH+7ET45/eJNAIZTdeQJ/YuHfqRzKqjun+O0O",
+    "fZTf+PkEG5xC6Yf9/v29vY8J/IihLE5+qLAMJwqFye7FkZrE2+cvcQp/iT7s9Q8/ngzu3D09iX6oT+/yJHaP3NmaT74FIMnRAgSA",
+    "ez+9Ukzx7l9wV6onox92f9jFiZ3u5kNkZghbLBN6Aq1ODaNK+4LXLxbwlSdFSIVgd6ntEMs6rlHuTgsqJ8hgpchdUbrqkcwVEwL3",
+    "WjCkh9a9aCYHn388m6WLSyxhhohaBuxZbz5BEnTZQ86HyElfhMC4h29GNDCJxlAXOqB6ciPR2uguSk49pmg+eUF+iwLdCZzjqcdl",
+    "rhAmJ6e4DgHO6+zi+ftlbDFpWAFhxhTMvYueFQTIU+4YowTMsehqmqMRZzwnBmiYvc/GTBE9IXM+pNe6iB3tEhycIs5SVSGD+AU6",
+    "5ZpJ4rQE85P9U8MMq6YIHSQ4CB2AB9ZKQuF8fnLQ1RRIN5wuaUzQgavvAMiyBRw2Np/uInkeRVjUMshh1yDZfP0Ah80BDv0BbHdw",
+    "+ctxmZ/cO8X13qf/7tn6sjOwC/jXCwSjEbhxmvT5ERNDvoe698GTLqCSEYOchpEwI/rlX/8LPmGjLA53LdFg4CFISUWUGDVVQMWD",
+    "K9XcXXFVjjVKEn3kSxW/GIlSzRgQiMlk4h3NpUCZEO/USbkIZRRsqQd3Q5c/LJ7QHf3DAi7pajnL65j+7ttTYbAdr0VbwJ2ezzBU",
+    "MrBMwr7hFLFaE6h6anbTqepfi3xhhtxDxYgaCFg7I8PgDHI8bEfwzyNejgwDJXfv+iILXdvHXOskPz1Sn+h+VlQ5/unDYf/j3/8F",
+    "/5vs8qnFdurUURMzQMSrjuW76Zaen33i0ZMRkDZxH3AuAUlZJvoJhSL8LxCyfyHesvcBa5qKZpuhvP/xB7iIfosQIrbCbAJNBoED",
+    "62+CBYXl2zQtvicMMBKBF3bFm+O+SKf+tpWGrgRkhjpw25ckGiRKXfbRAlLuRDefZANUOZZbY73ti230rlf7wZpmESZhnDeHH/ZA",
+    "SBd95PaPbAsh7DlSppZxEZMOYI/e7HpDY+1T0oDebpsZf054KneP6QRCGX+9excmJSyznQYBw+3LLA/PU0552PfURnyUf/PBoHVv",
+    "VzPpg/revIG3cRyZWEIxRXjTXAOpTEfbIpdTyLpNblLUp5oTv47I/Ac4dUNofcKJVVBtRDe6VhwpPdAkf+fxCzZg83zS67crhpCd",
+    "sDSZL2+c3jrxw70BbX4refvdH5+/+vGPz/83ZMvoeYceJilgRc9wjk+/fvmipdLTyTxf+DV5UAyxxB7dojfCWC4g8lbZZIS6Dmwy",
+    "Yk12P0qxF/nF2iXOgrS5JvqugqiImmSky7hl+CZlHiA5B2DJWkG+9+opp1wss6qY4avqh+KyL7rkPqkD+6xG+AgiCZoak1usvGHC",
+    "Ht/bw+yVNA/4+5CyEy74HYxeJ6AOppYsljUcC05siHvn8hz24E/0lEojCYdjUoLiy29Cr5bYcfQTDHxGWpifotRMhF5BcWwckefE",
+    "GQ/5We4yu8YJ9HEE69K7kI9sRoCyEVSLdGfcE1ByfOGN0nP0W8LXsLSc5RjuhZ7T+bUura4X48hifLrM43lWT4tJnzT4nEK2T8tn",
+    "1Me/AB3oH3qNcjc1QwwVELdvE7ykwDAWGoZIseRzQig2tPg05DXIu4jrnp8yK8LFp+MxsHFw3AAfgIui99Ddv+JuRGpCDNBjUfrZ",
+    "c5EI3tkv9jA4HogAaIYcPoUJFmX+N075CifmK4AlQJJ01ljVjYl6Y5qiAaP0ga6H42lGEswA9Xd4w4FwDfhQ57BQ+KDe+WUZxO5S",
+    "P/RO0fvD87c9c81Ivyc9UdEN3l4vs94pnecQKI7NoIUnrvF/HpDtwoBO/4CO/4DPP/ZEtaUxrGtIhO04+k9vvns1rEiRnJ9fx1TK",
+    "L5OGBuP9ByfSyYQlMYYpnm85zYxe2G2o4eT3r6xmG/2Yn8d4FkJ4P0TFpaUhfNZHKCLhcTf0iQ79iNRHEwJ7VuPrdc++a0PZs2I1",
+    "m1CknJJsJ2yUn2EPlapmNW4u+BRoRTPKcs1yiFuoU1bxYmHhpEjFC0wa1MCUEQjpYTmujZo9lI91/1aswP6Ky8SHBE7LAQKrtBBA",
+    "HkSfD+TyaBD3goo/h6yoJQ6yoKfaHtZwn1QPXDNCna2BNKl3SWmbKFhzqVX4fozU1qDW4Uc8S3rmtqUrRK0yaeS/efv2+8hv4A6M",
+    "oytOIFb1cFlA9B23RsJaQCHouDH5gPF4J4Fo08mIe/ShR8pvohN2N7rIpzx4A4eQXyxi5IUKsrD4YGgmb2H00XBHH52425j6IW5G",
+    "nFd0WJ/jBhhNO0w1JLJKg85P4+YS6iVJGwgcKSQQMJ1sAQF9IBAwRfn/AAT+43Xrke/AdMQFpZppA5X/KNEKIGK7aXVGC+Y/WojK",
+    "+E70ZorZvq1hFEfxjNG8nLJTo9YeJPLXhkGhRMQpJtik+n28uns9EACgLV/NM7gEPUbUwh3tJJFLql4LS+W0d3SJCo9mdtbsifo0",
+    "xC5oqfTHE//jkt8xolFr8RB5I3kfWTOlRKtB/Lv9BGufWmSRZ5OhMG9xz+m9pMiRGjO147YHlw+mPipkYGOoG70EupJ5qtJR3zZR",
+    "FNHwBRZIguhY47eA9dZutZcYgxUBKDXR1UgBiY8S3isaDwBC+VPHqJF4rsxIvdHQerTRS6zAjZ29tdHpJjnfZykxSIxryGxMjLWp",
+    "e2aKhfGE/1EXOTGyiG7MWQbsJNR3PCnqxotFss549YeG9WqPxhrJWDe0hW3pLvHATZBLhuQ7ZRXS9FIZbFw/srd42JiioMbOskO4",
+    "JdhlgP2CK/e0ZCm45JEbUocgxxjTXLTGDZ8NNVZ2T9ExPTSRpTkyLXht+A96aXYjRvIcvRyGyAzb7cS/kZMX++x4JvQ3OLjczalm",
+    "y+WS+rC+OgLb8Z96NgJ1oeZfpWXceyq4BvuOmEFoG63IwcKgzDD6E/z+5R//lcjPL//4b1iFIs+CLCRIgcRnaamKW5UGkWzJldkS",
+    "ET1JP4mvhEDfrzBzwXNgDOP4nB+F5e1TXy7AwNJmM9TNRqK5MCBUw/isx3bKcHPGGVs4Mfiyd0N8EIWqX3OCVqOUceYRrZjuKXDE",
+    "1kAhIEPDw3W+YlrnNoaVI4PMFN51A/QiaaOAzR6AOKBWQy+PZgXLQyGVtv15NU5BUkn8AY6CaeIrz9pJsuQaKxgGYqSR/iy+Rg3m",
+    "vMnSaWGDBEHEFIWgOFFja4sWLfTaTBaJb8jiNk6YVf+YGI2Tvffpgk8dgjMPEK/QtvTsWkg19mEkdscNEJ1Z1oFeH9f7jO2rY8XR",
+    "tFyPHoKTxqxMHP/Ct8eEFdorNJimybCMOIpEcIKDXKzQRxHfgEkphFcTZ+7CCxuqfU0P5Abgdp5OfFotHb+yWiKDJa3I5iToIAQ7",
+    "gnV3N/ozKUoVtACU9EaCRTqUXsRh8zByI6pJonSGFu1oL880lSdwu3UGRLTYXhO6G2L/b3LS6Zt3JzW5ZzBOU4QkM4TymsPT9kKy",
+    "4ZobkxtjiPNbfCsz0QXptjIGNusUhNowfIONwlvRTcGFiotlF5koxiVcAW0urobSWaK0asSb28d7XKRUithf4ijiY036MxwFvYAm",
+    "ZbEkdNkRt6Udy3PRFg/Vh6k82pvExQVa2tclsAgcd2eS4QviNcW1RUsF84wv00AEy4jJkxGMGoBfi53s665pbvh0XMfEqvXFcqW4",
+    "/Ba9ghyi6hHMnSLE6xl/UioKr7K8VCv7b3brF2sKIXeeZ1qD1aPSsCbZZIcVMZ+sX6+4bNSS1WnGw/PpC9kj3//MZ5G66c2HqA1o",
+    "jjcPuSUDxwbDhMBr68rsa/iZSxsb4SZgmKX2fTJfO0Hjs2XSDqgI/zXMq2eW+jidinzkEPuhgbr+6DhPAGNp+ZaA2zDAsgyHt91b",
+    "3eqmC9rpzq2+UVcMmbCvbk7BdhXyCWzKQXBqdtR+7hzrsHncG3EoH5AvA3ljCfgNJJOoK71EtU5CUHsdmRaPHeeus4FWP9ceXUgi",
+    "UauAnl2AMrYT2A1+krBuVJO8rK+J8parBdHVOfbGLlUR5i+Ag5hKR/KQwjWvgPdFtQW+elDWD7L5g3n/vMqQWwYeAn2y5AW8sBr5",
+    "j+a5iIdmIR3FD2v5CP0vRGAJPwFkSepWH5CjoIc8tKN0R9Pdn2btw+Fwkc4zeZ2gPx3XzlaWNCVEBfjtRCrXe+KPpIw3qZySg/jH",
+    "0OMA8e5WsxFFF4rJsQAo8e1j5YGSbaeba7SOQ7gWfJeGTmkJp5zCCxdDNqxMLvwlA5S/pUFpwsHrjv0YYyN3w8nWDAHB+AuuiTaF",
+    "oYZFxqpSDLWkhftsFeDMWcvKT/Djadxmw2yQp8yWRVlLSlhkSEjLVpFdsxppkqETqhuMdEs0Rf0lCde46UAqZ7kNR/HNm+fGEwy4",
+    "9SkeLsp9LW+ToyifjPjFrR7JS0SfTGjHxRxve2t4aEZDI2U0HJoYVmVclzPzNzJFxfk5vWpcpZeWnRFhg95h5dXUnKI3b18/f/ry",
+    "xxdff/v8x5dvoP8v7hvDxgVwWdc1GQsBl8evguRKMUgRAIkwdXlFJpDI9gkX7ZisBU3YMsKOofJMyUlNQpkb9C0+jgwtNwkfWEwf",
+    "Wx1aJewb/cuffL7lA+3UKOrhPz1yhJTkD1DmZYLo9d30+bP+yRVQfBmJAkIUDb3o4wmNforqbjsP8ofhyeHNQKMnsoV/WsZWynvr",
+    "5BHkepeoz8aQ8RVJDSj6sQvsJJ+TbyxKLURIygxVaznme72OzsgALeJ3GADhalHnM5RdUA8GGBGYStN4KLHEHrfaKq+E5cqryazT",
+    "SkK+4IX8kJNNtISFHFHvay1y8XLxZYYt0/1R2aic139drCJ2iw2Xjapyf8NoDpaHxvcEiziewIc6JeBoej6ttntlMNKHg+X51qxR",
+    "ZkCEZouJeOMH6gGaBM9p6A6z0pMxxtF3JAgG2ejHMD0DWul2TD4hgbD18EfcRv35+7dFsdR+O0dHvlUbzGk1cxoSbvQd+lYorYip",
+    "RDpF0onap6TNKpbbt8PXNmsSxK55Ig17KlfTm1Z5HFnTI1m6EE2y4FtjZNSoHRQ8YV82zA4WfLkTHQA3gGQV32zhX+7WTlZTmp6C",
+    "V2O/k1YUEL0HaVX14RaFLEGgVdpSW89Clu+A0lhFvDf84j4cRvZABLpUIGbeifaG9xPLTkdBt+agfOxCLcYSTfcBZYWte4qI+4wN",
+    "ZIDt5TUpzEZBDv7ZYO2BdwKHLRhw263MPT7HqEPtHl/WzvLY2lB8i/lNSMwYvPia7Ca8Fkfb2UP0VEwGNn03hiP4YpoCZ0AUgH/c",
+    "2Jok6fJhI26r59sXNF7KPdYOaxDpY0GxlbmDScKc2DfNjEQn2Q10my0Z8La9bbr8tYbSi2qnDfbI8o1+1G7lEWh6gZO64htrmgLb",
+    "yHpmCXFRiQUnTBzjApbjJfY2y/6MqbvkzZT7xW5s0vS6KAAxp2jX69gBfF0jpMCoA8jjJsrGikS2YwcaEJZfU2GcKLflDF+0Szl8",
+    "eK99zSW6UvaOThdqKcgNVcxn0EcBbuaFYjAZgc9W5/Sw1hefr2OxO6GkUqH0kpZzZbTt+dxhfTSZ5WYNzzt90fUDrjYRc+20lEcP",
+    "wpZbzmj3KLyJPvCjFiwOReePyi6HhGj8J/bunwmlsiR3LFNsR8P/IRTuHhsID/nfWAYxpNgaM+ieGWq/+x12kYjaAf4coovcM+jk",
+    "aR3DvYKnbu/9eXYOdRjiWId9BfYx05zAXi6Lj57N8pE2QhaDNNMDxc6Nd0/QHv90V9v8nqPd8aNojwxIoO5JLvbjP5RkBZHTL+xE",
+    "DJLRe87AiE4FQHRkWLk0IhP/CMcJ5iIm825BIN3kaibhetGAuW1CVETGzVJMj5oHcCfvJ6o7OJ7fos0yRzzJ3gUmy/ROE5ITQjw4",
+    "d0VpHz6EoTcSaQsuO+svzaStpVVOf9rDGDWTgGkNZ275ewYhOTxTp7sReTxFnLUTI8ThkJbzQP1VhrdesWAOlO4p0rPBsSdjKrFn",
+    "6eE4xM5qe/sj8zpJ1elZ3VQT9wkZwX9oc4/VH9W8rV/CqGffs3EFIiFHu0om9YRHsggnR6XvzmNsrdxDKPMkcA+EwE8YxUbcwuLY",
+    "2JqVGPMAU53CXajKY/IM8t6K7awjmLVpz4+v9lTeMiecJoOV6SKHBg501MQLtKCqS8CUD3YP6JVONMAKxvww9bGjl3xCx4MnZ+H1",
+    "wx70/AijXPicjJ2SQjwfTXDmykmw0+hRCqGib9pILbc0bhQ3uSUtk+MRDXPLblkeDmbkRYAho5QhhRNwajguRTaK3tJQ3WAV9omq",
+    "xsOYx0ULUd4wBKicDdQxAU6WqCaAI9P8jtdI5yeghihHCmUGfP8O39HwOjJHr3IMAXMT6CCMsawmHOAKH8YIodDcO5udU5Aw4hCG",
+    "9qQbQ07CHulYs6vIkehdxXqJMuNoha5ZhAvX4IBnwkMhlG0kKA1yO7VOsCu5c65sUfUSlF8ifppr+xGQLXu6X4ogrAdu7ga7M0+U",
+    "wEoxsZ5OJvHcu6xlNMqG87bwwUiMXXyCJq22RnLaNN2cs+eOjP3DMMZsfH9nWGWTvxu3iOS34tSD001ahsgn0vu6rcLFN84BQ6Qf",
+    "eZv1qUfCG85k2qMhWwZUSNDdCQUSa0yaw4t9ykzdRzv8evWvDo+22bOGqrmXZtzN38PxxJKq5YW5YoEixlAwFBHktxijLFBstsTv",
+    "olAmFEBIh2LCZQZiN6rQafA4fDMVbckyj8lnAEBJ0qXaFBbBrABGl442MpMVI1UfsmktkutqKLH2yNy/T6e2Gtpg3FJKXqVDQgVT",
+    "ND6jMpcf0vqOAD38HoSZjJTKHNGHDQ1rUZPqRLYUuJoc/CVLbHtm26EXfc0ErQqj+mDcsScuWAwAe08xFsSFICiHlKbWhgd6Ei1i",
+    "KcN4UPhDZmevOpYvae97zZS5qH8mrXtnPeocq8kwyggWz471VSSlLYxPa074IzMOtpSiLOFfbtfxG7GtjRZUSi3wL2tf2ZpPt2FZ",
+    "wH2JgAD4G3PwECxkfrIfsQeqhHFprt6mz6Wl218tcNJJcdGhgzga+LulqssLi0EB6Km/pZYlObgCCq7+xP4pRhsmFlKzcSMfKupi",
+    "zqwt9roGnNKA6/PfHtBbs6IC5MnZEN+0AUEuLojhwTDL0I9gs+sueixY7W8kbh9aloj/tzwDUUgueWjBQDSI2wtGbfxkzpr55mOY",
+    "K/fxKPof/z1i09+7/mmhLvlHT89QbVmCjCTMVyxmzJw56BbxiiY6nGwtdQoDSg4L9VlKbA1JWKFqmOQaWglJssV8SH84CiAFoyiu",
+    "wk+V+eSQxd4aQ+/GiI6pf3MsdT9kcvwNFFBp8PYsXxbylOBhFlbvYdgcDU+bQHgbzFkYjFl/cdpIohteTVvSTPOzKbK0Ngt0n9nc",
+    "aY6qzGt8ibrKSLYrMUYFXANzDLvx5vunr//44/dP//D8DRmwVfhidLC3l1BMHPRNYMvx1RJNgvEpibsNeD/mpDHiJ9rT0Bre/PMf",
+    "dPTWr797SZmM7ZMtj/zyxSvYswcgT+qZHEf3bQRDBAqxBqw/Q93by3SJaqxxym+CRqWG157xRAYpZ/BYAu1Mntattzz27N3yVeMZ",
+    "Dy4jN887ME/4H2vyRA1IU7HKvOy8KI3azsxPC/E2IgJFMKagCEf0dxgH4WcX64WzTX2flum8ivHJdo56oR7sUc/qwkjrxYNbbP8Z",
+    "Q6LFPS4GXOQ/PPlgDVdjboMneJR/BsQ2Me7UiMTqaP7Gyh0V6ReA+2Y+B1l2/suyNcmQM7XEXxUFXAkL6VaFvZsjJmI4MBxKDtJ8",
+    "aHc0waCHFb+A4n7Qai1rb4+ebuGtHeN0k85vXp3MK6WEO1ULbJk/wpDYO+kA/pShuEDP8JGZoNJ8cqiNi4xiEsASFNqTAb3BGVZK",
+    "iDqQdWsWvWSkfNISL/WEEnNWFBOWzo7oqmg9BCi0SMkxrKYFGzdhLXpaljnaULPm/Qr/f5mRZhe2/1ak+iQ9M7/ocKGdO/9Bz7tl",
+    "eiXnzCe4TkB0oZLmCEzcPs2+u/Fo4naHE414qlKABiF/6uGD41Q9xBopApCsW4Uq18GJiyuPhpBrXUnRm+BLK0E5W8ElSbcXvetR",
+    "AFhbjY7KLN5rhDXu2GnnoVlj1FEanIRBByQx78Hozo0IEDKXE/te6+YLp6Mv77jpe9QBqvikONjADLbLC4NNOkW9/r7BU/OmiLz/",
+    "sRkJpP3JapzF8ft+dE1SxXs4HNcYEKMPV1x6aQKhyqDD4VBaKq7iFV4a5PQ62t29uroaXh0Oi/JiF+N77VbvkH38huKSKTns3UVn",
+    "GOlXb+JXb1BYfnehFaOcuAqkHw/hgTGH6xQZ21q5gvEqkTEyGilUvMvaAcH3jaa0V/WEsVu4GxwrW8ALo9eTyx6uWeANc6Q+XMCc",
+    "5VJozDaRrz9EGCfwq+I9NN2L9vzhaCgs+YYSEFJk/afVEtq/xnddeiAlkcvE5yBoSMhVzBGBwWfnF6TDshkheiOGXjNymGV7XGwP",
+    "ktWsnM4Cm/mIy3Tf8FeCDq64nc1Y02rvDGu+fsPFYJzUsPhnIJDNrKE3jCbBpKmeGugsrTaPgylmesn222VAjZ0DnGjf4N9rC4hv",
+    "4PTtDR8AmDhDjSl3ZATDJuQXU2QeoGKPgIbddUBNrRBrUZk5sdYY9B2+NTlvISLj79pYgqk+xAd9jI+9G/Hm3Ylo8vv+/XyWljcA",
+    "YhOM6awdkO8tZPCxa2+4nxAUaQpTDOn7+/x9NqFA5gJIgNbDngPeVNcR5WYrSpOvicFaUrL0lOpJwF82oS/KiWAHSt/tTEYo3vds",
+    "3M5nEog/hnaerIIEZYAiQdPnNaRjv/zv/3dAwTYJLaK72qjn43pO0YfsIb+LS0Yw7YiOJMQ+lLew7hRfY2sNnZHOPRVd4B4kqhg2",
+    "ckBa48JY4IAyfSa0JhZvyZEbksCOd12vPAlgszCdQj3IFwZ+8XQ1Txew+OsK00hTWoxFAZwU5jwR9xx8R12RVe8c3djwXVhSgQyj",
+    "7zBe51UuabPIWQp9kUrUxBrRD/HgDTJuJAMqhR6IZZ0MO8+vlV1XWzqUWPbQk6kZc2zg2+lQ1sTuLegK95bcEb7jxL2xMj12/QlS",
+    "sNG0KybcsNyxhTpCdFLQbk1gIqvyDAVR0mXwlY3dFaWdgMGfwKhQfyLUahs6iKADR1D8SHmvERC8y/ClcTQx/HEANaCIS176M9hs",
+    "5xTK3THdSNozRTS6kvB9ngu0oCBm8EMU7GjDJhKBG9E0X6Jag59MW+O8vzN4w1XCgO6NyJ/YZbUuhtc7p+18R5CJ33Oqg67eKJAo",
+    "MvzvEwr93lpxvqrJGrmPTwD/Vy+IvW6BjyirtAFiscXKPGPAha/7q8XlgtS1Dg3mHN+Pq5qXu5dYiA1Y79bkI/Vk+e6TCXOiQYe7",
+    "mMiS+Md0yIWGd9RZp3pJk7lSHQmDZtIOCgch/Bp7HLoYr71n6EtEbuAwvPClppOPpEuWefCSZ+zfhyNOJlI18WLayHLD2G7wpdc1",
+    "baabfUle5tn/eC/b2K9dgDW+siWWd6oXHNEYlfOdg4pam+22hPqgPwGvE9H/IwOSmVsQSpfFcrXEDtjts8H39r7m7IXIjxjNqOnJ",
+    "ftTQQqrfAS5OiNg1d2y4Ye5m9p2dA/dNh0pYG2ba5Ufr4cLUkLIum2wk5r87EVI8FvjsUs1k07TK4kpNq/2YF3BlklK2a9x8YukF",
+    "wcNycCl5POG9J39RpB7URTxpH2vtMNiDGkjcaHRuCRyR78WuASxx63G9XtgB3Hmcjhof9PCALopyDsLlmJKxkl/xxQoQAg0eyd0s",
+    "nQyoFDPfTCie5NptxRCxdm/juY3mQwfEECC951gl6dxyQxQVjTFFRD1prdLFp6NCB/1Tr2DSlXoMw7Xwj0HBgWPUGbK1Gk3ILQJr",
+    "E0fQc0eLd9er+8u//5+uJ2r0y7//H8xd2tKkbUG4///jv7PGmSBHSVfSoeHl+o7EA5OP1XoOqen15lc4VxclY2LrRw753avTi4oC",
+    "3RqmIR1ikZ0ff08+exyQVcJxoAjuNJPkzZLC5a8z3hQjHswaY0qxG8/Ws/hbloqmGx0g2+PipUpO43HaN3oRU1/CCVzBpZ7xVYD7",
+    "yEec7TNIeYMmzlm0I9fHjsQMQFog4SspYWJ0lV5H+QIzcpgrnAanHIPEOwxvMaJsdE3GSsQdx5Z8sss486w40218krUZJfslD8n1",
+    "F8DaGxpeB4MYLld1X1YF/Aa+umDSGw4pkAI16yW+oqF7fk5yJgCsmSXrL9fV3MrXGaMrkOmaLo2MLWIjKA0PG1t/Z8tDI0yNNxwz",
+    "ZBitnEBzJDEc0Dxjtiop8gmIkd8/ffvsm+gDzR4dFNjtWqKeVEGePYeECDZBxOeMis9VtIZWwUzFTmp+Vr5XJoTnksKS41GjvzWn",
+    "RrEX1vKuA9Mm4Kxo+qT7sYwV2S4Sq8OCJTa0EaxcDWZY7U4/nxlZjayoqJVqr0MJUAEjo3v6I0v4hnCIueoo0LoE1sFNCk4Bm8Zr",
+    "PJauXIwnEbVkCWpBjUBF2L81ViUWJlywik9I/YC4jOdt4g3YoVMh3Aq0KrtskYJ56Rzo++SGe4a5JXgmvs2+Ub+oeVmTKKV54A+4",
+    "CIyfA6AkFZX3Ufo/sjoXQlzWs1grfrZiCyow4uAFTCGDuhQ7ysPNoEkQe06t4UkD2r48dOT107Qa0KJcP7od4qnZMo2n0pnxZms9",
+    "iMqEPDzMpNNIGkoRtjbv0NR8dIdgK+qo6X1AITvpIZ8b8RkS+FuLx+6oEp0d2XAS9iLoWgDSUnvj6WlYr+SvU0weVKEyUFK4SqaU",
+    "CrOpopYkvRjR4/9IKCr8e1YW6WRMeUMo3Y9JbR+xsoxaBpGoWjdAqSeghSQ/QdZKR3qgwYMSmkjlx4PwlOYpZZoKlEP6MTFVluMJ",
+    "js42bk6UEvR2vF/i3glq9tWCQgpvQLZBSdBEs3Gq6ZgdmGBFtuk40WYIVvnAa7S1THnivz6ypgpB17O70qNXRUoyKspLftXIOUQ0",
+    "6WYNfw4VMXoEruV0WJFXCiuqeI3ICFOOL0w5JXVx8n5dXhQys1R37PfNC/FbzLgFIxQlHOAsIb9F+2DEkUHBSNLyICDdmq0XXd0p",
+    "d/zO6te4A7qYqQpQV3yl8DSS60dBCAKUx2kdnwjUTpPth9nipcFwwBtThmE2K2DphTugwLHYfkTcMfJVfRNbHs6tJ4hirANMFYjn",
+    "aFWWZDabVpd9+m/VZzO4CjnUs+I9jkb2TZTZm6MaUFpuMrSF24VSJVP0jAlHq6PgRCySIw/G6TbfWePcOUUsXY2n2FqCnUTWLtsY",
+    "TxkoIPNpY13IAvmHMbQZCYmAqfOfbIDJf18Ui8y+u9BYE/tT4lujLKzjfSGiwrWZUd4BuAqlxqVKOEAGqs52m2f89fO3T198++OL",
+    "V199hwnCDvf6pujN81dvoWR/T5l5O14ejRx4fMePak8WYIhsVGpXjqVHuoyR57ip/gYaPzFvFU5Ndiz9AgtvrI9tV9Yym321pJQt",
+    "s70isXr1yi40n2grMnqExSYQeK/njY/QZyfTNvAfiREHHEoWDWNL/6S9jcwlf6g1mkcDrjlAM1kveJn3qDAwSKkq8KWlB3a9kZQX",
+    "RDuzgWWU/0oj7CvhQdvu20AcoYk9YYCtpwKbeSA4uuWjjIGClBm7cFOMLiR/Wlyhv5WGUTG5dqE8vcIGhVwLQxcGrWMXvIB4KsJT",
+    "e2pYmxeWxKnjHafc3jnlL0YjeryD18mzN2+GGXFTlBP+btTbOe3RAXDAsvGBSE9KgYJUdLZEiuz+BjHWDFaYEGsBWnQL5Q4LQjAT",
+    "ZG7U0of653CwGzhPjbr++7DXF/EXb9Ozni8Dwq3yR8yIioyiVeXkC7rVOA8K3mxso8ehbEiFo9NlSZSr5pqbGYSNksVoWET3kp5g",
+    "pkC4Jk7Mm9Hxzh5ixalIVpZb4phgtxdOnMQwpGiVDnLX92RtTiu19tsmXphNONa0GLE+2Sd7eGul8uO83VQTvTmn+Xn9R4Aperu1",
+    "BofkzPD0+N21bTiOxeBQ8ri9/SicI7BTKinDUT56UY9oe3sVVHyPgWqREB2ZAKHMsmA4A7aupqhyFNrTBMLj2HOsVLPv4Ly3QS4m",
+    "fUt4ooUmn41HTlKXUnfExCEDYk6kUvKH2pywhtE5n/Tkxa0nrxU9suyRx4redlwqGi0liU6bgxzczZ4Gz9JJ97S5Q1YJv+bO6VjZ",
+    "UErG9rPOgpe7jg6xpnt+lfew1qdOhHobjSPTDyurohmRenYmvolasr+z3M448Y2KXq5m2C8N1ipDz/HY5GJnyzdHI52pFwJgeujp",
+    "06vVGScHpUZ9MZxYAyljFBCmqVlQghNGwrHBBeiY0mK8T8wfkmqm6ef1wWjnkb21+Q3dPLlT+/jcsX8db9OM08xXN/tmK4zOPi/Y",
+    "rNLvsm/yCBAHS757JqlumV3gFpbZZGikUzYYgjW4+5XfhHto4GBrCRlpA+OaretJsKHKf6sK35VM7z39IEaZ79iCQFUlP3vu+6n3",
+    "GChPga69kcmkAI+PWQwLacGquZAWroQ4M3GRh3QL62X7lj2e+8YgA4S9oG8qo675L6lrJCtd1/ndfst/SV0SHv2qVIQ1X9AfUrFq",
+    "LK2Sdb2hYAhcS8utfQJO3yB/wM3yZbINt8p+hoTnItOR9GL+pvceTlgvBbLt9jfDneuY5IK1+LD6LQmMXpG4Ceoigo9XUpnu20Kz",
+    "oVC11d1GoVrWCBMnKSAj0C1gQk6tQtxkWUmBfzph5Wu72aFWkDuDg/X+Nu2eP0Z/AYTXOAHtsxOQds/p6J+AvqZz8eT76vpTB+AN",
+    "2zR9NEYhmh72eGqtAJvCvY5qgkwNBZJJF5yinMmiKFXmWbogpthPpuV796by/BBqBuhhoUNQ9/z2Uz+Y170kaGMeUqgBT4B1pT2m",
+    "zvqpIdVPDZxmGmfXVDWQknRu30jmW7hTuZgJZsK3zYS9WTlVkZ7ZPJxZrWdm1B00rdpOi//ir91z8kYXUqyHrsOhZ3poq1ahsWd2",
+    "7Jm8DNHn9QCZBQDh5l7Z/QBIhrjrec70PAOljTR2vtuBQbH0g3XYlfsoIgsfVvaEiiGDUqF+RYnYl+9eF1cUoNfknNFpVSnH9KSW",
+    "O54Mkviqn0zWcal8PztrGPo9ovZk7yIjnbYY0rbQ3qUjvUTA+x3U+PYS9Q7raHLqmvH5xdAHRFn8q60jYVS78aI4MePO5OhtrEUf",
+    "awyqj/oTFFTwyp2wKdQ6M1E3JxOtl18AXyEoj9db0XW09xfFxTrq6tJc3ho1nYZpKde5WpGxP3lGdIp10xwKyVqVRxcg6VaYKoZT",
+    "klsIkXIbhYOKI0OQU4Dx4CazW4DRiRgw4d7TzvYF5n26NdBpznjqQT94S3yL+akyc1fwNbFk5qPNwJpQ2ucxL99ZRpTPCIZ06ndb",
+    "EBI76q5qaUMmfZ5BH+0xmRN7FQ2T66FWe1Ur9WnU6ey3PZIDAvca+MqI3LKCNpScherTXy0bYr6s60WbM9vJ6sJEGTl7LefpeMqO",
+    "XdxIfnctscwvbFX4u6saDPxXVj5wVfndVZ0sz9oM0yzjryzTpI1+i+ytMzazQtay2YexCOsyHDNtneWYj6ULNNQcZy82Y6s8XNgG",
+    "ChR+n9myGE8JIeivFoTgruhr0HYO0904E2RJ+DrWMfu5NHG3YZDtVr4j9n34GM7ZmDrCgEhjlPFjCHDjwutqKmdf/+SxSW1fW+F6",
+    "ByCxpNCKysABvJMkSaT8itIZXgKshK2KeYa/QD5fVXgs89okRerQEiKbsRySSg1TJvGfVoGayDffcmmdZ0HQAYp6Q1H4qDJ9faEX",
+    "u3XP4S5QcvTuJfXmhHGNnlAyT0qLQpav+LcEhvUuHpJAvcaccclc8B5/k+hooyZGUnEenSyNDAkC31BeX5dD8/66FFYP/yLZEP9A",
+    "kfA0iaruyyH0PyCVDGkg8CnKREdP2mIuIjooZcKIkIHCaGCouUU9u45WywnFw8DvqJlHc57KC7vERiXZxN2chpfWrLWEQUzYBsC5",
+    "RsvleD2UgZ4S67OHgSrk0/vwk3YskNkf85jy+CnGGVqq6Yk8yPH3vC8S0cUgnZHy2+BthnsiS0PNSmy3NFDVkAKmJ2+J4sizZrNe",
+    "FQJjShh5UYIMM5RtE1wZTgMOiTU7EQVR4hpCjyiAkm7Z4boVe62eSCfK+EMts9YXDC1MsvkgF7RhbS8M3iwKGaMHnI+lSKKSoi3C",
+    "c23f+h3CxSmruzgdmQ2KUhHnt4gkLxgBMD1DvZrDRj5eDh1N5/axZ05LnQ/d+EC/OOSC1SKYF3QibXEjwCBLsMv0mkQh/YM2QIVY",
+    "NFjGGqLGjjIseEulTnNP5UPXpvrtnph+cFsZBDTINvsGOGliJFmo6Z37VmRIfsGrp7RhJpUebI7Y7A1p1qIBayyZO+ElexJxy8rl",
+    "Q9fKW5s/CXpV1kdUAtz7zOE2FTnklmy0N0FwGUbDiRSgUWxsaNAkpsoyEhFsCKOEzW7QmseZ3hz5djfK+phfG9ajNOMwhjdKjO6p",
+    "Tx3dqKWYjoQWA3JH4V4ITvPvxv7K4snphqvIxjz2bWjQaSVFgZ2kRu8TBwFTsSi8fu5aHZtdjRnhmNJZQc93XVuLTHb+rbjkDfFE",
+    "RrTBgvX0xCBsrigmrRkZszlLXludNfaJRqYB9vs6qx0KMRvQBC1qzAWyVCEELFkitcKVvjTAqjtRgKq67kOEk27zhHsIoYSDaSB1",
+    "OvCUxdXAD5wR6m8qMvFgVtfocGwc21FkA+Vo56X1DH7vN8bSnsPw9BvuSuii4OrUBdYRsV+F2THy/7pByS8AB0UN5orkCdHZ2N+S",
+    "/kbtySJfLjNUX+KzRj/af4BhaLa9ddOKD7xJiCkopWP+eFe8eQk9yy+0ogtDoKLO+dbNnCZrqwIQmc4WmGcrwK13WZnX111eg139",
+    "SjPdsyny/Qo37D6xDL9x8f2cnsRwYajdGZofZt6i9fFZ07qBDacq2wLHsv4QMUMwcuMZl9GRDyIxTMdIaGYzPF/0cOfxVETqmbDt",
+    "8ZkPjX802voxTnS08cnG2qyV7Dy0uGKp47aLn82dMfOalXWThWBVNN01297hl7PdNBtnhtgoE/CLN5msqUTYGHl0RZtyEIfwK9py",
+    "0HAD6deYdNAPa80hH7cwlaB6srS++Z2EgRBuTrlpkltT7c+k2Zp/wVuuhYTfavNMtRFBNYXnMnumEwuVTZj2a1D6vjPuoGQPgGGt",
+    "yKg5DnmZDGM/ZEGAhm7ToHRCSvlMbReyfsFO2cCl2fDHHykUParLMTLRtbKhQWcylL6oHJkRuIoGKlT+yJoDk9kbt1aakxJZFCoe",
+    "mvj3HPyvNGJaObQLtmb1+MOEuig5c2ASjEKeWRx3/6trXhVF5DPtuYOeCc1vsl3hchsZCb3nEV2zEcroRvecXJyml7g3wPMV9bYM",
+    "DGLUPh8bGxXjdg4pPRTmBtJRCA2f/2fi8h3kPuvwE/d8M77tc7k2iurqKm2mBVoBIELzV+nkIovnlqFYw/YxfP9nUITWtH0dxnLr",
+    "Hivbday+l+sNHSbFVVIrdUdsZPkRy5dZWRW+LeBaA4nWCVrvPx35ap07gWeHRRpLCTLV7iPZ4nzQormOvcdaNJ1VvzvfklR6BmeE",
+    "3fAT1W5pgU0H1zjafrmko72ihdJvQLCh+FfwLjj2K3R0aEuU4qXw0B4OYRJh3+JSYWFxaVFK8nA/HdexMUGVp2qY5ROJ7tN7a10L",
+    "YS0c51MlPKEnXPGBYtXZRUFZUDHSD6mlimJGvklWp0gxtEXKRqtjydw0jF7UFIXMGCGKPwIlwh6a2WhTWRWAjTMkrENkffJanjHW",
+    "Hruvn3/7/O3z9eeOYLZclRfZMcXx6AvF+qRT13W0umavPHI7sPJVYWyYtz92TZQM3y88n4QOlOV0FkF2E2sb6RB6i7Tskn1nvave",
+    "a+c3R+HMRVVNGPuH528jzzpud4SU2qTxo2A2iJktyX9foIOxGLZ+d0YhTEuOaW4in79+9v3bH58+e/vin59jWUqXFaE+3fOTKPZq",
+    "Pnv67JvnkbO3Ijt9WaNEP4erKkxtRCPqhEb9KMhhlAh5hQnIuMxtmfAcUWyTDCVHtjEdyt3IpL2JMPshJ76hJcIiUpexGXMIcxpl",
+    "TGkfSSxMjrPYx4N/FqRGHLIPJVpW0oOBSqV0do0mxuU1qt6Id8HZHe88cnHXH+/I+IZ3MjyqEDvjwqjhfxwd9jWY0T9wzya5hxHo",
+    "bEh6ThUB/udVhg4A6MpIf05G2uc5X5zPOGanKoRNKbwCfpWlpOAY29ZoQmR71HASYd5+8EPNSxzHK0o7SfmLwp0GsCwKAALskSP8",
+    "lnNcWPaDqQkynHlh9Rj8U/y325A7jmVflSzhPalmRjCgOi6jYWaisPz4Y7F4w8cHxI9hXrlhFhd+ZsPwayILwd023RmmH7+ESQKR",
+    "zpZFUb+EqvkC7Uzv7y3fR/B/Jqb9x1t20cOClxhbS18PfEbBjv05AFr4KQgsEAJYrcUF6sQi82lP0kXh0KuFHbw58iuYT8X3tTWz",
+    "Gw6H7f54wSjrnO5O0d7UG+k72Rh/MG8OQ7RAMJ5YC7WZSaO37+lY+nwGE53jKBB0RBPTAKIeObF5qODLwsm2+NpnxgX23H4RgtAA",
+    "J6GPP6tx54xwyHhMz4tjE8YCWAqqzKTAxLm3xYYcuAD47nbU7TB+gHrA4WK2AlXF36/my7i5CC6mJbBhCGOipLt55FE9ZGHdAMYT",
+    "TrvSkHmkqkPOZ/ZuV3NWAd1VeoYAcxIV6x0IGVyVmDd6Qul1nen0yL8L2K6P2E+gZ8QrutF5WXfvqglZKCswrrF3D83jh5hyxCbh",
+    "FqqhxhoMjnShHS0EgIs0Q/vfsNh29E/hV7MT77NJlfDBXoejqGSrmPbYuU4BIxmAvcjGahCNKjJW/rcseqzuxKRloqqEzKyS4QJ5",
+    "xER8vvxF2FPv02JFLvFqVDDwkublk1POD5FbeTBIEQEsImeIsAPKCaGxEpPl3Dst3DnGPqENUWQGMB+oif2ymSDwOsaA436Q4Fve",
+    "EltogF25h7DWVLx5iDSt6l4V56helhlTbAdJuCEa+3Zq3pOpPlFsdAV96jOYIxHhxvkyR3mqEr654LwBHvuIogMxxLHjRTmdT0lP",
+    "FORCIXxKXt2K7pDT0EQe0JnpI+smZzoClTl/5hAmZspRP5Cr8bGioR+GcmjOPIhxE+bPbHjqoPJg4lJvmgDG9ovRPupcputzhTr2",
+    "Sr40cIFLzWm3rKImu6aSICDhTmr9zFsPXCCKbXG/3R4j7TL43H2NfWgeVO1vLlw0amfHliRZAwamtG3K4dtGOawD7nJeYN0NWpB1",
+    "d2I1zAmb6FsvIAk5Z7HzqY1cgghqfmn/TaRtMLjYlaZVlV8sYtRdFrP1+5/S5lN7q4Im0+jeEReqSXB2Ha8E5u2SuUgLnqNUlh9B",
+    "PesyFIyMLeTvYzMP9iRIWb3vlP3bTm/tfImTNgkJjRGm20HEwMoyNQ5lhQJJdHr2taqB8IsBLKoaEpR2jDyEcqSTiEZO5WQSkMFx",
+    "n5Jg6JRL9hgFga/MI0OgCqMAguY4No4hIh4dB1j/ySkQCn5clOKAi5XkUhcqEIzELQpMYxJNNtrz1zrzN5O2lnYWX54oyK6JRyVK",
+    "9fAFF6psUqU4N7BNWRbMksIUC++X6WISiMdWfS/BgKbs2uOka7jtucyXdE9EvTipTsnmF7387GmNOGsc7HJ1ldFblFXicE3hGhiL",
+    "qADNndga7KooMYAanRrsz+HEeZZN/lcUp2K0+vo90a4q1NavT5i27xKm4V42+nFhVfh++W3cYxo5EO2lF3OxTynaXJ2fg+9BvL2E",
+    "zILq2Mbv1pcF1vrZ1vgZvv4cIkmLk+hSuVDq2BHtUB019oEg0IhEh475Kk0g1ZFnlSB6KHfDm7LdTvw8WgOwfttG3WRHvCwSa+Dt",
+    "QZQX0QrPFndik3jRW+9mPDDxTGbkqg/Vb9+O168FadjPydH65CY/k/2Y3oSROicmaKGgF93m3dP0nGzxDqXgZEompPjieAFzNhQ6",
+    "3VWb6ltlP7EZZW3+k/hn3xPSEA+69wIHSeWVmnTH5pSz88ERc0HvYxLTqtWsJvKGpIkV5G4TTXwXnzNbuwBJ4NIcDBdmBEBidLyx",
+    "dRZjghhM2bt9NudLdN6fagEqWnRRXlIX0XzFcUiAtcLUQUY6QMygiDJE8oYStpYzv3hTMXM0+OpTx1UbJjqsEzNgEfqp85WSkFd2",
+    "eatgeSQhqy3lOohWIZygV6WHrSxfgbd77XTy5EFCwsxVCssuVouJbLDt0F2AQeYasXDn297WUlvwzLZ0tPf3hbhJspXygOMX0aSB",
+    "qcLXNeTwACHEOJB/kz4S+KvSJKSkhGuLmjTVskD+wEGDPBIsXcYOio4sXZTFygYBtVlKGyyQ19LkYVSKIrX1jp+aD3nkF37+Xls4",
+    "iqwNl3TJsyGRhSxyZHpEo6GgjxwbV5cPF/whYb51HsTwZFaQEcZL/IVdzTklIndkFjavxJMmhQtOe9JwvD/rPXOmQpkK7cUNwjMi",
+    "so62+DahAonXw+SV1cmeYDFyfjT3DxHNCruxezri7nxsQwpNSux+xAbII5udMkxRquJbI1BwrGB1Z0MxYh6QtzP+qW8/YToDl+3g",
+    "fgsC3llqyCmO9NWGp0vTESaLlpLgZ5+MCHU0ZI9qDKXQuu5L6p/3eA7j94ZWIJzfk5uI2afm3Nosr6V3sqvm+b2mkueztn7W5l0y",
+    "Xal0S969wd1ziCc6yLo6Wp8HJTYdZDRHYHNiH/oz49yQAiBMPkvVYvwL3fDhXrpSvLSkgU9EC3c36ml2rud6gnFzdmA3Hu+I0Pob",
+    "xyJoA42kkgqN618VZspDY9IlcQzDlg2ImNxTay/jAKg9HXaLMMlSQ31hGN/5LRBEcIO7MVixNU74wqTCjC1BZ/2FdATIJuTahlG5",
+    "u1hrKFwJQ3nk6fHSyqjr8NIWNaC4inEieisWCNsfxVM0FznL6it8GoQB8La9cwd1htDbI3xTftznYAHskkHym8QHSNqEBnPw8IAr",
+    "m0sYDy8YHha/DuVvy8bCubf6HetIJsTAoy8IVi4/Cu3A07LOx2R+rezkqosWYzzBOHHfM2Z4DXv00HciNPeDzgfkOx2Gw/qVnAI+",
+    "y2q/zar3l3/9L72kw9G7LrSxN7306q6sob8y+CMA4IcgHUsbnMSyr2lQbhoiRgTMwIKjEgqGE97I3zpmKtZCD/msrL+iPNoxdtXn",
+    "8rWRU3FeaE+IT7P6DsWWflJri7mE+VomluBbtCQ6FRXwASCe3rnT22QtKlgonXejqalgsIyNj8iLCP80iVrjPPqn6EDMaueUt5d2",
+    "fUmJm0f8b2AybUhiXPt5rgO410NmcgKgG0MAyx4CqcZ3DxdXSLii1idQSfFm6Z5RZREvSf34aWMbUQUt5tLwAxmrBY6NCiYO322a",
+    "A4YutDNVHmxu/XNxXvb5xwWt11+i/s7ZH26exa57BdyjTZZiIAY1aCFtqat0xiis8A0GmjWQQOEVWYeFYlRI1cmMiqlmls3Db3Sd",
+    "+OClGlkUV9/xTpNTJEHePFS6EtSdSE39zCtFSQuWoPJVsITvpWYVefHUuGQX4V/UZpKfCqCgcy/zb7BXfT1YsF3em2rUSsGGSLTS",
+    "sQnVbzJV07i6mUkvLE6pH9dQNw/P8+o1rs9LwEtvib8GGuPcBXzsm4N/CpmEPzdiFmVTolbxvOGJ03X9k7stryrYv5a0mqqigGXg",
+    "6pt07zex3N+CZ2jPQjgtOgCIbw32GjVPD10Z5vjGX+uK2TWOYgi0dwD5B3Bgm7UJDts7lZYN1wUpb+RSlAADpK+hvyisNtSue+sc",
+    "SDpGxx7UovBny4gbvR+kJj6hmE+f6GJ7y2Ou5uuZK+0usYnNal9/yIQ5hwt/bcgU0XzY26JnGCWDSihhvBZtnF1815QMscJB6SwF",
+    "PIgGo6I6+AKpuAOsFXjoqPOPlQFH4B+5h2lG6zyMqsGUA+C1wUk+mWyW1lAedw/H4Lh+fdZf9yIQHvMZSFtsYG5sd3nF1Lhnwiew",
+    "qpilOUyC02LzEWODvjUA7lv7X/Wkzk/pRumEthOeZUZg3tFhohFsogJ9N6tlVLCdtN1+3uQuh1f/Gmc55azXUHV+moOcNV1wPiXc",
+    "PakqfeOGvucuJ4OGKZU4buca/BT7ydsyDLK1FOsJPwRDp4nFlPbBAv887jm1ieCMWxc9WFPPOJU0kSxH1LEeM+07f77EJiZ4Gk3y",
+    "EumLQZ4ag8+TL5881VG4I/Slp3hHgnMSpKHpVGhWTiZvlFgiSNHClq1tKVrcrdOAFRWjP4P1PGFsMtKIDa1pHS0DLss16UinxAOe",
+    "hhGa4vcne6fRo+ga/3kSDfahy/1E4jmciNkLtT21wR1umlk5a8myK8jclv5ZD6qVEEK5eNPEl+6urebKnY6QEN05SarjubWLpOE1",
+    "hSbDzyDli75KVQRTFV1oC7Jt4ld18Bf8dXAmLKbxYz67Vq6OLpiRocvrBjRJDLpG4wzudjD62cyRIhYJ3gPzRUGeiGfkOxALi2s9",
+    "d6ybDqDEwf09o3IMHpebLLNJqHlRBE1+3lx9vbWKyYq30VjFVqTnUjKdcVZfTquiuXkBC7WzdjjH9NyktMFcRBZIxy5/m3UfBcIQ",
+    "jTRBFABIv8jSJtZ7sS6Cr4Y3TTwHR8ebukDOhg9DGqc6MOyVMdOVu6y7Bgyx+5cyG+3mQ0SsOOTJGm6xIxSaRgqVzRcj46mxCIi0",
+    "4kApTSBHdS6A02dIiSS0+Qtr1bXXP6e3dmmi1HcJPt+WNIiT1vLWd+28eVXfZkW9TfMziqsWf+GFMf6grEDGywT/bsvw4qNiK2pZ",
+    "sxcEgF9JQMKpTf1HEFPFM0hoq2CCBNuHEuIxEPM/rO/v2bTAM5lKUssRJpAxBl+c2/KXf/wHp7ekPzghIfxJmYhNQsVhLzBCpeFx",
+    "YdbgZMM8/lzmmErPOQTS83ev1bYViCwREUTCkTnu6Nkm0FVGpOZMHq85b3ZrjAB7vOb8B9ZH9gzCnIZuMPnL1DK0gmq5UeQvU0sP",
+    "6u4MqJ9hAEZpbKVQZ+9OIwQnxXKz2Mgdn6CagxOqZ3wYwRFgTIJP23vAf/em6fPRo2esDl/boPdW9/W1mNM0FGrBmIlLOIzWOh9d",
+    "nDf9zPxBIQ6/bU7MizXU44JEqXTXn0OKPmYpaWXSVGM4NtOZeZA1P8kPXf6mesUCH+mU1UVPAgGaLxSjjP40b8HqHbeDxljauPYK",
+    "alRpwUkvA7am3r63sXYtZn/jJif0jEdx6eLMsBhztpVFgSnPc4oK7ah10nY3DHhq6zPHudl3gO5zkx+TVQMUj+tyhvnEOFs8Kv3+",
+    "SBYywZ1zZJOEreO90AxsJAFl77ZFCN3IlGEPzoRY5Q2lP5++S/MZ9shnFuE0m6FPWOVZDktsMbJ0cRbHxMuz3T5cuDZrKRVkyK/0",
+    "XLpQ6xj8gd4kyD1XGHIQp4CucxTaUXSAbUhRwpk+QArm8JoXWa+KXE6ay2xZI3+Pu+BlS5sUGQuqV/mS7JLnESelGL34umfYdfmb",
+    "whjh3/ysLZL3uH5usowoDYTFZj8YkWLsyZrNNLYWTxT/orfhUVAFXm7KHNCn/Sb5xdJZVmrREKHwUb1w1fS85Z9CfJ6Q2bGNlnvV",
+    "pGc7+uXmb025ONKzWAHYz/LKYt5YQo/SjU6zNo+lWZxJYwk9NpxpCY7iTZtYsrwwc/PeNmGnm0bMNt3DbxkXBiIc2dwLljlzRsA3",
+    "Mj+XAUQTI1lHeuzjCDT7Z7ZeVgkCOBEE6l/SCAOMY8xxbom5wSokvoL6FOPjKNrhznbwOz4MZqHts0sJ9PNm02cKneyBqNUmWUEz",
+    "8W5tonahG2aLa+Z963BhCdHQpzx+/IyglrUK9C5j+tQw4nU57mlpbeZHXUxH2GFgutyS0qaDG1mzSMNXbVxHEwTtpsSclEdshr+j",
+    "hNgXZXaBpB6pOB1JQ85FCYQZBdBIFTALA8ZjgA7sRQWLPouOwwm46KYN9GDEs3fGEzocx/fhaCCb8iGMaSKs6DXuUKjeJSb3jLZG",
+    "0ZKxVbnCN7N++XNox/Wcem6PO8xdRbIfS0hqbc7KU2JzVuhMfhIFVKasUkyEXQxZx1YEd0Cz08LHb2riDI0VbrZbHjtqXZQ1164r",
+    "T29Wh7HkrY2o5/WSUl4cQ1IW5gJ+Eu1FfOHiTp91VvDMrKCzATaA423Nar3In2fuCSsMX5/6NdOwpuODAuPVJoXajohbbuW6paZ8",
+    "aRJ8tm0PMb8l55RCzhqRM0UhjM1eXFBW14/jnKzfmA7V6hDhjZR9R+lQqzi0hnT4oC3bOUx9rOP5y52D4eybuzti7TwnNPLyAMiN",
+    "RNuOtP22hSLUDKbNDewiDA2iDMdpNE1n54N5OgEyNC0AUY2BouEVbbqNcVlUlXwi3s3RoSVw7Zzge6tk2LTHhvFEJsFQFO5Hb4ip",
+    "hfk06KPDBEuRN9uUQjVlUcqt1pqT+tbFjva3GpDe7rxGnpikBxi5C++n1H4iuy5y6wZ2YdgTFbfbbRVp2CRbqFgYZfNRcSQhKfOV",
+    "zVOgVWzelPtR0963cYYbSK1Ps1HEtB/QPsbyRbzPZuFZpZ+V5MNuO2ryhuPulRW9Bd7mhsN8MZ6tMNgJlAO1l1Km56tSHbxpSjmH",
+    "6XEowyzztIpTob/78gZU0BksVJAGHBPbyovxDxguBWEkI7lSHbIER2hLcNLMj9zjdwegAwgmmJz0e7PEyhawqDZalQ2BHfHMf77o",
+    "IrubcxlbTQEHHvMOTgttXtOhuht8hFPhqpdOqFnajEhwApZMIG1qds+FS+LdSJ0FXV4k0+fV7xEcGXTrWzIuSRP4Mq2nAPn3GO+d",
+    "/4bNBeGgD109hrsUelhGj8iIbBndoXj8o2jp56NZH5aWgGSWR7LDNcmAk7xaYvS/nNRDg/NZ9v7oIl2OHizfH6UzIHIUcLQaYSYb",
+    "XMt6y6OzlKrQx5y+mHGu8kk9pWjOsGKQLH6PSczjPRLI/gllIEDCti9toa23XCTht/nFjHewQYWYtDRSTy3NW9AytHo1fNmb1Xye",
+    "gkQzPqtUgC74RQmU4N8gib1FE2f/iZrOxYSUHnvKQIN+nQNBpj+Z50WvPMxv9VzySLIqIGRxeS7R4mQsdzJmpo31T2ar7gJnxiTN",
+    "y+HDYxK6jod2tMQbmHlf91GrT409s8RikKhi8cK57pwA4aD3baAf8vR96YpITYm7dJkcNWIuL4Y8PUo2JRMdQamAEIvlzzBcwk1w",
+    "x3LdSitiX77lYdyBA6DJD5MS11KpvbpSoq15vI8+mgzGzkQoQL4qPc/+VM7ilYr3tfuXaV0vqyejH3Z/2NWPgSv7CLiynqZRoOMI",
+    "rbdXJV6nZhjYw/ewb4t0Br82WaRLXOI2sK7zk+iM27/OEFJH17/1ya4T7ZM1N1K3Y8Xn51voGtlcXhvzMURGMKqHxZjTFcCFj6xj",
+    "AvfFfjiv1tFcw0rZq+lSIqD/z787D5FwrHBSn+Fw4jU1l8acIgEOZtl5PUpXYlS6RdqInmQhIAPIZAMedeVdWJfJ4JNR06ZC6W+x",
+    "Q/zY2uJao1DR2qMEex4asPB4Z2tIn2/9wgMqa5dtoqUDaRELG31YilU5zlqmJx+2AgXX1QeDCpIGCq5LOBI1bu8WfYu1U2L8tE2R",
+    "NPIaUprmFMTNEZb27aN478ezWUrG6yA+UcpIykBegowFlTM4OWUXnpHRO8GQnC1++dd/75mVuSwvTS0LtjW5KOM6yNliXxj44cI/",
+    "d9Yx8LURqGOTU8MF6UEn81IihNHOWn/6MUY0XZggThwfF9/G+lQDrQM4tiEpBn339GDKLaG9aj/XB/f8a6T6kDue3vkI2M+4ayy3",
+    "WT74+0Z/Aq5mUv7wL6fedoilHrdskOgWV6bt19a1LjMQE0mPMPTMJuMikT16an+JCIGz2No5p31xx5Ia26+hNCUmRUWrit0X6LdX",
+    "2JgHHwIBFnZFUI22UPYYVW6FVhgo2loDJO1as4EJ8ozWEa4WO4Iwb6TXoigToW2r4ZdD61ZjsusR5qNAGULElCDWTU7Nwq07GOen",
+    "hs9/MKeWL2qOIx/x1WsvvU5tAqYBR5veuiDc4hayUGb40zWaBbdQl72YbSFcbnYxbQhTtDd83F3SdTQeHur3NLaE6IV+7i7Vtskc",
+    "EabWtaHZBhhk3HagStiqokU1IiDoNlpunhjk3lvOkUn1osxAb0AXl2WOF18XDeFRBhfFOiKiKIh2t6cXol+DkMkkNJ1+hWxwNM+N",
+    "tdFFsZlYmZNsDCoNrTIk235i+1V+mtaH3tgewbq2GK2LKLLc5VM86fkmhKTCu/UCbddgOoqiNN5l/XuJ4b7NLduRU0LdkJoi2MwS",
+    "v/zjv/ZUkhXhkPvR/gFrcH75x3+LzjIOE8xTQxeUq2k+nlJU0BykS9bM+MjmjrkmdkSMOIBZTu6hCauah4bW6Pl6qSW0kpSB8okJ",
+    "W0j52JI3Ytc+y3+wIm3PrLjXmbulORf7jq1NLRwLhwaXEl+4J2r22kK263n5lop8jL5O7bgq3MlaTPZMtmwGiA7brUZCE/8EiivC",
+    "ZiztCytKTtMaTRr4YagjKc+pTcBtdWVOESa4C88jygSJRhPpJfBr1s5Z5oVoiUww3n8LtO/Fb8ZnCNPFRC/OwzLcNHx8wR4Bm/uU",
+    "oLbGvL/EEjIffc0thm4algrrp2cfvz9ugeOSZE+hlQ82RBP567bOB+bF6/ncc2J9UYykYQ8OOU50HpqWCHNrT5JYfviGS8o+Q7ag",
+    "bVvXnCjqNXyUcCyu2Q3eDz+8b5cxbCfQTOI/C7NPISisovbD8vkw6UZPHw5jgQMSboHVE8TytyZ/eC5YTNHi+yEyK+tTL5NTc48M",
+    "QDfRpI83okso9xKjmwLGrYBtYeE2THnUp8A4dWXQITZumr0K5Vs292vQOD/34xrSNg9IW+hgdLQ53xML7L/pyPjEq9pItLTL50Uh",
+    "4fy91E/e9uFBgU3gmE4uSyaP9qvduW0m4m0HwyTsbCEnn33nugykrZeuDL3u0m23brboadMq6Sxgweu3tu0hLMLYjnjErPUuvuLj",
+    "6/qCwitNs5ztsZw/L/3imIOVe+tXidDxhU87TLsYiEE8uttxp1GBc7P3AzHNh8v0mgzg9A8xn7IeCIw2OI/QHglkJH3jo+MkWQbF",
+    "Z23l2rjIC+GXWrfv38bO2W6dlYbMxqThvr/npSh3eTldKlpDjIyrl+JLbNKKXy9v7RYJa9WIn5e0NvKCot7k/Qfx5VNyja9NqOy5",
+    "g/Y/MXBC9An5bm/+TOHHZSBo+O8Sm2MzqFeKTcEXmuEXaEQdf8Hh4JPtJE+DCOFbj1Mvt2Rqlsu97cSttXDiQ6eMnKxnnuvA2g7p",
+    "ysp8aJ0rBC1lU/a5P08LpJTZJMc0ViKs4r1Tcdg80W1LX7GNoc0FCUdYkEQ5aClN5++OyQeHVy7FxYsO9yJont6iuLWL7CqdcapJ",
+    "rgnsBYV54LQbjg0BDBgXmBeDZkSDUeQIvMkxWR2i4ZGLKDFPr+2OF4vMJFqjgmZUeDQ3aDH0/pZWttnSu6fg0PsMW281PRPh9+TU",
+    "c2nkMQKXR74xzWRbfA1brLYbHQVm2/x9K7vtDdMjO45wWe1W2YJJbaajwRqbDEPLXpkLPhi+ywTYXpnZ+2VeZlXTHvcs/GTOuax7",
+    "61t1f89cqzMamtoD/ZoZv5qeFz7NjfBpVMRsywYKgvIB2sKzZw+0TjFEOzDB2fvxbFXB4e8HcgHf2xzjAgWfysXQR22XpEKicCty",
+    "eu1ZNQcZQ2fyWe7TYZbL3H89U/DhO5ZDc36jVB2BlDFjKUPkfV6RE/iRgbECiLZkC3uNXLXPj+VFsxhwh8r2gCKbmWtk5tLFyKXn",
+    "SoQn4Q42cja4H5zf1O/FiF5J8DDz6/Fo/AcyE+v5tBvyaHTC41nAo4kFD8UTOnYGh3JiZ+7Ekl3QGF3l2j+OUGv7b71PsvcxSGlY",
+    "PZofMnpYaOWzcH9/VVsfWo0cU5TXXNgPXJnE5Ei6kBITPNMmBb3YH9wLUYTetqG7PDHd4t36xmRV0TVLoiHcd66PDJXf1KimaxCs",
+    "oU4nYxaOxX/h4HDhVFHPMrsKj8yqB1Ky3hAHo75VnRMh+sibgrclplCGArk3lvZBsTWWXGR3wZhzyjRmQ2GcntzcNIinxe17jjxx",
+    "QcCS34jHDi03KCy+C+EsLB1BPeWzFcWc2FpzoJgQma4FjIgvp+yIQzizBgfzy0V4z9B9tciyidxXkzm6WRSX2WKdcsvSnzXKrdlW",
+    "r0tGd9SmxwqpBIpkV3jIgUGeFYsLuIvwHBFG+njh7CdvScDzo4hzVUk+XuSJkbuHRWNYC2omSY61Rosp9q+k0Qryj8tO+RqttfnG",
+    "t9Va6Sv+c7VWwsl3qarWSVo2Kfg6YatF1Hhq2m0rbdj8RxiqjPK2/449CA/Qg3BdlAg7xW7un8L3qaQzNxIC2vrXL+bU+cYcL20J",
+    "SDh+HAWO+z1MQbO6ruuX6VL5R1KQOaXAOlEq6LA7yoZQl8mpZ12So8I9njPBRXeW+fK0YcV9SY8mCKd35hwC6RdXGik5ctsCncYy",
+    "VzFvyS/8wHiJl8dHQCZNurL3mBwdV1VbQhDKcUJde6Hy5OnDRuez4EioJ3btMVvKAW/JhMPwpEZAcbu+Ju0EdNisvz69BM6hRaRR",
+    "SGYTKbiqKouCcTCvHCR/XxZz/FUZBxdyi/8GvjC62OGUkOlDwHsXlKTRZdkRAXJ9fALp11YwYQgUCZSd4vCWN+PPL4pi0jlqNkBz",
+    "FOJomPxk+phyEM1fQ2XLPbnBXmccTsWNNcnGOQVQZ8oYM5OgNM4yYX0NcK9tF9GnPq7YgF5UyHPY5u0xILVbzZUvMUs2Yfc3RuuJ",
+    "/Nr2kdDdW/ZQdD4CSqxCM8VNkhfvi+k4szH/Oevolo1L2e5tjH/sOVtzVDao1N1z7q8nYEnoWxWd9vOiFwcq+G4bdUse2kNYG3X9",
+    "Blty20sjQPWnOyL4Gn43wnbeB+ZJQwUK3goMHMPRBuR8Mdk20vMNXhPCtwQ7uH5PaBvDzVLJOHJ0TFBiJ+tsZCXPKNlWNxdJUVsx",
+    "2AxfZcS50bV2ZD8J48/fOH+t++jiIHkJHV0FG0LDxDxRHTs212dfXRXz5qA06e4js9Py8Wv64T4CHpaXZkH49/9b1RXsIAjD0Pu+",
+    "gqMmKhi9aUw8mnDw4A8gLJFENh0j/L597TbHgcAODFaW0q57752UwqrOdfIvrP0KJRanU7EpXcRWgt5Kc4HGjbcHRq2TIqd6A8iT",
+    "3n7lyX89aAaPKHxWCCDKshD/hpII1ieBg9uOUP8RXO0/4zRRmdxxktwJf5Kxc9xuwGCDIMjH8OhQGhGumt4VdqYEdPFC/x3onWtm",
+    "NsZqnYRl59501H3UNw/RTtpFLqHEAiedfhUpsZEpkgidsvpFUP/tc/rndH+WD22KQ5WMdXf2KTZhlhSnv1MmocpkU5xoA6/qmaRb",
+    "QPdAsAysVGhajY4yuhUpG406kJ/3nutTx2pfNF7UmZpBs1/aKTeZmqdRHCLFlWT5zJBxDOBTkpDS09caams/FKq3zMsboNca08zg",
+    "D0YBhcHzwY2JMdNxLsfW0be80BU8A84vP7wv6gfmqssbEKYBAA==",
 ]
 # END EMBEDDED DASHBOARD
 # The installer served at /install.sh: a copy of install.sh, refreshed with tests/refresh_dashboard.py like the page.
@@ -6537,12 +8075,14 @@ INSTALLER_GZIP_B64 = [
 # ============================================================================
 
 CLIENT_DEFAULT_URL = "http://localhost:4850"
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_CODES_HELP = """exit codes:
   0  done
-  1  the relay said no (its error code is printed, e.g. already_claimed, unknown_agent)
+  1  the relay said no (its error code is printed, e.g. already_claimed, unknown_agent);
+     for send --wait also: a person rejected the message, or no recipient is left who could get it
   2  usage error (a missing or bad argument)
   3  the relay is unreachable (not running, wrong AGENT_RELAY_URL, network down)
+  4  send --wait: the time (--timeout) ran out before the message got that far
 
 variables: AGENT_RELAY_URL (default %s), AGENT_RELAY_TOKEN, AGENT_RELAY_AGENT_ID
 (the agent a command acts as), AGENT_RELAY_AGENT_KEY (only with agent keys).""" % CLIENT_DEFAULT_URL
@@ -6902,6 +8442,20 @@ class RelayClient:
 
     def thread(self, message_id):
         return self.request("GET", "/api/messages/%d/thread" % int(message_id))
+
+    def wait_message(self, message_id, until="delivered", timeout=30, every=False):
+        """Long-poll until a message sent is delivered, read or replied to (by one recipient; every=True: by each),
+        at most `timeout` seconds (0..60): {reached, reachable, message, receipts, replies}."""
+        return self.request("GET", "/api/messages/%d/wait" % int(message_id),
+                            query={"until": until, "timeout": int(timeout), "all": True if every else None},
+                            timeout=timeout + 15)
+
+    def search(self, q, **filters):
+        """{results: [{type, message | task, snippet, rank}], engine, more}; filters: agent, from, to, channel, since,
+        until (epoch ms), limit."""
+        query = {"q": q}
+        query.update({k: v for k, v in filters.items() if v is not None})
+        return self.request("GET", "/api/search", query=query)
 
     def history(self, **filters):
         return self.request("GET", "/api/messages", query=filters)
@@ -7337,6 +8891,12 @@ def _configure_send(p):
     p.add_argument("--claimable", action="store_true", help="offer it as work that exactly one agent claims")
     p.add_argument("--reply-to", dest="reply_to", default=None, help="the message this answers")
     p.add_argument("--idempotency-key", dest="idempotency_key", default=None, help="sending twice with it stores one message")
+    p.add_argument("--wait", choices=("delivered", "read", "reply"), default=None,
+                   help="then wait until it is delivered, read or replied to, printing each state as it is reached "
+                        "(exit 0 once there, 4 when --timeout runs out, 1 when a person rejects it)")
+    p.add_argument("--timeout", type=int, default=60, metavar="SECONDS", help="how long --wait waits (default 60)")
+    p.add_argument("--all", dest="wait_all", action="store_true",
+                   help="with --wait: until every recipient (it was sent to, and not held for) got that far; default: one")
 
 
 def _print_sent(out, reply_to=None):
@@ -7349,14 +8909,20 @@ def _print_sent(out, reply_to=None):
     if out.get("duplicate"):
         extra.append("duplicate: already sent")
     print("sent [msg:%s] to %s%s" % (m["id"], m["to"], " (%s)" % ", ".join(extra) if extra else ""), flush=True)
+    for agent in out.get("held") or []:
+        print("held: your message [msg:%s] to %s is held for approval by a person; it reaches %s only once approved"
+              % (m["id"], agent, agent), flush=True)
     if not out.get("matched"):
         sys.stderr.write("agent-relay: note: no agent matches %s right now; agents that match later will not see it "
                          "unless it is claimable work\n" % m["to"])
 
 
-@agent_command("send", "send a message to an agent, tag:X, cap:X, label:X or broadcast", _configure_send, needs_agent=True)
+@agent_command("send", "send a message to an agent, tag:X, cap:X, label:X or broadcast (--wait: until it is delivered, "
+               "read or replied to)", _configure_send, needs_agent=True)
 def cmd_send(args, client):
     body = read_body_arg(args.body)
+    if args.timeout < 0:
+        raise UsageError("--timeout is a number of seconds, 0 or more")
     out = client.send(args.agent, args.to, body, subject=args.subject, kind=args.kind, channel=args.channel,
                       claimable=True if args.claimable else None,
                       replyTo=_msg_id(args.reply_to) if args.reply_to else None, idempotencyKey=args.idempotency_key)
@@ -7364,7 +8930,75 @@ def cmd_send(args, client):
         out_json(out)
     else:
         _print_sent(out, args.reply_to and _msg_id(args.reply_to))
+    if args.wait:
+        return follow_delivery(client, out, args.wait, args.timeout, args.wait_all, args.json)
     return EXIT_OK
+
+
+def follow_delivery(client, sent, until, timeout, every=False, as_json=False):
+    """send --wait: long-polls the message's state (GET /api/messages/:id/wait, at most 60 s a call) and prints each
+    step as it is reached: approved or rejected for a recipient it was held for, delivered to, read by, and each reply
+    as a message line. Returns EXIT_OK once `until` (delivered, read, reply) is reached, EXIT_TIMEOUT when `timeout`
+    seconds run out first, EXIT_REFUSED when it can no longer get there (rejected, or nobody left to get it)."""
+    mid = sent["message"]["id"]
+    steps = {"delivered": ["delivered"], "read": ["delivered", "read"], "reply": ["delivered", "replied"]}[until]
+    told = {("held", agent) for agent in sent.get("held") or []}  # the send's own lines said so
+    deadline, step = time.monotonic() + timeout, 0
+    while True:
+        left = max(0, min(60, int(deadline - time.monotonic() + 0.999)))
+        out = client.wait_message(mid, until=steps[step], timeout=left, every=every)
+        if not as_json:
+            for line in _delivery_news(out, told):
+                print(line, flush=True)
+        if out.get("reached"):
+            step += 1
+            if step < len(steps):
+                continue
+            if as_json:
+                out_json(out)
+            return EXIT_OK
+        if as_json and (out.get("reachable") is False or left <= 0 or time.monotonic() >= deadline):
+            out_json(out)
+        if out.get("reachable") is False:
+            if not as_json:
+                rejected = [r["agentId"] for r in out.get("receipts") or [] if r.get("state") == "rejected"]
+                sys.stderr.write("agent-relay send: [msg:%s] cannot be %s any more: %s\n" % (
+                    mid, {"delivered": "delivered", "read": "read", "replied": "replied to"}[steps[step]],
+                    "a person rejected it for %s" % ", ".join(rejected) if rejected else
+                    "no agent it was sent to is left to get it"))
+            return EXIT_REFUSED
+        if left <= 0 or time.monotonic() >= deadline:
+            if not as_json:
+                sys.stderr.write("agent-relay send: [msg:%s] was not %s within %d s (timed out)\n" % (
+                    mid, {"delivered": "delivered", "read": "read", "replied": "replied to"}[steps[step]], timeout))
+            return EXIT_TIMEOUT
+
+
+def _delivery_news(out, told):
+    """Lines for what a wait answer shows that was not told yet (`told` remembers)."""
+    lines = []
+    for r in out.get("receipts") or []:
+        agent, state = r.get("agentId"), r.get("state")
+        news = []
+        if state == "held":
+            news.append(("held", "held for approval by a person for %s" % agent))
+        if state in ("approved", "delivered", "read") and ("held", agent) in told:
+            news.append(("approved", "approved for %s by a person" % agent))
+        if state == "rejected":
+            news.append(("rejected", "rejected for %s by a person: it will not reach %s" % (agent, agent)))
+        if r.get("deliveredAt") is not None:
+            news.append(("delivered", "delivered to %s" % agent))
+        if state == "read":
+            news.append(("read", "read by %s" % agent))
+        for key, line in news:
+            if (key, agent) not in told:
+                told.add((key, agent))
+                lines.append(line)
+    for m in out.get("replies") or []:
+        if ("reply", m.get("id")) not in told:
+            told.add(("reply", m.get("id")))
+            lines.append(message_line(m))
+    return lines
 
 
 def _configure_reply(p):
@@ -7490,18 +9124,39 @@ def _configure_msg(p):
     p.add_argument("message_id", metavar="MSG_ID", help="a message id (42 or msg:42)")
 
 
-@agent_command("show", "show one message in full, with who got and read it", _configure_msg)
+@agent_command("show", "show one message in full, with who got, read and answered it", _configure_msg)
 def cmd_show(args, client):
-    out = client.message(_msg_id(args.message_id))
+    mid = _msg_id(args.message_id)
+    try:
+        out = client.wait_message(mid, until="replied", timeout=0)  # the message, its receipts and replies in one call
+    except RelayError as e:
+        if e.code != "not_found" or "Message" in e.message:
+            raise
+        out = client.message(mid)  # a relay from before GET /api/messages/:id/wait
     if args.json:
-        out_json(out)
+        out_json({"message": out["message"], "receipts": out["receipts"], "replies": out.get("replies") or []})
         return EXIT_OK
     m = out["message"]
     print(message_line(m), flush=True)
     print("    -- to %s, %s, kind %s, thread %s" % (m["to"], when(m["createdAt"]), m["kind"], m["threadId"]))
     for r in out["receipts"]:
-        print("    -- %s: %s" % (r["agentId"], r["state"]))
+        print("    -- %s" % receipt_text(r))
+    for reply in out.get("replies") or []:
+        print("    -- replied by %s: [msg:%s] (agent-relay show %s)" % (reply["from"], reply["id"], reply["id"]))
     return EXIT_OK
+
+
+def receipt_text(r):
+    """One recipient's state in words: `reviewer: read (delivered 2026-05-09 10:00:01, read 10:00:04)`."""
+    state = r.get("state")
+    words = {"held": "held for approval by a person", "approved": "approved by a person, not fetched yet",
+             "rejected": "rejected by a person (it never reaches it)"}.get(state, state)
+    times = []
+    if r.get("deliveredAt"):
+        times.append("delivered %s" % when(r["deliveredAt"]))
+    if r.get("readAt"):
+        times.append("read %s" % when(r["readAt"]))
+    return "%s: %s%s" % (r.get("agentId"), words, " (%s)" % ", ".join(times) if times else "")
 
 
 @agent_command("thread", "show a message's whole conversation, oldest first", _configure_msg)
@@ -7512,6 +9167,48 @@ def cmd_thread(args, client):
         return EXIT_OK
     for m in out["messages"]:
         print(message_line(m), flush=True)
+    return EXIT_OK
+
+
+def _configure_search(p):
+    p.add_argument("query", metavar="QUERY", help='words (all must match), "a phrase", prefix* (quote it for the shell)')
+    p.add_argument("--from", dest="sender", default=None, metavar="ID", help="only messages (and tasks) sent by this agent")
+    p.add_argument("--to", default=None, help="only what was sent to this target (exactly: an agent id, tag:X, broadcast...)")
+    p.add_argument("--channel", default=None, help="only this channel")
+    p.add_argument("--agent", default=None, metavar="ID", help="only what this agent sent or may see (nothing held for it)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many (1..100, default 20)")
+
+
+def search_line(result):
+    """A search result as one line: `[msg:42] from a (to tag:rev): the **migration** looks clean` or
+    `[task:3] open Disk full -> tag:ops: ...`; hits between ** and **."""
+    if result.get("type") == "task":
+        t = result.get("task") or {}
+        head = "[task:%s] %s %s -> %s" % (t.get("id"), t.get("status"), t.get("title"), t.get("target"))
+    else:
+        m = result.get("message") or {}
+        tags = ["to %s" % m.get("to")]
+        if m.get("channel"):
+            tags.append("channel %s" % m["channel"])
+        if m.get("replyTo"):
+            tags.append("reply to msg:%s" % m["replyTo"])
+        head = "[msg:%s] from %s (%s)" % (m.get("id"), m.get("from"), ", ".join(tags))
+    return "%s: %s" % (head, result.get("snippet") or "")
+
+
+@agent_command("search", "search messages and tasks by their words, best first", _configure_search)
+def cmd_search(args, client):
+    out = client.search(args.query, agent=args.agent, to=args.to, channel=args.channel, limit=args.limit,
+                        **{"from": args.sender})
+    if args.json:
+        out_json(out)
+        return EXIT_OK
+    if not out.get("results"):
+        print("no matches", flush=True)
+    for r in out.get("results") or []:
+        print(search_line(r), flush=True)
+    if out.get("more"):
+        print("(more matches: narrow the search, or raise --limit)", flush=True)
     return EXIT_OK
 
 
@@ -8262,6 +9959,41 @@ class HookSession:
         out = self.client().inbox(self.agent_id, limit=limit)
         return out.get("messages") or [], bool(out.get("more"))
 
+    def held_news(self):
+        """Lines for what a person has yet to decide, or has decided, about messages this session sent to guarded
+        agents: each message newly held for approval, and each one told before that a person approved or rejected
+        since. One history read per call (the session's messages held now); a decided one is read once to tell how."""
+        client = self.client()
+        held = client.history(**{"from": self.agent_id, "held": True, "limit": 20}).get("messages") or []
+        now = {str(m["id"]): sorted(m.get("heldFor") or []) for m in held}
+        told = self.data.get("heldTold") or {}
+        lines = []
+        for mid, agents in sorted(now.items(), key=lambda kv: int(kv[0])):
+            for agent in agents:
+                if agent not in told.get(mid, []):
+                    lines.append("Agent Relay: your message [msg:%s] to %s is held for approval by a person; it reaches %s "
+                                 "only once approved." % (mid, agent, agent))
+        for mid, agents in sorted(told.items(), key=lambda kv: int(kv[0])):
+            decided = [a for a in agents if a not in now.get(mid, [])]
+            if not decided:
+                continue
+            try:
+                receipts = {r["agentId"]: r["state"] for r in client.message(int(mid)).get("receipts") or []}
+            except RelayError as e:
+                if e.status != 404:
+                    raise
+                receipts = {}  # gone (retention): nothing to tell
+            for agent in decided:
+                if receipts.get(agent) == "rejected":
+                    lines.append("Agent Relay: a person rejected your message [msg:%s] to %s; it will not reach %s."
+                                 % (mid, agent, agent))
+                elif receipts.get(agent) in ("approved", "delivered", "read"):
+                    lines.append("Agent Relay: a person approved your message [msg:%s] to %s; it reaches %s now."
+                                 % (mid, agent, agent))
+        if now != told:
+            self.update(heldTold=now)
+        return lines
+
     def approval_mode(self):
         try:
             card = self.client(timeout=1.0).agent(self.agent_id)
@@ -8799,6 +10531,10 @@ def hook_prompt_submit(tool, data, env):
         if messages:
             changes["origin"] = _origin_of(messages)
             texts.append(relay_messages_text(messages, more, sess.agent_id))
+    try:
+        texts.extend(sess.held_news())  # messages it sent that wait for a person, or that a person decided on
+    except RelayError as e:
+        hook_log("could not look at held messages: %s" % e)
     sess.update(**changes)
     return _hook_output("UserPromptSubmit", "\n".join(texts)) if texts else None
 
@@ -9503,6 +11239,17 @@ def _mcp_update_task(call, args):
     return out, task_line(out.get("task") or {})
 
 
+def _mcp_search(call, args):
+    query = {k: v for k, v in args.items() if v is not None}
+    query["agent"] = call.agent()  # only what this agent may see
+    out = call.backend.request("GET", "/api/search", query=query)
+    rows = []
+    for r in out.get("results") or []:
+        head = message_line(r["message"], one_line=True, limit=200) if r["type"] == "message" else task_line(r["task"])
+        rows.append("%s\n    %s" % (head, r.get("snippet") or ""))
+    return out, "\n".join(rows) or "nothing matches %r" % args.get("q")
+
+
 def _mcp_lease(call, args):
     body = {k: v for k, v in args.items() if v is not None}
     body["agentId"] = call.agent()
@@ -9603,6 +11350,17 @@ MCP_TOOLS = [
              "progress": _arg("string", "What has been done so far.", maxLength=4096),
              "result": _arg("string", "The outcome, when done or failed.", maxLength=65536)},
             _mcp_update_task, _mcp_out(("task",), task=_MCP_OBJECT), required=("taskId",)),
+    McpTool("search", "Search what was said",
+            "Find messages (subject and body) and tasks (title and body) this agent may see, best first, with a "
+            "snippet each: words (all must match), \"quoted phrases\" and prefix* in q.",
+            {"q": _arg("string", "What to find: words, \"a phrase\", prefix*.", minLength=1, maxLength=512),
+             "from": _arg("string", "Only messages sent by this agent id.", maxLength=128),
+             "to": _arg("string", "Only messages sent to exactly this target (an id, tag:X, cap:X, label:X, broadcast).",
+                        maxLength=200),
+             "channel": _arg("string", "Only this channel.", maxLength=64),
+             "limit": _arg("integer", "At most this many results (1..100, default 20).", minimum=1, maximum=100)},
+            _mcp_search, _mcp_out(("results",), results=_MCP_OBJECTS, engine={"type": "string"}, more={"type": "boolean"}),
+            required=("q",), read_only=True),
     McpTool("lease", "Lease paths before editing them",
             "Tell other agents you are about to edit these paths, before you start: repository-relative files "
             "(README.md), directories (src/api/) or globs (tests/test_*.py). If another agent holds an overlapping "
@@ -10115,6 +11873,9 @@ class _McpInProcessHandler:
 
     def answer_later(self, compute):
         return None  # answered here, by this thread
+
+    def wait(self, kind, waiter, step, deadline, check_s=1.0):
+        return wait_here(waiter, step, deadline, check_s, self.client_gone)  # here, by this thread
 
 
 class RelayRouteBackend:

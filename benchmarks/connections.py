@@ -40,6 +40,17 @@ def fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def sockets(pid):
+    """The relay's sockets: its connections, beside its listening socket and its own few."""
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            n += os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:")
+        except OSError:
+            pass
+    return n
+
+
 def ask(port, path="/api/health", timeout=10):
     """One request on a fresh connection: (status, error code or None, seconds to the answer)."""
     t0 = time.perf_counter()
@@ -83,10 +94,11 @@ def hold(port, n):
     return socks
 
 
-def wait_threads(pid, at_least, timeout=60):
+def wait_fds(pid, at_least, timeout=60):
+    """Until the relay holds at least this many descriptors (a connection is one, with or without a thread)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc_status(pid)["threads"] >= at_least:
+        if fds(pid) >= at_least:
             return True
         time.sleep(0.1)
     return False
@@ -132,11 +144,11 @@ def at_the_cap(tmp, cap):
     try:
         register(relay.port)
         time.sleep(0.5)
-        before = dict(proc_status(relay.pid), fds=fds(relay.pid))
+        before = dict(proc_status(relay.pid), fds=fds(relay.pid), sockets=sockets(relay.pid))
         socks = hold(relay.port, cap)
-        wait_threads(relay.pid, before["threads"] + cap)
+        wait_fds(relay.pid, before["fds"] + cap)
         time.sleep(1.0)
-        held = dict(proc_status(relay.pid), fds=fds(relay.pid))
+        held = dict(proc_status(relay.pid), fds=fds(relay.pid), sockets=sockets(relay.pid))
         status, code, took = ask(relay.port)
         cpu, knocks = cpu_while_knocking(relay, relay.port, 3.0)
         for s in socks:
@@ -144,7 +156,7 @@ def at_the_cap(tmp, cap):
         socks = []
         back = recovery(relay.port)
         relay.check()
-        out = {"cap": cap, "before": before, "at_cap": held, "connections_held": held["threads"] - before["threads"],
+        out = {"cap": cap, "before": before, "at_cap": held, "connections_held": held["sockets"] - before["sockets"],
                "rss_per_connection_kb": round((held["rss_mb"] - before["rss_mb"]) * 1024 / cap, 1),
                "next": {"status": status, "code": code, "ms": round(took * 1000, 1)},
                "cpu_share_while_turning_away": cpu, "turned_away": knocks, "serves_again_after_s": back}

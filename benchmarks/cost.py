@@ -86,10 +86,8 @@ def handler_for(which, relay_path, db):
     agents = relay.agents if hasattr(relay.agents, "register") else relay  # the agent directory (an older relay: itself)
     for a in ("bench-sender", "bench-sink"):
         agents.register({"id": a}, auth)
-    # A read timeout as the server gives (the relay holds a request's body to a deadline that counts against it);
-    # each answer written by this thread, whose CPU is what is measured, never by the committing one.
-    h = type("H", (ar.Handler,), {"relay": relay, "api": ar.Api(relay), "timeout": 30, "ANSWER_LATER": False,
-                                  "disable_nagle_algorithm": False})
+    # a timeout, as the relay's server sets one: its request deadlines count against it
+    h = type("H", (ar.Handler,), {"relay": relay, "api": ar.Api(relay), "timeout": 30, "disable_nagle_algorithm": False})
     return h, relay
 
 

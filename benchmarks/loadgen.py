@@ -251,11 +251,12 @@ def wait_for_listeners(ctl, polls=None, streams=None, timeout=30.0):
         time.sleep(0.0005)
 
 
-def delivery_latency(port, kind, agents, sender, samples, limit_s=300.0):
+def delivery_latency(port, kind, agents, sender, samples, limit_s=300.0, others=0):
     """Send to one of `agents` at a time; time from just before the send is written until the
     message reaches that agent's long-poll (kind "poll") or stream (kind "stream").
 
-    Every agent in `agents` has a waiting long-poll / an open narrowed stream throughout.
+    Every agent in `agents` has a waiting long-poll / an open narrowed stream throughout
+    (`others` of the same kind are held open by someone else meanwhile).
     Returns latencies in milliseconds."""
     ctl = Http(port)
     sel = selectors.DefaultSelector()
@@ -285,9 +286,9 @@ def delivery_latency(port, kind, agents, sender, samples, limit_s=300.0):
 
     def settle():
         if kind == "poll":
-            wait_for_listeners(ctl, polls=len(agents))
+            wait_for_listeners(ctl, polls=len(agents) + others)
         else:
-            wait_for_listeners(ctl, streams=len(agents))
+            wait_for_listeners(ctl, streams=len(agents) + others)
 
     try:
         settle()
@@ -443,6 +444,8 @@ def main(argv=None):
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--polls", default="", help="comma-separated agent ids, one long-poll each")
     p.add_argument("--streams", default="", help="comma-separated agent ids, one narrowed stream each")
+    p.add_argument("--poll-range", default="", help="PREFIX:FIRST:COUNT: long-polls for agents PREFIX<FIRST> onwards")
+    p.add_argument("--stream-range", default="", help="PREFIX:FIRST:COUNT: narrowed streams for agents PREFIX<FIRST> onwards")
     args = p.parse_args(argv)
     try:
         import resource
@@ -451,7 +454,14 @@ def main(argv=None):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
-    return hold(args.port, [a for a in args.polls.split(",") if a], [a for a in args.streams.split(",") if a])
+    def ids(listed, ranged):
+        out = [a for a in listed.split(",") if a]
+        if ranged:
+            prefix, first, count = ranged.rsplit(":", 2)
+            out += ["%s%d" % (prefix, i) for i in range(int(first), int(first) + int(count))]
+        return out
+
+    return hold(args.port, ids(args.polls, args.poll_range), ids(args.streams, args.stream_range))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ Items (numbered as in the issue that asked for them):
     SQLite commits/s with the relay's own pragmas and schema;
  2. delivery latency, send to receipt, to a long-poll and to a stream, with
     1 and with 100 agents waiting;
- 3. scale: 1,000 waiting long-polls plus 200 open streams (held by a separate
-    process): relay RSS, threads, and send throughput beside item 1;
+ 3. scale: 1,000, 5,000, 10,000 and 15,000 waiting connections, a sixth of
+    them streams and the rest long-polls (held by separate processes; a level
+    the descriptor limit cannot hold is skipped and says so), each on a new
+    relay: RSS, threads and send throughput against the same relay with none
+    waiting, delivery latency to one more long-poll, SQLite's commit cost and
+    the load average at the time, and RSS once they have left;
  4. inbox latency with 1,000 and with 100,000 stored messages;
  5. idle CPU over 10 s with 200 waiting long-polls;
  6. task ingress: integration events/s for new keys and for a dedupe storm;
@@ -26,7 +30,12 @@ Items (numbered as in the issue that asked for them):
  8. what a lease check adds to a hook call: `agent-relay hook claude
     pre-tool-use` for an Edit with the check off, with no lease in the scope
     and with 200, as processes and inside one process
-    (benchmarks/lease_hook.py, which also runs alone).
+    (benchmarks/lease_hook.py, which also runs alone);
+ 9. search latency (GET /api/search) with 100,000 and 1,000,000 stored
+    messages: FTS5, and the scan (AGENT_RELAY_SEARCH=like) on the same rows;
+10. history filtered by agent (GET /api/messages?agent=) with 10,000, 100,000
+    and 1,000,000 stored messages, written straight into a stopped relay's
+    database as item 4's are.
 
 The figures are only comparable within a run: every ratio is against a
 baseline measured in the same run. Nothing here is a test assertion; the test
@@ -48,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -65,22 +75,28 @@ BODY_TEXT = "The migration is done; tests pass on the branch. Please review when
 FULL = {
     "rounds": 5, "duration": 2.0, "warmup": 0.5, "count": None, "clients": [1, 8, 32],
     "latency_samples": 1000, "latency_many": 100,
-    "scale_polls": 1000, "scale_streams": 200,
+    "scale_levels": [1000, 5000, 10000, 15000], "scale_primary": 10000, "scale_stretch": 15000,
+    "scale_latency_samples": 300, "scale_settle_s": 8.0,
     "inbox_sizes": (1000, 100000), "inbox_samples": 300,
+    "history_sizes": (10000, 100000, 1000000), "history_samples": 100,
     "idle_waiters": 200, "idle_seconds": 10.0,
     "sqlite_rounds": 3, "sqlite_seconds": 1.5, "sqlite_count": None,
     "memory_streams": 100, "memory_history_mb": 50.0,
     "hook_runs": 100, "hook_inprocess_runs": 500, "hook_leases": 200,
+    "search_sizes": (100000, 1000000), "search_samples": 300, "scan_samples": 14,
 }
 QUICK = {
     "rounds": 1, "duration": None, "warmup": 0.0, "count": 300, "clients": [1, 8, 32],
     "latency_samples": 60, "latency_many": 100,
-    "scale_polls": 100, "scale_streams": 20,
+    "scale_levels": [100, 200, 300], "scale_primary": 200, "scale_stretch": 300,
+    "scale_latency_samples": 30, "scale_settle_s": 1.0,
     "inbox_sizes": (1000, 10000), "inbox_samples": 40,
+    "history_sizes": (1000, 3000, 10000), "history_samples": 20,
     "idle_waiters": 20, "idle_seconds": 2.0,
     "sqlite_rounds": 1, "sqlite_seconds": None, "sqlite_count": 300,
     "memory_streams": 100, "memory_history_mb": 50.0,  # the promise's own figures: a few seconds
     "hook_runs": 5, "hook_inprocess_runs": 30, "hook_leases": 200,
+    "search_sizes": (2000, 10000), "search_samples": 40, "scan_samples": 14,
 }
 
 # -- small helpers ------------------------------------------------------------
@@ -380,48 +396,161 @@ class Holder:
             self.proc.wait()
 
 
-def bench_scale(relay, baseline, cfg, item1):
-    polls = ["w%d" % i for i in range(cfg["scale_polls"])]
-    streams = ["s%d" % i for i in range(cfg["scale_streams"])]
-    register(relay.port, polls + streams)
-    before = proc_status(relay.pid)
-    holder = Holder(relay.port, polls, streams)
+class Crowd:
+    """Long-polls and narrowed streams held open by several holder processes (benchmarks/loadgen.py hold), at most
+    `per_process` connections each: agents w0.. hold long-polls and s0.. streams. Started together, so that the
+    crowd connects in parallel; close() ends them, and with them every connection."""
+
+    def __init__(self, port, polls, streams, per_process=4000):
+        self.procs = []
+        todo = [("--poll-range", "w", polls), ("--stream-range", "s", streams)]
+        try:
+            for flag, prefix, count in todo:
+                for first in range(0, count, per_process):
+                    n = min(per_process, count - first)
+                    cmd = [sys.executable, os.path.join(HERE, "loadgen.py"), "hold", "--port", str(port),
+                           flag, "%s:%d:%d" % (prefix, first, n)]
+                    self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE))
+            for proc in self.procs:
+                line = proc.stdout.readline().decode()
+                if not line.startswith("ready"):
+                    raise RuntimeError("a holder process did not start (%r)" % line)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+
+def commit_cost(tmp):
+    """SQLite's cost of a send-shaped commit on this disk, now (a second of bench_sqlite): read beside a send ratio,
+    it tells a slow disk from a slow relay."""
+    out = bench_sqlite({"sqlite_rounds": 1, "sqlite_seconds": 1.0, "sqlite_count": None}, tmp)
     try:
-        ctl = Http(relay.port)
-        t0 = time.perf_counter()
-        stats = wait_for_listeners(ctl, polls=len(polls), streams=len(streams), timeout=120)
+        os.remove(os.path.join(tmp, "sqlite-only.db"))
+    except OSError:
+        pass
+    return {"us_per_commit": out["us_per_commit"], "us_per_send_shaped_commit": out["us_per_send_shaped_commit"]}
+
+
+def loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def scale_level(relay, baseline, n, cfg, tmp):
+    """One level of item 3: n connections waiting (a sixth of them streams, the rest long-polls)."""
+    streams = n // 6
+    polls = n - streams
+    register(relay.port, ["w%d" % i for i in range(polls)] + ["s%d" % i for i in range(streams)] + ["scale-extra"])
+    none = paired_rounds(relay, baseline, 8, cfg)  # send throughput with none waiting, on the same relay
+    commit_before = commit_cost(tmp)
+    time.sleep(1.0)
+    before = proc_status(relay.pid)  # where the crowd finds it: after the same send load it will see
+    ctl = Http(relay.port)
+    t0 = time.perf_counter()
+    crowd = Crowd(relay.port, polls, streams)
+    try:
+        stats = wait_for_listeners(ctl, polls=polls, streams=streams, timeout=300)
         held_in = time.perf_counter() - t0
-        ctl.close()
         time.sleep(1.0)
         held = proc_status(relay.pid)
+        held["fds"] = len(os.listdir("/proc/%d/fd" % relay.pid))
+        load_at = loadavg()
         tp = paired_rounds(relay, baseline, 8, cfg)
-        after = proc_status(relay.pid)
-        ctl = Http(relay.port)
+        after_load = proc_status(relay.pid)
+        commit_held = commit_cost(tmp)
+        lat = delivery_latency(relay.port, "poll", ["scale-extra"], "bench-sender", cfg["scale_latency_samples"],
+                               others=polls)
         status, stats_after = ctl.call("GET", "/api/stats")
-        ctl.close()
     finally:
-        holder.close()
-    release_listeners(relay.port, polls + streams, "bench-sender")
+        crowd.close()
+    # the crowd leaves: every hang-up is noticed where it waits, and what it held is given back
+    t1 = time.perf_counter()
+    deadline = time.monotonic() + 120
+    while True:
+        status, now = ctl.call("GET", "/api/stats")
+        if now["longPolls"] == 0 and now["streams"] == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("the relay still holds %d long-polls and %d streams after their clients left"
+                               % (now["longPolls"], now["streams"]))
+        time.sleep(0.05)
+    noticed_in = time.perf_counter() - t1
+    ctl.close()
+    time.sleep(cfg["scale_settle_s"])
+    left = proc_status(relay.pid)
+    left["fds"] = len(os.listdir("/proc/%d/fd" % relay.pid))
     relay.check()
-    ref = item1["8"]
     out = {
-        "long_polls": stats["longPolls"], "streams": stats["streams"],
+        "waiting": n, "long_polls": stats["longPolls"], "streams": stats["streams"],
         "still_held_after_load": {"long_polls": stats_after["longPolls"], "streams": stats_after["streams"]},
-        "seconds_to_hold_all": round(held_in, 2),
-        "before": before, "held": held, "after_load": after,
-        "rss_mb": max(held["rss_mb"], after["rss_mb"]), "threads": held["threads"],
-        "send_8_clients": tp,
-        "relay_rps": tp["relay_rps"],
-        "vs_item1": r3(tp["relay_rps"] / ref["relay_rps"]),
-        "vs_item1_normalised": r3(tp["ratio"] / ref["ratio"]),
-        "note": "vs_item1 = relay send/s with 8 clients while holding them / item 1's relay send/s with 8 clients; "
-                "vs_item1_normalised divides each by its own same-time baseline first, which cancels machine noise",
+        "seconds_to_hold_all": round(held_in, 2), "seconds_to_notice_all_gone": round(noticed_in, 2),
+        "before": before, "held": held, "after_load": after_load, "after_they_left": left,
+        "rss_mb": max(held["rss_mb"], after_load["rss_mb"]), "threads": max(held["threads"], after_load["threads"]),
+        "rss_back_mb": round(left["rss_mb"] - before["rss_mb"], 1),
+        "send_none_waiting": none, "send_while_held": tp,
+        "relay_rps": tp["relay_rps"], "relay_rps_none_waiting": none["relay_rps"],
+        "vs_none_waiting": r3(tp["relay_rps"] / none["relay_rps"]),
+        "vs_none_waiting_normalised": r3(tp["ratio"] / none["ratio"]),
+        "delivery_to_one_more": {"samples": len(lat), "p50_ms": r3(percentile(lat, 50)), "p99_ms": r3(percentile(lat, 99)),
+                                 "max_ms": r3(max(lat))},
+        "sqlite_before": commit_before, "sqlite_while_held": commit_held, "loadavg_while_held": load_at,
     }
-    say("   held %d long-polls + %d streams: RSS %.1f MB (idle relay before: %.1f MB), %d threads"
-        % (out["long_polls"], out["streams"], out["rss_mb"], before["rss_mb"], held["threads"]))
-    say("   send, 8 clients, while held: %.0f/s = %.3f of item 1 (normalised by same-time baseline: %.3f)"
-        % (tp["relay_rps"], out["vs_item1"], out["vs_item1_normalised"]))
+    say("   %5d waiting (%d long-polls, %d streams, held in %.1f s): RSS %.1f MB (%.1f before), %d threads, %d fds"
+        % (n, out["long_polls"], out["streams"], held_in, out["rss_mb"], before["rss_mb"], out["threads"], held["fds"]))
+    say("         send, 8 clients: %.0f/s none waiting, %.0f/s while held = %.3f (normalised by the baseline: %.3f); "
+        "SQLite %.0f us per send-shaped commit (%.0f before); load %s"
+        % (none["relay_rps"], tp["relay_rps"], out["vs_none_waiting"], out["vs_none_waiting_normalised"],
+           commit_held["us_per_send_shaped_commit"], commit_before["us_per_send_shaped_commit"], load_at))
+    say("         delivery to one more long-poll: p50 %.3f ms, p99 %.3f ms; all gone noticed in %.2f s; RSS %.1f MB "
+        "%.0f s after they left (%+.1f MB), %d threads"
+        % (out["delivery_to_one_more"]["p50_ms"], out["delivery_to_one_more"]["p99_ms"], noticed_in, left["rss_mb"],
+           cfg["scale_settle_s"], out["rss_back_mb"], left["threads"]))
     return out
+
+
+def bench_scale(start, baseline, cfg, item1, tmp, fd_limit):
+    """Item 3: 1,000 to 15,000 waiting connections, each level on a relay of its own (a new database)."""
+    levels = []
+    for n in cfg["scale_levels"]:
+        need = n + 400  # the relay's own descriptors and the load's connections beside the crowd
+        if fd_limit is not None and fd_limit < need:
+            levels.append({"waiting": n, "skipped": "the descriptor limit is %d; %d connections need about %d" % (fd_limit, n, need)})
+            say("   %5d waiting: skipped (%s)" % (n, levels[-1]["skipped"]))
+            continue
+        relay = start("scale-%d" % n)
+        try:
+            levels.append(scale_level(relay, baseline, n, cfg, tmp))
+        finally:
+            relay.stop()
+    first = levels[0]
+    ref = item1["8"]
+    return {
+        "levels": levels, "fd_limit": fd_limit,
+        # the first level against item 1, as this item measured before it had levels
+        "long_polls": first["long_polls"], "streams": first["streams"], "rss_mb": first["rss_mb"], "threads": first["threads"],
+        "relay_rps": first["relay_rps"], "vs_item1": r3(first["relay_rps"] / ref["relay_rps"]),
+        "vs_item1_normalised": r3(first["send_while_held"]["ratio"] / ref["ratio"]),
+        "note": "each level: a sixth streams, the rest long-polls, held by separate processes (loadgen.py hold); "
+                "vs_none_waiting = relay send/s with 8 clients while they wait / the same relay's send/s just before "
+                "they came; _normalised divides each by its own same-time baseline first; rss_back_mb = RSS after they "
+                "left (scale_settle_s later) less RSS before they came",
+    }
 
 
 # -- item 4: inbox cost as history grows -------------------------------------------------------
@@ -561,6 +690,275 @@ def bench_inbox(cfg, tmp):
     return out
 
 
+# -- item 10: history filtered by agent as it grows ---------------------------------------------------
+
+
+def fill_messages(db, n, reader, rare, sender, peers, chunk=100000):
+    """Write n messages (and their receipts) straight into a stopped relay's database, in chunks.
+
+    A tenth go to the reader directly, a twentieth are broadcast and a twentieth go to a tag the reader has; one
+    in a thousand goes to `rare`; the rest pass between other agents. One in two hundred of the reader's own is
+    held for it (awaiting approval), as a guarded agent's are. No events are written: history does not read them."""
+    now = int(time.time() * 1000)
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("PRAGMA synchronous = NORMAL")
+    start = con.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+    for base in range(0, n, chunk):
+        msgs, receipts = [], []
+        for k in range(base, min(n, base + chunk)):
+            mid = start + k + 1
+            r = k % 20
+            frm = peers[k % len(peers)]
+            if k % 1000 == 500:
+                to = rare
+            elif r < 2:
+                to = reader
+            elif r == 2:
+                to = "broadcast"
+            elif r == 3:
+                to, frm = "tag:team", sender
+            else:
+                to = peers[(k + 1) % len(peers)]
+            ts = now - (n - k) * 10
+            msgs.append((mid, frm, to, "message %d: %s" % (mid, BODY_TEXT), ts))
+            if to == reader:
+                receipts.append((mid, reader, "held" if k % 200 == 1 else "read", ts + 5, None))
+            elif to not in ("broadcast", "tag:team"):
+                receipts.append((mid, to, "delivered", ts + 5, None))
+        con.execute("BEGIN")
+        con.executemany("INSERT INTO messages(id, from_agent, to_target, body, kind, payload, meta, created_at) "
+                        "VALUES (?,?,?,?,'chat','{}','{}',?)", msgs)
+        con.executemany("INSERT INTO receipts(message_id, agent_id, state, delivered_at, read_at) VALUES (?,?,?,?,?)", receipts)
+        con.execute("COMMIT")
+    con.execute("UPDATE agents SET cursor = ? WHERE id IN (?, ?)", (start + n, reader, rare))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+
+
+def history_at(size, cfg, tmp):
+    db = os.path.join(tmp, "history-%d.db" % size)
+    reader, rare, sender = "hist-reader", "hist-ops-only", "hist-sender"
+    peers = ["peer-%d" % i for i in range(20)]
+    relay = start_relay(db)
+    try:
+        ctl = Http(relay.port)
+        ctl.call("POST", "/api/agents", {"id": reader, "tags": ["team"]})
+        ctl.call("POST", "/api/agents", {"id": rare, "channels": ["ops"]})  # so broadcasts without a channel miss it
+        for a in [sender] + peers:
+            ctl.call("POST", "/api/agents", {"id": a})
+        ctl.close()
+    finally:
+        relay.stop()
+    t0 = time.perf_counter()
+    fill_messages(db, size, reader, rare, sender, peers)
+    fill_s = time.perf_counter() - t0
+    relay = start_relay(db)
+    out = {"messages": None, "fill_s": round(fill_s, 1)}
+    try:
+        ctl = Http(relay.port)
+        status, stats = ctl.call("GET", "/api/stats")
+        out["messages"] = stats["messages"]["total"]
+        for who in (reader, rare):
+            path = "/api/messages?agent=%s&limit=50" % who
+            for _ in range(5):  # the same warm-up for every size
+                ctl.call("GET", path)
+            times = []
+            for _ in range(cfg["history_samples"]):
+                dt, page = timed(ctl, "GET", path)
+                times.append(dt)
+            out["reader" if who == reader else "channel_only"] = {"samples": len(times), "p50_ms": r3(percentile(times, 50)),
+                                                          "p95_ms": r3(percentile(times, 95)), "page": len(page["messages"])}
+        ctl.close()
+        relay.check()
+    finally:
+        relay.stop()
+        try:
+            os.remove(db)
+        except OSError:
+            pass
+    return out
+
+
+def bench_history(cfg, tmp):
+    sizes = cfg["history_sizes"]
+    cells = [history_at(n, cfg, tmp) for n in sizes]
+    out = {"sizes": cells}
+    for who in ("reader", "channel_only"):
+        out["ratio_" + who] = r3(cells[-1][who]["p50_ms"] / cells[0][who]["p50_ms"])
+    out["note"] = ("GET /api/messages?agent=X&limit=50, the first page, medians of the client-side time. reader: an agent a "
+                   "fifth of the history is addressed to (directly, by broadcast, by tag), one in two hundred of its own "
+                   "held for it (the target is on this one); channel_only: an agent in the channel 'ops' only, which one "
+                   "message in a thousand is addressed to directly and which no broadcast reaches: its broadcast branch "
+                   "filters by channel as it reads, back through every broadcast (there is no index on the channel).")
+    for cell in cells:
+        say("   %8d msgs (written in %.0f s): reader p50 %6.3f ms, channel-only agent p50 %6.3f ms"
+            % (cell["messages"], cell["fill_s"], cell["reader"]["p50_ms"], cell["channel_only"]["p50_ms"]))
+    say("   %d msgs / %d msgs: reader %.2fx, channel-only agent %.2fx" % (cells[-1]["messages"], cells[0]["messages"],
+                                                                        out["ratio_reader"], out["ratio_channel_only"]))
+    return out
+
+
+# -- item 9: search ------------------------------------------------------------------------------------
+
+# Bodies are 10 to 24 words drawn from a vocabulary of 5,000 with a Zipf-like skew (the commonest word is in about a
+# third of the messages, as "the" would be), plus words planted at known rates, which the queries look for.
+SEARCH_VOCABULARY = 5000
+SEARCH_PLANTED = [  # (words, share of messages)
+    (["kubernetes"], 0.001), (["migration"], 0.01), (["deploy"], 0.01), (["disk", "full"], 0.001),
+    (["rollback"], 0.002), (["rollout"], 0.002), (["rolled"], 0.001), (["flaky"], 0.003), (["checkout"], 0.003),
+]
+SEARCH_QUERIES = [  # (label, query, with the reader's visibility)
+    ("rare word (0.1%)", "kubernetes", False),
+    ("word (1%)", "migration", False),
+    ("two words, 1% each", "migration deploy", False),
+    ("phrase (0.1%)", '"disk full"', False),
+    ("prefix (0.5%)", "roll*", False),
+    ("word (0.3%), as an agent (sees 10%)", "flaky", True),
+    ("commonest word (~30%)", "w0", False),
+]
+
+
+def search_words(rng, weights):
+    n = rng.randint(10, 24)
+    return rng.choices(range(SEARCH_VOCABULARY), cum_weights=weights, k=n)
+
+
+def fill_search_history(db, n, reader, sender, peers):
+    """Write n messages straight into a stopped relay's database, with the search index and its triggers taken
+    out first (a row at a time through triggers would take as long as the relay's own sends); the index is then
+    built as the migration builds it. Returns the seconds the index build took."""
+    import random
+
+    rng = random.Random(n)
+    total, cum = 0.0, []
+    for k in range(SEARCH_VOCABULARY):
+        total += 1.0 / (k + 3)
+        cum.append(total)
+    now = int(time.time() * 1000)
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("PRAGMA synchronous = NORMAL")
+    for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        con.execute("DROP TRIGGER %s" % name)
+    for table in ("messages_fts", "tasks_fts"):
+        con.execute("DROP TABLE IF EXISTS %s" % table)
+    # the step that builds the index (the last one) runs again at the next open
+    con.execute("PRAGMA user_version = %d" % (con.execute("PRAGMA user_version").fetchone()[0] - 1))
+    start = con.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+    con.execute("BEGIN")
+    batch = []
+    for k in range(n):
+        words = ["w%d" % w for w in search_words(rng, cum)]
+        for planted, share in SEARCH_PLANTED:
+            if rng.random() < share:
+                at = rng.randint(0, len(words))
+                words[at:at] = planted
+        r = k % 10
+        to, frm = (reader, peers[k % len(peers)]) if r == 0 else (peers[k % len(peers)], sender)
+        batch.append((start + k + 1, frm, to, " ".join(words), now - (n - k) * 100))
+        if len(batch) >= 10000:
+            con.executemany("INSERT INTO messages(id, from_agent, to_target, body, kind, payload, meta, created_at) "
+                            "VALUES (?,?,?,?,'chat','{}','{}',?)", batch)
+            batch = []
+    if batch:
+        con.executemany("INSERT INTO messages(id, from_agent, to_target, body, kind, payload, meta, created_at) "
+                        "VALUES (?,?,?,?,'chat','{}','{}',?)", batch)
+    con.execute("COMMIT")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    # the index, built by the relay's own migration code (its last schema step: Storage.sync_search)
+    spec = importlib.util.spec_from_file_location("agent_relay_under_test", RELAY[0])
+    agent_relay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent_relay)
+    t0 = time.perf_counter()
+    agent_relay.Storage(db).close()
+    return time.perf_counter() - t0
+
+
+def search_at(size, cfg, tmp):
+    db = os.path.join(tmp, "search-%d.db" % size)
+    reader, sender = "search-reader", "search-sender"
+    peers = ["peer-%d" % i for i in range(20)]
+    relay = start_relay(db)
+    try:
+        ctl = Http(relay.port)
+        for a in [reader, sender] + peers:
+            ctl.call("POST", "/api/agents", {"id": a})
+        ctl.close()
+    finally:
+        relay.stop()
+    t0 = time.perf_counter()
+    build_s = fill_search_history(db, size, reader, sender, peers)
+    fill_s = time.perf_counter() - t0 - build_s
+    out = {"messages": size, "fill_s": round(fill_s, 1), "index_build_s": round(build_s, 1),
+           "db_mb": round(os.path.getsize(db) / 1048576.0, 1)}
+
+    def measure(engine, samples):
+        relay = start_relay(db) if engine == "fts5" else Server("relay", [sys.executable, RELAY[0], "serve", "--port", "0",
+                                                                           "--db", db, "--search", "like"], relay_env())
+        try:
+            ctl = Http(relay.port)
+            status, health = ctl.call("GET", "/api/health")
+            if health.get("search") != engine:
+                raise RuntimeError("the relay searches with %r, not %s" % (health.get("search"), engine))
+            # the triggers at work: a send is indexed in its own transaction, and found at once
+            status, sent = ctl.call("POST", "/api/messages", {"from": sender, "to": reader, "body": "zeppelin over the bay"})
+            status, found = ctl.call("GET", "/api/search?q=zeppelin")
+            if sent["message"]["id"] not in [r["message"]["id"] for r in found["results"]]:
+                raise RuntimeError("a message just sent was not found: %r" % found)
+            per, lat = {}, []
+            for label, q, as_agent in SEARCH_QUERIES:  # warm the page cache the same way for both sizes
+                ctl.call("GET", "/api/search?q=%s%s" % (urllib.parse.quote(q, safe=""), "&agent=" + reader if as_agent else ""))
+            for i in range(samples):
+                label, q, as_agent = SEARCH_QUERIES[i % len(SEARCH_QUERIES)]
+                dt, res = timed(ctl, "GET", "/api/search?q=%s&limit=20%s" % (urllib.parse.quote(q, safe=""), "&agent=" + reader if as_agent else ""))
+                lat.append(dt)
+                per.setdefault(label, {"query": q, "samples": [], "results": len(res["results"]), "more": res["more"]})["samples"].append(dt)
+            ctl.close()
+            relay.check()
+        finally:
+            relay.stop()
+        queries = {k: {"query": v["query"], "p50_ms": r3(percentile(v["samples"], 50)), "results": v["results"],
+                       "more": v["more"]} for k, v in per.items()}
+        return {"samples": len(lat), "p50_ms": r3(percentile(lat, 50)), "p99_ms": r3(percentile(lat, 99)),
+                "max_ms": r3(max(lat)), "queries": queries}
+
+    out["fts5"] = measure("fts5", cfg["search_samples"])
+    out["like"] = measure("like", cfg["scan_samples"])  # the start drops the index: the scan is measured last
+    return out
+
+
+def relay_searches(tmp):
+    """Whether the relay under test has GET /api/search (an older version measured with --relay has not)."""
+    relay = start_relay(os.path.join(tmp, "probe.db"))
+    try:
+        ctl = Http(relay.port)
+        status, health = ctl.call("GET", "/api/health")
+        ctl.close()
+    finally:
+        relay.stop()
+    return "search" in health
+
+
+def bench_search(cfg, tmp):
+    if not relay_searches(tmp):
+        say("   skipped: this relay has no GET /api/search")
+        return {"skipped": "the relay under test has no GET /api/search"}
+    out = {}
+    for size in cfg["search_sizes"]:
+        cell = out[str(size)] = search_at(size, cfg, tmp)
+        say("   %9d msgs: filled in %.1f s, index built in %.1f s (%.0f MB)" % (size, cell["fill_s"], cell["index_build_s"], cell["db_mb"]))
+        for engine in ("fts5", "like"):
+            c = cell[engine]
+            say("   %9d msgs  %-4s  p50 %8.3f ms   p99 %8.3f ms   (%d searches)" % (size, engine, c["p50_ms"], c["p99_ms"], c["samples"]))
+    out["note"] = ("each sample is one GET /api/search (limit 20) of a set of queries taken in turn: %s. The rows are "
+                   "written into a stopped relay's database, the index built by the relay's own migration step, then "
+                   "the relay started on it (FTS5), and last started with --search like (the scan)."
+                   % "; ".join("%s: %s" % (label, q) for label, q, _a in SEARCH_QUERIES))
+    return out
+
+
 # -- item 5: idle cost ----------------------------------------------------------------------------
 
 
@@ -651,6 +1049,44 @@ def targets(res):
         sc["rss_mb"] <= 200.0, "MB")
     add("send throughput while holding them / item 1", sc["vs_item1"], ">= 0.8", sc["vs_item1"] >= 0.8,
         detail="normalised by same-time baseline: %s" % sc["vs_item1_normalised"])
+    levels = {lv["waiting"]: lv for lv in sc["levels"]}
+    cfg = res["config"]
+    main = levels.get(cfg["scale_primary"])
+    if main is None or "skipped" in main:
+        why = main["skipped"] if main else "not run"
+        for name in ("RSS", "threads", "send throughput / none waiting", "delivery p99 to one more waiter"):
+            add("%d waiting: %s" % (cfg["scale_primary"], name), "not run", "see below", False, detail=why)
+    else:
+        n = main["waiting"]
+        lat = main["delivery_to_one_more"]
+        add("%d waiting: RSS" % n, main["rss_mb"], "<= 300 MB", main["rss_mb"] <= 300.0, "MB")
+        add("%d waiting: threads" % n, main["threads"], "<= 100", main["threads"] <= 100)
+        add("%d waiting: send throughput / none waiting" % n, main["vs_none_waiting"], ">= 0.8", main["vs_none_waiting"] >= 0.8,
+            detail="normalised by same-time baseline: %s; SQLite %s us per send-shaped commit while held (%s before)"
+            % (main["vs_none_waiting_normalised"], main["sqlite_while_held"]["us_per_send_shaped_commit"],
+               main["sqlite_before"]["us_per_send_shaped_commit"]))
+        add("%d waiting: delivery p99 to one more waiter" % n, lat["p99_ms"], "<= 20 ms", lat["p99_ms"] <= 20.0, "ms",
+            detail="p50 %s ms" % lat["p50_ms"])
+    top = levels.get(cfg["scale_stretch"])
+    if top is None or "skipped" in top:
+        add("%d waiting: RSS, threads, send ratio, delivery p99" % cfg["scale_stretch"], "not run",
+            "<= 300 MB, <= 100, >= 0.8, <= 20 ms", False, detail=top["skipped"] if top else "not run")
+    else:
+        ok = (top["rss_mb"] <= 300.0 and top["threads"] <= 100 and top["vs_none_waiting"] >= 0.8
+              and top["delivery_to_one_more"]["p99_ms"] <= 20.0)
+        add("%d waiting: RSS, threads, send ratio, delivery p99" % top["waiting"],
+            "%s MB, %s, %s, %s ms" % (top["rss_mb"], top["threads"], top["vs_none_waiting"], top["delivery_to_one_more"]["p99_ms"]),
+            "<= 300 MB, <= 100, >= 0.8, <= 20 ms", ok)
+    ran = [lv for lv in sc["levels"] if "skipped" not in lv]
+    last = ran[-1]
+    add("RSS after the %d leave, above where it started" % last["waiting"], last["rss_back_mb"], "<= 50 MB",
+        last["rss_back_mb"] <= 50.0, "MB", detail="%s MB before, %s MB held, %s MB after; %s threads after"
+        % (last["before"]["rss_mb"], last["rss_mb"], last["after_they_left"]["rss_mb"], last["after_they_left"]["threads"]))
+    hs = res["history"]
+    add("history ?agent= latency, %d msgs / %d msgs" % (hs["sizes"][-1]["messages"], hs["sizes"][0]["messages"]),
+        hs["ratio_reader"], "<= 2", hs["ratio_reader"] <= 2.0,
+        detail="%s ms at %d msgs; an agent in one channel only: %sx (no target)"
+        % (hs["sizes"][-1]["reader"]["p50_ms"], hs["sizes"][-1]["messages"], hs["ratio_channel_only"]))
     ib = res["inbox"]
     add("inbox latency, %d msgs / %d msgs" % (ib["large"]["messages"], ib["small"]["messages"]), ib["ratio_new_message"],
         "<= 2", ib["ratio_new_message"] <= 2.0)
@@ -665,6 +1101,11 @@ def targets(res):
         lh["added_ms"], "<= %.0f ms" % lh["target_added_ms"], lh["met"], "ms",
         detail="whole hook processes with the check / without: x%.3f (%.1f ms without)"
                % (lh["process_ratio"], lh["process"]["off"]["p50_ms"]))
+    if not res["search"].get("skipped"):
+        big = res["search"][str(res["config"]["search_sizes"][-1])]
+        add("search p99 with FTS5, %d messages" % big["messages"], big["fts5"]["p99_ms"], "<= 50 ms",
+            big["fts5"]["p99_ms"] <= 50.0, "ms", detail="p50 %s ms; the scan: p50 %s ms, p99 %s ms"
+            % (big["fts5"]["p50_ms"], big["like"]["p50_ms"], big["like"]["p99_ms"]))
     return t
 
 
@@ -687,14 +1128,38 @@ def print_summary(res):
         kind = "long-poll" if k.startswith("long_poll") else "stream"
         say("   %-9s %4d agents waiting     %8.3f  %8.3f  %8.3f" % (kind, v["waiting"], v["p50_ms"], v["p95_ms"], v["p99_ms"]))
     sc = res["scale"]
-    say("3. scale: %d long-polls + %d streams held" % (sc["long_polls"], sc["streams"]))
-    say("   relay RSS %.1f MB (before: %.1f MB), %d threads; send 8 clients %.0f/s = %.3f of item 1 (normalised %.3f)"
-        % (sc["rss_mb"], sc["before"]["rss_mb"], sc["threads"], sc["relay_rps"], sc["vs_item1"], sc["vs_item1_normalised"]))
+    say("3. scale: waiting connections (a sixth streams), descriptor limit %s" % sc["fd_limit"])
+    say("   waiting    RSS MB  threads  send/s none  send/s held  ratio  p50 ms  p99 ms  RSS after  SQLite us  load")
+    for lv in sc["levels"]:
+        if "skipped" in lv:
+            say("   %7d    skipped: %s" % (lv["waiting"], lv["skipped"]))
+            continue
+        say("   %7d  %8.1f  %7d  %11.0f  %11.0f  %5.3f  %6.3f  %6.3f  %+7.1f MB  %9.0f  %s"
+            % (lv["waiting"], lv["rss_mb"], lv["threads"], lv["relay_rps_none_waiting"], lv["relay_rps"], lv["vs_none_waiting"],
+               lv["delivery_to_one_more"]["p50_ms"], lv["delivery_to_one_more"]["p99_ms"], lv["rss_back_mb"],
+               lv["sqlite_while_held"]["us_per_send_shaped_commit"], lv["loadavg_while_held"]))
+    say("   first level against item 1: send %.0f/s = %.3f of item 1 (normalised %.3f)"
+        % (sc["relay_rps"], sc["vs_item1"], sc["vs_item1_normalised"]))
     ib = res["inbox"]
     say("4. inbox latency, p50 ms           %8d msgs  %8d msgs   ratio" % (ib["small"]["messages"], ib["large"]["messages"]))
     for key, label in (("new_message", "new message (from cursor)"), ("nothing_new", "nothing new (since=cursor)"),
                        ("history_first_page", "history page (since=0)")):
         say("   %-30s %10.3f  %10.3f   %5.2f" % (label, ib["small"][key]["p50_ms"], ib["large"][key]["p50_ms"], ib["ratio_" + key]))
+    lh = res["lease_hook"]
+    say("8. lease check in a hook call, p50 ms        off     empty   %4d leases" % lh["leases_in_scope"])
+    for kind, label in (("process", "hook process"), ("inprocess", "in one process")):
+        f = lh[kind]
+        say("   %-30s %8.2f  %8.2f  %8.2f   (x%.3f, x%.3f)" % (label, f["off"]["p50_ms"], f["empty"]["p50_ms"],
+                                                               f["leases"]["p50_ms"], f["empty"]["ratio"], f["leases"]["ratio"]))
+    say("9. search latency, ms             p50 fts5  p99 fts5   p50 scan  p99 scan   index build")
+    for size in res["config"]["search_sizes"] if not res["search"].get("skipped") else ():
+        c = res["search"][str(size)]
+        say("   %9d messages          %9.3f %9.3f  %9.1f %9.1f   %6.1f s"
+            % (size, c["fts5"]["p50_ms"], c["fts5"]["p99_ms"], c["like"]["p50_ms"], c["like"]["p99_ms"], c["index_build_s"]))
+        for label, q in c["fts5"]["queries"].items():
+            say("     %-38s fts5 p50 %8.3f ms, scan p50 %9.1f ms, %s results%s" % (
+                label, q["p50_ms"], c["like"]["queries"].get(label, {}).get("p50_ms") or 0, q["results"],
+                " (more)" if q["more"] else ""))
     idle = res["idle"]
     say("5. idle: %d long-polls, %.0f s: %.3f s CPU = %.2f%% of a core, %d threads, RSS %.1f MB"
         % (idle["waiters"], idle["seconds"], idle["cpu_seconds"], idle["cpu_percent_of_core"], idle["threads"], idle["rss_mb"]))
@@ -704,12 +1169,10 @@ def print_summary(res):
     sm = res["stream_memory"]
     say("7. never-reading streams: %d replaying %.1f MB, RSS %.1f MB before, peak %.1f MB: %.1f MB added, %.3f MB per stream"
         % (sm["streams_opened"], sm["history_mb"], sm["rss_before_mb"], sm["rss_peak_mb"], sm["growth_mb"], sm["per_stream_mb"]))
-    lh = res["lease_hook"]
-    say("8. lease check in a hook call, p50 ms        off     empty   %4d leases" % lh["leases_in_scope"])
-    for kind, label in (("process", "hook process"), ("inprocess", "in one process")):
-        f = lh[kind]
-        say("   %-30s %8.2f  %8.2f  %8.2f   (x%.3f, x%.3f)" % (label, f["off"]["p50_ms"], f["empty"]["p50_ms"],
-                                                               f["leases"]["p50_ms"], f["empty"]["ratio"], f["leases"]["ratio"]))
+    hs = res["history"]
+    say("10. history ?agent= (first page), p50 ms: %s" % ", ".join(
+        "%d msgs: %.3f (channel-only agent %.3f)" % (c["messages"], c["reader"]["p50_ms"], c["channel_only"]["p50_ms"])
+        for c in hs["sizes"]))
     say("-" * 78)
     say("targets:")
     for t in res["targets"]:
@@ -765,10 +1228,9 @@ def main(argv=None):
         relay.stop()
         # items 3 and 5 each start from a new database, as item 1 did, so that nothing an earlier item
         # left behind (history, agents going offline one by one as they fall silent) is counted in them
-        relay = fresh_relay("scale")
-        item("scale", "3. scale: %d long-polls + %d streams" % (cfg["scale_polls"], cfg["scale_streams"]),
-             bench_scale, relay, baseline, cfg, res["throughput"])
-        relay.stop()
+        relay = None
+        item("scale", "3. scale: %s waiting connections" % ", ".join(str(n) for n in cfg["scale_levels"]),
+             bench_scale, fresh_relay, baseline, cfg, res["throughput"], tmp, fds)
         baseline.stop()
         baseline = None
         relay = fresh_relay("idle")
@@ -776,6 +1238,7 @@ def main(argv=None):
         relay.stop()
         relay = None
         item("inbox", "4. inbox latency as history grows", bench_inbox, cfg, tmp)
+        item("history", "10. history filtered by agent as it grows", bench_history, cfg, tmp)
         relay = fresh_relay("streams")
         item("stream_memory", "7. memory of %d streams that never read, replaying %.0f MB"
              % (cfg["memory_streams"], cfg["memory_history_mb"]), bench_stream_memory, relay, cfg)
@@ -785,6 +1248,7 @@ def main(argv=None):
              bench_lease_hook, relay, cfg)
         relay.stop()
         relay = None
+        item("search", "9. search latency as history grows", bench_search, cfg, tmp)
     finally:
         for srv in (relay, baseline):
             if srv is not None:

@@ -15,9 +15,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "benchmarks", "run.py")
 
-ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress", "stream_memory", "lease_hook"]
-TARGETS = 10  # one line per target in the issue: throughput ratio, 3 latency, 2 scale, inbox, idle; never-reading
-# streams' RSS; what a lease check adds to a hook call
+ITEMS = ["sqlite", "throughput", "latency", "scale", "inbox", "idle", "ingress", "stream_memory", "lease_hook", "search",
+         "history"]
+# one line per target in the issues: throughput ratio, 3 latency, 2 scale, inbox, idle; never-reading streams' RSS;
+# at the main scale level RSS, threads, send ratio and delivery p99, one line for the largest level, RSS once the crowd
+# has left, history filtered by agent; what a lease check adds to a hook call; search p99 with FTS5 at the larger size
+TARGETS = 18
 
 
 def test_quick_benchmark_runs_every_item(tmp_path):
@@ -29,7 +32,7 @@ def test_quick_benchmark_runs_every_item(tmp_path):
 
     # every item and every target is printed
     for heading in ("1. send throughput", "2. delivery latency", "3. scale", "4. inbox latency", "5. idle",
-                    "6. task ingress", "7. never-reading streams", "8. lease check in a hook call", "targets:"):
+                    "6. task ingress", "7. never-reading streams", "8. lease check in a hook call", "9. search latency", "10. history", "targets:"):
         assert heading in text, "missing %r in:\n%s" % (heading, text[-3000:])
     target_lines = [line for line in text.splitlines() if line.strip().startswith(("[met", "[MISSED"))]
     assert len(target_lines) == TARGETS, text[-3000:]
@@ -54,10 +57,15 @@ def test_quick_benchmark_runs_every_item(tmp_path):
         assert 0 < cell["p50_ms"] <= cell["p95_ms"] <= cell["p99_ms"], name
     assert res["latency"]["long_poll_100"]["waiting"] == 100
 
-    # item 3: the relay really held what was asked, and sends still went through
+    # item 3: at each level the relay really held what was asked, sends still went through, a message reached one
+    # more waiter, and the crowd was seen to leave
     sc = res["scale"]
-    assert sc["long_polls"] >= res["config"]["scale_polls"] and sc["streams"] >= res["config"]["scale_streams"]
-    assert sc["rss_mb"] > 0 and sc["threads"] > res["config"]["scale_polls"]
+    assert [lv["waiting"] for lv in sc["levels"]] == res["config"]["scale_levels"]
+    for lv in sc["levels"]:
+        assert lv["long_polls"] + lv["streams"] >= lv["waiting"] and lv["streams"] >= lv["waiting"] // 6, lv
+        assert lv["rss_mb"] > 0 and lv["threads"] > 0 and lv["relay_rps"] > 0 and lv["relay_rps_none_waiting"] > 0
+        assert lv["delivery_to_one_more"]["samples"] == res["config"]["scale_latency_samples"]
+        assert lv["after_they_left"]["rss_mb"] > 0 and lv["sqlite_while_held"]["us_per_send_shaped_commit"] > 0
     assert sc["relay_rps"] > 0 and sc["vs_item1"] > 0
 
     # item 4: both history sizes were stored and read through the relay
@@ -66,6 +74,13 @@ def test_quick_benchmark_runs_every_item(tmp_path):
     assert ib["large"]["messages"] >= res["config"]["inbox_sizes"][1]
     for key in ("new_message", "nothing_new", "history_first_page"):
         assert ib["small"][key]["p50_ms"] > 0 and ib["large"][key]["p50_ms"] > 0 and ib["ratio_" + key] > 0
+
+    # item 8: every size was stored and read through the relay, for both agents
+    hs = res["history"]
+    assert [c["messages"] >= n for c, n in zip(hs["sizes"], res["config"]["history_sizes"])] == [True] * 3
+    for c in hs["sizes"]:
+        assert c["reader"]["p50_ms"] > 0 and c["channel_only"]["p50_ms"] > 0 and c["reader"]["page"] > 0
+    assert hs["ratio_reader"] > 0 and hs["ratio_channel_only"] > 0
 
     # item 5 and 6
     assert res["idle"]["waiters"] == res["config"]["idle_waiters"] and res["idle"]["cpu_percent_of_core"] >= 0
@@ -86,6 +101,13 @@ def test_quick_benchmark_runs_every_item(tmp_path):
             assert lh[kind][case]["samples"] == res["config"][runs] and lh[kind][case]["p50_ms"] > 0, (kind, case)
         assert lh[kind]["leases"]["ratio"] > 0 and "added_ms" in lh[kind]["empty"]
     assert lh["leases_in_scope"] == res["config"]["hook_leases"]
+    # item 9: both sizes stored, searched with FTS5 and with the scan, the index built by the migration
+    for size in res["config"]["search_sizes"]:
+        cell = res["search"][str(size)]
+        assert cell["messages"] == size and cell["index_build_s"] >= 0
+        for engine in ("fts5", "like"):
+            assert cell[engine]["samples"] > 0 and 0 < cell[engine]["p50_ms"] <= cell[engine]["p99_ms"], (size, engine)
+            assert all(q["results"] >= 0 for q in cell[engine]["queries"].values())
 
     assert len(res["targets"]) == TARGETS
     for t in res["targets"]:

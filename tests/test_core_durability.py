@@ -108,8 +108,8 @@ def test_state_after_a_clean_restart_matches_too(relay):
 
 
 def test_a_database_from_the_previous_schema_is_migrated_and_keeps_everything(relay):
-    """A database written at schema 2 (created_at indexes, a full thread index) is moved to schema 3 in place
-    on start: every row stays, threads, inboxes, stats and retention's age lookups work as before."""
+    """A database written at schema 2 (created_at indexes, a full thread index) is moved to the current schema in
+    place on start: every row stays, threads, inboxes, stats and retention's age lookups work as before."""
     import sqlite3
 
     s = build_state(relay)
@@ -118,21 +118,27 @@ def test_a_database_from_the_previous_schema_is_migrated_and_keeps_everything(re
     relay.stop()
     con = sqlite3.connect(relay.db_path)
     with con:  # put the schema back as version 2 left it
+        for name, kind in con.execute("SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'table') "
+                                      "AND name IN ('messages_fts', 'tasks_fts') OR name LIKE '%_fts_%' AND type = 'trigger'").fetchall():
+            con.execute("DROP %s %s" % (kind.upper(), name))  # the search index (version 6)
+        con.execute("ALTER TABLE messages DROP COLUMN recipients")  # version 5
         con.execute("DROP INDEX messages_thread")
         con.execute("CREATE INDEX messages_thread ON messages(thread_id, id)")
         con.execute("CREATE INDEX messages_created ON messages(created_at)")
         con.execute("CREATE INDEX events_created ON events(created_at)")
         con.execute("DROP TABLE leases")  # schema 4 made it
         con.execute("PRAGMA user_version = 2")
-    rows = {t: con.execute("SELECT * FROM %s ORDER BY 1, 2" % t).fetchall() for t in ("messages", "events", "receipts", "agents")}
+    columns = {t: [r[1] for r in con.execute("PRAGMA table_info(%s)" % t)] for t in ("messages", "events", "receipts", "agents")}
+    rows = {t: con.execute("SELECT * FROM %s ORDER BY 1, 2" % t).fetchall() for t in columns}
     con.close()
     relay.start()
-    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 4  # on through schema 4 (leases)
+    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 6  # on through leases (4), recipients (5), search (6)
     indexes = {r["name"]: r["sql"] for r in relay.sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     assert "messages_created" not in indexes and "events_created" not in indexes
     assert "WHERE thread_id IS NOT NULL" in indexes["messages_thread"]
     for table, kept in rows.items():
-        assert [tuple(r.values()) for r in relay.sql("SELECT * FROM %s ORDER BY 1, 2" % table)] == kept, table
+        cols = ", ".join(columns[table])
+        assert [tuple(r.values()) for r in relay.sql("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table))] == kept, table
     assert ids(relay.inbox("dev")) == [s["m"][3], s["fan"], s["work"], s["open"], root]
     thread = relay.get("/api/messages/%d/thread" % reply).json
     assert [m["id"] for m in thread["messages"]] == [root, reply]

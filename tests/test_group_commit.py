@@ -85,7 +85,8 @@ def make_relay(tmp_path):
 
 def write(t, body):
     # messages are added only through Tx.insert, which hands out their ids
-    t.insert("messages", agent_relay.Messages.MESSAGE_COLUMNS, ("a", "b", None, body, "chat", None, 0, None, None, None, "{}", "{}", 0))
+    t.insert("messages", agent_relay.Messages.MESSAGE_COLUMNS,
+             ("a", "b", None, body, "chat", None, 0, None, None, None, "{}", "{}", 0, None))  # recipients: None (direct)
     return body
 
 

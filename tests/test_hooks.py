@@ -184,6 +184,42 @@ def test_stop_continues_a_bounded_number_of_times(relay, henv):
     assert out is None
 
 
+def test_the_next_prompt_tells_a_session_about_its_messages_held_for_a_person_and_what_a_person_decided(relay, henv):
+    hook(henv, "claude", "session-start", "session_start")
+    relay.register("gate", approvalMode="guarded")
+    relay.register("open-peer")
+    # what the session's model sends with the CLI: the command's own output says held at once
+    env = dict(henv, AGENT_RELAY_AGENT_ID=CLAUDE_ID)
+    r = run_cli(env, "send", "--to", "gate", "deploy the hotfix please")
+    first = relay.sql("SELECT MAX(id) AS n FROM messages")[0]["n"]
+    assert "held: your message [msg:%d] to gate is held for approval by a person" % first in r.stdout
+    relay.send(CLAUDE_ID, "open-peer", "fyi")  # not held: nothing to tell
+    out, _ = hook(henv, "claude", "prompt-submit", "user_prompt_submit")
+    text = out["hookSpecificOutput"]["additionalContext"]
+    assert text == ("Agent Relay: your message [msg:%d] to gate is held for approval by a person; it reaches gate only "
+                    "once approved." % first)
+    out, _ = hook(henv, "claude", "prompt-submit", "user_prompt_submit")
+    assert out is None  # told once
+    second = relay.send(CLAUDE_ID, "gate", "and rotate the keys")["id"]
+    assert relay.post("/api/messages/%d/approve" % first, {}).status == 200
+    out, _ = hook(henv, "claude", "prompt-submit", "user_prompt_submit")
+    assert out["hookSpecificOutput"]["additionalContext"].splitlines() == [
+        "Agent Relay: your message [msg:%d] to gate is held for approval by a person; it reaches gate only once approved."
+        % second,
+        "Agent Relay: a person approved your message [msg:%d] to gate; it reaches gate now." % first]
+    assert relay.post("/api/messages/%d/reject" % second, {}).status == 200
+    out, _ = hook(henv, "claude", "prompt-submit", "user_prompt_submit")
+    assert out["hookSpecificOutput"]["additionalContext"] == (
+        "Agent Relay: a person rejected your message [msg:%d] to gate; it will not reach gate." % second)
+    out, _ = hook(henv, "claude", "prompt-submit", "user_prompt_submit")
+    assert out is None
+    # Codex sessions get the same
+    hook(henv, "codex", "session-start", "session_start")
+    third = relay.send(CODEX_ID, "gate", "from codex")["id"]
+    out, _ = hook(henv, "codex", "prompt-submit", "user_prompt_submit")
+    assert "your message [msg:%d] to gate is held for approval by a person" % third in out["hookSpecificOutput"]["additionalContext"]
+
+
 def test_codex_hooks(relay, henv):
     env = dict(henv, AGENT_RELAY_TAGS="codex,backend", AGENT_RELAY_APPROVAL="read-only")
     out, _ = hook(env, "codex", "session-start", "session_start")

@@ -560,10 +560,11 @@ def test_a_database_written_before_leases_is_migrated_and_keeps_everything(relay
     con.close()
     assert "leases" not in tables
     relay = relay_factory(db_path=db, env={"STALE_TTL_MS": str(10 ** 14)})  # its agents' lastSeen is old: keep them online
-    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 4
+    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 6  # on through leases (4) and what came after
     for t, rows in before.items():
-        if t != "events":
-            assert [tuple(r.values()) for r in relay.sql("SELECT * FROM %s ORDER BY 1, 2" % t)] == rows, t
+        if t != "events":  # later steps may add columns (messages.recipients): the old ones hold what they held
+            width = len(rows[0]) if rows else 0
+            assert [tuple(r.values())[:width] for r in relay.sql("SELECT * FROM %s ORDER BY 1, 2" % t)] == rows, t
     events = relay.sql("SELECT * FROM events ORDER BY id")
     assert [tuple(r.values()) for r in events[:len(before["events"])]] == before["events"]
     # what it held still works, and its agents take leases in their project

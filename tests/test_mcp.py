@@ -22,7 +22,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 TOOLS = {"whoami", "send", "reply", "inbox", "read", "claim", "release", "agents", "thread", "tasks", "update_task",
-         "lease", "unlease"}
+         "search", "lease", "unlease"}
 
 
 def stdio_env(relay, agent_id, **more):
@@ -119,7 +119,8 @@ def test_initialize_and_tool_schemas(relay, transport):
                              "send": (False, False, False), "reply": (False, False, False), "inbox": (False, False, False),
                              "read": (False, False, False), "claim": (False, False, False), "release": (False, False, False),
                              "whoami": (False, None, False), "update_task": (False, None, False),
-                             "lease": (False, False, False), "unlease": (False, None, False)}, hints
+                             "lease": (False, False, False), "unlease": (False, None, False),
+                             "search": (True, None, False)}, hints
             me, text = await s.call("whoami")
             assert not me.is_error and me.structured_content["id"] == "schema-" + transport
             assert text.startswith("you are agent schema-" + transport)
@@ -553,3 +554,24 @@ def test_lease_and_unlease_through_mcp(relay, transport):
     assert relay.get("/api/leases", query={"agentId": agent}).json["leases"] == []
     relay.register("other", project="shop")
     assert relay.post("/api/leases", {"agentId": "other", "paths": ["docs/"], "scope": "shop"}).status == 201
+
+
+def test_search_through_mcp_finds_only_what_the_agent_may_see(relay):
+    relay.register("finder")
+    relay.register("g", approvalMode="guarded")
+    relay.register("peer")
+    relay.send("peer", "finder", "the flaky refund rounding test fails again")
+    relay.send("peer", "g", "refund rounding secret for g")  # held for g: never found by g
+
+    async def go():
+        async with Session(relay, "http", "finder") as s:
+            result, text = await s.call("search", q="refund rounding")
+            assert not result.is_error, text
+            bodies = [r["message"]["body"] for r in result.structured_content["results"]]
+            assert bodies == ["the flaky refund rounding test fails again"], bodies
+            assert "[msg:" in text and "rounding" in text
+        async with Session(relay, "http", "g") as s:
+            result, text = await s.call("search", q="secret")
+            assert not result.is_error and result.structured_content["results"] == [], text
+
+    run(go)

@@ -22,7 +22,8 @@ import pytest
 from conftest import need, wait_for
 from realcli import (RELAY_PY, PLUGIN_DIR, ClaudeHome, Tmux, agent, agents_by_host, cli_ready,
                      describe_proc, print_timing, process_tree_has, processes_with, replies_to)
-from scripted_model import Text, ToolCall, act_then_reply, relay_message_ids, relay_reply_policy
+from scripted_model import (AGENT_IN_INTRO, Text, ToolCall, act_then_reply, relay_message_ids, relay_reply_policy,
+                            shell_call)
 
 PACKAGE = "@anthropic-ai/claude-code"
 # Only the reply command may run without a prompt (claude -p refuses every other Bash command).
@@ -199,6 +200,51 @@ def test_an_edit_of_a_file_another_agent_leased_is_refused_naming_the_holder(cla
         assert content == "retries = 3\n", (results, describe_proc(p))
         seen = [r.model_request.all_text() for r in model.model_requests("anthropic")]
         assert any(line in t and "AGENT_RELAY_LEASES=warn" in t for t in seen), model.describe()
+
+
+def test_a_message_held_for_approval_is_told_to_the_session_that_sent_it(claude_ready, relay, proxy, model_factory, tmp_path):
+    """The model sends to a guarded agent with the relay CLI through its Bash tool: the command's own output tells
+    it the message is held for a person's approval. The next prompt's context (UserPromptSubmit) says so again,
+    and after a person approves, the prompt after that says it was approved."""
+    relay.register("gate", approvalMode="guarded")
+    state = {}
+
+    def policy(req):
+        found = AGENT_IN_INTRO.findall(req.all_text())
+        if found and "sent" not in state and "Bash" in req.tools:
+            state["sent"] = found[-1]
+            return shell_call(req, "python3 %s send --from %s --to gate %s"
+                              % (shlex.quote(RELAY_PY), shlex.quote(found[-1]), shlex.quote("deploy the hotfix please")))
+        return Text("ok")
+
+    model = model_factory(policy)
+    home = ClaudeHome(tmp_path, model.url, relay.url, proxy)
+    session = str(uuid.uuid4())
+    allow = "Bash(python3 %s send *)" % RELAY_PY
+    first = home.claude("-p", "ask gate to deploy the hotfix", "--session-id", session, "--plugin-dir", PLUGIN_DIR,
+                        "--allowedTools", allow)
+    assert first.returncode == 0, describe_proc(first)
+    assert "sent" in state, model.describe()
+    held = relay.get("/api/messages?held=true").json["messages"]
+    assert [(m["from"], m["to"], m["heldFor"]) for m in held] == [(state["sent"], "gate", ["gate"])], held
+    mid = held[0]["id"]
+    told = "your message [msg:%d] to gate is held for approval by a person" % mid
+    results = [t for r in model.model_requests("anthropic") for t in r.model_request.tool_results()]
+    assert any("held: " + told in t for t in results), (results, model.describe())
+
+    before = len(model.model_requests("anthropic"))
+    second = home.claude("-p", "anything new?", "--resume", session, "--plugin-dir", PLUGIN_DIR, "--allowedTools", allow)
+    assert second.returncode == 0, describe_proc(second)
+    later = model.model_requests("anthropic")[before:]
+    assert any("Agent Relay: " + told in r.model_request.all_text() for r in later), model.describe()
+
+    assert relay.post("/api/messages/%d/approve" % mid, {}).status == 200
+    before = len(model.model_requests("anthropic"))
+    third = home.claude("-p", "and now?", "--resume", session, "--plugin-dir", PLUGIN_DIR, "--allowedTools", allow)
+    assert third.returncode == 0, describe_proc(third)
+    later = model.model_requests("anthropic")[before:]
+    assert any("a person approved your message [msg:%d] to gate" % mid in r.model_request.all_text() for r in later), \
+        model.describe()
 
 
 # Claude Code 2.1.332 starts plugin monitors with these set too (and with no cachedGrowthBookFeatures in

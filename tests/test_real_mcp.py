@@ -40,7 +40,8 @@ from realcli import (RELAY_PY, ClaudeHome, Tmux, cli_ready, codex_bin, describe_
 from scripted_model import Text, ToolCall
 
 INSTRUCTIONS = "Agent Relay connects you with other coding agents."
-TOOLS = {"whoami", "send", "reply", "inbox", "read", "claim", "release", "agents", "thread", "tasks", "update_task"}
+TOOLS = {"whoami", "send", "reply", "inbox", "read", "claim", "release", "agents", "thread", "tasks", "update_task",
+         "search", "lease", "unlease"}
 REPLY_TEXT = "pong over mcp"
 # A peer's message in an inbox result, as the relay's line or as the structured JSON (which is all Claude Code
 # hands its model of a successful result: the structuredContent, not the text blocks)
