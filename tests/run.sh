@@ -3,10 +3,11 @@
 #
 # On a fresh Debian machine it installs what the tests need (Python packages
 # from tests/requirements.txt; Debian's chromium, shellcheck and systemd when running
-# as root or under CI), checks that agent_relay.py stays Python 3.8 compatible
-# (vermin), then runs pytest. Already-installed things are skipped, so a second
-# run starts testing within a few seconds. Exits with pytest's exit code; the
-# last line of output is pytest's summary line.
+# as root or under CI; the npm packages pinned in tests/cli and clients/typescript),
+# checks that agent_relay.py stays Python 3.8 compatible (vermin), then runs
+# pytest. Already-installed things are skipped, so a second run starts testing
+# within a few seconds. Exits with pytest's exit code; the last line of output
+# is pytest's summary line.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -152,6 +153,37 @@ elif cli_stale; then
     done
 else
     say "real CLIs already installed in tests/cli"
+fi
+
+# --- the TypeScript client's compiler (npm, pinned in clients/typescript) --------
+# tests/test_typescript_client.py compiles clients/typescript with the typescript that its package-lock.json
+# pins; `npm ci` runs when node_modules is missing or holds other versions than the lock file.
+TS_DIR=$ROOT/clients/typescript
+ts_stale() {
+    "$PYTHON" - "$TS_DIR" <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+for path, meta in json.load(open(os.path.join(d, "package-lock.json")))["packages"].items():
+    if not path or meta.get("optional"):
+        continue
+    try:
+        have = json.load(open(os.path.join(d, path, "package.json"))).get("version")
+    except (OSError, ValueError):
+        have = None
+    if have != meta.get("version"):
+        sys.exit(0)
+sys.exit(1)
+EOF
+}
+if ! command -v npm >/dev/null 2>&1; then
+    say "npm is not available: the TypeScript client's tests will be skipped"
+elif ts_stale; then
+    say "installing the TypeScript client's compiler (npm ci in clients/typescript)..."
+    (cd "$TS_DIR" && npm ci --no-audit --no-fund >"$LOG_DIR/agent-relay-npm-ci-ts.log" 2>&1) \
+        || { tail -n 30 "$LOG_DIR/agent-relay-npm-ci-ts.log" >&2; die "npm ci in clients/typescript failed"; }
+    ts_stale && die "npm ci in clients/typescript did not install what its package-lock.json pins (see $LOG_DIR/agent-relay-npm-ci-ts.log)"
+else
+    say "the TypeScript client's compiler is already installed in clients/typescript"
 fi
 
 # --- static check: agent_relay.py must run on Python 3.8 -----------------------
