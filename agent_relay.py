@@ -5925,7 +5925,9 @@ class EventStream:
             h.send_head(200, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                               "X-Accel-Buffering": "no", "Connection": "close"})
             h.close_connection = True
-            h.wfile.write(b"retry: 2000\n: connected\n\n")
+            # the cursor it starts from, as an id without data: a client that drops before the first event resumes
+            # from here (an SSE client takes the id as its Last-Event-ID, and dispatches no event for it)
+            h.wfile.write(b"retry: 2000\nid: %d\n: connected\n\n" % self.since)
             if self.agent_id:
                 relay.agents.touch(self.agent_id)
             h.ping_every = relay.config.sse_ping_ms / 1000.0
@@ -12033,9 +12035,9 @@ class McpStdioServer:
                         break
                     line = line.decode("utf-8", "replace").rstrip("\r\n")
                     if line == "":
+                        if isinstance(ev_id, int):
+                            last = ev_id  # an id without data too: the cursor the stream starts from
                         if data:
-                            if isinstance(ev_id, int):
-                                last = ev_id
                             self.session.relay_event(ev_type, loads_or("\n".join(data), None))
                         ev_id, ev_type, data = None, "message", []
                     elif not line.startswith(":"):

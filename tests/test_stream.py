@@ -310,6 +310,26 @@ def test_the_api_reference_lists_every_event_type():
     assert not missing, "docs/api.md's event table lacks %r" % missing
 
 
+def test_a_stream_without_a_cursor_states_where_it_starts_so_a_client_that_drops_at_once_misses_nothing(relay_factory):
+    relay = relay_factory()
+    relay.register("a")
+    relay.register("b")
+    s = Stream(relay)
+    first = s.block()  # the preamble: an id without data, which an SSE client keeps as its Last-Event-ID
+    assert "event" not in first and "data" not in first, first
+    start = first["id"]
+    assert start == stored(relay)[-1][0]  # the newest event when it opened
+    s.vanish()  # gone before any event came
+    relay.send("a", "b", "sent while nobody listened")
+    again = Stream(relay, headers={"Last-Event-ID": str(start)})
+    try:
+        got = again.until_event("message.created")
+        assert [e["data"]["message"]["body"] for e in got if e["event"] == "message.created"] == ["sent while nobody listened"]
+        assert all(e["id"] > start for e in got)
+    finally:
+        again.close()
+
+
 def test_reconnect_with_last_event_id_gets_exactly_what_it_missed_also_after_a_restart(relay_factory):
     relay = relay_factory(env=FAST_PING)
     relay.register("a")
