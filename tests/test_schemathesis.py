@@ -39,6 +39,10 @@ EXCLUDED = [
     ('include-operation-id = "inbox"\nparameters = { "query.wait" = 0 }',
      "The inbox's wait is fixed to 0: a long-poll with a generated wait of up to 60 s waits that long when no message "
      "comes, as the contract says, which only slows the run. Refused waits (-1, 61, x) are in tests/test_core_errors.py."),
+    ('include-operation-id = "wait_message"\nparameters = { "query.timeout" = 0 }',
+     "The message wait's timeout is fixed to 0, as the inbox's wait is: a generated timeout of up to 60 s waits that "
+     "long for a delivery that no generated request makes. Waits that end by a delivery, a read or a reply, and "
+     "refused timeouts, are in tests/test_delivery_truth.py."),
     ('include-operation-id = "mcp_post"\nchecks.positive_data_acceptance.enabled = false\n'
      'checks.negative_data_rejection.enabled = false',
      "POST /api/mcp speaks JSON-RPC in MCP's terms, which an HTTP status does not follow: a well-formed message is "
