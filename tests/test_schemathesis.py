@@ -43,6 +43,16 @@ EXCLUDED = [
      "The message wait's timeout is fixed to 0, as the inbox's wait is: a generated timeout of up to 60 s waits that "
      "long for a delivery that no generated request makes. Waits that end by a delivery, a read or a reply, and "
      "refused timeouts, are in tests/test_delivery_truth.py."),
+    ('include-operation-id = ["acquire_lease", "list_leases"]\nphases.coverage.enabled = false',
+     "A lease path's pattern states lease_pattern's whole rule with lookarounds (no .. segment, ** only as a whole "
+     "segment, nothing absolute), which schemathesis' generator can only meet by generating and filtering: its "
+     "coverage phase spends minutes per lease operation for a handful of cases. The fuzzing and stateful phases "
+     "still send these operations generated paths, and tests/test_leases.py holds the pattern to lease_pattern and "
+     "checks each refused path's 400."),
+    ('include-operation-id = "search"\nchecks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404"]',
+     "A search's q holds at most 16 distinct words and phrases (API.md), counted after its quotes and stars are read: "
+     "a rule of the query language, which no pattern of the spec states; more is 400 invalid_field naming q, as "
+     "tests/test_search.py checks."),
     ('include-operation-id = "mcp_post"\nchecks.positive_data_acceptance.enabled = false\n'
      'checks.negative_data_rejection.enabled = false',
      "POST /api/mcp speaks JSON-RPC in MCP's terms, which an HTTP status does not follow: a well-formed message is "
@@ -77,7 +87,9 @@ def schemathesis_cmd():
 def run(relay, tmp_path, token=None, max_examples=MAX_EXAMPLES):
     cmd = schemathesis_cmd()
     need(cmd is not None, "schemathesis is not installed (bash tests/run.sh installs tests/requirements.txt)")
-    head = ["[checks]\nenabled = true  # every check schemathesis has",
+    # filter_too_much: the lease path's pattern (above) makes the generator discard most of what it draws for those
+    # bodies; that is a health check of the generator, not of the relay, and every check still runs on what it sends
+    head = ['suppress-health-check = ["filter_too_much"]', "[checks]\nenabled = true  # every check schemathesis has",
             '[auth.openapi.integrationToken]\nbearer = "%s"' % INTEG_TOKEN]
     if token:
         head.append('[auth.openapi.bearerToken]\nbearer = "%s"' % token)

@@ -5533,7 +5533,8 @@ ROUTES = [
           acting=_acts_as("agentId (the query's, else the body's)") + " Without one it is a person's act (the admin "
                  "token, with agent keys on)."),
     Route("GET", "/api/search", "search", "Search message subjects and bodies and task titles and bodies, best first.",
-          query={"q": Str(500, required=True, rule="is required: the words to search for (words, \"a phrase\", prefix*)",
+          query={"q": Str(500, required=True, pattern=r"[^\W_]", rule="has no word to search for (letters or digits); for "
+                          "example: deploy, \"disk full\" or migrat*",
                           desc="Words (all must match), \"a phrase\", prefix*."),
                  "agent": Str(200, desc="Sent by or visible to this agent."), "from": Str(200), "to": Str(200),
                  "channel": Str(200), "since": Int(desc="Created at or after (ms since the epoch)."),
@@ -5595,8 +5596,8 @@ def _operation(route, token_set, names):
         for name, field in fields.items():
             schema = _param_schema(field, where)
             p = {"name": name, "in": where, "required": where == "path" or field.required, "schema": schema}
-            if where == "query":
-                p["allowEmptyValue"] = True  # ?limit= is the same as no limit
+            if where == "query" and not field.required:
+                p["allowEmptyValue"] = True  # ?limit= is the same as no limit (and a required one's empty is missing)
             if schema.get("description"):
                 p["description"] = schema.pop("description")
             if schema.get("type") == "boolean":
