@@ -1105,109 +1105,368 @@ MAX_INT = 2 ** 63 - 1
 MAX_TEXT = 64 * 1024
 
 
-class Fields:
-    """Typed access to a JSON request body; every problem names its field."""
+class Problem(Exception):
+    """A value that does not fit its schema: where (the field's name, dotted inside objects) and what is wrong."""
 
-    def __init__(self, data, where="body"):
-        if not isinstance(data, dict):
-            raise ApiError(400, "invalid_json", "The request body must be a JSON object, not %s." % type(data).__name__)
-        self.data = data
+    def __init__(self, where, problem):
+        Exception.__init__(self, problem)
+        self.where = where
+        self.problem = problem
 
-    def has(self, name):
-        return name in self.data
-
-    def string(self, name, required=False, max_len=256, empty=False, default=None):
-        v = self.data.get(name)
-        if v is None:
-            if required:
-                raise invalid(name, "is required (a string)")
-            return default
-        if not isinstance(v, str):
-            raise invalid(name, "must be a string")
-        if not empty and not v.strip():
-            raise invalid(name, "must not be empty")
-        if len(v) > max_len:
-            raise invalid(name, "is longer than %d characters" % max_len)
-        return v
-
-    def integer(self, name, required=False, lo=0, hi=MAX_INT, default=None):
-        v = self.data.get(name)
-        if v is None:
-            if required:
-                raise invalid(name, "is required (a whole number)")
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise invalid(name, "must be a whole number")
-        if v < lo or v > hi:
-            raise invalid(name, "must be between %d and %d" % (lo, hi))
-        return v
-
-    def boolean(self, name, default=None):
-        v = self.data.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise invalid(name, "must be true or false")
-        return v
-
-    def obj(self, name, default=None, max_bytes=64 * 1024):
-        v = self.data.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, dict):
-            raise invalid(name, "must be a JSON object")
-        if len(dumps(v)) > max_bytes:
-            raise invalid(name, "is larger than %d bytes" % max_bytes)
-        return v
-
-    def str_list(self, name, default=None, max_items=64, max_len=64, pattern=None):
-        v = self.data.get(name)
-        if v is None:
-            return default
-        if isinstance(v, str):  # "a,b" is accepted for convenience
-            v = [p.strip() for p in v.split(",") if p.strip()]
-        if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
-            raise invalid(name, "must be a list of non-empty strings")
-        if len(v) > max_items:
-            raise invalid(name, "has more than %d items" % max_items)
-        out = []
-        for s in v:
-            s = s.strip()
-            if len(s) > max_len:
-                raise invalid(name, "item %r is longer than %d characters" % (s[:20], max_len))
-            if pattern and not pattern.match(s):
-                raise invalid(name, "item %r may hold only letters, digits and . _ : @ -" % s)
-            if s not in out:
-                out.append(s)
-        return out
-
-    def choice(self, name, choices, default=None):
-        v = self.data.get(name)
-        if v is None:
-            return default
-        if v not in choices:
-            raise invalid(name, "must be one of %s" % ", ".join(choices))
-        return v
-
-    def any_json(self, name, default=None, max_bytes=64 * 1024):
-        if name not in self.data or self.data[name] is None:
-            return default
-        v = self.data[name]
-        if len(dumps(v)) > max_bytes:
-            raise invalid(name, "is larger than %d bytes" % max_bytes)
-        return v
+    def error(self):
+        return invalid(self.where or "body", self.problem)
 
 
-WORD_RE = re.compile(r"^[A-Za-z0-9._:@/-]{1,64}$")
+# The JSON Schema keywords the checker applies; a schema with any other (except x- extensions and the annotations)
+# is refused when it is compiled, so that nothing a declaration states can go unchecked.
+SCHEMA_KEYWORDS = frozenset(("type", "enum", "const", "minLength", "maxLength", "pattern", "minimum", "maximum",
+                             "minItems", "maxItems", "items", "properties", "required", "additionalProperties",
+                             "anyOf", "oneOf", "if", "then", "else", "$ref", "x-maxJsonBytes", "x-messages"))
+SCHEMA_ANNOTATIONS = frozenset(("description", "title", "default", "examples", "deprecated", "readOnly", "writeOnly",
+                                "$comment", "format"))
+_TYPE_WORDS = {"string": "a string", "integer": "a whole number", "number": "a number", "boolean": "true or false",
+               "object": "a JSON object", "array": "a list", "null": "null"}
 
 
-def check_agent_id(agent_id, field="id"):
-    if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id):
-        raise invalid(field, "an agent id is 1-128 letters, digits or . _ : @ - and starts with a letter or digit")
-    low = agent_id.lower()
-    if low == "broadcast" or low.startswith(FANOUT_PREFIXES):
-        raise invalid(field, "an agent id may not be 'broadcast' nor start with tag:, cap: or label:")
-    return agent_id
+def json_type(value):
+    """The JSON Schema type of a decoded JSON value ('integer' for 2.0 too, as JSON Schema counts it)."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "integer" if value == int(value) else "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "unknown"
+
+
+def type_word(schema):
+    """'a string' for {"type": "string"} (or ["string", "null"]): how a problem names what was expected."""
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else [t for t in (types or ()) if t != "null"]
+    return " or ".join(_TYPE_WORDS[t] for t in types) if types else "a value"
+
+
+_JSON_CLASSES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,),
+                 "array": (list,)}
+
+
+def _is_type(value, t):
+    kind = json_type(value)
+    return kind == t or (t == "number" and kind == "integer")
+
+
+class SchemaChecker:
+    """Compiles a JSON Schema (the subset in SCHEMA_KEYWORDS; `$ref`s to #/components/schemas/ resolved in
+    `components`) into a function check(value, where) that returns the value (a whole number sent as 2.0 comes back
+    as 2; the objects it checks are changed in place) or raises Problem naming the field. Compiled once, when the
+    route table is built: checking a request is then plain Python calls, no schema walk."""
+
+    def __init__(self, components=None):
+        self.components = components or {}
+        self.compiled = {}
+
+    def compile(self, schema):
+        if not isinstance(schema, dict):
+            raise ValueError("a schema is a JSON object, not %r" % (schema,))
+        ref = schema.get("$ref")
+        if ref is not None:
+            return self._ref(ref)
+        unknown = [k for k in schema if k not in SCHEMA_KEYWORDS and k not in SCHEMA_ANNOTATIONS and not k.startswith("x-")]
+        if unknown:
+            raise ValueError("the schema checker does not apply %s (in %r)" % (", ".join(unknown), schema))
+        messages = schema.get("x-messages") or {}
+        steps = []
+        types = schema.get("type")
+        types = None if types is None else [types] if isinstance(types, str) else list(types)
+        text = types is not None and [t for t in types if t != "null"] == ["string"]
+        if text and not any(k in schema for k in ("enum", "const", "anyOf", "oneOf", "if", "x-maxJsonBytes")):
+            return self._text(schema, "null" in types, messages)  # the commonest field, in one step
+        if types is not None:
+            steps.append(self._type(schema, types, messages))
+        if "enum" in schema or "const" in schema:
+            steps.append(self._enum(schema, messages))
+        if any(k in schema for k in ("minLength", "maxLength", "pattern")):
+            steps.append(self._string(schema, messages))
+        if "minimum" in schema or "maximum" in schema:
+            steps.append(self._number(schema, messages))
+        if any(k in schema for k in ("items", "minItems", "maxItems")):
+            steps.append(self._array(schema, messages))
+        if any(k in schema for k in ("properties", "required", "additionalProperties")):
+            steps.append(self._object(schema, messages))
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                steps.append(self._any_of(schema[key], messages.get(key + "Message"), messages.get("at")))
+        if "if" in schema:
+            steps.append(self._if(schema))
+        if "x-maxJsonBytes" in schema:
+            steps.append(self._json_bytes(schema["x-maxJsonBytes"], messages))
+        return self._chain(steps)
+
+    @staticmethod
+    def _chain(steps):
+        if not steps:
+            return lambda value, where: value
+        if len(steps) == 1:
+            return steps[0]
+
+        def check(value, where):
+            for step in steps:
+                value = step(value, where)
+            return value
+
+        return check
+
+    def _ref(self, ref):
+        prefix = "#/components/schemas/"
+        if not ref.startswith(prefix) or ref[len(prefix):] not in self.components:
+            raise ValueError("unknown $ref %r" % ref)
+        name = ref[len(prefix):]
+        if name not in self.compiled:
+            self.compiled[name] = None  # a schema that refers to itself finds this entry filled by the time it runs
+            self.compiled[name] = self.compile(self.components[name])
+        compiled = self.compiled
+
+        def check(value, where):
+            return compiled[name](value, where)
+
+        return check
+
+    @staticmethod
+    def _type(schema, types, messages):
+        nullable = "null" in types
+        wanted = [t for t in types if t != "null"]
+        whole = "integer" in wanted
+        problem = messages.get("typeMessage") or "must be %s" % type_word(schema)
+        exact = frozenset(c for t in wanted for c in _JSON_CLASSES[t])  # what json decodes each type to
+
+        def check(value, where):
+            if type(value) in exact:
+                return value
+            if value is None:
+                if nullable:
+                    return None
+                raise Problem(where, problem)
+            for t in wanted:
+                if _is_type(value, t):
+                    if whole and t == "integer" and isinstance(value, float):
+                        return int(value)
+                    return value
+            raise Problem(where, problem)
+
+        return check
+
+    @staticmethod
+    def _enum(schema, messages):
+        allowed = list(schema["enum"]) if "enum" in schema else [schema["const"]]
+        keys = {(json_type(v), v) for v in allowed if not isinstance(v, (dict, list))}
+        shown = [v for v in allowed if v is not None]
+        problem = messages.get("enumMessage") or messages.get("constMessage") or "must be one of %s" % ", ".join(
+            v if isinstance(v, str) else json.dumps(v) for v in shown)
+
+        def check(value, where):
+            if isinstance(value, (dict, list)) or (json_type(value), value) not in keys:
+                raise Problem(where, problem)
+            return value
+
+        return check
+
+    @staticmethod
+    def _text(schema, nullable, messages):
+        """A string field: its type, length and pattern in one step."""
+        lo, hi, pattern = schema.get("minLength") or 0, schema.get("maxLength"), schema.get("pattern")
+        search = re.compile(pattern).search if pattern is not None else None
+        not_text = messages.get("typeMessage") or "must be a string"
+        short = messages.get("minLengthMessage") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
+        long = messages.get("maxLengthMessage") or "is longer than %s characters" % hi
+        unlike = messages.get("patternMessage") or "does not match %s" % pattern
+
+        def check(value, where):
+            if type(value) is not str:
+                if value is None and nullable:
+                    return None
+                if not isinstance(value, str):
+                    raise Problem(where, not_text)
+            n = len(value)
+            if n < lo:
+                raise Problem(where, short)
+            if hi is not None and n > hi:
+                raise Problem(where, long)
+            if search is not None and search(value) is None:
+                raise Problem(where, unlike)
+            return value
+
+        return check
+
+    @staticmethod
+    def _string(schema, messages):
+        lo, hi, pattern = schema.get("minLength"), schema.get("maxLength"), schema.get("pattern")
+        regex = re.compile(pattern) if pattern is not None else None
+        short = messages.get("minLengthMessage") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
+        long = messages.get("maxLengthMessage") or "is longer than %s characters" % hi
+        unlike = messages.get("patternMessage") or "does not match %s" % pattern
+
+        def check(value, where):
+            if isinstance(value, str):
+                if lo is not None and len(value) < lo:
+                    raise Problem(where, short)
+                if hi is not None and len(value) > hi:
+                    raise Problem(where, long)
+                if regex is not None and not regex.search(value):
+                    raise Problem(where, unlike)
+            return value
+
+        return check
+
+    @staticmethod
+    def _number(schema, messages):
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if lo is not None and hi is not None:
+            problem = "must be between %s and %s" % (lo, hi)
+        else:
+            problem = "must be at least %s" % lo if lo is not None else "must be at most %s" % hi
+        problem = messages.get("minimumMessage") or messages.get("maximumMessage") or problem
+
+        def check(value, where):
+            if isinstance(value, (int, float)) and value is not True and value is not False:
+                if (lo is not None and value < lo) or (hi is not None and value > hi):
+                    raise Problem(where, problem)
+            return value
+
+        return check
+
+    def _array(self, schema, messages):
+        lo, hi = schema.get("minItems"), schema.get("maxItems")
+        item = self.compile(schema["items"]) if "items" in schema else None
+        few = messages.get("minItemsMessage") or ("must not be empty" if lo == 1 else "has fewer than %s items" % lo)
+        many = messages.get("maxItemsMessage") or "has more than %s items" % hi
+
+        def check(value, where):
+            if isinstance(value, list):
+                if lo is not None and len(value) < lo:
+                    raise Problem(where, few)
+                if hi is not None and len(value) > hi:
+                    raise Problem(where, many)
+                if item is not None:
+                    for i, v in enumerate(value):
+                        try:
+                            nv = item(v, where)
+                        except Problem as e:
+                            if e.where != where:
+                                raise
+                            shown = repr(v[:20]) if isinstance(v, str) else json.dumps(v)[:40]
+                            raise Problem(where, "item %s %s" % (shown, e.problem))
+                        if nv is not v:
+                            value[i] = nv
+            return value
+
+        return check
+
+    def _object(self, schema, messages):
+        required = list(schema.get("required") or ())
+        props = []
+        for name, sub in (schema.get("properties") or {}).items():
+            missing = messages.get("requiredMessage") or ("is required (%s)" % type_word(sub) if sub.get("type") else "is required")
+            props.append((name, self.compile(sub), name in required, missing))
+        others = [n for n in required if n not in (schema.get("properties") or {})]
+        extra = schema.get("additionalProperties", True)
+        known = frozenset(schema.get("properties") or ())
+        extra_check = self.compile(extra) if isinstance(extra, dict) else None
+
+        def check(value, where):
+            if not isinstance(value, dict):
+                return value
+            for name, sub, needed, missing in props:
+                v = value.get(name)
+                at = name if not where else where + "." + name
+                if v is None:
+                    if needed:
+                        raise Problem(at, missing)
+                    if name not in value:
+                        continue
+                nv = sub(v, at)
+                if nv is not v:
+                    value[name] = nv
+            for name in others:
+                if name not in value:
+                    raise Problem(name if not where else where + "." + name, "is required")
+            if extra is not True:
+                for name in value:
+                    if name not in known:
+                        at = name if not where else where + "." + name
+                        if extra_check is None:
+                            raise Problem(at, "is not a field here")
+                        nv = extra_check(value[name], at)
+                        if nv is not value[name]:
+                            value[name] = nv
+            return value
+
+        return check
+
+    def _any_of(self, branches, message, at=None):
+        compiled = [(self.compile(b), [t for t in ([b["type"]] if isinstance(b.get("type"), str) else b.get("type") or ())])
+                    for b in branches]
+        words = " or ".join(type_word(b) for b in branches)
+
+        def check(value, where):
+            kind = json_type(value)
+            first = None
+            for sub, types in compiled:
+                try:
+                    return sub(value, where)
+                except Problem as e:
+                    if first is None and (not types or kind in types or (kind == "integer" and "number" in types)):
+                        first = e
+            if first is not None and message is None:
+                raise first
+            raise Problem(at or where, message or "must be %s" % words)
+
+        return check
+
+    def _if(self, schema):
+        test = self.compile(schema["if"])
+        then = self.compile(schema["then"]) if "then" in schema else None
+        other = self.compile(schema["else"]) if "else" in schema else None
+
+        def check(value, where):
+            try:
+                test(value, where)
+            except Problem:
+                return other(value, where) if other is not None else value
+            return then(value, where) if then is not None else value
+
+        return check
+
+    @staticmethod
+    def _json_bytes(limit, messages):
+        problem = messages.get("x-maxJsonBytesMessage") or "is larger than %d bytes" % limit
+
+        def check(value, where):
+            if isinstance(value, (dict, list, str)) and len(dumps(value)) > limit:
+                raise Problem(where, problem)
+            return value
+
+        return check
+
+
+def names(value):
+    """A Names field (a list, or one string separated by commas) as the list it stands for: spaces around each name
+    dropped, and repeats; None stays None."""
+    if value is None:
+        return None
+    out = []
+    for s in value.split(",") if isinstance(value, str) else value:
+        s = s.strip()
+        if s and s not in out:
+            out.append(s)
+    return out
 
 
 def derive_agent_id(machine, rig, project, seed):
@@ -1215,7 +1474,8 @@ def derive_agent_id(machine, rig, project, seed):
     digest = hashlib.sha1(seed.encode("utf-8")).hexdigest()[:8]
     parts = [p if p else "unknown" for p in (machine, rig, project)] + [digest]
     raw = "-".join(parts).lower()
-    return re.sub(r"[^a-z0-9._-]+", "-", raw).strip("-")[:128]
+    # an id starts with a letter or digit (AGENT_ID_RE): a machine named ".x" gives "x-..."
+    return re.sub(r"[^a-z0-9._-]+", "-", raw).strip("-").lstrip("._-")[:128]
 
 
 def parse_target(to, field="to"):
@@ -1393,11 +1653,11 @@ def lease_pattern(text, field="paths"):
     segment) matches any number of segments, none included."""
     if not isinstance(text, str):
         raise invalid(field, "each path must be a string, such as \"src/api/\" or \"README.md\"")
+    if len(text) > LEASE_MAX_PATH:  # as sent, spaces around it too (as POST /api/leases declares it)
+        raise invalid(field, "%r... is longer than %d characters" % (text.strip()[:40], LEASE_MAX_PATH))
     p = text.strip()
     if not p:
         raise invalid(field, "a path must not be empty")
-    if len(p) > LEASE_MAX_PATH:
-        raise invalid(field, "%r... is longer than %d characters" % (p[:40], LEASE_MAX_PATH))
     if "\x00" in p:
         raise invalid(field, "%r holds a NUL character" % p[:80])
     if any(ord(c) < 32 or ord(c) == 127 for c in p):
@@ -2325,42 +2585,33 @@ class AgentDirectory:
         return new
 
     def register(self, body, auth):
-        f = Fields(body)
-        agent_id = f.string("id", max_len=128)
-        session = f.string("session", max_len=512)
-        instance_id = f.string("instanceId", max_len=128)
-        machine = f.string("machine", max_len=64)
-        rig = f.string("rig", max_len=64)
-        project = f.string("project", max_len=128)
-        if agent_id is None:
-            seed = session or instance_id
-            if not seed:
-                raise invalid("id", "give an id, or a session or instanceId to derive one from")
-            agent_id = derive_agent_id(machine or "", rig or "", project or "", seed)
-        check_agent_id(agent_id)
+        """`body` as POST /api/agents declares it (checked there)."""
+        agent_id = body.get("id")
+        instance_id = body.get("instanceId")
+        machine, rig, project = body.get("machine"), body.get("rig"), body.get("project")
+        if agent_id is None:  # derived from the session, or else the instance (the body has one of the three)
+            agent_id = derive_agent_id(machine or "", rig or "", project or "", body.get("session") or instance_id)
         if agent_id in SYSTEM_AGENTS:
             raise ApiError(403, "forbidden", "%r is a built-in agent and cannot be registered." % agent_id)
-        meta = f.obj("meta")
-        mode = f.choice("approvalMode", APPROVAL_MODES)
-        if mode is None and meta and "approvalMode" in meta:
-            mode = Fields(meta).choice("approvalMode", APPROVAL_MODES)
+        meta = body.get("meta")
+        mode = body.get("approvalMode")
+        if mode is None and meta:
+            mode = meta.get("approvalMode")
         fields = {
-            "name": f.string("name", max_len=128),
-            "label": f.string("label", max_len=64),
+            "name": body.get("name"),
+            "label": body.get("label"),
             "machine": machine,
             "rig": rig,
             "project": project,
-            "tags": f.str_list("tags", pattern=WORD_RE),
-            "capabilities": f.str_list("capabilities", pattern=WORD_RE),
-            "channels": f.str_list("channels", pattern=WORD_RE),
-            "status": f.choice("status", ("online", "idle", "busy")),
-            "ready": f.boolean("ready"),
+            "tags": names(body.get("tags")),
+            "capabilities": names(body.get("capabilities")),
+            "channels": names(body.get("channels")),
+            "status": body.get("status"),
+            "ready": body.get("ready"),
             "approvalMode": mode,
             "instanceId": instance_id,
             "meta": meta,
         }
-        if fields["channels"] == []:
-            raise invalid("channels", "needs at least one channel (use [\"all\"] to see every fan-out)")
         fields = {k: v for k, v in fields.items() if v is not None}
         key = None
         with self.writer.tx() as t:
@@ -2417,25 +2668,22 @@ class AgentDirectory:
     def patch_agent(self, agent_id, body, auth):
         agent = self.get_agent(agent_id)
         auth.act_as(agent, person_may=True)
-        f = Fields(body)
-        self.check_fence(agent, f.string("instanceId", max_len=128), f.integer("epoch"))
+        self.check_fence(agent, body.get("instanceId"), body.get("epoch"))
         changes = {}
-        if f.has("label"):
-            changes["label"] = f.string("label", max_len=64)
+        if "label" in body:
+            changes["label"] = body["label"]
         for name in ("tags", "capabilities", "channels"):
-            if f.has(name):
-                changes[name] = f.str_list(name, default=[], pattern=WORD_RE)
-        if "channels" in changes and not changes["channels"]:
-            raise invalid("channels", "needs at least one channel (use [\"all\"] to see every fan-out)")
-        status = f.choice("status", ("online", "idle", "busy"))
+            if name in body:
+                changes[name] = names(body[name]) or []
+        status = body.get("status")
         if status:
             changes["status"] = status
             changes["offlineSince"] = None
-        ready = f.boolean("ready")
+        ready = body.get("ready")
         if ready is not None:
             changes["ready"] = ready
-        meta = f.obj("meta")
-        mode = f.choice("approvalMode", APPROVAL_MODES)
+        meta = body.get("meta")
+        mode = body.get("approvalMode")
         if meta is not None:
             merged = dict(agent["meta"])
             for k, v in meta.items():
@@ -2444,8 +2692,8 @@ class AgentDirectory:
                 else:
                     merged[k] = v
             changes["meta"] = merged
-            if mode is None and "approvalMode" in meta and meta["approvalMode"] is not None:
-                mode = Fields(meta).choice("approvalMode", APPROVAL_MODES)
+            if mode is None:
+                mode = meta.get("approvalMode")
         if mode:
             auth.change_mode(agent, mode)
             changes["approvalMode"] = mode
@@ -2465,9 +2713,8 @@ class AgentDirectory:
     def heartbeat(self, agent_id, body, auth):
         agent = self.get_agent(agent_id)
         auth.act_as(agent)
-        f = Fields(body)
-        self.check_fence(agent, f.string("instanceId", max_len=128), f.integer("epoch"))
-        status = f.choice("status", ("online", "idle", "busy"))
+        self.check_fence(agent, body.get("instanceId"), body.get("epoch"))
+        status = body.get("status")
         self.touch(agent_id)  # lastSeen, and an offline agent comes back online
         agent = self.get_agent(agent_id)
         if status and status != agent["status"]:
@@ -2646,23 +2893,16 @@ class Messages:
     # -- sending -----------------------------------------------------------
     def send(self, body, auth, then=None):
         """Returns (message answer, created); with `then`, may return DEFERRED and answer then(outcome) later
-        (Writer.group_tx)."""
-        f = Fields(body)
-        sender = f.string("from", required=True, max_len=128)
-        to = f.string("to", required=True, max_len=200)
-        text = f.string("body", required=True, max_len=self.config.max_body_bytes)
-        subject = f.string("subject", max_len=1024, empty=True)
-        kind = f.string("kind", max_len=32, default="chat")
-        if not WORD_RE.match(kind):
-            raise invalid("kind", "may hold only letters, digits and . _ : @ / -")
-        channel = f.string("channel", max_len=64)
-        if channel is not None and not WORD_RE.match(channel):
-            raise invalid("channel", "may hold only letters, digits and . _ : @ / -")
-        claimable = f.boolean("claimable", default=False)
-        reply_to = f.integer("replyTo", lo=1)
-        idem = f.string("idempotencyKey", max_len=256)
-        payload = f.obj("payload", default={})
-        meta = f.obj("meta", default={})
+        (Writer.group_tx). `body` as POST /api/messages declares it (checked there)."""
+        sender, to, text = body["from"], body["to"], body["body"]
+        subject = body.get("subject")
+        kind = body.get("kind") or "chat"
+        channel = body.get("channel")
+        claimable = bool(body.get("claimable"))
+        reply_to = body.get("replyTo")
+        idem = body.get("idempotencyKey")
+        payload = body.get("payload") or {}
+        meta = body.get("meta") or {}
         target_kind, _ = parse_target(to)
         agent = self.agents.find(sender)
         if agent is None:
@@ -2995,8 +3235,7 @@ class Messages:
         return {"cursor": self.db.query_one("SELECT COALESCE(MAX(id), 0) FROM messages")[0]}
 
     def mark_read(self, message_id, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(body["agentId"])
         auth.act_as(agent)
         ts = now_ms()
         with self.writer.tx() as t:
@@ -3018,7 +3257,7 @@ class Messages:
     def mark_read_upto(self, agent_id, body, auth):
         agent = self.agents.get_agent(agent_id)
         auth.act_as(agent)
-        up_to = Fields(body).integer("upTo", required=True)
+        up_to = body["upTo"]
         vis, params = self._visibility_sql(agent)
         ts = now_ms()
         with self.writer.tx() as t:
@@ -3086,7 +3325,7 @@ class Messages:
 
     def decide(self, message_id, body, approve, auth):
         auth.person()
-        agent_id = Fields(body).string("agentId", max_len=128)
+        agent_id = body.get("agentId")
         state = "approved" if approve else "rejected"
         with self.writer.tx() as t:
             row = self.get_message_row(t.c, message_id)
@@ -3229,8 +3468,8 @@ class Tasks:
         return task
 
     def create_task(self, body, auth):
-        f = Fields(body)
-        sender = f.string("from", max_len=128)
+        """`body` as POST /api/tasks declares it (checked there)."""
+        sender = body.get("from")
         if sender is not None:
             agent = self.agents.get_agent(sender)
             auth.act_as(agent)
@@ -3239,35 +3478,30 @@ class Tasks:
         else:
             auth.person()
         source = ("agent:" + sender) if sender else "api"
-        out = self._create_or_count(f, source, None, sender or "system")
+        out = self._create_or_count(body, source, None, sender or "system")
         if sender is not None:
             self.agents.touch(sender)
         return out
 
-    def _task_fields(self, f, target=None, channel=None):
-        title = f.string("title", required=True, max_len=1024)
-        target = target or f.string("target", required=True, max_len=200)
+    def _task_fields(self, body, target=None, channel=None):
+        """A task's fields from a checked body; an integration's target and channel (its own) come as arguments."""
+        target = target or body["target"]
         kind, _ = parse_target(target, "target")
         if kind == "agent" and not self.agents.knows(target):
             raise unknown_agent(target)
-        if channel is None:
-            channel = f.string("channel", max_len=64)
-        if channel is not None and not WORD_RE.match(channel):
-            raise invalid("channel", "may hold only letters, digits and . _ : @ / -")
-        severity = f.string("severity", max_len=32)
         return {
-            "title": title,
-            "body": f.string("body", max_len=self.config.max_body_bytes, empty=True),
+            "title": body["title"],
+            "body": body.get("body"),
             "target": target,
-            "channel": channel,
-            "severity": severity,
-            "dedupeKey": f.string("dedupeKey", max_len=256),
-            "externalUrl": f.string("externalUrl", max_len=2048),
-            "metadata": f.obj("metadata", default={}),
+            "channel": body.get("channel") if channel is None else channel,
+            "severity": body.get("severity"),
+            "dedupeKey": body.get("dedupeKey"),
+            "externalUrl": body.get("externalUrl"),
+            "metadata": body.get("metadata") or {},
         }
 
-    def _create_or_count(self, f, source, integration, actor, fields=None):
-        fields = fields or self._task_fields(f)
+    def _create_or_count(self, body, source, integration, actor, fields=None):
+        fields = fields or self._task_fields(body)
         with self.writer.tx() as t:
             if fields["dedupeKey"] is not None:
                 row = t.execute("SELECT * FROM tasks WHERE source = ? AND dedupe_key = ? AND status IN ('open','claimed','blocked')",
@@ -3322,14 +3556,11 @@ class Tasks:
         return {"task": task, "events": self.task_events(task_id)}
 
     def update_task(self, task_id, body, auth):
-        f = Fields(body)
-        actor_id = f.string("agentId", max_len=128)
-        status = f.choice("status", TASK_STATUSES)
-        has_progress, has_result = f.has("progress"), f.has("result")
-        progress = f.any_json("progress", max_bytes=16 * 1024)
-        result = f.any_json("result", max_bytes=self.config.max_body_bytes)
-        if status is None and not has_progress and not has_result:
-            raise invalid("status", "send at least one of status, progress or result")
+        """`body` as PATCH /api/tasks/{id}/status declares it (checked there: at least one of status, progress, result)."""
+        actor_id = body.get("agentId")
+        status = body.get("status")
+        has_progress, has_result = "progress" in body, "result" in body
+        progress, result = body.get("progress"), body.get("result")
         agent = None
         if actor_id is not None:
             agent = self.agents.get_agent(actor_id)
@@ -3438,22 +3669,18 @@ class Tasks:
         self.rate_check(integ)
         if "tasks:create" not in integ["scopes"]:
             raise ApiError(403, "scope", "Integration %s lacks the scope tasks:create." % integ["name"])
-        f = Fields(body)
-        target = f.string("target", max_len=200) or integ["targets"][0]
+        target = body.get("target") or integ["targets"][0]
         if target not in integ["targets"]:
             raise ApiError(403, "scope", "Integration %s may not target %r (allowed: %s)." % (integ["name"], target, ", ".join(integ["targets"])))
-        channel = f.string("channel", max_len=64)
+        channel = body.get("channel")
         if channel is None:
             channel = integ["channels"][0] if integ["channels"] else None
         elif channel not in integ["channels"]:
             raise ApiError(403, "scope", "Integration %s may not use channel %r (allowed: %s)."
                            % (integ["name"], channel, ", ".join(integ["channels"]) or "none"))
-        status = f.choice("status", ("firing", "resolved"), default="firing")
-        f.string("dedupeKey", required=True, max_len=256)
         source = "integration:" + integ["name"]
-        if status == "resolved":
-            key = f.string("dedupeKey", required=True, max_len=256)
-            f.string("title", max_len=1024)
+        if body.get("status") == "resolved":
+            key = body["dedupeKey"]
             with self.writer.tx() as t:
                 row = t.execute("SELECT * FROM tasks WHERE source = ? AND dedupe_key = ? AND status IN ('open','claimed','blocked')",
                                 (source, key)).fetchone()
@@ -3465,8 +3692,8 @@ class Tasks:
                 self._task_event(t, row["id"], "resolved", source, {"from": row["status"], "to": "done"})
                 task = self._task_changed(t, row["id"], "task.status")
             return {"task": task}, 200
-        fields = self._task_fields(f, target=target, channel=channel)
-        task, created = self._create_or_count(f, source, integ["name"], source, fields=fields)
+        fields = self._task_fields(body, target=target, channel=channel)
+        task, created = self._create_or_count(body, source, integ["name"], source, fields=fields)
         return {"task": task, "created": created}, (201 if created else 200)
 
 
@@ -3491,10 +3718,9 @@ class Claims:
         self.tasks = tasks
 
     def claim_message(self, message_id, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(body["agentId"])
         auth.act_as(agent)
-        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
+        instance_id, epoch = body.get("instanceId"), body.get("epoch")
         with self.writer.tx() as t:
             agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.messages.get_message_row(t.c, message_id)
@@ -3521,7 +3747,7 @@ class Claims:
         return {"message": message_from_row(row)}
 
     def release_message(self, message_id, body, auth):
-        agent = self.agents.get_agent(Fields(body).string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(body["agentId"])
         auth.act_as(agent)
         with self.writer.tx() as t:
             row = self.messages.get_message_row(t.c, message_id)
@@ -3541,10 +3767,9 @@ class Claims:
         return {"message": message_from_row(row)}
 
     def claim_task(self, task_id, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
+        agent = self.agents.get_agent(body["agentId"])
         auth.act_as(agent)
-        instance_id, epoch = f.string("instanceId", max_len=128), f.integer("epoch")
+        instance_id, epoch = body.get("instanceId"), body.get("epoch")
         with self.writer.tx() as t:
             agent = self._claimer(t, agent["id"], instance_id, epoch)
             row = self.tasks.get_task_row(t.c, task_id)
@@ -3692,13 +3917,13 @@ class Leases:
 
     # -- taking, listing, renewing, releasing ------------------------------
     def acquire(self, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
-        paths = lease_patterns(f.data.get("paths"))
-        scope = lease_scope(f.string("scope", max_len=128))
-        reason = f.string("reason", max_len=1000)
-        ttl = f.integer("ttlMs", lo=LEASE_TTL_MIN_MS, hi=LEASE_TTL_MAX_MS, default=LEASE_TTL_DEFAULT_MS)
-        exclusive = f.boolean("exclusive", default=True)
+        """`body` as POST /api/leases declares it (checked there); its paths are normalised here."""
+        agent = self.agents.get_agent(body["agentId"])
+        paths = lease_patterns(body["paths"])
+        scope = body.get("scope")
+        reason = body.get("reason")
+        ttl = body.get("ttlMs") or LEASE_TTL_DEFAULT_MS
+        exclusive = body.get("exclusive") is not False
         auth.act_as(agent)
         with self._write() as (t, staged):
             holder = self._holder(t, agent["id"])
@@ -3752,9 +3977,8 @@ class Leases:
         return {"leases": out}
 
     def renew(self, lease_id, body, auth):
-        f = Fields(body)
-        agent = self.agents.get_agent(f.string("agentId", required=True, max_len=128))
-        ttl = f.integer("ttlMs", lo=LEASE_TTL_MIN_MS, hi=LEASE_TTL_MAX_MS)
+        agent = self.agents.get_agent(body["agentId"])
+        ttl = body.get("ttlMs")
         auth.act_as(agent)
         with self._write() as (t, staged):
             row = self._live_row(t, lease_id)
@@ -4530,102 +4754,819 @@ class Auth:
             self.person()
 
 
+# -- what a request may carry: fields, declared once per route ----------------------------------------------------
+# A field is a JSON Schema (a dict), which /api/spec shows and the schema checker applies as it stands. A route
+# declares its path, query and header parameters and its body's properties with the kinds below; converting a
+# route declared with the older shorthand is one for one: (S,) -> Str(), (S, True) -> Str(required=True),
+# (I,) -> Int(), (B,) -> Bool(), (O,) -> Obj(), (A,) -> Names(), (L,) -> Json(), each with its bounds.
+
+class Field(dict):
+    """One field of a request: its JSON Schema (the dict), whether it must be sent, and, for a path parameter,
+    the 404 that a value which cannot name anything gets (`missing(raw)`)."""
+
+    def __init__(self, schema, required=False, missing=None):
+        dict.__init__(self, schema)
+        self.required = required
+        self.missing = missing
+
+
+NONBLANK = r"\S"  # a string that is not only spaces
+NAME_CHARS = "[A-Za-z0-9._:@/-]"
+NAME_TEXT = NAME_CHARS + "{1,64}"  # a tag, capability, channel or kind
+NAME_RULE = "may hold only letters, digits and . _ : @ / - (1 to 64 of them)"
+AGENT_ID_RULE = "an agent id is 1-128 letters, digits or . _ : @ - and starts with a letter or digit"
+# an id that may be registered: AGENT_ID_RE, and not 'broadcast' nor tag:, cap:, label: (any case) in front
+AGENT_ID_NEW = (r"^(?![Bb][Rr][Oo][Aa][Dd][Cc][Aa][Ss][Tt]$|[Tt][Aa][Gg]:|[Cc][Aa][Pp]:|[Ll][Aa][Bb][Ee][Ll]:)"
+                r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+# a message's `to`, a task's `target` (parse_target): broadcast, tag:X, cap:X, label:X (X 1-64 characters of any
+# kind), or an agent id that does not start with one of those prefixes
+TARGET = r"^(?:broadcast|(?:tag|cap|label):[\s\S]{1,64}|(?!tag:|cap:|label:)[A-Za-z0-9][A-Za-z0-9._:@-]{0,127})$"
+TARGET_RULE = "is not an agent id, tag:X, cap:X, label:X (X 1-64 characters) or broadcast"
+
+
+def _field(schema, required, desc, default, messages=None, nullable=True):
+    if messages:
+        schema["x-messages"] = messages
+    if desc:
+        schema["description"] = desc
+    if default is not None:
+        schema["default"] = default
+    if not required and nullable:  # an optional field may be sent as null, which counts as not sent
+        if "type" in schema:
+            schema["type"] = [schema["type"], "null"]
+            if "enum" in schema:
+                schema["enum"] = schema["enum"] + [None]
+        elif "anyOf" in schema:
+            schema["anyOf"] = schema["anyOf"] + [{"type": "null"}]
+    return Field(schema, required)
+
+
+BY_REQUEST_SIZE = "AGENT_RELAY_MAX_BODY_BYTES: the whole request is at most that many bytes (else 413)"
+
+
+def Str(max_len=256, required=False, blank=False, pattern=None, rule=None, enum=None, desc=None, default=None,
+        nullable=True):
+    """A string of at most max_len characters (None: as long as the request may be), not only spaces unless
+    `blank`; one that matches `pattern` (`rule` says how to a person), or one of `enum`."""
+    if enum is not None:
+        return _field({"type": "string", "enum": list(enum)}, required, desc, default, nullable=nullable)
+    schema = {"type": "string", "maxLength": max_len} if max_len is not None else {"type": "string",
+                                                                                  "x-boundedBy": BY_REQUEST_SIZE}
+    if not blank:
+        schema["minLength"] = 1
+    if pattern is None and not blank:
+        pattern, rule = NONBLANK, rule or "must not be empty"
+    if pattern is not None:
+        schema["pattern"] = pattern
+    return _field(schema, required, desc, default, {"patternMessage": rule} if rule else None, nullable)
+
+
+def Int(lo=0, hi=MAX_INT, required=False, default=None, desc=None, rule=None):
+    """A whole number from lo to hi."""
+    return _field({"type": "integer", "minimum": lo, "maximum": hi}, required, desc, default, {"typeMessage": rule} if rule else None)
+
+
+def Bool(required=False, default=None, desc=None):
+    return _field({"type": "boolean"}, required, desc, default)
+
+
+def Obj(max_bytes=64 * 1024, props=None, desc=None):
+    """A JSON object of the client's own (its keys unchecked but for `props`), at most max_bytes as JSON."""
+    schema = {"type": "object", "x-maxJsonBytes": max_bytes}
+    if props:
+        schema["properties"] = props
+    return _field(schema, False, desc, None)
+
+
+def Json(max_bytes=None, desc=None):
+    """Any JSON value (null too), at most max_bytes as JSON (None: as large as the request may be)."""
+    schema = {"x-maxJsonBytes": max_bytes} if max_bytes else {"x-boundedBy": BY_REQUEST_SIZE}
+    if desc:
+        schema["description"] = desc
+    return Field(schema)
+
+
+def Names(max_items=64, at_least_one=False, desc=None, nullable=True):
+    """Names (tags, capabilities, channels): a list of 1-64 letters, digits or . _ : @ / - each, or, for
+    convenience, one string of them separated by commas. Spaces around a name are dropped, and so are repeats."""
+    piece = r"\s*(?:%s\s*)?" % NAME_TEXT
+    text = {"type": "string", "maxLength": max_items * 80, "pattern": r"^%s(?:,%s){0,%d}$" % (piece, piece, max_items - 1),
+            "x-messages": {"patternMessage": "must be a list of names, or one string of them separated by commas: each "
+                                      + NAME_RULE}}
+    listed = {"type": "array", "maxItems": max_items,
+              "items": {"type": "string", "maxLength": 80, "pattern": r"^\s*%s\s*$" % NAME_TEXT,
+                        "x-messages": {"patternMessage": NAME_RULE}}}
+    if at_least_one:  # a name somewhere in the string; one item in the list
+        text["pattern"] = "^(?=[^%s]*%s)" % (NAME_CHARS[1:-1], NAME_CHARS) + text["pattern"][1:]
+        text["x-messages"]["patternMessage"] += ", and at least one of them"
+        listed["minItems"] = 1
+        listed["x-messages"] = {"minItemsMessage": 'needs at least one channel (use ["all"] to see every fan-out)'}
+    schema = {"anyOf": [listed, text], "x-messages": {"anyOfMessage": "must be a list of non-empty strings (names)"}}
+    return _field(schema, False, desc, None, nullable=nullable)
+
+
+def PathId(what):
+    """A message's or task's id in the path: a value that cannot be one names nothing (404)."""
+    return Field({"type": "integer", "minimum": 1, "maximum": MAX_INT, "description": "The %s's id." % what.lower()},
+                 True, missing=lambda raw: not_found("%s %r" % (what, raw)))
+
+
+AGENT_IN_PATH = Field({"type": "string", "maxLength": 128, "pattern": AGENT_ID_RE.pattern,
+                       "description": "The agent's id (percent-encoded)."},
+                      True, missing=unknown_agent)
+MESSAGE_IN_PATH = {"id": PathId("Message")}
+TASK_IN_PATH = {"id": PathId("Task")}
+AGENT_PATH = {"id": AGENT_IN_PATH}
+
+AGENT_ID_REQUIRED = Str(128, required=True, desc="The agent that acts.")
+INSTANCE_ID = Str(128, desc="The agent's running instance; when it is not the registered one: 409 superseded.")
+EPOCH = Int(desc="The agent's epoch; when it is not the current one: 409 superseded.")
+CHANNEL = Str(64, pattern="^%s$" % NAME_TEXT, rule=NAME_RULE, desc="The channel of a fan-out message.")
+APPROVAL_MODE = Str(enum=APPROVAL_MODES, desc="open, guarded (another agent's messages wait for a person) or read-only.")
+CARD_STATUS = Str(enum=("online", "idle", "busy"), desc="online, idle or busy (offline is the relay's to set).")
+AGENT_META = Obj(props={"approvalMode": dict(APPROVAL_MODE)},
+                 desc="The client's own data; meta.approvalMode is taken as approvalMode when that is not sent.")
+LIMIT = Int(1, 500, default=100, desc="At most this many.")
+CLAIM_BODY = {"agentId": AGENT_ID_REQUIRED, "instanceId": INSTANCE_ID, "epoch": EPOCH}
+LEASE_IN_PATH = {"id": PathId("Lease")}
+
+
+def _lease_path_pattern():
+    """lease_pattern's rule as a pattern, for a text of at most LEASE_MAX_PATH characters: spaces around it dropped,
+    not starting with / nor ~/ (nor ~ alone), segments separated by / (empty ones and . dropped) of up to
+    LEASE_MAX_SEGMENT characters that are not .. and hold no control character nor \\, ** only as a whole segment,
+    and 1 to LEASE_MAX_DEPTH of them. (tests/test_leases.py keeps the two in step.)"""
+    end = r"(?=/|\s*$)"
+    real = r"(?!\.\.?(?:/|\s*$))(?:[^/\\\x00-\x1f\x7f*]|\*(?!\*)){1,%d}%s" % (LEASE_MAX_SEGMENT, end)
+    seg = r"(?:\*\*%s|%s)" % (end, real)
+    dot = r"\.(?:/+|(?=\s*$))"
+    body = r"(?:%s)*(?:%s(?:/+(?:%s)*)?){1,%d}" % (dot, seg, dot, LEASE_MAX_DEPTH)
+    return r"^\s*(?=\S)(?!/|~(?:/|\s*$))%s(?<=\S)\s*$" % body
+
+
+LEASE_PATH = {"type": "string", "maxLength": LEASE_MAX_PATH, "pattern": _lease_path_pattern(),
+              "x-messages": {"patternMessage": "is not a repository-relative path or pattern: no / or ~/ in front, no .. "
+                                        "segment, no control character nor \\, ** only as a whole segment"}}
+LEASE_SCOPE_QUERY = r"^[^\x00-\x1f\x7f]*$"
+LEASE_SCOPE = r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]*$"
+
+
+S, I, B, O, A, L = "string", "integer", "boolean", "object", "array", "any"  # the older shorthand's types
+
+
+def _legacy(spec):
+    """A field declared with the older shorthand: a type (and, in a body, whether it is required)."""
+    kind, required = (spec, False) if isinstance(spec, str) else (spec[0], len(spec) > 1 and bool(spec[1]))
+    if kind == "string":
+        return Str(required=required)
+    if kind == "integer":
+        return Int(required=required)
+    if kind == "boolean":
+        return Bool(required=required)
+    if kind == "object":
+        return Obj()
+    if kind == "array":
+        return Names()
+    return Json()
+
+
+# -- what a route answers: the shapes of the resources, and of each answer -------------------------------------------
+
+def _ref(name):
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _shape(props, optional=(), desc=None):
+    """An object with exactly these properties, all there but the `optional` ones."""
+    out = {"type": "object", "properties": props, "required": [k for k in props if k not in optional],
+           "additionalProperties": False}
+    if desc:
+        out["description"] = desc
+    return out
+
+
+def _list(item):
+    return {"type": "array", "items": item}
+
+
+def _nullable(schema):
+    out = dict(schema)
+    out["type"] = [schema["type"], "null"]
+    return out
+
+
+_INT = {"type": "integer"}
+_COUNT = {"type": "integer", "minimum": 0}
+_ID = {"type": "integer", "minimum": 1}
+_MS = {"type": "integer", "description": "Epoch milliseconds."}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_TRUE = {"type": "boolean", "const": True}
+_OBJ = {"type": "object"}
+_STRS = _list(_STR)
+
+
+RESOURCE_SCHEMAS = {
+    "Agent": _shape({
+        "id": _STR, "name": _STR, "label": _nullable(_STR), "machine": _nullable(_STR), "rig": _nullable(_STR),
+        "project": _nullable(_STR), "tags": _STRS, "capabilities": _STRS, "channels": _STRS,
+        "status": {"type": "string", "enum": list(STATUSES)}, "ready": _BOOL,
+        "approvalMode": {"type": "string", "enum": list(APPROVAL_MODES)}, "instanceId": _nullable(_STR),
+        "epoch": _COUNT, "meta": _OBJ, "listening": dict(_BOOL, description="It holds an open long-poll, stream or MCP session now."),
+        "lastSeen": _MS, "createdAt": _MS, "system": dict(_BOOL, description="A built-in agent (human, system)."),
+        "agentKey": dict(_STR, description="Only in the answer to the registration that made it (agent keys on): "
+                                           "keep it, it is not shown again."),
+    }, optional=("agentKey",), desc="An agent's card."),
+    "Message": _shape({
+        "id": _ID, "from": _STR, "to": _STR, "subject": _nullable(_STR), "body": _STR, "kind": _STR,
+        "channel": _nullable(_STR), "claimable": _BOOL, "claimedBy": _nullable(_STR), "claimedAt": _nullable(_MS),
+        "replyTo": _nullable(_ID), "threadId": _ID, "idempotencyKey": _nullable(_STR), "payload": _OBJ, "meta": _OBJ,
+        "createdAt": _MS,
+        "read": dict(_BOOL, description="In an inbox only: whether this agent marked it read."),
+        "heldFor": dict(_STRS, description="In history with held=true only: the agents it waits for a person's approval for."),
+    }, optional=("read", "heldFor")),
+    "Receipt": _shape({"agentId": _STR, "state": {"type": "string", "enum": ["held", "approved", "rejected", "delivered", "read"]},
+                       "deliveredAt": _nullable(_MS), "readAt": _nullable(_MS)}),
+    "Task": _shape({
+        "id": _ID, "title": _STR, "body": _nullable(_STR), "status": {"type": "string", "enum": list(TASK_STATUSES)},
+        "target": _STR, "channel": _nullable(_STR), "severity": _nullable(_STR), "dedupeKey": _nullable(_STR),
+        "source": dict(_STR, description="api, agent:<id> or integration:<name>: a dedupeKey is scoped to it."),
+        "externalUrl": _nullable(_STR), "metadata": _OBJ, "claimedBy": _nullable(_STR), "claimedAt": _nullable(_MS),
+        "progress": {"description": "What the last status update reported (any JSON), or null."},
+        "result": {"description": "The outcome reported (any JSON), or null."},
+        "occurrenceCount": _ID, "firstSeenAt": _MS, "lastSeenAt": _MS, "createdAt": _MS, "updatedAt": _MS,
+        "messageId": _nullable(_ID),
+    }),
+    "TaskEvent": _shape({"id": _ID, "taskId": _ID, "type": {"type": "string", "enum": [
+        "created", "occurrence", "claimed", "released", "status", "progress", "resolved"]}, "actor": _STR, "data": _OBJ,
+        "createdAt": _MS}),
+    "Callback": _shape({"id": _ID, "taskId": _ID, "integration": _STR,
+                        "event": {"type": "string", "enum": ["task.created", "task.claimed", "task.status"]},
+                        "status": {"type": "string", "enum": ["pending", "delivered", "failed"]}, "attempts": _COUNT,
+                        "nextAttemptAt": _nullable(_MS), "lastError": _nullable(_STR), "createdAt": _MS,
+                        "deliveredAt": _nullable(_MS)}),
+    "Lease": _shape({"id": _ID, "agentId": _STR, "scope": _STR, "paths": _STRS, "reason": _nullable(_STR),
+                     "exclusive": _BOOL, "createdAt": _MS, "expiresAt": _MS, "releasedAt": _nullable(_MS)},
+                    desc="An advisory lease: an agent says it is editing these paths of a working copy (its scope)."),
+    "Error": _shape({"error": _shape({
+        "code": {"type": "string", "pattern": "^[a-z_]+$"},
+        "message": {"type": "string", "minLength": 1, "description": "A sentence a person can act on."},
+        "field": dict(_STR, description="invalid_field: the field at fault."),
+        "claimedBy": dict(_nullable(_STR), description="already_claimed, not_owner: who holds the work."),
+        "epoch": dict(_COUNT, description="superseded: the agent's current epoch."),
+        "heldBy": dict(_STR, description="not_owner of a lease: its holder."),
+        "conflicts": dict(_list(_shape({"leaseId": _ID, "agentId": _STR, "path": _STR, "requested": _STR, "expiresAt": _MS})),
+                          description="lease_conflict: each lease in the way, the holder's pattern and the caller's."),
+    }, optional=("field", "claimedBy", "epoch", "heldBy", "conflicts"))}, desc="Every error, in the relay's envelope."),
+}
+
+
+def _event(type_, data, desc):
+    return _shape({"id": dict(_ID, description="The event's id: the stream's cursor (Last-Event-ID)."),
+                   "event": {"type": "string", "const": type_}, "data": data}, desc=desc)
+
+
+_AGENT_DATA = _shape({"agent": _ref("Agent")})
+_MESSAGE_DATA = _shape({"message": _ref("Message")})
+_MESSAGE_FOR = _shape({"message": _ref("Message"), "agentId": _STR})
+# type -> (the data it carries, when it happens); GET /api/events sends each as `id:`, `event:` (the type) and
+# `data:` (the data as JSON)
+STREAM_EVENTS = collections.OrderedDict([
+    ("agent.registered", (_AGENT_DATA, "An agent registered for the first time.")),
+    ("agent.updated", (_AGENT_DATA, "An agent's card changed: it registered again, was edited, or its status moved.")),
+    ("agent.offline", (_AGENT_DATA, "An agent's session ended, or it was silent for STALE_TTL_MS; its claims went back.")),
+    ("agent.removed", (_AGENT_DATA, "An agent was purged, or pruned after OFFLINE_PRUNE_MS offline.")),
+    ("message.created", (_MESSAGE_DATA, "A message was sent; to the agents it reaches (not those it is held for) and its sender.")),
+    ("message.held", (_MESSAGE_FOR, "A message waits for a person's approval before it reaches the guarded agent agentId; to its sender.")),
+    ("message.approved", (_MESSAGE_FOR, "A person approved a held message for agentId.")),
+    ("message.rejected", (_MESSAGE_FOR, "A person rejected a held message for agentId; to its sender only.")),
+    ("message.claimed", (_MESSAGE_FOR, "agentId claimed claimable work.")),
+    ("message.released", (_MESSAGE_FOR, "agentId gave claimed work back to the pool.")),
+    ("message.read", (_shape({"messageId": _ID, "agentId": _STR}),
+                      "agentId read a message (a read up to an id is one of these per message it marks); to its sender.")),
+    ("message.delivered", (_shape({"messageId": _ID, "agentId": _STR, "deliveredAt": _MS}),
+                           "The message reached agentId for the first time (its inbox, or its narrowed stream); to its sender.")),
+    ("message.replied", (_shape({"messageId": _ID, "agentId": _STR, "replyId": _ID}),
+                         "agentId replied to the message (replyId) where its sender may see it; to the sender and agentId.")),
+    ("task.created", (_shape({"task": _ref("Task")}), "A task was created.")),
+    ("task.updated", (_shape({"task": _ref("Task")}), "A task changed: claimed, released, its status, progress or result, an occurrence.")),
+    ("callback.delivered", (_shape({"callback": _ref("Callback")}), "An integration's callback was delivered.")),
+    ("callback.failed", (_shape({"callback": _ref("Callback")}), "An integration's callback failed for good.")),
+    ("lease.acquired", (_shape({"lease": _ref("Lease")}), "An agent took a lease; to it, the agents working in the scope "
+                                                          "and those holding leases there.")),
+    ("lease.released", (_shape({"lease": _ref("Lease"), "cause": {"type": "string", "enum": [
+        "released", "expired", "offline", "removed"]}}), "A lease ended: released, its time up, or its holder offline "
+                                                          "or removed.")),
+])
+
+JSONRPC_SCHEMAS = {
+    "JsonRpcRequest": {"type": "object", "required": ["jsonrpc"], "properties": {
+        "jsonrpc": {"type": "string", "const": "2.0"}, "id": {"type": ["integer", "string"]}, "method": _STR,
+        "params": _OBJ, "result": {}, "error": _OBJ}, "description": "A JSON-RPC 2.0 message from the client: a request, "
+        "a notification or a response (MCP, Streamable HTTP)."},
+    "JsonRpcResponse": _shape({"jsonrpc": {"type": "string", "const": "2.0"}, "id": {"type": ["integer", "string", "null"]},
+                               "result": {}, "error": _shape({"code": _INT, "message": _STR, "data": {}}, optional=("data",))},
+                              optional=("result", "error"), desc="A JSON-RPC 2.0 answer."),
+}
+
+
+def _components():
+    schemas = dict(RESOURCE_SCHEMAS)
+    for type_, (data, desc) in STREAM_EVENTS.items():
+        schemas["Event." + type_] = _event(type_, data, desc)
+    schemas["Event"] = {"oneOf": [_ref("Event." + t) for t in STREAM_EVENTS],
+                        "description": "One event of GET /api/events, as the fields of its SSE block (id, event, data)."}
+    schemas.update(JSONRPC_SCHEMAS)
+    return schemas
+
+
+SCHEMAS = _components()
+
+
+def _error(codes=None, desc=None):
+    """An error answer: the envelope, its code one of `codes` (any when None)."""
+    schema = _ref("Error") if not codes else {"allOf": [_ref("Error"), {"properties": {"error": {"properties": {
+        "code": {"type": "string", "enum": list(codes)}}}}}]}
+    return {"description": desc or ", ".join(codes or ()) or "Error", "content": {"application/json": {"schema": schema}}}
+
+
+REQUEST_CHECKER = SchemaChecker(SCHEMAS)
+
+
 class Route:
-    """One route. `changes` says whether a request to it changes state, which another site's page may not
-    make it do (Handler.check_origin): every write does; a read does when it records something (True: an
-    inbox read records delivery and moves the kept cursor), or when the query parameter it names is given
-    (a stream narrowed to an agent marks it listening)."""
+    """One route: where it is (method, path), the Api handler it reaches, and everything a client may know of it, which
+    /api/spec shows: its path, query and header parameters and body fields (Field kinds, above; the older shorthand
+    `{"name": (S, True)}` is still read), what it answers per status (`answers`: a schema, a component's name, or
+    None for no body; by default `ok` with any object), the error codes it may answer besides those every route may
+    (`errors`: status -> codes), who a request may be (`auth`: token, public or integration, and `acting`, what it
+    needs with agent keys on), and whether it changes state. Its request checker is built here, once, from the
+    same declarations (Route.check).
+
+    `changes` says whether a request to it changes state, which another site's page may not make it do
+    (Handler.check_origin): every write does; a read does when it records something (True: an inbox read records
+    delivery and moves the kept cursor), or when the query parameter it names is given (a stream narrowed to an
+    agent marks it listening)."""
 
     def __init__(self, method, path, handler, summary, query=None, body=None, auth="token", ok=200, stream=False,
-                 changes=None):
+                 changes=None, params=None, headers=None, answers=None, errors=None, acting=None, about=None,
+                 body_rules=None, body_schema=None, raw_body=False, operation=None):
         self.method = method
         self.path = path
         self.handler = handler
         self.summary = summary
-        self.query = query or {}
-        self.body = body
+        self.about = about
         self.auth = auth
+        self.acting = acting
         self.ok = ok
         self.stream = stream
+        self.raw_body = raw_body  # its handler reads the body itself (MCP: JSON-RPC answers a bad one in its own terms)
+        self.operation = operation
         self.changes = method != "GET" if changes is None else changes
         self.regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        params = params or {}
+        self.params = collections.OrderedDict(
+            (n, params.get(n) or Field({"type": "string", "minLength": 1}, True, missing=lambda raw: not_found(repr(raw))))
+            for n in self.regex.groupindex)
+        self.query = collections.OrderedDict((n, f if isinstance(f, Field) else _legacy(f)) for n, f in (query or {}).items())
+        self.headers = collections.OrderedDict(headers or {})
+        self.body = None if body is None and body_schema is None else collections.OrderedDict(
+            (n, f if isinstance(f, Field) else _legacy(f)) for n, f in (body or {}).items())
+        self.body_schema = body_schema
+        if body is not None and body_schema is None:
+            self.body_schema = {"type": "object", "properties": dict(self.body),
+                                "required": [n for n, f in self.body.items() if f.required]}
+            if not self.body_schema["required"]:
+                del self.body_schema["required"]
+            self.body_schema.update(body_rules or {})
+        self.answers = answers if answers is not None else {ok: _OBJ}
+        self.errors = errors or {}
+        checker = REQUEST_CHECKER
+        self._params = [(n, f, checker.compile(_param_schema(f))) for n, f in self.params.items()]
+        self._query = [(n, f, checker.compile(_param_schema(f, "query"))) for n, f in self.query.items()]
+        self._headers = [(n, f, checker.compile(_param_schema(f, "header"))) for n, f in self.headers.items()]
+        self._body = None
+        if self.body_schema is not None and not raw_body:
+            self._body = checker.compile(self.body_schema)
 
     def changes_state(self, query):
         return self.changes is True or bool(self.changes and query.get(self.changes))
 
+    def check(self, req):
+        """The request against this route's declaration, before its handler runs: path, query and header
+        parameters, converted from text and checked, into req.args (with their defaults); the body checked in
+        place. Raises ApiError: invalid_field naming the field, or the 404 of a path that names nothing."""
+        args = req.args = {}
+        for name, field, check in self._params:
+            raw = urllib.parse.unquote(req.params[name])
+            try:
+                args[name] = check(_param_value(field, raw, name), name)
+            except Problem:
+                raise field.missing(raw)
+        try:
+            for source, fields in ((req.query, self._query), (req.handler.headers, self._headers)):
+                for name, field, check in fields:
+                    raw = source.get(name)
+                    if raw is None or raw == "":
+                        if field.required:
+                            raise Problem(name, "is required")
+                        args[name] = field.get("default")
+                    else:
+                        args[name] = check(_param_value(field, raw, name), name)
+            if self._body is not None:
+                req.body = self._body(req.body, "")
+        except Problem as e:
+            raise e.error()
 
-S, I, B, O, A, L = "string", "integer", "boolean", "object", "array", "any"
-_MSG_BODY = {"from": (S, True), "to": (S, True), "body": (S, True), "subject": (S,), "kind": (S,), "channel": (S,),
-             "claimable": (B,), "replyTo": (I,), "idempotencyKey": (S,), "payload": (O,), "meta": (O,)}
-_AGENT_BODY = {"id": (S,), "session": (S,), "name": (S,), "label": (S,), "machine": (S,), "rig": (S,), "project": (S,),
-               "tags": (A,), "capabilities": (A,), "channels": (A,), "status": (S,), "ready": (B,), "approvalMode": (S,),
-               "instanceId": (S,), "meta": (O,)}
-_CLAIM_BODY = {"agentId": (S, True), "instanceId": (S,), "epoch": (I,)}
+
+_WHOLE_TEXT = re.compile(r"-?[0-9]+\Z")
+
+
+def _param_schema(field, where="path"):
+    """A parameter's schema: as declared, but never null (a parameter left out is not sent). A query or header
+    parameter sent empty counts as not sent, so the string schema of an optional one takes the empty string too."""
+    schema = dict(field)
+    kinds = schema.get("type")
+    if isinstance(kinds, list):
+        kinds = [k for k in kinds if k != "null"]
+        schema["type"] = kinds[0] if len(kinds) == 1 else kinds
+    if "enum" in schema:
+        schema["enum"] = [v for v in schema["enum"] if v is not None]
+    if where != "path" and not field.required and schema.get("type") == "string":
+        if "enum" in schema:
+            schema["enum"].append("")
+        schema.pop("minLength", None)
+        if schema.get("pattern") == NONBLANK:
+            del schema["pattern"]
+            schema.pop("x-messages", None)
+    return schema
+
+
+def _param_value(field, raw, name):
+    """A path, query or header parameter's text as the value its schema is about: a whole number, a boolean (true,
+    false, 1, 0, yes, no) or the text itself."""
+    kinds = field.get("type")
+    kind = kinds if isinstance(kinds, str) else next((k for k in kinds or () if k != "null"), None)
+    if kind == "integer":
+        if not _WHOLE_TEXT.match(raw):
+            raise Problem(name, (field.get("x-messages") or {}).get("typeMessage") or "must be a whole number, not %r" % raw[:40])
+        if len(raw) > 20:  # out of any range, and not worth converting
+            return MAX_INT * (-10 if raw.startswith("-") else 10)
+        return int(raw)
+    if kind == "boolean":
+        low = raw.lower()
+        if low in ("1", "true", "yes"):
+            return True
+        if low in ("0", "false", "no"):
+            return False
+        raise Problem(name, "must be true or false")
+    return raw
+
+
+class Answer(dict):
+    """A response object of the spec, as a route declares it when a schema alone does not say it."""
+
+
+def _answer(desc, json_schema=None, sse=None, headers=None):
+    """A response object: a JSON body, an SSE stream (its events' schema as x-itemSchema), or no body."""
+    out = Answer(description=desc)
+    content = {}
+    if json_schema is not None:
+        content["application/json"] = {"schema": json_schema}
+    if sse is not None:
+        content["text/event-stream"] = {"schema": {"type": "string"}, "x-itemSchema": sse}
+    if content:
+        out["content"] = content
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "required": True,
+                                "schema": {"type": "integer", "minimum": 0}}}
+# what any request may meet before or around its route: the HTTP layer's answers (components/responses)
+COMMON_ANSWERS = {
+    "408": _error(("request_timeout",), "The request's head or body did not arrive in time."),
+    "413": _error(("payload_too_large",), "The body is larger than AGENT_RELAY_MAX_BODY_BYTES."),
+    "414": _error(("payload_too_large",), "The request line is longer than 64 KiB."),
+    "431": _error(("payload_too_large",), "A header line is longer than 64 KiB, or there are more than 100."),
+    "501": _error(("invalid_field",), "A Transfer-Encoding other than chunked."),
+    "503": dict(_error(("unavailable", "database_corrupt", "database_replaced"), "The database cannot be used now (read-only, "
+                       "full, locked; or damaged or replaced, until a person restores it), or the relay has too many "
+                       "connections."), headers=_RETRY_AFTER),
+    "505": _error(("invalid_field",), "An HTTP version other than 1.x."),
+}
+# the answers many routes share, by (status, codes): a route whose codes for a status are exactly these refers to them
+SHARED_ANSWERS = {
+    (400, ("invalid_field",)): ("BadParameter", _error(("invalid_field",), "A parameter is not what the spec says "
+                                                       "(the message names it), or the request is malformed.")),
+    (400, ("invalid_field", "invalid_json")): ("BadRequest", _error(("invalid_field", "invalid_json"), "The body is not a "
+                                                                    "JSON object, or a field is not what the spec says (the message names it).")),
+    (401, ("unauthorized",)): ("Unauthorized", dict(_error(("unauthorized",), "The token is missing or wrong."), headers={
+        "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}})),
+    (403, ("forbidden",)): ("Forbidden", _error(("forbidden",), "Another site's page (Origin), a Host that is not the "
+                                                "relay's, an integration's token, or what agent keys refuse.")),
+    (415, ("unsupported_media_type",)): ("UnsupportedMediaType", _error(("unsupported_media_type",),
+                                                                       "A body without Content-Type: application/json.")),
+}
+SECURITY_SCHEMES = {
+    "bearerToken": {"type": "http", "scheme": "bearer", "description": "The shared token (AGENT_RELAY_TOKEN), as "
+                    "Authorization: Bearer <token>. A relay without a token (loopback only) needs none: its operations "
+                    "then list {} among their security requirements."},
+    "relayToken": {"type": "apiKey", "in": "header", "name": "X-Agent-Relay-Token",
+                   "description": "The shared token, in a header of its own."},
+    "adminToken": {"type": "apiKey", "in": "header", "name": "X-Agent-Relay-Admin-Token",
+                   "description": "The person's token (AGENT_RELAY_ADMIN_TOKEN; also accepted as the bearer token): it "
+                                  "opens every route, and with agent keys on it is what a person's acts need."},
+    "agentKey": {"type": "apiKey", "in": "header", "name": "X-Agent-Relay-Agent-Key",
+                 "description": "With agent keys on (AGENT_RELAY_AGENT_KEYS=1): the key an agent got when it registered, "
+                                "which every call that acts as that agent carries besides the token (x-acting says which)."},
+    "integrationToken": {"type": "http", "scheme": "bearer", "description": "An integration's token "
+                         "(AGENT_RELAY_INTEGRATIONS), as Authorization: Bearer <token>; it opens POST "
+                         "/api/integrations/events only."},
+}
+
+
+def _acts_as(who):
+    return ("Acts as the agent %s: with agent keys on (AGENT_RELAY_AGENT_KEYS=1) it needs that agent's key "
+            "(X-Agent-Relay-Agent-Key) or the admin token; as a built-in agent (human, system), the admin token." % who)
+
+
+_PERSON = ("A person's act: with agent keys on (AGENT_RELAY_AGENT_KEYS=1) it needs the admin token "
+           "(X-Agent-Relay-Admin-Token), which agents are never given.")
+_MODE_BY_PERSON = " With agent keys on, changing approvalMode is a person's act (the admin token)."
+_SUPERSEDED = ("superseded",)
+_CLAIM_409 = ("already_claimed", "invalid_transition", "superseded", "agent_offline")
+
+_LIST_AGENTS = _shape({"agents": _list(_ref("Agent"))})
+_MESSAGES = _list(_ref("Message"))
+_SENT = _shape({"message": _ref("Message"), "matched": dict(_STRS, description="The agents the target matches now."),
+                "online": dict(_COUNT, description="How many of them are not offline."),
+                "held": dict(_STRS, description="The matched agents it is held for (a person approves), sorted."),
+                "listening": dict(_COUNT, description="How many matched agents hold an open long-poll or stream now."),
+                "duplicate": dict(_TRUE, description="A repeated (from, idempotencyKey): the first message, nothing stored.")},
+               optional=("duplicate",))
+_MESSAGE_DETAIL = _shape({"message": _ref("Message"), "receipts": _list(_ref("Receipt"))})
+_ONE_MESSAGE = _shape({"message": _ref("Message")})
+_WAITED = _shape({"reached": dict(_BOOL, description="The message got there (for one recipient, or with all=1 every one)."),
+                  "reachable": dict(_BOOL, description="false: no recipient is left that could (rejected or removed)."),
+                  "message": _ref("Message"), "receipts": _list(_ref("Receipt")),
+                  "replies": dict(_MESSAGES, description="Replies to it that its sender may see.")})
+_SEARCHED = _shape({
+    "results": _list({"anyOf": [
+        _shape({"type": {"type": "string", "const": "message"}, "message": _ref("Message"), "snippet": _STR, "rank": {"type": "number"}}),
+        _shape({"type": {"type": "string", "const": "task"}, "task": _ref("Task"), "snippet": _STR, "rank": {"type": "number"}})]}),
+    "engine": {"type": "string", "enum": ["fts5", "like"], "description": "fts5, or like where SQLite lacks FTS5 "
+                                                                       "(or AGENT_RELAY_SEARCH=like)."},
+    "more": _BOOL})
+_ONE_TASK = _shape({"task": _ref("Task")})
+_ONE_LEASE = _shape({"lease": _ref("Lease")})
+_TASK_MADE = _shape({"task": _ref("Task"), "created": _BOOL})
+_STATS = _shape({
+    "agents": _shape({k: _COUNT for k in ("total", "online", "idle", "busy", "offline", "listening")}),
+    "messages": _shape({"total": _COUNT, "last24h": _COUNT, "held": _COUNT}),
+    "tasks": _shape({s: _COUNT for s in TASK_STATUSES}),
+    "callbacks": _shape({"pending": _COUNT, "failed": _COUNT}), "leases": _shape({"active": _COUNT}),
+    "longPolls": _COUNT, "streams": _COUNT})
+
+_MCP_SESSION_ID = Str(128, desc="The session, from initialize's answer (handshake revisions).")
+_MCP_HEADERS = {"Mcp-Session-Id": _MCP_SESSION_ID,
+                "MCP-Protocol-Version": Str(32, desc="The session's revision, or 2026-07-28 (stateless)."),
+                "X-Agent-Relay-Agent": Str(128, desc="The agent the session acts as (registered with rig mcp when new)."),
+                "Mcp-Method": Str(128, desc="2026-07-28: the body's method."), "Mcp-Name": Str(1024, desc="2026-07-28: the "
+                                                                                                  "tool, prompt or resource named.")}
+_MCP_SESSION = {"Mcp-Session-Id": {"description": "The session (initialize's answer).", "schema": {"type": "string"}}}
+_MCP_REFUSED = _answer("A JSON-RPC error (the relay's own refusals, such as a token or Host, are in its envelope).",
+                       {"anyOf": [_ref("JsonRpcResponse"), _ref("Error")]})
+_MCP_ABOUT = ("The Model Context Protocol's Streamable HTTP transport: requests and answers are JSON-RPC 2.0, and its "
+              "handler reads the body and refuses it in JSON-RPC's terms (the body schema says what it takes); the "
+              "headers are checked as the spec declares them, like any route's.")
 
 ROUTES = [
-    Route("GET", "/api/health", "health", "Liveness and version; needs no token.", auth="public"),
-    Route("GET", "/api/stats", "stats", "Counts of agents, messages, tasks, callbacks, long-polls and streams."),
-    Route("GET", "/api/spec", "spec", "This OpenAPI 3 document."),
-    Route("GET", "/api/cursor", "cursor", "The newest message id, for a client that wants to skip history."),
+    Route("GET", "/api/health", "health", "Liveness and version; needs no token.", auth="public",
+          answers={200: _shape({"ok": _TRUE, "version": _STR, "uptimeMs": _COUNT, "search": dict(
+              {"type": "string", "enum": ["fts5", "like"]}, description="The search engine: fts5, or like.")})}),
+    Route("GET", "/api/stats", "stats", "Counts of agents, messages, tasks, callbacks, long-polls and streams.",
+          answers={200: _STATS}),
+    Route("GET", "/api/spec", "spec", "This OpenAPI 3 document.",
+          answers={200: {"type": "object", "required": ["openapi", "info", "paths", "components"]}}),
+    Route("GET", "/api/cursor", "cursor", "The newest message id, for a client that wants to skip history.",
+          answers={200: _shape({"cursor": _COUNT})}),
     Route("POST", "/api/agents", "register", "Register or update an agent (201 created, 200 updated); body is the card.",
-          body=_AGENT_BODY, ok=201),
+          body={"id": Str(128, pattern=AGENT_ID_NEW, rule=AGENT_ID_RULE + "; not 'broadcast' nor tag:, cap:, label: in front",
+                          desc="Without it, the id is derived from machine, rig, project and session (or instanceId)."),
+                "session": Str(512, desc="A session id to derive the id from."),
+                "name": Str(128), "label": Str(64, desc="label:X reaches it."),
+                "machine": Str(64), "rig": Str(64), "project": Str(128),
+                "tags": Names(desc="tag:X reaches it."), "capabilities": Names(desc="cap:X reaches it."),
+                "channels": Names(at_least_one=True, desc='The channels of fan-out messages it sees (default ["all"]).'),
+                "status": CARD_STATUS, "ready": Bool(), "approvalMode": APPROVAL_MODE,
+                "instanceId": Str(128, desc="A new one increments the epoch."), "meta": AGENT_META},
+          body_rules={"anyOf": [{"required": ["id"], "properties": {"id": {"type": "string"}}},
+                                {"required": ["session"], "properties": {"session": {"type": "string"}}},
+                                {"required": ["instanceId"], "properties": {"instanceId": {"type": "string"}}}],
+                      "x-messages": {"anyOfMessage": "give an id, or a session or instanceId to derive one from", "at": "id"}},
+          answers={201: _ref("Agent"), 200: _ref("Agent")}, errors={403: ("forbidden",)},
+          acting="Registering an existing agent again acts as it (its key, with agent keys on; a new agent gets its key "
+                 "in the answer). %s" % _MODE_BY_PERSON.strip()),
     Route("GET", "/api/agents", "list_agents", "Agents, newest lastSeen first.",
-          query={"status": S, "tag": S, "cap": S, "label": S}),
-    Route("GET", "/api/agents/{id}", "get_agent", "One agent's card."),
+          query={"status": Str(enum=STATUSES), "tag": Str(64), "cap": Str(64), "label": Str(64)},
+          answers={200: _LIST_AGENTS}),
+    Route("GET", "/api/agents/{id}", "get_agent", "One agent's card.", params=AGENT_PATH,
+          answers={200: _ref("Agent")}, errors={404: ("unknown_agent",)}),
     Route("PATCH", "/api/agents/{id}", "patch_agent", "Change label, tags, capabilities, channels, status, ready, approvalMode, meta.",
-          body={"label": (S,), "tags": (A,), "capabilities": (A,), "channels": (A,), "status": (S,), "ready": (B,),
-                "approvalMode": (S,), "meta": (O,), "instanceId": (S,), "epoch": (I,)}),
+          params=AGENT_PATH,
+          body={"label": Str(64, desc="null clears it."), "tags": Names(desc="null clears them."),
+                "capabilities": Names(desc="null clears them."), "channels": Names(at_least_one=True, nullable=False),
+                "status": CARD_STATUS, "ready": Bool(), "approvalMode": APPROVAL_MODE,
+                "meta": Obj(props={"approvalMode": dict(APPROVAL_MODE)}, desc="Merged into the card's meta; a key set "
+                            "to null is removed."), "instanceId": INSTANCE_ID, "epoch": EPOCH},
+          answers={200: _ref("Agent")}, errors={403: ("forbidden",), 404: ("unknown_agent",), 409: _SUPERSEDED},
+          acting=_acts_as("in the path") + _MODE_BY_PERSON),
     Route("DELETE", "/api/agents/{id}", "delete_agent", "Session end: offline, claims released; ?purge=true deletes it.",
-          query={"purge": B}),
+          params=AGENT_PATH, query={"purge": Bool(default=False, desc="Delete it instead.")},
+          answers={200: _ref("Agent")}, errors={403: ("forbidden",), 404: ("unknown_agent",)},
+          acting=_acts_as("in the path") + " With agent keys on, purging a guarded or "
+                 "read-only agent is a person's act (the admin token): it could come back unguarded."),
     Route("POST", "/api/agents/{id}/heartbeat", "heartbeat", "Keep an agent online (fenced by instanceId/epoch).",
-          body={"instanceId": (S,), "epoch": (I,), "status": (S,)}),
+          params=AGENT_PATH, body={"instanceId": INSTANCE_ID, "epoch": EPOCH, "status": CARD_STATUS},
+          answers={200: _shape({"ok": _TRUE, "agent": _ref("Agent")})},
+          errors={403: ("forbidden",), 404: ("unknown_agent",), 409: _SUPERSEDED}, acting=_acts_as("in the path")),
     Route("GET", "/api/agents/{id}/inbox", "inbox", "Messages visible to the agent after `since` (or its cursor); `wait` long-polls.",
-          query={"since": I, "wait": I, "limit": I, "unread": B}, changes=True),
-    Route("POST", "/api/agents/{id}/read", "read_upto", "Mark every visible message up to `upTo` read.", body={"upTo": (I, True)}),
-    Route("POST", "/api/messages", "send", "Send a message to an agent, tag:X, cap:X, label:X or broadcast.", body=_MSG_BODY, ok=201),
+          params=AGENT_PATH,
+          query={"since": Int(desc="Messages after this id; without it, the cursor the relay kept for the agent."),
+                 "wait": Int(0, 60, default=0, desc="Seconds to wait for a message when there is none."),
+                 "limit": LIMIT, "unread": Bool(default=False, desc="Only messages it has not marked read.")},
+          answers={200: _shape({"messages": _MESSAGES, "cursor": _COUNT, "more": _BOOL})},
+          errors={403: ("forbidden",), 404: ("unknown_agent",)}, changes=True, acting=_acts_as("in the path")),
+    Route("POST", "/api/agents/{id}/read", "read_upto", "Mark every visible message up to `upTo` read.", params=AGENT_PATH,
+          body={"upTo": Int(required=True)}, answers={200: _shape({"count": _COUNT})},
+          errors={403: ("forbidden",), 404: ("unknown_agent",)}, acting=_acts_as("in the path")),
+    Route("POST", "/api/messages", "send", "Send a message to an agent, tag:X, cap:X, label:X or broadcast.",
+          body={"from": Str(128, required=True, desc="The sender: a registered agent, or human or system."),
+                "to": Str(200, required=True, pattern=TARGET, rule=TARGET_RULE),
+                "body": Str(None, required=True, desc="The message's text."),
+                "subject": Str(1024, blank=True), "kind": Str(32, pattern="^%s$" % NAME_TEXT, rule=NAME_RULE, default="chat"),
+                "channel": CHANNEL, "claimable": Bool(default=False, desc="Work that exactly one agent claims."),
+                "replyTo": Int(1, desc="The message it answers (it joins that thread)."),
+                "idempotencyKey": Str(256, desc="A repeat with the same key from the same sender stores nothing new."),
+                "payload": Obj(), "meta": Obj()},
+          answers={201: _SENT, 200: _SENT}, errors={403: ("forbidden", "read_only", "not_addressed"),
+                                                    404: ("unknown_agent", "not_found")},
+          acting=_acts_as("`from`") + " Sending as human is a person's act (the admin token)."),
     Route("GET", "/api/messages", "history", "History, newest first.",
-          query={"agent": S, "from": S, "to": S, "channel": S, "before": I, "limit": I, "q": S, "held": B}),
-    Route("GET", "/api/messages/{id}", "get_message", "A message with its receipts."),
-    Route("GET", "/api/messages/{id}/thread", "thread", "The message's whole thread, oldest first."),
+          query={"agent": Str(200, desc="Sent by or visible to this agent."), "from": Str(200), "to": Str(200),
+                 "channel": Str(200), "before": Int(desc="Only ids below this."), "limit": Int(1, 500, default=50),
+                 "q": Str(200, desc="Text in the subject or body."),
+                 "held": Bool(default=False, desc="Only messages held for a person's approval, with heldFor.")},
+          answers={200: _shape({"messages": _MESSAGES, "more": _BOOL})}, errors={404: ("unknown_agent",)}),
+    Route("GET", "/api/messages/{id}", "get_message", "A message with its receipts.", params=MESSAGE_IN_PATH,
+          answers={200: _MESSAGE_DETAIL}, errors={404: ("not_found",)}),
+    Route("GET", "/api/messages/{id}/thread", "thread", "The message's whole thread, oldest first.", params=MESSAGE_IN_PATH,
+          answers={200: _shape({"threadId": _ID, "messages": _MESSAGES})}, errors={404: ("not_found",)}),
     Route("GET", "/api/messages/{id}/wait", "wait_message",
           "Long-poll until the message is delivered, read or replied to (one recipient, or all=1 every one), or time is up.",
-          query={"until": S, "timeout": I, "all": B}),
-    Route("POST", "/api/messages/{id}/read", "read_message", "Mark a message read for one agent.", body={"agentId": (S, True)}),
-    Route("POST", "/api/messages/{id}/claim", "claim_message", "Claim claimable work: one winner, 409 for the rest.", body=_CLAIM_BODY),
-    Route("POST", "/api/messages/{id}/release", "release_message", "Give a claim back to the pool.", body={"agentId": (S, True)}),
-    Route("POST", "/api/messages/{id}/approve", "approve", "A person approves a held message.", body={"agentId": (S,)}),
-    Route("POST", "/api/messages/{id}/reject", "reject", "A person rejects a held message.", body={"agentId": (S,)}),
+          params=MESSAGE_IN_PATH,
+          query={"until": Str(enum=Messages.WAIT_STATES, default="delivered", desc="What to wait for."),
+                 "timeout": Int(0, 60, default=0, desc="Seconds to wait; 0 looks once."),
+                 "all": Bool(default=False, desc="Wait for every recipient, not the first.")},
+          answers={200: _WAITED}, errors={404: ("not_found",)}),
+    Route("POST", "/api/messages/{id}/read", "read_message", "Mark a message read for one agent.", params=MESSAGE_IN_PATH,
+          body={"agentId": AGENT_ID_REQUIRED},
+          answers={200: _shape({"ok": _TRUE, "messageId": _ID, "agentId": _STR, "readAt": _MS})},
+          errors={403: ("forbidden", "not_addressed"), 404: ("not_found", "unknown_agent")}, acting=_acts_as("agentId")),
+    Route("POST", "/api/messages/{id}/claim", "claim_message", "Claim claimable work: one winner, 409 for the rest.",
+          params=MESSAGE_IN_PATH, body=CLAIM_BODY, answers={200: _ONE_MESSAGE},
+          errors={400: ("not_claimable",), 403: ("forbidden", "read_only", "not_addressed"),
+                  404: ("not_found", "unknown_agent"), 409: _CLAIM_409}, acting=_acts_as("agentId")),
+    Route("POST", "/api/messages/{id}/release", "release_message", "Give a claim back to the pool.", params=MESSAGE_IN_PATH,
+          body={"agentId": AGENT_ID_REQUIRED}, answers={200: _ONE_MESSAGE},
+          errors={400: ("not_claimable",), 403: ("forbidden",), 404: ("not_found", "unknown_agent"),
+                  409: ("not_owner", "invalid_transition")}, acting=_acts_as("agentId")),
+    Route("POST", "/api/messages/{id}/approve", "approve", "A person approves a held message.", params=MESSAGE_IN_PATH,
+          body={"agentId": Str(128, desc="The guarded recipient; without it, every recipient it is held for.")},
+          answers={200: _MESSAGE_DETAIL}, errors={403: ("forbidden",), 404: ("not_found",), 409: ("invalid_transition",)},
+          acting=_PERSON),
+    Route("POST", "/api/messages/{id}/reject", "reject", "A person rejects a held message.", params=MESSAGE_IN_PATH,
+          body={"agentId": Str(128, desc="The guarded recipient; without it, every recipient it is held for.")},
+          answers={200: _MESSAGE_DETAIL}, errors={403: ("forbidden",), 404: ("not_found",), 409: ("invalid_transition",)},
+          acting=_PERSON),
     Route("POST", "/api/tasks", "create_task", "Create a task (or count an occurrence of an active one with the same dedupeKey).",
-          body={"title": (S, True), "target": (S, True), "body": (S,), "channel": (S,), "severity": (S,), "dedupeKey": (S,),
-                "externalUrl": (S,), "metadata": (O,), "from": (S,)}, ok=201),
+          body={"title": Str(1024, required=True), "target": Str(200, required=True, pattern=TARGET, rule=TARGET_RULE),
+                "body": Str(None, blank=True), "channel": CHANNEL, "severity": Str(32),
+                "dedupeKey": Str(256, desc="While a task with this key (from the same source) is active: an occurrence."),
+                "externalUrl": Str(2048), "metadata": Obj(),
+                "from": Str(128, desc="The agent that hands out the work; without it, a person (the admin token with agent keys on).")},
+          answers={201: _TASK_MADE, 200: _TASK_MADE},
+          errors={403: ("forbidden", "read_only"), 404: ("unknown_agent",)},
+          acting=_acts_as("`from`") + " Without `from` it is a person's act (the admin token, with agent keys on)."),
     Route("GET", "/api/tasks", "list_tasks", "Tasks, newest first.",
-          query={"status": S, "target": S, "channel": S, "claimedBy": S, "limit": I}),
-    Route("GET", "/api/tasks/{id}", "get_task", "A task with its events."),
-    Route("POST", "/api/tasks/{id}/claim", "claim_task", "Claim a task: one winner, 409 for the rest.", body=_CLAIM_BODY),
-    Route("PATCH", "/api/tasks/{id}/status", "task_status", "Change a task's status, progress or result.",
-          body={"agentId": (S,), "status": (S,), "progress": (L,), "result": (L,)}),
-    Route("GET", "/api/tasks/{id}/events", "task_events", "A task's events, oldest first."),
+          query={"status": Str(enum=TASK_STATUSES), "target": Str(200), "channel": Str(200), "claimedBy": Str(200),
+                 "limit": LIMIT},
+          answers={200: _shape({"tasks": _list(_ref("Task"))})}),
+    Route("GET", "/api/tasks/{id}", "get_task", "A task with its events.", params=TASK_IN_PATH,
+          answers={200: _shape({"task": _ref("Task"), "events": _list(_ref("TaskEvent"))})}, errors={404: ("not_found",)}),
+    Route("POST", "/api/tasks/{id}/claim", "claim_task", "Claim a task: one winner, 409 for the rest.", params=TASK_IN_PATH,
+          body=CLAIM_BODY, answers={200: _ONE_TASK},
+          errors={403: ("forbidden", "read_only", "not_addressed"), 404: ("not_found", "unknown_agent"), 409: _CLAIM_409},
+          acting=_acts_as("agentId")),
+    Route("PATCH", "/api/tasks/{id}/status", "task_status", "Change a task's status, progress or result.", params=TASK_IN_PATH,
+          body={"agentId": Str(128, desc="The agent that reports; without it, a person."),
+                "status": Str(enum=TASK_STATUSES, desc="open releases a claim; done, failed and canceled are final."),
+                "progress": Json(16 * 1024, desc="Any JSON: what has been done so far."),
+                "result": Json(desc="Any JSON: the outcome.")},
+          body_rules={"anyOf": [{"required": ["status"], "properties": {"status": {"type": "string"}}},
+                                {"required": ["progress"]}, {"required": ["result"]}],
+                      "x-messages": {"anyOfMessage": "send at least one of status, progress or result", "at": "status"}},
+          answers={200: _ONE_TASK},
+          errors={403: ("forbidden", "read_only", "not_addressed"), 404: ("not_found", "unknown_agent"),
+                  409: ("invalid_transition", "not_owner")},
+          acting=_acts_as("agentId") + " Without agentId it is a person's act (the admin token, with agent keys on)."),
+    Route("GET", "/api/tasks/{id}/events", "task_events", "A task's events, oldest first.", params=TASK_IN_PATH,
+          answers={200: _shape({"events": _list(_ref("TaskEvent"))})}, errors={404: ("not_found",)}),
     Route("POST", "/api/integrations/events", "integration_event", "Integration ingress (integration token).",
-          body={"dedupeKey": (S, True), "title": (S,), "body": (S,), "target": (S,), "channel": (S,), "status": (S,),
-                "severity": (S,), "externalUrl": (S,), "metadata": (O,)}, auth="integration", ok=201),
-    Route("GET", "/api/callbacks", "callbacks", "Callback deliveries.", query={"taskId": I, "status": S, "limit": I}),
+          body={"dedupeKey": Str(256, required=True), "title": Str(1024, desc="Required unless status is resolved."),
+                "body": Str(None, blank=True), "target": Str(200, desc="One of the integration's targets (default its first)."),
+                "channel": Str(64, desc="One of the integration's channels (default its first)."),
+                "status": Str(enum=("firing", "resolved"), default="firing"), "severity": Str(32), "externalUrl": Str(2048),
+                "metadata": Obj()},
+          body_rules={"if": {"required": ["status"], "properties": {"status": {"const": "resolved"}}},
+                      "else": {"required": ["title"], "properties": {"title": {"type": "string"}}}},
+          auth="integration",
+          answers={201: _TASK_MADE, 200: _shape({"task": {"anyOf": [_ref("Task"), {"type": "null"}]}, "created": _BOOL},
+                                                optional=("created",))},
+          errors={403: ("forbidden", "scope"), 404: ("unknown_agent",), 429: ("rate_limited",)},
+          acting="Only an integration's token (from AGENT_RELAY_INTEGRATIONS) opens it, with the scope tasks:create; "
+                 "its target and channel must be the integration's own (403 scope)."),
+    Route("GET", "/api/callbacks", "callbacks", "Callback deliveries.",
+          query={"taskId": Int(), "status": Str(enum=("pending", "delivered", "failed")), "limit": LIMIT},
+          answers={200: _shape({"callbacks": _list(_ref("Callback"))})}),
     Route("POST", "/api/leases", "acquire_lease", "Lease paths (advisory): 201, or 409 lease_conflict naming the holders.",
-          body={"agentId": (S, True), "paths": (A, True), "scope": (S,), "reason": (S,), "ttlMs": (I,), "exclusive": (B,)},
-          ok=201),
+          body={"agentId": AGENT_ID_REQUIRED,
+                "paths": _field({"anyOf": [{"type": "array", "minItems": 1, "maxItems": LEASE_MAX_PATHS, "items": LEASE_PATH},
+                                           LEASE_PATH], "x-messages": {"anyOfMessage": "must be a list of repository-relative "
+                                                                                "paths, such as [\"src/api/\", \"README.md\"]"}},
+                                True, "Repository-relative POSIX paths or patterns (a lone string is one): an exact path, a "
+                                "directory (src/api/ or src/api/**) or a glob (* and ? within a segment, ** across).", None),
+                "scope": Str(128, pattern=LEASE_SCOPE, rule="must not be empty nor hold control characters",
+                             desc="The working copy the paths belong to (default: the agent's project, else default)."),
+                "reason": Str(1000), "ttlMs": Int(LEASE_TTL_MIN_MS, LEASE_TTL_MAX_MS, default=LEASE_TTL_DEFAULT_MS),
+                "exclusive": Bool(default=True, desc="false: shared; two shared leases do not conflict.")},
+          answers={201: _ONE_LEASE},
+          errors={403: ("forbidden", "read_only"), 404: ("unknown_agent",), 409: ("lease_conflict", "agent_offline")},
+          acting=_acts_as("agentId")),
     Route("GET", "/api/leases", "list_leases", "Active leases; `path` keeps those that overlap a path or pattern.",
-          query={"agentId": S, "scope": S, "path": S}),
-    Route("POST", "/api/leases/{id}/renew", "renew_lease", "Extend a lease (its holder).", body={"agentId": (S, True), "ttlMs": (I,)}),
+          query={"agentId": Str(128), "scope": Str(128, blank=True, pattern=LEASE_SCOPE_QUERY, rule="must not hold "
+                                                                                                    "control characters"),
+                 "path": Str(LEASE_MAX_PATH, pattern=LEASE_PATH["pattern"], rule=LEASE_PATH["x-messages"]["patternMessage"],
+                             desc="Only the leases that overlap this path or pattern.")},
+          answers={200: _shape({"leases": _list(_ref("Lease"))})}),
+    Route("POST", "/api/leases/{id}/renew", "renew_lease", "Extend a lease (its holder).", params=LEASE_IN_PATH,
+          body={"agentId": AGENT_ID_REQUIRED,
+                "ttlMs": Int(LEASE_TTL_MIN_MS, LEASE_TTL_MAX_MS, desc="For how long from now (default: as taken).")},
+          answers={200: _ONE_LEASE},
+          errors={403: ("forbidden", "read_only"), 404: ("not_found", "unknown_agent"), 409: ("not_owner", "agent_offline")},
+          acting=_acts_as("agentId")),
     Route("DELETE", "/api/leases/{id}", "release_lease", "Release a lease: its holder (?agentId=) or a person.",
-          query={"agentId": S}),
+          params=LEASE_IN_PATH, query={"agentId": Str(128, desc="The holder (also accepted as agentId in a body).")},
+          body={"agentId": Str(128)}, answers={200: _ONE_LEASE},
+          errors={403: ("forbidden",), 404: ("not_found", "unknown_agent"), 409: ("not_owner",)},
+          acting=_acts_as("agentId (the query's, else the body's)") + " Without one it is a person's act (the admin "
+                 "token, with agent keys on)."),
     Route("GET", "/api/search", "search", "Search message subjects and bodies and task titles and bodies, best first.",
-          query={"q": S, "agent": S, "from": S, "to": S, "channel": S, "since": I, "until": I, "limit": I}),
+          query={"q": Str(500, required=True, pattern=r"[^\W_]", rule="has no word to search for (letters or digits); for "
+                          "example: deploy, \"disk full\" or migrat*",
+                          desc="Words (all must match), \"a phrase\", prefix*."),
+                 "agent": Str(200, desc="Sent by or visible to this agent."), "from": Str(200), "to": Str(200),
+                 "channel": Str(200), "since": Int(desc="Created at or after (ms since the epoch)."),
+                 "until": Int(desc="Created at or before (ms since the epoch)."), "limit": Int(1, 100, default=20)},
+          answers={200: _SEARCHED}, errors={404: ("unknown_agent",)}),
     Route("GET", "/api/events", "events", "Server-Sent Events: the live stream (Last-Event-ID or ?since= replays).",
-          query={"since": I, "agentId": S, "types": S}, stream=True, changes="agentId"),
+          query={"since": Int(desc="Replay the events after this id."),
+                 "agentId": Str(128, desc="Only what this agent's inbox sees, and events about it; marks it listening."),
+                 "types": Str(1024, desc="Only these event types, comma-separated.")},
+          headers={"Last-Event-ID": Int(rule="must be an event id (a whole number)", desc="Replay after this id (beats since).")},
+          stream=True, changes="agentId", errors={403: ("forbidden",), 404: ("unknown_agent",)},
+          acting=_acts_as("agentId, when it is given")),
     Route("POST", "/api/mcp", "mcp", "MCP (Streamable HTTP): one JSON-RPC message; a JSON answer, or SSE for one that waits.",
-          body={"jsonrpc": (S, True), "id": (L,), "method": (S,), "params": (O,)}),
+          headers=_MCP_HEADERS, body_schema={"anyOf": [_ref("JsonRpcRequest"), _list(_ref("JsonRpcRequest"))]},
+          raw_body=True, about=_MCP_ABOUT,
+          answers={200: _answer("The answer (a batch's answers as a list); an SSE stream of the messages that belong to "
+                                "a request that waits, its answer last.", {"anyOf": [_ref("JsonRpcResponse"),
+                                _list(_ref("JsonRpcResponse"))]}, sse={"type": "string"}, headers=_MCP_SESSION),
+                   202: _answer("A notification or response, taken.", headers=_MCP_SESSION),
+                   400: _MCP_REFUSED, 404: _MCP_REFUSED, 409: _MCP_REFUSED},
+          acting="The agent is the one X-Agent-Relay-Agent names, or the one whoami registers; with agent keys on, its "
+                 "key (X-Agent-Relay-Agent-Key) is needed to act as an agent registered before."),
     Route("GET", "/api/mcp", "mcp", "MCP (Streamable HTTP): the session's stream of server messages (Mcp-Session-Id).",
-          stream=True, changes=True),
-    Route("DELETE", "/api/mcp", "mcp", "MCP (Streamable HTTP): end the session (Mcp-Session-Id); its agent goes offline."),
+          headers=dict(_MCP_HEADERS, **{"Mcp-Session-Id": Str(128, required=True, desc=_MCP_SESSION_ID["description"])}),
+          stream=True, changes=True, raw_body=True, about=_MCP_ABOUT,
+          answers={200: _answer("The session's server messages (inbox updates, channel events), as SSE.", sse={"type": "string"},
+                                headers=_MCP_SESSION),
+                   400: _MCP_REFUSED, 404: _MCP_REFUSED, 409: _MCP_REFUSED}),
+    Route("DELETE", "/api/mcp", "mcp", "MCP (Streamable HTTP): end the session (Mcp-Session-Id); its agent goes offline.",
+          headers=dict(_MCP_HEADERS, **{"Mcp-Session-Id": Str(128, required=True, desc=_MCP_SESSION_ID["description"])}),
+          raw_body=True, about=_MCP_ABOUT,
+          answers={200: _shape({"ok": _TRUE}), 400: _MCP_REFUSED, 404: _MCP_REFUSED}),
 ]
 
 
@@ -4642,59 +5583,101 @@ def _static_routes():
     return _STATIC_ROUTES
 
 
-def openapi_spec():
-    """The OpenAPI 3 document, built from the route table so the two cannot drift apart."""
+def _operation(route, token_set, names):
+    op = {"summary": route.summary, "operationId": names[route]}
+    about = [route.about] if route.about else []
+    if route.acting:
+        op["x-acting"] = route.acting
+        about.append(route.acting)
+    if about:
+        op["description"] = " ".join(about)
+    params = []
+    for where, fields in (("path", route.params), ("query", route.query), ("header", route.headers)):
+        for name, field in fields.items():
+            schema = _param_schema(field, where)
+            p = {"name": name, "in": where, "required": where == "path" or field.required, "schema": schema}
+            if where == "query" and not field.required:
+                p["allowEmptyValue"] = True  # ?limit= is the same as no limit (and a required one's empty is missing)
+            if schema.get("description"):
+                p["description"] = schema.pop("description")
+            if schema.get("type") == "boolean":
+                p["description"] = (p.get("description", "") + " true or false (also 1, 0, yes, no).").strip()
+            params.append(p)
+    if params:
+        op["parameters"] = params
+    if route.body_schema is not None:
+        needs = route.body_schema.get("required") or any(k in route.body_schema for k in ("anyOf", "oneOf"))
+        op["requestBody"] = {"required": bool(needs),
+                             "content": {"application/json": {"schema": route.body_schema}}}
+    responses = {}
+    for status, answer in sorted(route.answers.items()):
+        if isinstance(answer, Answer):
+            responses[str(status)] = answer
+        elif answer is None:
+            responses[str(status)] = _answer("No body.")
+        else:
+            responses[str(status)] = _answer(STATUS_TEXT.get(status, "OK"), answer)
+    if route.stream and not any("text/event-stream" in str(a) for a in responses.values()):
+        responses[str(route.ok)] = _answer("The stream.", sse=_ref("Event") if route.handler == "events" else {"type": "string"})
+    errors = {400: ["invalid_field"], 403: ["forbidden"]}
+    if route.method in WRITE_METHODS:  # every write reads a body, declared or not
+        errors[400].append("invalid_json")
+        errors[415] = ["unsupported_media_type"]
+    if route.auth in ("token", "integration"):
+        errors[401] = ["unauthorized"]
+    for status, codes in route.errors.items():
+        errors.setdefault(status, [])
+        errors[status] += [c for c in codes if c not in errors[status]]
+    for status, codes in sorted(errors.items()):
+        if str(status) not in responses:
+            shared = SHARED_ANSWERS.get((status, tuple(codes)))
+            responses[str(status)] = {"$ref": "#/components/responses/" + shared[0]} if shared else _error(codes)
+    if 429 in errors:
+        responses["429"]["headers"] = _RETRY_AFTER
+    for status in COMMON_ANSWERS:
+        responses.setdefault(status, {"$ref": "#/components/responses/" + status})
+    op["responses"] = responses
+    if route.auth == "public":
+        op["security"] = []
+    elif route.auth == "integration":
+        op["security"] = [{"integrationToken": []}]
+    else:
+        op["security"] = [{"bearerToken": []}, {"relayToken": []}, {"adminToken": []}] + ([] if token_set else [{}])
+    return op
+
+
+def openapi_spec(config=None):
+    """The OpenAPI 3.1 document, built from the route table: its parameters, bodies and answers are the very
+    declarations the request checker applies, so the two cannot disagree. `config` says what depends on this
+    relay: whether a token is needed, how large a body may be."""
+    token_set = bool(config is not None and config.token)
+    limit = config.max_body_bytes if config is not None else 262144
+    counts = collections.Counter(r.handler for r in ROUTES)
+    names = {r: r.operation or (r.handler if counts[r.handler] == 1 else "%s_%s" % (r.handler, r.method.lower()))
+             for r in ROUTES}
     paths = {}
     for r in ROUTES:
-        op = {"summary": r.summary, "operationId": r.handler, "responses": {}}
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in r.regex.groupindex]
-        params += [{"name": n, "in": "query", "required": False, "schema": {"type": t}} for n, t in r.query.items()]
-        if r.stream:
-            params.append({"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"}})
-        if params:
-            op["parameters"] = params
-        if r.body is not None:
-            props = {n: ({} if spec[0] == L else {"type": spec[0]}) for n, spec in r.body.items()}
-            required = [n for n, spec in r.body.items() if len(spec) > 1 and spec[1]]
-            schema = {"type": "object", "properties": props}
-            if required:
-                schema["required"] = required
-            op["requestBody"] = {"required": bool(required), "content": {"application/json": {"schema": schema}}}
-        ok = {"description": "OK"}
-        if r.stream:
-            ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
-        else:
-            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
-        op["responses"][str(r.ok)] = ok
-        if r.ok == 201:
-            op["responses"]["200"] = {"description": "Updated, or a duplicate", "content": ok["content"]}
-        op["responses"]["default"] = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        if r.auth != "public":
-            op["security"] = [{"bearer": []}, {"relayToken": []}]
-        paths.setdefault(r.path, {})[r.method.lower()] = op
+        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r, token_set, names)
     return {
-        "openapi": "3.0.3",
-        "info": {"title": "Agent Relay", "version": __version__, "description": "A message bus for AI coding agents."},
+        "openapi": "3.1.0",
+        "info": {"title": "Agent Relay", "version": __version__, "description": (
+            "A message bus for AI coding agents. Every route, its parameters and body (with their bounds, enumerations "
+            "and patterns), every answer per status and its shape, and who may call it. Bodies are JSON (Content-Type: "
+            "application/json on every write that carries one) of at most %d bytes on this relay "
+            "(AGENT_RELAY_MAX_BODY_BYTES). Every error is {\"error\": {\"code\", \"message\"}}. This relay %s. "
+            "GET /api/events streams the events in components/schemas/Event. Outside /api, the page (/), /install.sh "
+            "and /agent_relay.py are served to anyone, like /api/health." % (
+                limit, "needs its token on every route but /api/health" if token_set else
+                "has no token: every route is open to whoever reaches it (loopback only)"))},
         "paths": paths,
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "relayToken": {"type": "apiKey", "in": "header", "name": "X-Agent-Relay-Token"},
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {"error": {"type": "object", "required": ["code", "message"],
-                                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
-                }
-            },
-        },
+        "components": {"schemas": SCHEMAS, "responses": dict(COMMON_ANSWERS, **dict(SHARED_ANSWERS.values())),
+                       "securitySchemes": SECURITY_SCHEMES},
     }
 
 
 class Request:
-    """What a handler needs of one HTTP request."""
+    """What a handler needs of one HTTP request: its path, query and header parameters as the route declares them,
+    checked and converted (`args`, with their defaults), and its body, checked (Route.check)."""
 
     def __init__(self, handler, method, path, query, params, auth):
         self.handler = handler
@@ -4704,45 +5687,7 @@ class Request:
         self.params = params
         self.auth = auth
         self.body = {}
-
-    def q(self, name, max_len=256):
-        v = self.query.get(name)
-        if v is None or v == "":
-            return None
-        if len(v) > max_len:
-            raise invalid(name, "is longer than %d characters" % max_len)
-        return v
-
-    def qint(self, name, lo=0, hi=MAX_INT, default=None):
-        v = self.q(name, 32)
-        if v is None:
-            return default
-        try:
-            n = int(v)
-        except ValueError:
-            raise invalid(name, "must be a whole number, not %r" % v)
-        if n < lo or n > hi:
-            raise invalid(name, "must be between %d and %d" % (lo, hi))
-        return n
-
-    def qbool(self, name, default=False):
-        v = self.q(name, 8)
-        if v is None:
-            return default
-        if v.lower() in ("1", "true", "yes"):
-            return True
-        if v.lower() in ("0", "false", "no"):
-            return False
-        raise invalid(name, "must be true or false")
-
-    def id(self, kind="Message"):
-        raw = self.params["id"]
-        if not re.match(r"^[0-9]{1,18}$", raw):
-            raise not_found("%s %r" % (kind, raw))
-        return int(raw)
-
-    def agent_id(self):
-        return urllib.parse.unquote(self.params["id"])
+        self.args = {}
 
 
 class Api:
@@ -4763,7 +5708,7 @@ class Api:
 
     def spec(self, req):
         if self._spec is None:
-            self._spec = openapi_spec()
+            self._spec = openapi_spec(self.relay.config)
         return 200, self._spec
 
     def cursor(self, req):
@@ -4775,29 +5720,24 @@ class Api:
         return (201 if created else 200), card
 
     def list_agents(self, req):
-        status = req.q("status", 16)
-        if status is not None and status not in STATUSES:
-            raise invalid("status", "must be one of %s" % ", ".join(STATUSES))
-        return 200, {"agents": self.relay.agents.list_agents(status, req.q("tag", 64), req.q("cap", 64), req.q("label", 64))}
+        a = req.args
+        return 200, {"agents": self.relay.agents.list_agents(a["status"], a["tag"], a["cap"], a["label"])}
 
     def get_agent(self, req):
-        return 200, self.relay.agents.card(self.relay.agents.get_agent(req.agent_id()))
+        return 200, self.relay.agents.card(self.relay.agents.get_agent(req.args["id"]))
 
     def patch_agent(self, req):
-        return 200, self.relay.agents.patch_agent(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.agents.patch_agent(req.args["id"], req.body, req.auth)
 
     def delete_agent(self, req):
-        return 200, self.relay.agents.end_session(req.agent_id(), req.qbool("purge"), req.auth)
+        return 200, self.relay.agents.end_session(req.args["id"], req.args["purge"], req.auth)
 
     def heartbeat(self, req):
-        return 200, self.relay.agents.heartbeat(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.agents.heartbeat(req.args["id"], req.body, req.auth)
 
     def inbox(self, req):
-        since = req.qint("since")
-        wait = req.qint("wait", 0, 60, 0)
-        limit = req.qint("limit", 1, 500, 100)
-        unread = req.qbool("unread")
-        poll = self.relay.messages.inbox(req.agent_id(), since, limit, unread, wait, req.auth)
+        a = req.args
+        poll = self.relay.messages.inbox(a["id"], a["since"], a["limit"], a["unread"], a["wait"], req.auth)
         if poll.look():
             return 200, poll.answer()
         h = req.handler
@@ -4824,7 +5764,7 @@ class Api:
     HANGUP_CHECK_S = 5.0
 
     def read_upto(self, req):
-        return 200, self.relay.messages.mark_read_upto(req.agent_id(), req.body, req.auth)
+        return 200, self.relay.messages.mark_read_upto(req.args["id"], req.body, req.auth)
 
     # -- messages ----------------------------------------------------------
     def send(self, req):
@@ -4836,44 +5776,35 @@ class Api:
         return (DEFERRED, None) if got is DEFERRED else answer(got)
 
     def history(self, req):
-        q = {k: req.q(k, 200) for k in ("agent", "from", "to", "channel", "q")}
-        q["before"] = req.qint("before")
-        q["limit"] = req.qint("limit", 1, 500, 50)
-        q["held"] = req.qbool("held")
-        return 200, self.relay.messages.history(q)
+        return 200, self.relay.messages.history(req.args)
 
     def get_message(self, req):
-        return 200, self.relay.messages.message_detail(req.id())
+        return 200, self.relay.messages.message_detail(req.args["id"])
 
     def thread(self, req):
-        return 200, self.relay.messages.thread(req.id())
+        return 200, self.relay.messages.thread(req.args["id"])
 
     def wait_message(self, req):
-        mid = req.id()
-        until = req.q("until", 16) or "delivered"
-        if until not in Messages.WAIT_STATES:
-            raise invalid("until", "must be one of %s" % ", ".join(Messages.WAIT_STATES))
-        timeout = req.qint("timeout", 0, 60, 0)
-        every = req.qbool("all")
-        out = self.relay.messages.wait_for(mid, until, every, timeout, client_gone=req.handler.client_gone)
+        a = req.args
+        out = self.relay.messages.wait_for(a["id"], a["until"], a["all"], a["timeout"], client_gone=req.handler.client_gone)
         if out is None:
             return None, None
         return 200, out
 
     def read_message(self, req):
-        return 200, self.relay.messages.mark_read(req.id(), req.body, req.auth)
+        return 200, self.relay.messages.mark_read(req.args["id"], req.body, req.auth)
 
     def claim_message(self, req):
-        return 200, self.relay.claims.claim_message(req.id(), req.body, req.auth)
+        return 200, self.relay.claims.claim_message(req.args["id"], req.body, req.auth)
 
     def release_message(self, req):
-        return 200, self.relay.claims.release_message(req.id(), req.body, req.auth)
+        return 200, self.relay.claims.release_message(req.args["id"], req.body, req.auth)
 
     def approve(self, req):
-        return 200, self.relay.messages.decide(req.id(), req.body, True, req.auth)
+        return 200, self.relay.messages.decide(req.args["id"], req.body, True, req.auth)
 
     def reject(self, req):
-        return 200, self.relay.messages.decide(req.id(), req.body, False, req.auth)
+        return 200, self.relay.messages.decide(req.args["id"], req.body, False, req.auth)
 
     # -- tasks and integrations --------------------------------------------
     def create_task(self, req):
@@ -4881,24 +5812,19 @@ class Api:
         return (201 if created else 200), {"task": task, "created": created}
 
     def list_tasks(self, req):
-        q = {k: req.q(k, 200) for k in ("target", "channel", "claimedBy")}
-        q["status"] = req.q("status", 16)
-        if q["status"] is not None and q["status"] not in TASK_STATUSES:
-            raise invalid("status", "must be one of %s" % ", ".join(TASK_STATUSES))
-        q["limit"] = req.qint("limit", 1, 500, 100)
-        return 200, self.relay.tasks.list_tasks(q)
+        return 200, self.relay.tasks.list_tasks(req.args)
 
     def get_task(self, req):
-        return 200, self.relay.tasks.task_detail(req.id("Task"))
+        return 200, self.relay.tasks.task_detail(req.args["id"])
 
     def claim_task(self, req):
-        return 200, self.relay.claims.claim_task(req.id("Task"), req.body, req.auth)
+        return 200, self.relay.claims.claim_task(req.args["id"], req.body, req.auth)
 
     def task_status(self, req):
-        return 200, self.relay.tasks.update_task(req.id("Task"), req.body, req.auth)
+        return 200, self.relay.tasks.update_task(req.args["id"], req.body, req.auth)
 
     def task_events(self, req):
-        return 200, {"events": self.relay.tasks.task_events(req.id("Task"))}
+        return 200, {"events": self.relay.tasks.task_events(req.args["id"])}
 
     def integration_event(self, req):
         body, status = self.relay.tasks.integration_event(req.auth.integration, req.body)
@@ -4906,35 +5832,27 @@ class Api:
 
     # -- search ------------------------------------------------------------
     def search(self, req):
-        q = req.q("q", 500)
-        if q is None:
-            raise invalid("q", "is required: the words to search for (words, \"a phrase\", prefix*)")
-        filters = {k: req.q(k, 200) for k in ("agent", "from", "to", "channel")}
-        since, until = req.qint("since"), req.qint("until")
-        limit = req.qint("limit", 1, 100, 20)
-        return 200, self.relay.search.search(q, filters, since, until, limit)
+        a = req.args
+        filters = {k: a[k] for k in ("agent", "from", "to", "channel")}
+        return 200, self.relay.search.search(a["q"], filters, a["since"], a["until"], a["limit"])
 
     def callbacks(self, req):
-        status = req.q("status", 16)
-        if status is not None and status not in ("pending", "delivered", "failed"):
-            raise invalid("status", "must be one of pending, delivered, failed")
-        return 200, self.relay.callbacks.list_callbacks({"taskId": req.qint("taskId"), "status": status, "limit": req.qint("limit", 1, 500, 100)})
+        return 200, self.relay.callbacks.list_callbacks(req.args)
 
     # -- leases ------------------------------------------------------------
     def acquire_lease(self, req):
         return 201, self.relay.leases.acquire(req.body, req.auth)
 
     def list_leases(self, req):
-        return 200, self.relay.leases.list_leases(req.q("agentId", 128), req.q("scope", 128), req.q("path", LEASE_MAX_PATH))
+        a = req.args
+        return 200, self.relay.leases.list_leases(a["agentId"], a["scope"], a["path"])
 
     def renew_lease(self, req):
-        return 200, self.relay.leases.renew(req.id("Lease"), req.body, req.auth)
+        return 200, self.relay.leases.renew(req.args["id"], req.body, req.auth)
 
     def release_lease(self, req):
-        agent_id = req.q("agentId", 128)
-        if agent_id is None and req.body.get("agentId") is not None:  # in a body, as the other writes take it
-            agent_id = Fields(req.body).string("agentId", max_len=128)
-        return 200, self.relay.leases.release(req.id("Lease"), agent_id, req.auth)
+        agent_id = req.args["agentId"] or req.body.get("agentId")  # ?agentId=, or in a body as the other writes take it
+        return 200, self.relay.leases.release(req.args["id"], agent_id, req.auth)
 
     # -- the live stream ---------------------------------------------------
     # What one stream holds, however long the history it replays and however slowly its client reads: one page of
@@ -4948,18 +5866,13 @@ class Api:
 
     def events(self, req):
         relay = self.relay
-        agent_id = req.q("agentId", 128)
+        agent_id = req.args["agentId"]
         if agent_id is not None:
             req.auth.act_as(relay.agents.get_agent(agent_id))
-        types = set(_parse_list(req.q("types", 1024) or "")) or None
-        last = req.handler.headers.get("Last-Event-ID")
-        if last is not None and last.strip():
-            try:
-                since = int(last.strip())
-            except ValueError:
-                raise invalid("Last-Event-ID", "must be an event id (a whole number)")
-        else:
-            since = req.qint("since")
+        types = set(_parse_list(req.args["types"] or "")) or None
+        since = req.args["Last-Event-ID"]
+        if since is None:
+            since = req.args["since"]
         if since is None or since > relay.hub.head:
             since = relay.hub.head  # a cursor from another database (a fresh or :memory: relay) must not mute the stream
         EventStream(self, req.handler, agent_id, types, since).begin()
@@ -5013,7 +5926,9 @@ class EventStream:
             h.send_head(200, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                               "X-Accel-Buffering": "no", "Connection": "close"})
             h.close_connection = True
-            h.wfile.write(b"retry: 2000\n: connected\n\n")
+            # the cursor it starts from, as an id without data: a client that drops before the first event resumes
+            # from here (an SSE client takes the id as its Last-Event-ID, and dispatches no event for it)
+            h.wfile.write(b"retry: 2000\nid: %d\n: connected\n\n" % self.since)
             if self.agent_id:
                 relay.agents.touch(self.agent_id)
             h.ping_every = relay.config.sse_ping_ms / 1000.0
@@ -6029,15 +6944,17 @@ class Handler(BaseHTTPRequestHandler):
         return Auth(relay, self.headers, is_admin)
 
     def dispatch_api(self, method, path, query_string):
-        route, params, allowed = _static_routes().get((method, path)), {}, []
+        route, params, allowed, public = _static_routes().get((method, path)), {}, [], True
         for r in ROUTES if route is None else ():
             m = r.regex.match(path)
             if m:
                 allowed.append(r.method)
+                public = public and r.auth == "public"
                 if r.method == method or (method == "HEAD" and r.method == "GET" and not r.stream):
                     route, params = r, m.groupdict()
                     break
-        auth = self.authenticate(route)
+        # a public path (/api/health) tells anyone which methods it takes; any other, only who may use it
+        auth = None if route is None and allowed and public else self.authenticate(route)
         if route is None:
             if allowed:
                 raise ApiError(405, "method_not_allowed", "%s is not allowed on %s (allowed: %s)." % (method, path, ", ".join(sorted(set(allowed)))),
@@ -6060,7 +6977,8 @@ class Handler(BaseHTTPRequestHandler):
                 if ctype != "application/json":
                     raise ApiError(415, "unsupported_media_type", "Send the body as Content-Type: application/json (got %r)." % (ctype or "none"))
             req.raw = raw  # /api/mcp reads its own body: malformed JSON there is answered as a JSON-RPC parse error
-            req.body = parse_json_body(raw) if route.handler != "mcp" else {}
+            req.body = parse_json_body(raw) if not route.raw_body else {}
+        route.check(req)
         status, body = getattr(self.api, route.handler)(req)
         if status is DEFERRED:
             self._answering = self._answer_done  # answered by the thread that commits it
@@ -10989,12 +11907,13 @@ class RelayRouteBackend:
             auth.agent_key = self.agent_key
         q = {k: ("true" if v is True else "false" if v is False else str(v)) for k, v in (query or {}).items() if v is not None}
         req = Request(_McpInProcessHandler(self.handler, cancel), method, path, q, params, auth)
-        req.body = body or {}
+        req.body = dict(body or {})
         agent = urllib.parse.unquote(params.get("id", "")) if path.startswith("/api/agents/") else None
         wake = (lambda: relay.hub.wake([agent])) if agent and cancel is not None else None
         if wake:
             cancel.on_cancel(wake)  # a long-poll for the agent looks again at once, and sees itself cancelled
         try:
+            route.check(req)
             status, out = getattr(self.api, route.handler)(req)
         except ApiError as e:
             raise RelayError(e.status, e.code, e.message, e.extra)
@@ -11117,9 +12036,9 @@ class McpStdioServer:
                         break
                     line = line.decode("utf-8", "replace").rstrip("\r\n")
                     if line == "":
+                        if isinstance(ev_id, int):
+                            last = ev_id  # an id without data too: the cursor the stream starts from
                         if data:
-                            if isinstance(ev_id, int):
-                                last = ev_id
                             self.session.relay_event(ev_type, loads_or("\n".join(data), None))
                         ev_id, ev_type, data = None, "message", []
                     elif not line.startswith(":"):

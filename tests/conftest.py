@@ -20,6 +20,11 @@ import urllib.parse
 
 import pytest
 
+try:
+    import jsonschema
+except ImportError:  # tests/requirements.txt installs it; without it, answers are not checked against the spec
+    jsonschema = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELAY_PY = os.path.join(ROOT, "agent_relay.py")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -108,8 +113,87 @@ class Resp:
         return "<Resp %s %r>" % (self.status, self.body[:300])
 
 
+class SpecCheck:
+    """The relay's /api/spec, and the check every answer to an /api request gets against it: its status is one the
+    spec declares for the operation, and its JSON body validates against the schema declared for that status. An
+    answer to no operation of the spec (404 no route, 405) must be the relay's error envelope. Streams (SSE) and
+    bodies that are not JSON are left alone."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.operations = []  # (method, path pattern, path template, operation), paths with fewer parameters first
+        for path, ops in sorted(spec["paths"].items(), key=lambda kv: (kv[0].count("{"), kv[0])):
+            regex = re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path)) + "$")
+            for method, op in ops.items():
+                self.operations.append((method.upper(), regex, path, op))
+        self._validators = {}
+
+    def operation(self, method, path):
+        method = "GET" if method == "HEAD" else method
+        for m, regex, template, op in self.operations:
+            if m == method and regex.match(path):
+                return template, op
+        return None, None
+
+    def validator(self, key, schema):
+        v = self._validators.get(key)
+        if v is None:
+            root = dict(schema)
+            root["components"] = self.spec["components"]  # for the #/components/... references
+            v = self._validators[key] = jsonschema.Draft202012Validator(root)
+        return v
+
+    def component_problem(self, name, value):
+        """What is wrong with `value` as the spec's components/schemas/<name>, or None."""
+        errors = list(self.validator(name, {"$ref": "#/components/schemas/" + name}).iter_errors(value))
+        if not errors:
+            return None
+        e = jsonschema.exceptions.best_match(errors)
+        return "%s: at %s: %s" % (name, "/".join(str(p) for p in e.absolute_path) or "(the value)", e.message[:500])
+
+    def problem(self, method, path, status, headers, body):
+        """What is wrong with this answer per the spec, or None."""
+        ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
+        if method == "HEAD" or ctype == "text/event-stream":
+            return None
+        template, op = self.operation(method, path)
+        where = "%s %s" % (method, template or path)
+        if op is None:
+            declared, schema = {"content": {"application/json": {}}}, {"$ref": "#/components/schemas/Error"}
+            if status < 400:
+                return "%s: answered %d, but the spec has no such operation" % (where, status)
+        else:
+            declared = op["responses"].get(str(status))
+            if declared is None:
+                return "%s: answered %d, which the spec does not declare for it (it declares %s)" % (
+                    where, status, ", ".join(sorted(op["responses"])))
+            while "$ref" in declared:
+                declared = self.spec["components"]["responses"][declared["$ref"].rsplit("/", 1)[1]]
+            schema = ((declared.get("content") or {}).get("application/json") or {}).get("schema")
+        if "application/json" not in (declared.get("content") or {}):
+            if body and ctype == "application/json":
+                return "%s: answered %d with a JSON body, where the spec declares none" % (where, status)
+            return None
+        if ctype != "application/json":
+            return None  # not JSON: left alone by design
+        try:
+            value = json.loads(body.decode("utf-8"))
+        except ValueError as e:
+            return "%s: answered %d with a body that is not JSON (%s): %r" % (where, status, e, body[:200])
+        errors = sorted(self.validator((where, status), schema or {}).iter_errors(value),
+                        key=lambda e: (len(list(e.absolute_path)), str(e.message)))
+        if not errors:
+            return None
+        e = jsonschema.exceptions.best_match(errors)
+        at = "/".join(str(p) for p in e.absolute_path) or "(the body)"
+        return "%s: the %d answer does not fit the spec's schema: at %s: %s (schema path %s); body %s" % (
+            where, status, at, e.message[:500], "/".join(str(p) for p in e.absolute_schema_path), body[:300])
+
+
 class Relay:
-    """One relay process plus a small HTTP client for it."""
+    """One relay process plus a small HTTP client for it. Every answer to an /api request is checked against the
+    relay's own /api/spec (SpecCheck; fetched once per relay): a test fails on an answer that the spec does not
+    describe."""
 
     def __init__(self, tmpdir, env=None, args=None, db_path=None, cwd=None, script=None):
         self.tmpdir = tmpdir
@@ -123,6 +207,8 @@ class Relay:
         self.output = []
         self.token = self.extra_env.get("AGENT_RELAY_TOKEN")
         self._local = threading.local()
+        self.check_answers = jsonschema is not None and self.script == RELAY_PY  # another relay file has its own spec
+        self._spec_check = None
 
     # -- process -----------------------------------------------------------
     def start(self, port=0, timeout=15):
@@ -193,7 +279,24 @@ class Relay:
             c.sock.settimeout(timeout)
         return c
 
-    def request(self, method, path, body=None, headers=None, raw=None, timeout=30, token=True, query=None):
+    def spec_check(self):
+        """The SpecCheck of this relay's /api/spec, fetched on first use."""
+        if self._spec_check is None:
+            r = self.request("GET", "/api/spec", check=False)
+            assert r.status == 200 and isinstance(r.json, dict), "GET /api/spec: %r" % r
+            self._spec_check = SpecCheck(r.json)
+        return self._spec_check
+
+    def check_answer(self, method, path, r):
+        """Fails the test when the answer `r` to method path does not fit the relay's spec."""
+        path = urllib.parse.urlsplit(path).path
+        if not path.startswith("/api/"):
+            return
+        problem = self.spec_check().problem(method, path, r.status, r.headers, r.body)
+        if problem:
+            pytest.fail("the relay's answer does not match /api/spec: " + problem, pytrace=False)
+
+    def request(self, method, path, body=None, headers=None, raw=None, timeout=30, token=True, query=None, check=True):
         hdrs = {}
         if token and self.token:
             hdrs["Authorization"] = "Bearer " + self.token
@@ -218,7 +321,10 @@ class Relay:
                 if r.getheader("Connection", "").lower() == "close":
                     c.close()
                     self._local.conn = None
-                return Resp(r.status, payload, dict((k.lower(), v) for k, v in r.getheaders()))
+                resp = Resp(r.status, payload, dict((k.lower(), v) for k, v in r.getheaders()))
+                if check and self.check_answers:
+                    self.check_answer(method, path, resp)
+                return resp
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest):
                 c.close()
                 self._local.conn = None

@@ -68,6 +68,8 @@ def test_agent_and_message_routes(relay):
     assert relay.sql("SELECT status, label, ready FROM agents WHERE id = 'ann'") == [{"status": "offline", "label": "lead", "ready": 0}]
     assert c.offline("ben", purge=True)["id"] == "ben"
     assert relay.sql("SELECT id FROM agents WHERE id = 'ben'") == []
+    assert relay.get("/api/agents/ann").status == 200  # a session's end leaves the card; a purge does not
+    assert (relay.get("/api/agents/ben").code, relay.get("/api/agents/ben/inbox").code) == ("unknown_agent",) * 2
 
 
 def test_tasks(relay):

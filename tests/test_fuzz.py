@@ -3,9 +3,11 @@
 Hypothesis draws thousands of requests (right and wrong types, SQL-looking
 strings, paths, NUL bytes, huge numbers, deep JSON, invalid UTF-8, lone
 surrogates, wrong methods and content types). For each: no 5xx, an error is
-the documented envelope, every JSON answer is strict JSON, no traceback reaches
-the log, and a rejected (4xx) request changes nothing, neither in the database
-(a fingerprint of every table) nor in the relay's memory (the agent list).
+the documented envelope (JSON-RPC's on /api/mcp), every JSON answer is strict
+JSON and fits /api/spec (its status declared, its body the declared schema),
+no traceback reaches the log, and a rejected (4xx) request changes nothing,
+neither in the database (a fingerprint of every table) nor in the relay's
+memory (the agent list).
 Strings are stored literally (read back identical) or refused with 400.
 """
 import http.client
@@ -56,6 +58,8 @@ def json_values():
 
 
 def typed(kind):
+    if isinstance(kind, list):  # ["string", "null"]: an optional field, which may be null
+        kind = next((k for k in kind if k != "null"), None)
     if kind == "string":
         return text()
     if kind == "integer":
@@ -166,7 +170,11 @@ class Fuzzer:
                 if r.getheader("Connection", "").lower() == "close":
                     self.conn.close()
                     self.conn = None
-                return r.status, dict((k.lower(), v) for k, v in r.getheaders()), self.strict_json(raw, r)
+                headers = dict((k.lower(), v) for k, v in r.getheaders())
+                answer = self.strict_json(raw, r)
+                problem = self.relay.spec_check().problem(method, urllib.parse.urlsplit(path).path, r.status, headers, raw)
+                assert problem is None, problem
+                return r.status, headers, answer
             except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest, BrokenPipeError):
                 self.conn.close()
                 self.conn = None

@@ -8,12 +8,15 @@ events on a narrowed stream, /api/stats, agent keys, a restart, retention, and a
 """
 import json
 import os
+import re
 import sqlite3
 import sys
 import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, wait_for
 from test_stream import Stream
@@ -573,3 +576,33 @@ def test_a_database_written_before_leases_is_migrated_and_keeps_everything(relay
     relay.restart()
     assert active(relay) == [got]
     assert "Traceback" not in relay.log
+
+
+LEASE_TEXT = st.lists(st.sampled_from(list("ab./*?~\\ \t\x00\x1f\x7f\x85\xa0-_") + ["..", "**", "/", "//", "./", "x" * 255,
+                                                                                  "y" * 256]), max_size=20).map("".join)
+
+
+def pattern_and_rule_agree(text):
+    try:
+        agent_relay.lease_pattern(text)
+        taken = True
+    except agent_relay.ApiError:
+        taken = False
+    schema = agent_relay.LEASE_PATH
+    declared = len(text) <= schema["maxLength"] and re.search(schema["pattern"], text) is not None
+    assert declared == taken, (text, "the spec's pattern says %s, lease_pattern %s" % (declared, taken))
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(LEASE_TEXT)
+def test_the_spec_states_exactly_the_paths_a_lease_takes(text):
+    """POST /api/leases declares its paths with a pattern (LEASE_PATH) that the request checker applies; lease_pattern
+    then normalises them. The two must take the same texts."""
+    pattern_and_rule_agree(text)
+
+
+@pytest.mark.parametrize("text", ["src/api/", "./src//api", "**", "src/**/test_*.py", "a/" * 128, "a/" * 129, "a" * 1024,
+                                  "a" * 1025, " " * 1020 + "abc", " " * 1030 + "a", "~", "~/a", "~a", "/a", "a/..", ".",
+                                  "a/.", ". /a", ".\x85", "a**", "x" * 255 + "/b", "x" * 256 + "/b", " src/ "])
+def test_the_spec_states_exactly_the_paths_a_lease_takes_at_the_edges(text):
+    pattern_and_rule_agree(text)

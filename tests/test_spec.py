@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, need
 
 METHODS = ("GET", "POST", "PATCH", "DELETE", "PUT")
 API_DOC = os.path.join(ROOT, "docs", "api.md")  # the API reference the README links to
@@ -126,3 +126,90 @@ def test_api_reference_table_matches_the_spec(relay):
     assert not missing and not extra, (
         "docs/api.md's API table and /api/spec differ.\n  in the spec, not in docs/api.md: %r\n"
         "  in docs/api.md, not in the spec: %r" % (missing, extra))
+
+
+def openapi_validator():
+    try:
+        from openapi_spec_validator import validate
+    except ImportError:
+        return None
+    return validate
+
+
+@pytest.mark.parametrize("token", [None, "spec-token-0123456789"], ids=["open", "token"])
+def test_spec_is_valid_openapi(relay_factory, token):
+    validate = openapi_validator()
+    need(validate is not None, "openapi-spec-validator is not installed (bash tests/run.sh installs tests/requirements.txt)")
+    relay = relay_factory(env={"AGENT_RELAY_TOKEN": token} if token else {})
+    doc = spec(relay)
+    validate(doc)  # raises, naming what is wrong, on a document that is not OpenAPI
+    assert doc["openapi"].startswith("3.1"), doc["openapi"]
+    # the security it states is the relay's: open without a token (the {} alternative), the token's with one
+    health = doc["paths"]["/api/health"]["get"]
+    assert health["security"] == [], health.get("security")
+    agents = doc["paths"]["/api/agents"]["get"]["security"]
+    assert ({} in agents) == (token is None), agents
+    assert doc["paths"]["/api/integrations/events"]["post"]["security"] == [{"integrationToken": []}]
+    r = relay.get("/api/agents", token=False)
+    assert r.status == (401 if token else 200), r
+
+
+def each_schema(schema, where):
+    """(where, schema) for a schema and every schema inside it."""
+    yield where, schema
+    if not isinstance(schema, dict):
+        return
+    for key in ("anyOf", "oneOf", "allOf"):
+        for i, sub in enumerate(schema.get(key, ())):
+            yield from each_schema(sub, "%s/%s/%d" % (where, key, i))
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from each_schema(sub, "%s.%s" % (where, name))
+    for key in ("items", "if", "then", "else"):
+        if isinstance(schema.get(key), dict):
+            yield from each_schema(schema[key], "%s/%s" % (where, key))
+
+
+def unbounded(schema):
+    """What a request field's schema leaves unbounded, or None."""
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds or ())
+    if "string" in kinds and not ({"maxLength", "enum", "const", "x-boundedBy"} & set(schema)):
+        return "a string without maxLength or enum (or x-boundedBy: the request's size)"
+    if "integer" in kinds and not ({"minimum", "maximum"} <= set(schema)):
+        return "a whole number without minimum and maximum"
+    if "array" in kinds and "maxItems" not in schema:
+        return "a list without maxItems"
+    return None
+
+
+def test_every_route_is_declared_in_full(relay):
+    """Each request field states its bounds, and each operation what it answers: a route added with the older
+    shorthand (types only, any object back) shows up here until it is declared in full."""
+    doc = spec(relay)
+    problems = []
+    for path, ops in sorted(doc["paths"].items()):
+        for method, op in sorted(ops.items()):
+            where = "%s %s" % (method.upper(), path)
+            if op.get("x-acting") is None and op.get("security") not in ([], None) and method != "get" and \
+                    path != "/api/mcp":
+                problems.append("%s: says nothing of who may act (x-acting)" % where)
+            fields = [("parameter %s" % p["name"], p["schema"]) for p in op.get("parameters", [])]
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body is not None and "$ref" not in str(body):  # its fields (its anyOf/if rules combine them)
+                fields += [("body.%s" % name, sub) for name, sub in body.get("properties", {}).items()]
+            for name, schema in fields:
+                for at, sub in each_schema(schema, name):
+                    problem = unbounded(sub)
+                    if problem:
+                        problems.append("%s: %s is %s" % (where, at, problem))
+            answers = {s: a for s, a in op["responses"].items() if s.startswith("2")}
+            if not answers:
+                problems.append("%s: declares no success answer" % where)
+            for status, answer in answers.items():
+                for ctype, media in (answer.get("content") or {}).items():
+                    if media.get("schema") in ({"type": "object"}, {}):
+                        problems.append("%s: its %s answer (%s) is any object" % (where, status, ctype))
+            for status in ("400", "403"):
+                if status not in op["responses"]:
+                    problems.append("%s: does not declare %s" % (where, status))
+    assert not problems, "\n".join(problems)

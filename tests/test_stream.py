@@ -230,6 +230,8 @@ def test_every_event_type_of_the_contract_is_emitted_well_formed(relay_factory):
         assert relay.post("/api/messages/%d/claim" % m["id"], {"agentId": "w1"}).status == 200
         assert relay.post("/api/messages/%d/release" % m["id"], {"agentId": "w1"}).status == 200
         assert relay.post("/api/messages/%d/read" % m["id"], {"agentId": "w1"}).status == 200
+        upto = relay.send("human", "w1", "read up to here")
+        assert relay.post("/api/agents/w1/read", {"upTo": m["id"] + 1}).json["count"] == 1
         chat = relay.send("human", "w1", "are you there?")
         assert chat["id"] in [x["id"] for x in relay.inbox("w1")["messages"]]
         answer = relay.send("w1", "human", "here", replyTo=chat["id"])
@@ -253,14 +255,20 @@ def test_every_event_type_of_the_contract_is_emitted_well_formed(relay_factory):
         receiver.shutdown()
 
     ids_increase(got)
+    # the spec documents each type and its data (components/schemas/Event, a oneOf over Event.<type>)
+    spec = relay.spec_check()
+    documented = {ref["$ref"].rsplit("/", 1)[1][len("Event."):] for ref in spec.spec["components"]["schemas"]["Event"]["oneOf"]}
+    assert documented >= CONTRACT_TYPES, sorted(CONTRACT_TYPES - documented)
     for e in got:
         assert e["event"] in CONTRACT_TYPES, e
+        problem = spec.component_problem("Event", {k: e[k] for k in ("id", "event", "data")})
+        assert problem is None, (problem, e)
         d = e["data"]
         kind = e["event"]
         if kind.startswith("agent."):
             assert isinstance(d["agent"]["id"], str) and "status" in d["agent"]
         elif kind == "message.read":
-            assert d["agentId"] == "w1" and d["messageId"] == m["id"]
+            assert d["agentId"] == "w1" and d["messageId"] in (m["id"], upto["id"])
         elif kind == "message.delivered":
             assert d["agentId"] == "w1" and d["messageId"] == chat["id"] and isinstance(d["deliveredAt"], int)
         elif kind == "message.replied":
@@ -300,6 +308,26 @@ def test_the_api_reference_lists_every_event_type():
     table = table[:table.index("\n\n")]
     missing = sorted(t for t in CONTRACT_TYPES if "`%s`" % t not in table)
     assert not missing, "docs/api.md's event table lacks %r" % missing
+
+
+def test_a_stream_without_a_cursor_states_where_it_starts_so_a_client_that_drops_at_once_misses_nothing(relay_factory):
+    relay = relay_factory()
+    relay.register("a")
+    relay.register("b")
+    s = Stream(relay)
+    first = s.block()  # the preamble: an id without data, which an SSE client keeps as its Last-Event-ID
+    assert "event" not in first and "data" not in first, first
+    start = first["id"]
+    assert start == stored(relay)[-1][0]  # the newest event when it opened
+    s.vanish()  # gone before any event came
+    relay.send("a", "b", "sent while nobody listened")
+    again = Stream(relay, headers={"Last-Event-ID": str(start)})
+    try:
+        got = again.until_event("message.created")
+        assert [e["data"]["message"]["body"] for e in got if e["event"] == "message.created"] == ["sent while nobody listened"]
+        assert all(e["id"] > start for e in got)
+    finally:
+        again.close()
 
 
 def test_reconnect_with_last_event_id_gets_exactly_what_it_missed_also_after_a_restart(relay_factory):
