@@ -6505,6 +6505,8 @@ class RelayServer(ThreadingHTTPServer):
     request_queue_size = 1024
     allow_reuse_address = True
     ACCEPT_BACKOFF_S = 0.1  # when no descriptor is left to accept with
+    RECOVERED = 0.75  # descriptors are no longer short once the connections fall to this share (see starved)
+    STARVED_EVERY_S = 60.0  # while descriptors stay short, the log says so again at most this often
 
     def __init__(self, addr, handler, max_connections, workers=None):
         self.active = set()  # threads serving a connection now
@@ -6512,7 +6514,13 @@ class RelayServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self.connections = 0  # open now: counted when accepted, so that a burst cannot overshoot the cap
         self.waits = 0  # long-polls and streams waiting in the room (or on their way in or out of it)
-        self.starved = False  # descriptors ran out (said once, until an accept succeeds again)
+        # Descriptors ran out: said once per episode. The episode ends when an accept succeeds with the connections
+        # open down to RECOVERED of what they were when it began, so that a relay held at its limit, where every
+        # client that leaves lets one more in before the next accept fails, does not log twice per client.
+        self.starved = False
+        self.starved_with = 0  # connections open when descriptors ran out
+        self.starved_refused = 0  # connections turned away with 503 in this episode, not yet told
+        self.starved_said = 0.0  # monotonic time of the episode's last line
         self.spare_fd = None
         # threads for work, one selector for waiting (WaitingRoom); without it, a thread per connection
         self.pool = WorkerPool(workers) if workers and WAITING_ROOM else None
@@ -6539,18 +6547,25 @@ class RelayServer(ThreadingHTTPServer):
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 self.out_of_descriptors(e)
             raise  # socketserver skips this connection attempt
-        if self.starved:
+        if self.starved and self.connections <= self.starved_with * self.RECOVERED:
             self.starved = False
-            log("accepting connections again")
+            log("accepting connections again (%d open; %d when descriptors ran out; %d turned away with 503 since the "
+                "last line)" % (self.connections, self.starved_with, self.starved_refused))
         return request
 
     def out_of_descriptors(self, e):
         """accept() failed for want of a descriptor. The connection stays in the backlog, so the accept loop
         would spin on it: the spare descriptor takes it instead, to answer 503; without one, the loop backs off."""
+        now = time.monotonic()
         if not self.starved:
-            self.starved = True
-            log("out of file descriptors (%s): new connections get 503 until some close; raise the limit (ulimit -n) or "
-                "lower AGENT_RELAY_MAX_CONNECTIONS (now %d)" % (errno.errorcode.get(e.errno, e.errno), self.max_connections))
+            self.starved, self.starved_with, self.starved_refused, self.starved_said = True, self.connections, 0, now
+            log("out of file descriptors (%s) with %d connections open: new connections get 503 until some close; raise "
+                "the limit (ulimit -n) or lower AGENT_RELAY_MAX_CONNECTIONS (now %d)" % (
+                    errno.errorcode.get(e.errno, e.errno), self.connections, self.max_connections))
+        elif now - self.starved_said >= self.STARVED_EVERY_S:
+            log("file descriptors still short: %d connections turned away with 503 in the last %d s (%d open)" % (
+                self.starved_refused, now - self.starved_said, self.connections))
+            self.starved_refused, self.starved_said = 0, now
         request = None
         if self.spare_fd is not None:
             os.close(self.spare_fd)
@@ -6559,6 +6574,7 @@ class RelayServer(ThreadingHTTPServer):
             except OSError:
                 pass
             if request is not None:
+                self.starved_refused += 1
                 self.turn_away(request, "The relay is out of file descriptors (too many connections); try again shortly.")
         self.spare_fd = self._take_spare()
         if request is None:
