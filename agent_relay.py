@@ -6245,24 +6245,46 @@ class WorkerPool:
                     gate.acquire(False)  # released as the task was given, just after the wait ended
 
 
-def release_memory():
-    """Gives the heap's free pages back to the system once a crowd of connections has left (glibc's
-    malloc_trim; elsewhere nothing)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
+def glibc():
+    """The C library, where it is glibc (Linux); else None."""
+    global _GLIBC
+    if _GLIBC is None:
+        _GLIBC = False
         try:
             if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
                 import ctypes
 
-                _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+                _GLIBC = ctypes.CDLL(None)
         except (ImportError, OSError, ValueError, AttributeError):
             pass
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    return _GLIBC or None
 
 
-_MALLOC_TRIM = None
+_GLIBC = None
+
+
+def release_memory():
+    """Gives the heap's free pages back to the system once a crowd of connections has left (glibc's
+    malloc_trim; elsewhere nothing)."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+MALLOC_ARENAS = 2  # glibc heaps shared by all the relay's threads (limit_malloc_arenas)
+M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+
+
+def limit_malloc_arenas():
+    """glibc gives each new thread a heap of its own (an arena), up to 8 per core, and keeps what is freed in an arena
+    for that arena alone. The relay's workers take turns, so in time every arena grows to its own high-water mark:
+    under benchmarks/soak.py the memory in use stayed at about 20 MiB while the free space the arenas held grew from
+    31 to 79 MiB in 4 minutes, and was still growing. With MALLOC_ARENAS it stays at about 22 MiB and resident memory
+    levels off, at the same CPU per request (the threads take turns on the interpreter lock anyway). Called once at
+    the start, before any thread; a MALLOC_ARENA_MAX in the environment is left as set. Elsewhere nothing."""
+    libc = glibc()
+    if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 class WaitingRoom:
@@ -13809,6 +13831,7 @@ def display_url(host, port):
 def serve(config, on_ready=None):
     """Run the relay until SIGTERM or Ctrl-C; open long-polls are answered and the database is closed.
     on_ready(url, stop), when given, runs in a thread of its own once the relay answers."""
+    limit_malloc_arenas()
     server, relay = make_server(config)
     relay.start_workers()
     host, port = server.server_address[:2]
