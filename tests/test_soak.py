@@ -1,7 +1,8 @@
-"""The soak benchmark, shortened to 60 s: mixed load with agents coming and going, long-polls,
-streams, tasks and callbacks; nothing acknowledged is lost and the relay's memory, threads and
-file descriptors stay flat. Part of the full suite; deselect it with `-m "not soak"`.
-The long run is `python3 benchmarks/soak.py` (600 s by default).
+"""The soak benchmark, shortened to 60 s after its warm-up (about 45 s here, at most 180 s): mixed load
+with agents coming and going, long-polls, streams, tasks and callbacks; nothing acknowledged is lost and
+the relay's memory, threads and file descriptors stay flat once its bounded caches have filled. Part of
+the full suite; deselect it with `-m "not soak"`. The long run is `python3 benchmarks/soak.py` (600 s
+by default).
 
 One quick test here pins what keeps the relay's memory flat under glibc: its threads share two malloc
 arenas (without the limit glibc makes one per thread up to 8 per core, and each fills to its own high-water
@@ -20,11 +21,11 @@ SOAK = os.path.join(ROOT, "benchmarks", "soak.py")
 
 
 @pytest.mark.soak
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 def test_sixty_seconds_of_mixed_load(tmp_path):
     report = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, SOAK, "--seconds", "60", "--report", str(report)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=200, cwd=str(tmp_path))
+                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=360, cwd=str(tmp_path))
     out = proc.stdout.decode("utf-8", "replace")
     assert proc.returncode == 0, out
     data = json.loads(report.read_text())
@@ -34,7 +35,7 @@ def test_sixty_seconds_of_mixed_load(tmp_path):
     for op in ("send", "inbox", "register", "leave", "heartbeat", "claim", "finish", "integration", "stream"):
         assert ops.get(op, 0) > 0, (op, ops)
     assert data["acknowledgedMessages"] > 1000 and data["callbacksDelivered"] > 10 and data["streamEvents"] > 1000, out
-    assert len(data["samples"]) >= 20
+    assert len(data["samples"]) >= 20 and data["warmUp"] is not None
     for key in ("rssKiB", "threads", "fds"):
         assert data["flat"][key]["ok"], (key, data["flat"][key])
 
