@@ -6279,9 +6279,10 @@ def limit_malloc_arenas():
     """glibc gives each new thread a heap of its own (an arena), up to 8 per core, and keeps what is freed in an arena
     for that arena alone. The relay's workers take turns, so in time every arena grows to its own high-water mark:
     under benchmarks/soak.py the memory in use stayed at about 20 MiB while the free space the arenas held grew from
-    31 to 79 MiB in 4 minutes, and was still growing. With MALLOC_ARENAS it stays at about 22 MiB and resident memory
-    levels off, at the same CPU per request (the threads take turns on the interpreter lock anyway). Called once at
-    the start, before any thread; a MALLOC_ARENA_MAX in the environment is left as set. Elsewhere nothing."""
+    31 to 79 MiB in 4 minutes, and was still growing. With MALLOC_ARENAS it was 23 MiB after 2 minutes, and 30 to
+    34 MiB from 15 minutes on, at the same CPU per request (the threads take turns on the interpreter lock anyway).
+    Called once at the start, before any thread; a MALLOC_ARENA_MAX in the environment is left as set. Elsewhere
+    nothing."""
     libc = glibc()
     if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
