@@ -86,6 +86,7 @@ class Run:
         self.bad_signatures = 0
         self.samples = []
         self.errors = []  # exceptions in workers
+        self.sent = threading.Event()  # the senders and the integration have stopped: nothing more will arrive
 
     def running(self):
         return time.monotonic() < self.deadline
@@ -174,7 +175,9 @@ def stable_agent(port, run, i):
         if time.monotonic() - last_beat > 5:
             last_beat = time.monotonic()
             c.call("heartbeat", "POST", "/api/agents/%s/heartbeat" % me, {"status": random.choice(["online", "busy"])})
-    # drain what is left, without waiting
+    # drain what is left, without waiting, once nothing more can arrive (a send in flight at the deadline is
+    # stored after it)
+    run.sent.wait(90)
     while True:
         status, out = c.call("inbox", "GET", "/api/agents/%s/inbox?since=%d&limit=500" % (me, cursor))
         if status != 200 or not out["messages"]:
@@ -445,6 +448,7 @@ def main(argv=None):
                 run.errors.append("%s: %r" % (target.__name__, e))
 
     workers = [threading.Thread(target=guarded, args=(w._target,) + w._args, daemon=True) for w in workers]
+    producers = [w for w in workers if w._args[0] in (sender, integration)]  # what sends to the stable agents
     for w in workers:
         w.start()
     next_report = run.start + 30
@@ -464,6 +468,9 @@ def main(argv=None):
             s = run.samples[-1]
             print("soak: t=%4.0fs rss=%6.1f MiB threads=%3d fds=%3d acked=%d unexpected=%d" % (
                 s["t"], s["rssKiB"] / 1024.0, s["threads"], s["fds"], len(run.acked), len(run.unexpected)), flush=True)
+    for w in producers:
+        w.join(60)
+    run.sent.set()
     for w in workers:
         w.join(60)
 
