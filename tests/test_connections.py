@@ -194,9 +194,24 @@ os.execv(sys.executable, [sys.executable, %r] + sys.argv[1:])
 """ % RELAY_PY
 
 
+def relay_sockets(pid):
+    """How many sockets the relay process has open (Linux: /proc): its connections, plus a few of its own."""
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            n += os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:")
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="lowers the descriptor limit of a Linux process")
 @pytest.mark.parametrize("cap", [None, "1000"], ids=["the default cap, sized from the limit", "a cap above the limit"])
 def test_with_few_descriptors_the_relay_answers_503_and_recovers(relay_factory, tmp_path, cap):
+    """Two crowds, one after the other, each larger than the descriptor limit. While a crowd holds the relay at its
+    limit, a few of it leave and others take their place. With the cap above the limit, descriptors run out:
+    the log says so once per crowd (not again for each client let in as another leaves), and says when the crowd
+    has gone."""
     wrapper = tmp_path / "lowered.py"
     wrapper.write_text(WRAPPER)
     env = {"RELAY_TEST_NOFILE": "64"}
@@ -205,22 +220,35 @@ def test_with_few_descriptors_the_relay_answers_503_and_recovers(relay_factory, 
     relay = relay_factory(env=env, script=str(wrapper))
     relay.register("a")
     relay.register("b")
+    pid = relay.proc.pid  # the wrapper execs the relay in its own process
     socks = []
     try:
         for _ in range(2):  # twice: the relay recovers from the first crowd
+            before = relay_sockets(pid)
             socks = crowd(relay, polls=4, idle=76)
             assert_turned_away(relay.port)
+            for _ in range(3):  # at the limit, five leave and ten more come: five get in, the rest get 503
+                held = relay_sockets(pid)
+                leaving, socks = socks[4:9], socks[:4] + socks[9:]  # idle ones the relay accepted (it accepts in order)
+                for s in leaving:
+                    s.close()
+                assert wait_for(lambda: relay_sockets(pid) <= held - len(leaving), timeout=30), "the relay kept them open"
+                socks += crowd(relay, idle=10)
+                assert_turned_away(relay.port)
             for s in socks:
                 s.close()
-            assert wait_for(lambda: raw_exchange(relay.port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[0] == 200,
-                            timeout=30)
+            # the crowd has gone once the relay has closed its side of every connection
+            assert wait_for(lambda: relay_sockets(pid) <= before, timeout=30), (relay_sockets(pid), before)
+            status = raw_exchange(relay.port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[0]
+            assert status == 200
             assert relay.post("/api/messages", {"from": "a", "to": "b", "body": "still here"}).status == 201
     finally:
         for s in socks:
             s.close()
     assert relay.proc.poll() is None
     assert "Traceback" not in relay.log
-    if cap:  # descriptors ran out: said once per episode, not once per refused connection
+    if cap:  # descriptors ran out: said once per crowd, and its end once too
+        assert wait_for(lambda: relay.log.count("accepting connections again") == 2), relay.log
         assert relay.log.count("out of file descriptors") == 2, relay.log
     else:  # the default cap is met before descriptors run out
         assert "out of file descriptors" not in relay.log, relay.log
