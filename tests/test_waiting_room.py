@@ -319,3 +319,29 @@ def test_without_the_waiting_room_a_thread_per_connection_serves_the_same(relay_
     got = read_until_closed([p])
     assert take_answer(got[p])[0] == 200
     assert "Traceback" not in relay.log
+
+
+def test_message_waits_do_not_hold_up_other_requests_when_they_outnumber_the_workers(relay_factory):
+    """GET /api/messages/:id/wait waits where it runs (it is not parked in the room): more such waits than the pool
+    has workers must not leave every other request queued behind them until their time runs out."""
+    relay = relay_factory(env={"AGENT_RELAY_WORKERS": "2"})
+    relay.register("a")
+    relay.register("b")
+    mid = relay.send("a", "b", "read me")["id"]
+    waits = []
+    try:
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", relay.port), timeout=60)
+            s.sendall(request("GET", "/api/messages/%d/wait?until=read&timeout=60" % mid))
+            waits.append(s)
+        time.sleep(0.5)  # the waits have begun (nothing to look for: a broken relay fails below instead of hanging)
+        # the others are still served, through the same pool: the read that ends the waits among them
+        assert relay.get("/api/health", timeout=20).status == 200
+        assert relay.post("/api/messages/%d/read" % mid, {"agentId": "b"}, timeout=20).status == 200
+        for s in waits:
+            (status, _, body), = read_answers(s, 1, timeout=20)
+            assert status == 200 and json.loads(body)["reached"] is True
+    finally:
+        for s in waits:
+            s.close()
+    assert "Traceback" not in relay.log

@@ -4855,7 +4855,9 @@ class Api:
             raise invalid("until", "must be one of %s" % ", ".join(Messages.WAIT_STATES))
         timeout = req.qint("timeout", 0, 60, 0)
         every = req.qbool("all")
-        out = self.relay.messages.wait_for(mid, until, every, timeout, client_gone=req.handler.client_gone)
+        # the wait runs on this worker (it is not parked in the room): the pool starts another for the others meanwhile
+        with req.handler.holding_thread() if timeout else contextlib.nullcontext():
+            out = self.relay.messages.wait_for(mid, until, every, timeout, client_gone=req.handler.client_gone)
         if out is None:
             return None, None
         return 200, out
