@@ -12,7 +12,9 @@ same raw keep-alive client (benchmarks/loadgen.py), prints a table with a
 Items (numbered as in the issue that asked for them):
  1. send throughput with 1, 8 and 32 keep-alive clients against the bare
     baseline, in alternating rounds so that both see the same machine; raw
-    SQLite commits/s with the relay's own pragmas and schema;
+    SQLite commits/s with the relay's own pragmas and schema, and the cost of a
+    send-shaped commit just before and just after the send runs (read beside
+    the ratios, it tells a slow disk or a busy machine from a slow relay);
  2. delivery latency, send to receipt, to a long-poll and to a stream, with
     1 and with 100 agents waiting;
  3. scale: 1,000, 5,000, 10,000 and 15,000 waiting connections, a sixth of
@@ -38,7 +40,9 @@ Items (numbered as in the issue that asked for them):
     database as item 4's are.
 
 The figures are only comparable within a run: every ratio is against a
-baseline measured in the same run. Nothing here is a test assertion; the test
+baseline measured in the same run. The machine (cores, CPU, Python, SQLite),
+the load average at the start, as each item begins and at the end, and the
+descriptor limit are printed and written with the results. Nothing here is a test assertion; the test
 suite runs `--quick` once so that the benchmark keeps working.
 """
 import argparse
