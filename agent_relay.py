@@ -5786,7 +5786,9 @@ class Api:
 
     def wait_message(self, req):
         a = req.args
-        out = self.relay.messages.wait_for(a["id"], a["until"], a["all"], a["timeout"], client_gone=req.handler.client_gone)
+        # the wait runs on this worker (it is not parked in the room): the pool starts another for the others meanwhile
+        with req.handler.holding_thread() if a["timeout"] else contextlib.nullcontext():
+            out = self.relay.messages.wait_for(a["id"], a["until"], a["all"], a["timeout"], client_gone=req.handler.client_gone)
         if out is None:
             return None, None
         return 200, out
@@ -7034,9 +7036,16 @@ class WorkerPool:
     not count against the size: while any wait so, the pool starts another for the work queued meanwhile, so a
     few slow clients cannot hold everyone up (they are bounded by the deadlines and the connection cap, as a
     thread per connection was). The worker that finished last is given the next turn, and one idle for IDLE_S
-    ends: when a crowd leaves, its threads go with it."""
+    ends: when a crowd leaves, its threads go with it.
+
+    Work that may wait (submit_later: a long-poll or stream whose time is up) is queued apart and run by at most
+    LATER_AT_ONCE workers at a time (a quarter of the pool in a small one, at least one), taking turns with other
+    work: thousands of waits that run out together (clients that connected together wait in step) are answered
+    steadily, and the requests and wake-ups that arrive meanwhile neither queue behind them nor share the
+    interpreter with a worker for each."""
 
     IDLE_S = 2.0
+    LATER_AT_ONCE = 2
 
     def __init__(self, size, name="worker"):
         self.size = size
@@ -7044,6 +7053,9 @@ class WorkerPool:
         self.lock = threading.Lock()
         self.idle = []  # [task, gate] of each waiting worker, the last to finish at the end
         self.queue = collections.deque()
+        self.later = collections.deque()  # work that may wait (submit_later)
+        self.later_running = 0
+        self.later_cap = max(1, min(self.LATER_AT_ONCE, size // 4))
         self.threads = 0
         self.blocked = 0  # workers waiting on a client
         self._short = False  # no thread could be started (said once)
@@ -7069,10 +7081,55 @@ class WorkerPool:
             self.threads += 1
         self._start((fn, args))
 
+    def submit_later(self, fn, *args):
+        """Work that may wait behind the rest: it runs once fewer than later_cap such tasks run."""
+        with self.lock:
+            self.later.append((fn, args))
+            task = self._later_task()
+        if task is not None:
+            self._start(task)
+
+    def _later_task(self):
+        """With the lock held: the next deferred task goes to an idle worker, or is returned for a new thread. None
+        when there is none, when later_cap run already, or when no worker is free (the next to finish takes it)."""
+        if not self.later or self.later_running >= self.later_cap:
+            return None
+        if not self.idle and self.threads - self.blocked >= self.size:
+            return None
+        self.later_running += 1
+        task = (self._run_later, self.later.popleft())
+        if self.idle:
+            slot = self.idle.pop()
+            slot[0] = task
+            slot[1].release()
+            return None
+        self.threads += 1
+        return task
+
+    def _run_later(self, fn, args):
+        self._local.later = True
+        try:
+            fn(*args)
+        finally:
+            self.later_done()
+
+    def later_done(self):
+        """The calling worker's deferred task has done what it was deferred for: once it waits on its client (its
+        next request, a slow read) it no longer counts against later_cap, and the next one may start."""
+        if not getattr(self._local, "later", False):
+            return
+        self._local.later = False
+        with self.lock:
+            self.later_running -= 1
+            task = self._later_task()
+        if task is not None:
+            self._start(task)
+
     def linger(self, fd, seconds):
         """Waits up to `seconds` for `fd` to turn readable (a connection's next request), unless work is queued
         meanwhile with no worker free for it: then the first lingering worker to see the call goes to it. True when
         readable."""
+        self.later_done()
         if self.queue:
             return False
         poller = getattr(self._local, "poller", None)
@@ -7107,6 +7164,7 @@ class WorkerPool:
 
     def blocking(self):
         """The calling worker waits on its client: queued work gets a new worker, if none is free."""
+        self.later_done()
         with self.lock:
             self.blocked += 1
             if not self.queue or self.threads - self.blocked >= self.size:
@@ -7138,12 +7196,19 @@ class WorkerPool:
         slot = [None, gate]
         while True:
             fn, args = task
+            was_later = fn == self._run_later
             try:
                 fn(*args)
             except Exception:
                 log("worker error:\n" + traceback.format_exc())
             task = fn = args = None  # a finished turn holds nothing while the worker waits
             with self.lock:
+                # deferred work (at most later_cap at once) and the rest take turns: after one, other work first
+                later = self.later and self.later_running < self.later_cap
+                if later and not (was_later and self.queue):
+                    self.later_running += 1
+                    task = (self._run_later, self.later.popleft())
+                    continue
                 if self.queue:
                     task = self.queue.popleft()
                     continue
@@ -7216,6 +7281,7 @@ class WaitingRoom:
     in between. It writes a waiting stream's keep-alive comment itself, and closes an idle connection at its
     idle timeout. Other threads talk to it through a list of commands and a socketpair that wakes the selector."""
 
+    EXPIRE_BATCH = 256  # deadlines handled per turn of the loop: wake-ups and arrivals are seen between batches
     TRIM_AFTER = 1000  # when a crowd at least this large has mostly left, free memory goes back (release_memory)
     TRIM_DELAY_S = 3.0  # once the workers have closed what was handed back
 
@@ -7364,7 +7430,9 @@ class WaitingRoom:
     def _expire(self):
         now = time.monotonic()
         timers = self.timers
-        while timers and timers[0][0] <= now:
+        left = self.EXPIRE_BATCH  # the rest are due at once: the next select() does not wait
+        while timers and timers[0][0] <= now and left:
+            left -= 1
             _when, seq, conn = heapq.heappop(timers)
             if conn.timer_seq != seq:
                 continue  # an earlier deadline replaced it
@@ -7398,7 +7466,8 @@ class WaitingRoom:
                 conn.ping_rest = self.PING[sent:]
                 self._hand_back(conn, "timeout")
         else:
-            self._hand_back(conn, "timeout")
+            self._leave(conn)  # a long-poll (or a stream whose deadline came first) answered behind other work
+            self.pool.submit_later(conn.serve, "timeout")
 
     def _compact(self):
         """Drops the heap's entries for connections that left (each holds its connection's memory)."""

@@ -319,3 +319,85 @@ def test_without_the_waiting_room_a_thread_per_connection_serves_the_same(relay_
     got = read_until_closed([p])
     assert take_answer(got[p])[0] == 200
     assert "Traceback" not in relay.log
+
+
+def test_message_waits_do_not_hold_up_other_requests_when_they_outnumber_the_workers(relay_factory):
+    """GET /api/messages/:id/wait waits where it runs (it is not parked in the room): more such waits than the pool
+    has workers must not leave every other request queued behind them until their time runs out."""
+    relay = relay_factory(env={"AGENT_RELAY_WORKERS": "2"})
+    relay.register("a")
+    relay.register("b")
+    mid = relay.send("a", "b", "read me")["id"]
+    waits = []
+    try:
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", relay.port), timeout=60)
+            s.sendall(request("GET", "/api/messages/%d/wait?until=read&timeout=60" % mid))
+            waits.append(s)
+        time.sleep(0.5)  # the waits have begun (nothing to look for: a broken relay fails below instead of hanging)
+        # the others are still served, through the same pool: the read that ends the waits among them
+        assert relay.get("/api/health", timeout=20).status == 200
+        assert relay.post("/api/messages/%d/read" % mid, {"agentId": "b"}, timeout=20).status == 200
+        for s in waits:
+            (status, _, body), = read_answers(s, 1, timeout=20)
+            assert status == 200 and json.loads(body)["reached"] is True
+    finally:
+        for s in waits:
+            s.close()
+    assert "Traceback" not in relay.log
+
+
+@pytest.mark.skipif(not LINUX, reason="needs a descriptor limit above 3,000")
+def test_a_wake_up_is_not_queued_behind_a_crowd_of_waits_that_run_out_together(relay_factory):
+    """Clients that connected together wait in step: their waits run out together, and each asks again at once.
+    Every one is answered (the pool runs these apart, a few at a time), and a message that arrives meanwhile
+    reaches its waiting agent ahead of the rest of them, not after the whole crowd."""
+    crowd = 2500
+    open_files(crowd + 500)
+    relay = relay_factory(env=QUIET)
+    register_many(relay, ["p%d" % i for i in range(crowd)] + ["x", "src"])
+    socks = []
+    x = socket.create_connection(("127.0.0.1", relay.port), timeout=60)
+    try:
+        x.sendall(request("GET", "/api/agents/x/inbox?wait=60", close=True))
+        assert wait_for(lambda: listening(relay, "x"))
+        for i in range(crowd):
+            s = socket.create_connection(("127.0.0.1", relay.port), timeout=60)
+            s.sendall(request("GET", "/api/agents/p%d/inbox?wait=2" % i))
+            socks.append(s)
+        sel = selectors.DefaultSelector()
+        for s in socks + [x]:
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+        order, got, sent = [], {s: b"" for s in socks + [x]}, False
+        while len(order) < crowd + 1:
+            ready = sel.select(60)
+            assert ready, "%d answers of %d came" % (len(order), crowd + 1)
+            for key, _ in ready:
+                s = key.fileobj
+                try:
+                    chunk = s.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                got[s] += chunk
+                if not chunk or take_answer(got[s]) is not None:
+                    sel.unregister(s)
+                    order.append(s)
+                    if s is not x:
+                        s.sendall(request("GET", "/api/agents/p%d/inbox?wait=60" % socks.index(s), close=True))
+            if len(order) >= crowd // 3 and not sent:  # the crowd's time runs out, and it asks again: the message comes
+                relay.send("src", "x", "ahead of the crowd")
+                sent = len(order)
+        sel.close()
+    finally:
+        for s in socks + [x]:
+            s.close()
+    status, _, body, _ = take_answer(got[x])
+    assert status == 200 and [m["body"] for m in json.loads(body)["messages"]] == ["ahead of the crowd"]
+    for s in socks:  # every wait that ran out was answered, empty
+        status, _, body, _ = take_answer(got[s])
+        assert status == 200 and json.loads(body)["messages"] == []
+    # the woken wait was answered before most of the crowd whose time was up when it came
+    assert order.index(x) < sent + crowd // 5, "sent after %d answers, the woken long-poll came %d of %d" % (
+        sent, order.index(x) + 1, crowd + 1)
+    assert "Traceback" not in relay.log
