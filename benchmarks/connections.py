@@ -212,7 +212,8 @@ def main(argv=None):
     RELAY[0] = os.path.abspath(args.relay)
     cap = 100 if args.quick else args.cap
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-    limit = raise_fd_limit()
+    fds = raise_fd_limit()
+    limit = fds["soft"] if fds else None
     if limit is not None and limit < cap + 200:
         say("this process may open %d descriptors; a cap of %d needs about %d" % (limit, cap, cap + 200))
         return 2
