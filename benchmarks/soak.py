@@ -284,10 +284,10 @@ def streamer(port, run, path, record):
                     m = re.search(rb"^id: (\d+)$", frame, re.M)
                     if m:
                         last = int(m.group(1))
-                        if record:
+                        data = re.search(rb"^data: (.*)$", frame, re.M)
+                        if record and data:  # an id without data is the cursor a stream starts from, not an event
                             run.stream_ids.append(last)
-                            data = re.search(rb"^data: (.*)$", frame, re.M)
-                            run.stream_bytes += len(data.group(1).decode("utf-8")) if data else 0
+                            run.stream_bytes += len(data.group(1).decode("utf-8"))
         finally:
             s.close()
         pace(0.05, 0.3)
