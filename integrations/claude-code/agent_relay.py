@@ -4218,6 +4218,7 @@ def search_word_spans(text):
 
 
 SEARCH_MAX_TERMS = 16
+SEARCH_NO_WORD = "has no word to search for (letters or digits); for example: deploy, \"disk full\" or migrat*"
 
 
 def parse_search(q):
@@ -4246,7 +4247,7 @@ def parse_search(q):
         if words and (words, prefix) not in terms:
             terms.append((words, prefix))
     if not terms:
-        raise invalid("q", "has no word to search for (letters or digits); for example: deploy, \"disk full\" or migrat*")
+        raise invalid("q", SEARCH_NO_WORD)
     if len(terms) > SEARCH_MAX_TERMS:
         raise invalid("q", "has %d words and phrases; at most %d" % (len(terms), SEARCH_MAX_TERMS))
     return terms
@@ -5533,8 +5534,7 @@ ROUTES = [
           acting=_acts_as("agentId (the query's, else the body's)") + " Without one it is a person's act (the admin "
                  "token, with agent keys on)."),
     Route("GET", "/api/search", "search", "Search message subjects and bodies and task titles and bodies, best first.",
-          query={"q": Str(500, required=True, pattern=r"[^\W_]", rule="has no word to search for (letters or digits); for "
-                          "example: deploy, \"disk full\" or migrat*",
+          query={"q": Str(500, required=True, pattern=SEARCH_WORD_RE.pattern, rule=SEARCH_NO_WORD,
                           desc="Words (all must match), \"a phrase\", prefix*."),
                  "agent": Str(200, desc="Sent by or visible to this agent."), "from": Str(200), "to": Str(200),
                  "channel": Str(200), "since": Int(desc="Created at or after (ms since the epoch)."),
