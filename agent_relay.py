@@ -2483,8 +2483,12 @@ class AgentDirectory:
             self._dirty_seen.add(agent["id"])
 
     def mark_seen(self, agent_id):
-        """Activity recorded inside a transaction (a claim): in memory only, no write and no status change of its own."""
-        self._seen(self._agents[agent_id])
+        """Activity that brings no offline agent back: recorded inside a transaction (a claim), or a stream's end
+        (the agent was alive until then, but an offline mark made while the stream was closing must stand). In
+        memory only, no write and no status change of its own."""
+        agent = self._agents.get(agent_id)
+        if agent is not None and not agent["system"]:
+            self._seen(agent)
 
     def check_fence(self, agent, instance_id, epoch):
         if instance_id is not None and agent["instanceId"] is not None and instance_id != agent["instanceId"]:
@@ -5982,7 +5986,7 @@ class EventStream:
             self.ended = True
             self.relay.hub.unsubscribe(self.waiter)
             if self.agent_id:
-                self.relay.agents.touch(self.agent_id)
+                self.relay.agents.mark_seen(self.agent_id)  # silence counts from here; an offline mark stands
         return None
 
 
@@ -12257,19 +12261,15 @@ class McpStdioServer:
                 pass
         if not self.started:
             return
-        if self.feed is not None:
-            self.feed.join(1.0)
+        # Marked offline before the stream is seen to end, which the relay records as activity but which brings no
+        # offline agent back: a client that stops its server with a signal may kill it half a second later.
         client = RelayClient(url=self.client.url, token=self.client.token or "", agent_key=self.backend.agent_key or "",
                              timeout=3.0, warn=False)
         try:
-            # The relay counts a stream's end as activity, so the offline mark waits until it has seen the
-            # stream go (within about a second), and is made again should that activity have come after it.
-            deadline = time.monotonic() + 1.5
+            # A request the relay was still answering when it was cancelled above counts as activity and may
+            # land after the mark, so the mark is made again should the agent be back (after a signal, once:
+            # whoever sent it may not wait long).
             for attempt in range(3):
-                while not self.hurry.is_set() and time.monotonic() < deadline:
-                    if not client.agent(self.agent_id).get("listening"):
-                        break
-                    self.hurry.wait(0.05)
                 client.delete(self.agent_id)
                 if self.hurry.is_set() or self.hurry.wait(0.15) or client.agent(self.agent_id).get("status") == "offline":
                     break
@@ -12277,6 +12277,8 @@ class McpStdioServer:
             sys.stderr.write("agent-relay mcp: could not mark %s offline: %s\n" % (self.agent_id, e))
         finally:
             client.close()
+        if self.feed is not None:
+            self.feed.join(1.0)
 
 
 def cmd_mcp(args):

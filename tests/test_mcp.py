@@ -6,9 +6,11 @@ sessions talk to the relay's /api/mcp. Raw bytes (stdin lines, POST bodies) chec
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -413,6 +415,37 @@ def test_stdio_client_that_goes_away_takes_its_agent_offline(relay):
     c = card(relay, "leaving-stdio")
     assert c["status"] == "offline" and c["listening"] is False
     assert relay.get("/api/messages/%d" % mid).json["message"]["claimedBy"] is None
+
+
+def test_stdio_server_stopped_as_claude_code_stops_it_takes_its_agent_offline(relay):
+    """Claude Code ends a stdio server with SIGINT, SIGTERM 100 ms later and SIGKILL 400 ms after that (2.1.332):
+    the agent is marked offline within that half second, and stays offline once the relay sees its stream end."""
+    proc = subprocess.Popen([sys.executable, RELAY_PY, "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=dict(os.environ, **stdio_env(relay, "stopped")))
+    try:
+        proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}).encode()
+            + b"\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["result"]["serverInfo"]["name"]
+        assert wait_for(lambda: card(relay, "stopped") and card(relay, "stopped")["listening"])
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.4)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert wait_for(lambda: card(relay, "stopped")["listening"] is False)
+    c = card(relay, "stopped")
+    assert c["status"] == "offline", c
 
 
 def test_http_client_that_disappears_goes_offline_within_the_presence_window(relay_factory):

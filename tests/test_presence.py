@@ -175,6 +175,32 @@ def test_an_open_long_poll_or_stream_keeps_an_agent_online(relay_factory):
     assert wait_for(lambda: status_of(relay, "streamer") == "offline")
 
 
+def test_an_agent_marked_offline_while_its_stream_closes_stays_offline(relay):
+    """A session that ends marks its agent offline while its stream is still closing (an MCP bridge told to stop
+    does both at once): the stream's end, seen by the relay after the mark, moves lastSeen but brings the agent
+    no status back."""
+    relay.register("leaving")
+    stream = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=20)
+    stream.request("GET", "/api/events?agentId=leaving")
+    response = stream.getresponse()
+    try:
+        assert response.status == 200
+        assert wait_for(lambda: relay.get("/api/agents/leaving").json["listening"] is True)
+        assert relay.delete("/api/agents/leaving").status == 200
+        marked = relay.get("/api/agents/leaving").json
+        assert marked["status"] == "offline" and marked["listening"] is True, marked
+        time.sleep(0.05)  # a stream's end is seen later than the mark
+    finally:
+        response.close()
+        stream.close()
+    assert wait_for(lambda: relay.get("/api/agents/leaving").json["listening"] is False)
+    card = relay.get("/api/agents/leaving").json
+    assert card["status"] == "offline", card
+    assert card["lastSeen"] > marked["lastSeen"], (marked, card)  # the stream's end is recorded as activity
+    offline = [e for e in stored_events(relay, ["agent.offline", "agent.online"]) if e["agent_id"] == "leaving"]
+    assert [e["type"] for e in offline] == ["agent.offline"], offline
+
+
 def test_long_offline_agents_are_pruned_but_system_agents_stay(relay_factory):
     relay = relay_factory(env={"STALE_TTL_MS": STALE, "OFFLINE_PRUNE_MS": "500"})
     relay.register("ghost", tags=["workers"])
