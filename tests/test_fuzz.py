@@ -245,8 +245,9 @@ def requests(draw, fz):
     for p in op.get("parameters", []):
         if p["in"] != "query" or not draw(st.booleans()):
             continue
-        if p["name"] == "wait":  # a long-poll that really waits would only slow the run down
-            query["wait"] = draw(st.sampled_from(["0", "", "-1", "61", "x", str(2 ** 70)]))
+        if p["name"] in ("wait", "timeout"):  # a long-poll or message wait that really waits (up to 60 s, past this
+            # client's 30 s) would only slow the run down
+            query[p["name"]] = draw(st.sampled_from(["0", "", "-1", "61", "x", str(2 ** 70)]))
         elif p["name"] in ("agentId", "agent", "from", "to", "claimedBy") and draw(st.booleans()):
             query[p["name"]] = draw(st.sampled_from(list(BASE_AGENTS)))
         else:
