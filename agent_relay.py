@@ -1306,23 +1306,13 @@ class SchemaChecker:
 
         return check
 
-    @staticmethod
-    def _string(schema, messages):
-        lo, hi, pattern = schema.get("minLength"), schema.get("maxLength"), schema.get("pattern")
-        regex = re.compile(pattern) if pattern is not None else None
-        short = messages.get("minLengthMessage") or ("must not be empty" if lo == 1 else "is shorter than %s characters" % lo)
-        long = messages.get("maxLengthMessage") or "is longer than %s characters" % hi
-        unlike = messages.get("patternMessage") or "does not match %s" % pattern
+    @classmethod
+    def _string(cls, schema, messages):
+        """Length and pattern of a value that is a string (its type is another step's, or any): _text's checks."""
+        text = cls._text(schema, False, messages)
 
         def check(value, where):
-            if isinstance(value, str):
-                if lo is not None and len(value) < lo:
-                    raise Problem(where, short)
-                if hi is not None and len(value) > hi:
-                    raise Problem(where, long)
-                if regex is not None and not regex.search(value):
-                    raise Problem(where, unlike)
-            return value
+            return text(value, where) if isinstance(value, str) else value
 
         return check
 
@@ -1686,15 +1676,10 @@ def lease_pattern(text, field="paths"):
 
 
 def lease_patterns(value, field="paths"):
-    """A lease's `paths`: a list of 1..LEASE_MAX_PATHS patterns (a lone string counts as one), normalised, each once."""
+    """A lease's `paths` as POST /api/leases declares them (1..LEASE_MAX_PATHS patterns, or a lone string), each
+    normalised and kept once."""
     if isinstance(value, str):
         value = [value]
-    if value is None or value == []:
-        raise invalid(field, "is required: a list of repository-relative paths, such as [\"src/api/\", \"README.md\"]")
-    if not isinstance(value, list):
-        raise invalid(field, "must be a list of repository-relative paths, such as [\"src/api/\", \"README.md\"]")
-    if len(value) > LEASE_MAX_PATHS:
-        raise invalid(field, "has more than %d paths; lease a directory (src/api/) instead" % LEASE_MAX_PATHS)
     out = []
     for item in value:
         p = lease_pattern(item, field)
@@ -1795,13 +1780,6 @@ def lease_from_row(row):
         "expiresAt": row["expires_at"],
         "releasedAt": row["released_at"],
     }
-
-
-def lease_scope(scope, field="scope"):
-    """A lease scope (the working copy's name, as an agent's `project`), or 400: no control characters."""
-    if scope is not None and any(ord(c) < 32 or ord(c) == 127 for c in scope):
-        raise invalid(field, "must not hold control characters")
-    return scope
 
 
 def span_text(ms):
@@ -3977,7 +3955,7 @@ class Leases:
             params.append(agent_id)
         if scope is not None:
             where.append("scope = ?")
-            params.append(lease_scope(scope))
+            params.append(scope)  # without control characters, as GET /api/leases declares it
         mono, out = monotonic_ms(), []
         for row in self.db.query("SELECT * FROM leases WHERE %s ORDER BY id" % " AND ".join(where), params):
             if self._overdue(row, mono):
@@ -7121,8 +7099,7 @@ class WorkerPool:
             return None
         if not self.idle and self.threads - self.blocked >= self.size:
             return None
-        self.later_running += 1
-        task = (self._run_later, self.later.popleft())
+        task = self._take_later()
         if self.idle:
             slot = self.idle.pop()
             slot[0] = task
@@ -7130,6 +7107,11 @@ class WorkerPool:
             return None
         self.threads += 1
         return task
+
+    def _take_later(self):
+        """With the lock held: the next deferred task, counted against later_cap from now."""
+        self.later_running += 1
+        return (self._run_later, self.later.popleft())
 
     def _run_later(self, fn, args):
         self._local.later = True
@@ -7231,8 +7213,7 @@ class WorkerPool:
                 # deferred work (at most later_cap at once) and the rest take turns: after one, other work first
                 later = self.later and self.later_running < self.later_cap
                 if later and not (was_later and self.queue):
-                    self.later_running += 1
-                    task = (self._run_later, self.later.popleft())
+                    task = self._take_later()
                     continue
                 if self.queue:
                     task = self.queue.popleft()

@@ -115,54 +115,13 @@ else
     apt_install tmux
 fi
 
-# --- the real Claude Code and Codex CLIs (npm, pinned in tests/cli) --------------
-# tests/test_real_claude.py, test_real_codex.py and test_real_mcp.py drive them against a scripted model on
-# loopback.
-# `npm ci` installs exactly what tests/cli/package-lock.json pins (both ship their native binary
-# inside the npm package); it runs when node_modules is missing or holds other versions.
-CLI_DIR=$ROOT/tests/cli
-cli_stale() {
-    "$PYTHON" - "$CLI_DIR" <<'EOF'
+# --- npm packages pinned by a package-lock.json --------------------------------
+# npm_stale DIR [BIN...]: true when DIR/node_modules lacks a package that DIR/package-lock.json pins (optional ones,
+# such as another platform's native binary, aside), holds another version, or lacks one of the BINs.
+npm_stale() {
+    "$PYTHON" - "$@" <<'EOF'
 import json, os, sys
-d = sys.argv[1]
-deps = json.load(open(os.path.join(d, "package.json")))["dependencies"]
-for name, want in deps.items():
-    try:
-        have = json.load(open(os.path.join(d, "node_modules", name, "package.json"))).get("version")
-    except (OSError, ValueError):
-        have = None
-    if have != want:
-        sys.exit(0)
-sys.exit(0 if not all(os.path.exists(os.path.join(d, "node_modules", ".bin", b)) for b in ("claude", "codex")) else 1)
-EOF
-}
-if ! command -v npm >/dev/null 2>&1; then
-    say "installing nodejs and npm (Debian packages)..."
-    apt_install nodejs npm
-fi
-if ! command -v npm >/dev/null 2>&1; then
-    say "npm is not available: the real-CLI tests will be skipped"
-elif cli_stale; then
-    say "installing the real CLIs (npm ci in tests/cli: $(tr -d '\n ' <"$CLI_DIR/package.json" | grep -o '"dependencies":{[^}]*}'))..."
-    (cd "$CLI_DIR" && npm ci --no-audit --no-fund >"$LOG_DIR/agent-relay-npm-ci.log" 2>&1) \
-        || { tail -n 30 "$LOG_DIR/agent-relay-npm-ci.log" >&2; die "npm ci in tests/cli failed"; }
-    cli_stale && die "npm ci in tests/cli did not install the pinned versions (see $LOG_DIR/agent-relay-npm-ci.log)"
-    for bin in claude codex; do
-        "$CLI_DIR/node_modules/.bin/$bin" --version >/dev/null 2>&1 \
-            || die "tests/cli/node_modules/.bin/$bin --version fails after npm ci (its native binary is missing?)"
-    done
-else
-    say "real CLIs already installed in tests/cli"
-fi
-
-# --- the TypeScript client's compiler (npm, pinned in clients/typescript) --------
-# tests/test_typescript_client.py compiles clients/typescript with the typescript that its package-lock.json
-# pins; `npm ci` runs when node_modules is missing or holds other versions than the lock file.
-TS_DIR=$ROOT/clients/typescript
-ts_stale() {
-    "$PYTHON" - "$TS_DIR" <<'EOF'
-import json, os, sys
-d = sys.argv[1]
+d, bins = sys.argv[1], sys.argv[2:]
 for path, meta in json.load(open(os.path.join(d, "package-lock.json")))["packages"].items():
     if not path or meta.get("optional"):
         continue
@@ -172,18 +131,49 @@ for path, meta in json.load(open(os.path.join(d, "package-lock.json")))["package
         have = None
     if have != meta.get("version"):
         sys.exit(0)
-sys.exit(1)
+sys.exit(0 if not all(os.path.exists(os.path.join(d, "node_modules", ".bin", b)) for b in bins) else 1)
 EOF
 }
+# npm_ci DIR WHAT [BIN...]: `npm ci` in DIR (exactly what its lock file pins) when npm_stale says so; true when it
+# installed, false when all was in place already.
+npm_ci() {
+    local dir=$1 what=$2 log
+    shift 2
+    log=$LOG_DIR/agent-relay-npm-ci-$(basename "$dir").log
+    if ! npm_stale "$dir" "$@"; then
+        say "$what already installed in ${dir#"$ROOT"/}"
+        return 1
+    fi
+    say "installing $what (npm ci in ${dir#"$ROOT"/})..."
+    (cd "$dir" && npm ci --no-audit --no-fund >"$log" 2>&1) \
+        || { tail -n 30 "$log" >&2; die "npm ci in ${dir#"$ROOT"/} failed"; }
+    npm_stale "$dir" "$@" && die "npm ci in ${dir#"$ROOT"/} did not install what its package-lock.json pins (see $log)"
+    return 0
+}
+if ! command -v npm >/dev/null 2>&1; then
+    say "installing nodejs and npm (Debian packages)..."
+    apt_install nodejs npm
+fi
+
+# --- the real Claude Code and Codex CLIs (npm, pinned in tests/cli) --------------
+# tests/test_real_claude.py, test_real_codex.py and test_real_mcp.py drive them against a scripted model on
+# loopback. Both ship their native binary inside the npm package.
+CLI_DIR=$ROOT/tests/cli
+if ! command -v npm >/dev/null 2>&1; then
+    say "npm is not available: the real-CLI tests will be skipped"
+elif npm_ci "$CLI_DIR" "the real CLIs ($(tr -d '\n ' <"$CLI_DIR/package.json" | grep -o '"dependencies":{[^}]*}'))" claude codex; then
+    for bin in claude codex; do
+        "$CLI_DIR/node_modules/.bin/$bin" --version >/dev/null 2>&1 \
+            || die "tests/cli/node_modules/.bin/$bin --version fails after npm ci (its native binary is missing?)"
+    done
+fi
+
+# --- the TypeScript client's compiler (npm, pinned in clients/typescript) --------
+# tests/test_typescript_client.py compiles clients/typescript with the typescript that its package-lock.json pins.
 if ! command -v npm >/dev/null 2>&1; then
     say "npm is not available: the TypeScript client's tests will be skipped"
-elif ts_stale; then
-    say "installing the TypeScript client's compiler (npm ci in clients/typescript)..."
-    (cd "$TS_DIR" && npm ci --no-audit --no-fund >"$LOG_DIR/agent-relay-npm-ci-ts.log" 2>&1) \
-        || { tail -n 30 "$LOG_DIR/agent-relay-npm-ci-ts.log" >&2; die "npm ci in clients/typescript failed"; }
-    ts_stale && die "npm ci in clients/typescript did not install what its package-lock.json pins (see $LOG_DIR/agent-relay-npm-ci-ts.log)"
 else
-    say "the TypeScript client's compiler is already installed in clients/typescript"
+    npm_ci "$ROOT/clients/typescript" "the TypeScript client's compiler" || true
 fi
 
 # --- static check: agent_relay.py must run on Python 3.8 -----------------------
