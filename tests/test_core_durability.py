@@ -121,6 +121,7 @@ def test_a_database_from_the_previous_schema_is_migrated_and_keeps_everything(re
         for name, kind in con.execute("SELECT name, type FROM sqlite_master WHERE type IN ('trigger', 'table') "
                                       "AND name IN ('messages_fts', 'tasks_fts') OR name LIKE '%_fts_%' AND type = 'trigger'").fetchall():
             con.execute("DROP %s %s" % (kind.upper(), name))  # the search index (version 6)
+        con.execute("DROP TABLE search_progress")  # version 7
         con.execute("ALTER TABLE messages DROP COLUMN recipients")  # version 5
         con.execute("DROP INDEX messages_thread")
         con.execute("CREATE INDEX messages_thread ON messages(thread_id, id)")
@@ -132,7 +133,7 @@ def test_a_database_from_the_previous_schema_is_migrated_and_keeps_everything(re
     rows = {t: con.execute("SELECT * FROM %s ORDER BY 1, 2" % t).fetchall() for t in columns}
     con.close()
     relay.start()
-    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 6  # on through leases (4), recipients (5), search (6)
+    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 7  # on through leases (4), recipients (5), search (6, 7)
     indexes = {r["name"]: r["sql"] for r in relay.sql("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     assert "messages_created" not in indexes and "events_created" not in indexes
     assert "WHERE thread_id IS NOT NULL" in indexes["messages_thread"]

@@ -1,7 +1,8 @@
 """GET /api/search against the real relay: ranked results with snippets, the query language (and what it does with
 input that is not), filters and visibility (nothing held for an agent is found for it), tasks, the FTS5 index and
 the scan giving the same answers on the same data, the index built for the rows of a database written by the
-relay before it had one, kept in step by every write and by retention, and the setting that picks the engine.
+relay before it had one, filled after the sends (a search first adds what the indexer has not reached), kept in
+step by retention, and the setting that picks the engine.
 """
 import os
 import sqlite3
@@ -220,7 +221,7 @@ def test_an_unknown_engine_setting_stops_the_start_naming_it(relay_factory):
 
 def test_a_database_from_before_the_index_gets_one_for_its_rows(relay_factory, tmp_path):
     """The fixture is a database the relay wrote before it had the search index (schema 3): the start migrates it,
-    the index holds its rows, and what is written next is indexed by the triggers."""
+    the index holds its rows, and what is written next is indexed: tasks by their trigger, messages by the indexer."""
     relay = relay_factory(env={"RETENTION_DAYS": "0"}, start=False)
     con = sqlite3.connect(relay.db_path)
     with open(FIXTURE, encoding="utf-8") as f:
@@ -229,22 +230,110 @@ def test_a_database_from_before_the_index_gets_one_for_its_rows(relay_factory, t
     before = con.execute("SELECT id, body FROM messages ORDER BY id").fetchall()
     con.close()
     relay.start()
-    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 6  # on through the search index (6)
+    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 7  # on through the search index (6) and its progress (7)
     assert [(r["id"], r["body"]) for r in relay.sql("SELECT id, body FROM messages ORDER BY id")] == before
     triggers = sorted(r["name"] for r in relay.sql("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
-    assert triggers == ["messages_fts_delete", "messages_fts_insert", "messages_fts_update",
-                        "tasks_fts_delete", "tasks_fts_insert", "tasks_fts_update"]
+    assert triggers == ["messages_fts_delete", "messages_fts_update", "tasks_fts_delete", "tasks_fts_insert", "tasks_fts_update"]
     assert fts_rowids(relay, "messages_fts", "migration") == [1, 2]
+    assert relay.sql("SELECT upto FROM search_progress WHERE name = 'messages_fts'")[0]["upto"] == len(before)
     assert set(ids(search(relay, "migration"))) == {1, 2}
     assert ids(search(relay, "smoke tests")) == [3]
     assert ids(search(relay, "disk", agent="backend-agent"), "task") == [1]
     assert ids(search(relay, "credentials", agent="gate")) == []  # held for gate in the old database too
     assert ids(search(relay, "credentials")) == [4]
-    # new rows are indexed as they are written, and survive a kill
+    # a new message is indexed moments after its send, with no search to ask for it, and stays indexed through a kill
     new = relay.send("reviewer", "backend-agent", "the migration of the cache is next")["id"]
+    assert wait_for(lambda: fts_rowids(relay, "messages_fts", "migration") == [1, 2, new], timeout=5)
     relay.restart(kill=True)
     assert fts_rowids(relay, "messages_fts", "migration") == [1, 2, new]
     assert set(ids(search(relay, "migration"))) == {1, 2, new}
+
+
+def test_a_search_finds_what_was_sent_just_before_it_and_the_index_agrees_word_for_word(relay):
+    """Messages are indexed after their sends: a search first adds what the indexer has not reached yet."""
+    relay.register("a")
+    relay.register("b")
+    sent = [relay.send("a", "b", "walrus report %d" % i)["id"] for i in range(40)]
+    assert sorted(ids(search(relay, "walrus", limit=100))) == sent  # each send answered before the search began
+    assert fts_rowids(relay, "messages_fts", "walrus") == sent
+    upto = relay.sql("SELECT upto FROM search_progress WHERE name = 'messages_fts'")[0]["upto"]
+    assert upto >= sent[-1]
+    relay.stop()
+    con = sqlite3.connect(relay.db_path)
+    try:
+        con.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+    finally:
+        con.close()
+
+
+def test_messages_stored_while_no_relay_indexed_them_are_indexed_at_the_start(relay_factory):
+    """Rows the index does not hold yet (the relay was killed before its indexer reached them): the start adds them,
+    and deleting rows the index never held leaves it whole (its delete trigger acts only on rows it holds)."""
+    relay = relay_factory(env={"RETENTION_DAYS": "0"})
+    relay.register("a")
+    relay.register("b")
+    first = relay.send("a", "b", "narwhal one")["id"]
+    assert ids(search(relay, "narwhal")) == [first]
+    relay.stop()
+    con = sqlite3.connect(relay.db_path)
+    with con:  # as a send writes them, before the indexer has run
+        upto = con.execute("SELECT upto FROM search_progress WHERE name = 'messages_fts'").fetchone()[0]
+        assert upto >= first
+        for i in range(3):
+            con.execute("INSERT INTO messages(from_agent, to_target, body, kind, payload, meta, created_at) "
+                        "VALUES ('a', 'b', ?, 'chat', '{}', '{}', 0)", ("narwhal stored %d" % i,))
+        gone = con.execute("SELECT MAX(id) FROM messages").fetchone()[0]
+        con.execute("DELETE FROM messages WHERE id = ?", (gone,))  # never indexed: nothing to take out of the index
+    con.close()
+    relay.start()
+    stored = [r["id"] for r in relay.sql("SELECT id FROM messages WHERE body LIKE 'narwhal stored%' ORDER BY id")]
+    assert len(stored) == 2
+    assert wait_for(lambda: fts_rowids(relay, "messages_fts", "narwhal") == [first] + stored, timeout=5)  # the indexer, at start
+    assert sorted(ids(search(relay, "narwhal"))) == [first] + stored
+    relay.stop()
+    con = sqlite3.connect(relay.db_path)
+    try:  # the index and its rows agree, word for word
+        con.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+    finally:
+        con.close()
+
+
+def test_a_database_whose_index_triggers_kept_is_moved_to_the_indexer_without_a_rebuild(relay_factory):
+    """A database of a relay whose triggers indexed each message inside its send (schema 6): the start keeps the
+    index it has (it holds every row), swaps the triggers and records how far the index reaches."""
+    relay = relay_factory()
+    relay.register("a")
+    relay.register("b")
+    old = [relay.send("a", "b", "okapi %d" % i)["id"] for i in range(5)]
+    assert sorted(ids(search(relay, "okapi"))) == old
+    relay.stop()
+    con = sqlite3.connect(relay.db_path)
+    with con:  # as schema 6 left it: three triggers on messages, no progress table
+        con.execute("DROP TRIGGER messages_fts_delete")
+        con.execute("DROP TRIGGER messages_fts_update")
+        con.execute("DROP TABLE search_progress")
+        for stmt in (
+            "CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN INSERT INTO messages_fts(rowid, subject, body) "
+            "VALUES (new.id, new.subject, new.body); END",
+            "CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN INSERT INTO messages_fts(messages_fts, rowid, "
+            "subject, body) VALUES ('delete', old.id, old.subject, old.body); END",
+            "CREATE TRIGGER messages_fts_update AFTER UPDATE OF subject, body ON messages BEGIN INSERT INTO messages_fts("
+            "messages_fts, rowid, subject, body) VALUES ('delete', old.id, old.subject, old.body); INSERT INTO messages_fts("
+            "rowid, subject, body) VALUES (new.id, new.subject, new.body); END",
+        ):
+            con.execute(stmt)
+        # a row only the old trigger indexed: were the index rebuilt, it would be there all the same, so mark the index
+        con.execute("INSERT INTO messages_fts(rowid, subject, body) VALUES (999999, NULL, 'okapi marker')")
+        con.execute("PRAGMA user_version = 6")
+    con.close()
+    relay.start()
+    assert relay.sql("PRAGMA user_version")[0]["user_version"] == 7
+    triggers = sorted(r["name"] for r in relay.sql("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'messages%'"))
+    assert triggers == ["messages_fts_delete", "messages_fts_update"]
+    assert relay.sql("SELECT upto FROM search_progress WHERE name = 'messages_fts'")[0]["upto"] == old[-1]
+    assert 999999 in fts_rowids(relay, "messages_fts", "marker")  # kept, not rebuilt
+    new = relay.send("a", "b", "okapi new")["id"]
+    assert sorted(ids(search(relay, "okapi"))) == old + [new]
 
 
 def test_retention_removes_rows_from_the_index(relay_factory):

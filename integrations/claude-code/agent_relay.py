@@ -109,11 +109,40 @@ def sleep_unless(stop, seconds, step=0.2):
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # built once: json.dumps with options builds one per call
+# What _ENCODER.encode runs, made once rather than at every call (about a microsecond of each), and with no check for
+# cycles (the relay encodes trees of its own making). None where the json module has no C accelerator.
+_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
 
 
 def dumps(obj):
     """Compact JSON; non-ASCII is kept as UTF-8."""
-    return _ENCODER.encode(obj)
+    if type(obj) is Encoded:
+        return obj.json()
+    if _ENCODE is None or type(obj) is str:
+        return _ENCODER.encode(obj)
+    return "".join(_ENCODE(obj, 0))
+
+
+class Encoded(dict):
+    """A dict (not to be changed) whose first keys were encoded already, for dumps to reuse: a send's answer holds
+    the message that its event encoded moments before."""
+
+    __slots__ = ("_head", "_rest")
+
+    def __init__(self, head, text, rest):
+        """head: the first keys, a dict; text: dumps(head); rest: the keys after them."""
+        dict.__init__(self, head)
+        dict.update(self, rest)
+        self._head, self._rest = text, rest
+
+    def json(self):
+        return self._head[:-1] + "," + dumps(self._rest)[1:] if self._rest else self._head
+
+    def _unchanged(self, *args, **kwargs):
+        raise TypeError("an Encoded dict is not changed (its JSON is made already); copy it with dict() first")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _unchanged
 
 
 def loads_or(text, default):
@@ -600,9 +629,17 @@ SCHEMA = [
     """
     ALTER TABLE messages ADD COLUMN recipients TEXT;
     """,
-    # version 6: the search index (FTS5 over message subjects and bodies and task titles and bodies), built for the
-    # rows already stored; with no FTS5 in this interpreter's SQLite, nothing (search scans). Storage.sync_search.
-    lambda storage, c: storage.sync_search(c),
+    # version 6: the search index (FTS5 over message subjects and bodies and task titles and bodies). Nothing here
+    # since version 7: Storage.sync_search, which runs at every start once the schema is current, builds it.
+    lambda storage, c: None,
+    # version 7: how far the search index of messages reaches (Search.catch_up fills it after the sends, not a
+    # trigger inside each): every message with an id up to `upto` is in index `name`
+    """
+    CREATE TABLE search_progress(
+        name TEXT PRIMARY KEY,
+        upto INTEGER NOT NULL
+    );
+    """,
 ]
 
 
@@ -624,27 +661,39 @@ def fts5_available():
 
 
 # The search index: an FTS5 table per searched table, with the stored rows as its content (external content: the
-# text is kept once, in the table itself), kept in step by triggers inside the transaction that writes the row.
-# Subjects, bodies and titles never change once stored, so the update trigger fires only if one ever does. No
-# per-row sizes are kept (columnsize=0): bm25 measures the few rows it ranks instead, and each send writes one row
-# less (5 to 7 us of a send's SQLite time; searches measured no slower).
+# text is kept once, in the table itself). Subjects, bodies and titles never change once stored, so the update
+# trigger fires only if one ever does. No per-row sizes are kept (columnsize=0): bm25 measures the few rows it ranks
+# instead, and each row indexed writes one row less (searches measured no slower).
+#
+# Tasks are indexed by a trigger inside the transaction that writes the row. Messages are indexed after their
+# sends (SEARCH_LATER): Search.catch_up adds every message stored since, hundreds in one statement, in a transaction
+# of its own (the indexer thread runs it moments after a send, a search before it reads), and search_progress says
+# how far it got. A trigger cost each send a tenth of the relay's throughput with 8 clients: FTS5 writes a new
+# segment of the index at each commit, and a batch of a few sends paid for it. The delete and update triggers of a
+# message act only on rows the index already holds (FTS5 must be told exactly what it holds of a row it drops).
 SEARCH_INDEX = (("messages_fts", "messages", ("subject", "body")), ("tasks_fts", "tasks", ("title", "body")))
+SEARCH_LATER = ("messages_fts",)
 
 
 def search_index_sql(fts, table, columns):
-    """The statements that make one FTS5 table and its three triggers (their names start with the table's)."""
+    """The statements that make one FTS5 table and its triggers (their names start with the table's): insert, delete
+    and update; for an index filled later (SEARCH_LATER), delete and update of the rows it holds."""
     cols = ", ".join(columns)
     new = ", ".join("new." + c for c in columns)
     old = ", ".join("old." + c for c in columns)
+    later = fts in SEARCH_LATER
+    held = " WHEN old.id <= (SELECT upto FROM search_progress WHERE name = '%s')" % fts if later else ""
     return [
         "CREATE VIRTUAL TABLE %s USING fts5(%s, content='%s', content_rowid='id', tokenize='unicode61', columnsize=0)"
         % (fts, cols, table),
+    ] + ([] if later else [
         "CREATE TRIGGER %s_insert AFTER INSERT ON %s BEGIN INSERT INTO %s(rowid, %s) VALUES (new.id, %s); END"
         % (fts, table, fts, cols, new),
-        "CREATE TRIGGER %s_delete AFTER DELETE ON %s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); END"
-        % (fts, table, fts, fts, cols, old),
-        "CREATE TRIGGER %s_update AFTER UPDATE OF %s ON %s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); "
-        "INSERT INTO %s(rowid, %s) VALUES (new.id, %s); END" % (fts, cols, table, fts, fts, cols, old, fts, cols, new),
+    ]) + [
+        "CREATE TRIGGER %s_delete AFTER DELETE ON %s%s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); END"
+        % (fts, table, held, fts, fts, cols, old),
+        "CREATE TRIGGER %s_update AFTER UPDATE OF %s ON %s%s BEGIN INSERT INTO %s(%s, rowid, %s) VALUES ('delete', old.id, %s); "
+        "INSERT INTO %s(rowid, %s) VALUES (new.id, %s); END" % (fts, cols, table, held, fts, fts, cols, old, fts, cols, new),
     ]
 
 
@@ -727,6 +776,9 @@ class Storage:
         self.lock = threading.RLock()
         self._writer = self._connect(statements=512)  # held inserts (Tx.insert) prepare one statement per row count
         self._last_ids = {}  # table -> the newest id handed out by next_id; forgotten at every rollback
+        self.committed_ids = {}  # table -> the newest id handed out by next_id and committed (by this process)
+        self._together = {}  # the (table, columns) of rows written together (insert_together) -> the view that takes them
+        self.search_upto = None  # the newest message id in the search index of messages (None: no index); sync_search
         self._readers = queue.LifoQueue()
         self._closed = False
         self.fault = None  # what the last failed write said, until a write succeeds again
@@ -792,13 +844,25 @@ class Storage:
         triggers (an FTS5 trigger would fail every write where SQLite lacks FTS5), and drops the index where it can."""
         triggers = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        progress = {r[0] for r in c.execute("SELECT name FROM search_progress")}
         for fts, table, columns in SEARCH_INDEX:
             mine = {n for n in triggers if n.startswith(fts + "_")}
             statements = search_index_sql(fts, table, columns)
-            if self.search == "fts5" and len(mine) == len(statements) - 1:
+            wanted = {stmt.split()[2] for stmt in statements[1:]}
+            later = fts in SEARCH_LATER
+            if self.search == "fts5" and mine == wanted and (fts in progress) == later:
                 continue  # in step
+            if self.search == "fts5" and later and fts in tables and mine == {fts + s for s in ("_insert", "_delete", "_update")}:
+                # an index that triggers kept in step until now (an earlier relay's): it holds every stored row
+                for name in sorted(mine):
+                    c.execute("DROP TRIGGER %s" % name)
+                self._mark_indexed(c, fts, table)
+                for stmt in statements[1:]:
+                    c.execute(stmt)
+                continue
             for name in sorted(mine):
                 c.execute("DROP TRIGGER %s" % name)
+            c.execute("DELETE FROM search_progress WHERE name = ?", (fts,))
             if fts in tables and fts5_available():
                 try:
                     c.execute("DROP TABLE %s" % fts)
@@ -808,8 +872,40 @@ class Storage:
             if self.search == "fts5":
                 c.execute(statements[0])
                 c.execute("INSERT INTO %s(%s) VALUES ('rebuild')" % (fts, fts))
+                if later:
+                    self._mark_indexed(c, fts, table)
                 for stmt in statements[1:]:
                     c.execute(stmt)
+        row = c.execute("SELECT upto FROM search_progress WHERE name = 'messages_fts'").fetchone()
+        self.search_upto = row[0] if row else None
+
+    @staticmethod
+    def _mark_indexed(c, fts, table):
+        """The index `fts` holds every row of `table` stored so far."""
+        c.execute("INSERT OR REPLACE INTO search_progress(name, upto) VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM %s))"
+                  % table, (fts,))
+
+    def fill_search_index(self, c, most):
+        """Inside a write transaction: adds to the search index of messages (SEARCH_LATER) the next `most` (at most)
+        of the messages stored since it was last filled, in one statement. True when more are left to add."""
+        upto = c.execute("SELECT upto FROM search_progress WHERE name = 'messages_fts'").fetchone()
+        if upto is None:
+            return False  # no index: search scans
+        upto, top = upto[0], c.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+        if top > upto:
+            end = min(top, upto + most)
+            c.execute("INSERT INTO messages_fts(rowid, subject, body) SELECT id, subject, body FROM messages "
+                      "WHERE id > ? AND id <= ? ORDER BY id", (upto, end))
+            c.execute("UPDATE search_progress SET upto = ? WHERE name = 'messages_fts'", (end,))
+            upto = end
+        self.search_upto = upto  # read again at every fill: a rollback of this transaction is put right by the next
+        return top > upto
+
+    def search_behind(self):
+        """Whether messages committed by this process are missing from the search index of messages (False when
+        there is no index)."""
+        upto = self.search_upto
+        return upto is not None and self.committed_ids.get("messages", 0) > upto
 
     def check_file(self):
         """At start, before anything writes to the file: refuses one that is damaged or is no database, with a
@@ -955,27 +1051,30 @@ class Storage:
             self.lock.release()
 
     @contextlib.contextmanager
-    def write(self):
+    def write(self, lazy=False):
         """One short write transaction; yields the writer connection. Once the file is found damaged, or its path
-        to name another file (looked at before a commit, at most every LOOK_EVERY_S), it commits nothing more."""
+        to name another file (looked at before a commit, at most every LOOK_EVERY_S), it commits nothing more.
+
+        With `lazy`, BEGIN waits for the caller's first statement that needs it (begin; next_id reads), and what the
+        caller writes with a single statement before that (insert_together) is a transaction of its own (Tx.finish)."""
         with self.locked():
             if self._closed:
                 raise StorageUnavailable("The relay is shutting down.")
             c = self._writer
-            try:
-                c.execute("BEGIN IMMEDIATE")
-            except sqlite3.DatabaseError as e:
-                fault = self.unavailable(e) or StorageUnavailable("The database is unavailable: %s" % e)
-                self.fault = str(fault)
-                raise fault
+            if not lazy:
+                self.begin(c)
             try:
                 yield c
-                self.verify(now=False)
-                c.execute("COMMIT")
+                if c.in_transaction:
+                    self.verify(now=False)
+                    c.execute("COMMIT")
+                if self._last_ids:
+                    self.committed_ids.update(self._last_ids)
             except BaseException as e:
                 self._last_ids.clear()  # ids handed out to rows that are now rolled back
                 try:
-                    c.execute("ROLLBACK")
+                    if c.in_transaction:
+                        c.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
                 fault = self.unavailable(e) if isinstance(e, sqlite3.DatabaseError) else None
@@ -984,6 +1083,16 @@ class Storage:
                     raise fault
                 raise
             self.fault = None
+
+    def begin(self, c):
+        """BEGIN IMMEDIATE on the writer connection `c` (write holds the lock); a database that refuses it is a fault
+        named in the StorageUnavailable raised."""
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as e:
+            fault = self.unavailable(e) or StorageUnavailable("The database is unavailable: %s" % e)
+            self.fault = str(fault)
+            raise fault
 
     @contextlib.contextmanager
     def read(self):
@@ -1053,6 +1162,10 @@ class Storage:
         self._last_ids[table] = last + 1
         return last + 1
 
+    def knows_next_id(self, table):
+        """Whether next_id can answer for `table` without reading."""
+        return table in self._last_ids
+
     # the parameters one statement may have (SQLite before 3.32 allows 999)
     MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
@@ -1065,6 +1178,41 @@ class Storage:
             chunk = rows[i : i + per]
             c.execute("INSERT INTO %s(%s) VALUES %s" % (table, ",".join(columns), ",".join([one] * len(chunk))),
                       [v for row in chunk for v in row])
+
+    def insert_together(self, c, held):
+        """Writes the rows in `held` ({(table, columns): rows}) with one INSERT, outside a transaction, so that SQLite
+        makes that statement a transaction of its own; False, having written nothing, when they do not fit in one
+        (the parameter limit). Rows for more than one table go through a view whose INSTEAD OF trigger puts each row
+        in its table (TEMP: it lives on the writer connection only, never in the file)."""
+        keys = tuple(held)
+        width = max(len(columns) for _table, columns in keys)
+        count = sum(len(rows) for rows in held.values())
+        if count * (width + (len(keys) > 1)) > self.MAX_PARAMS:
+            return False
+        self.verify(now=False)  # as before a COMMIT
+        if len(keys) == 1:
+            (table, columns), = keys
+            self.insert_rows(c, table, columns, held[keys[0]])
+            return True
+        view = self._together.get(keys)
+        if view is None:
+            view = "held_rows_%d" % len(self._together)
+            names = ["c%d" % i for i in range(width)]
+            c.execute("CREATE TEMP VIEW %s(tbl, %s) AS SELECT %s WHERE 0" % (view, ", ".join(names), ", ".join(["NULL"] * (width + 1))))
+            c.execute("CREATE TEMP TRIGGER %s_insert INSTEAD OF INSERT ON %s BEGIN %s END" % (view, view, " ".join(
+                "INSERT INTO %s(%s) SELECT %s WHERE new.tbl = %d;" % (table, ", ".join(columns), ", ".join(
+                    "new." + n for n in names[:len(columns)]), k) for k, (table, columns) in enumerate(keys))))
+            self._together[keys] = view
+        params = []
+        for k, key in enumerate(keys):
+            pad = (None,) * (width - len(key[1]))
+            for row in held[key]:
+                params.append(k)
+                params.extend(row)
+                params.extend(pad)
+        one = "(%s)" % ",".join("?" * (width + 1))
+        c.execute("INSERT INTO temp.%s VALUES %s" % (view, ",".join([one] * count)), params)
+        return True
 
     def close(self):
         with self.lock:
@@ -1376,13 +1524,12 @@ class SchemaChecker:
                 return value
             for name, sub, needed, missing in props:
                 v = value.get(name)
-                at = name if not where else where + "." + name
                 if v is None:
                     if needed:
-                        raise Problem(at, missing)
+                        raise Problem(name if not where else where + "." + name, missing)
                     if name not in value:
-                        continue
-                nv = sub(v, at)
+                        continue  # most fields of a request are left out: they cost one lookup
+                nv = sub(v, name if not where else where + "." + name)
                 if nv is not v:
                     value[name] = nv
             for name in others:
@@ -1813,6 +1960,30 @@ def lease_conflict_text(conflicts, now):
 # ============================================================================
 
 
+class Latch:
+    """A signal set once, that any number of threads may wait for: threading.Event's set, is_set and wait, made of
+    one lock (an Event is a lock and a condition, and a request answered later makes one)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self):
+        """Once only."""
+        self._lock.release()
+
+    def is_set(self):
+        return not self._lock.locked()
+
+    def wait(self, timeout=None):
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()  # the next waiter goes through too
+        return True
+
+
 class Waiter:
     """One long-poll or stream: woken only by what concerns it.
 
@@ -2023,6 +2194,13 @@ class Tx:
     New messages and events are held back (insert) and written together, one statement per table, before the
     next statement of the transaction or its commit: a batch of sends (Writer.group_tx) costs SQLite less than
     half the CPU per message that a statement per row does.
+
+    The transaction begins (BEGIN IMMEDIATE) only when something needs it: a statement (c, execute) or an id that
+    must be read (Storage.next_id). One that only held rows, as a batch of plain sends does, ends with one
+    statement that writes them all and is a transaction of its own (finish): one call into SQLite instead of four
+    (BEGIN, a statement per table, COMMIT). Each call lets other threads take the interpreter, and the writer,
+    holding the write lock that the next batch waits for, must then wait to get it back: with 8 clients that
+    waiting was half the time the lock was held.
     """
 
     EVENT_COLUMNS = ("id", "type", "agent_id", "audience", "data", "created_at")
@@ -2033,23 +2211,38 @@ class Tx:
         self._held = {}  # (table, columns) -> rows waiting to be written
         self.held_rows = 0  # rows ever held by this transaction
         self.broken = None  # the error of a failed write of held rows: the transaction can only roll back
+        self.refused = None  # the fault of a BEGIN that the database refused
         self.events = []
         self.wake = set()
         self.callbacks = False
 
     @property
     def c(self):
-        """The connection, once the held rows are written (what it reads or writes next sees them)."""
+        """The connection, in the transaction, once the held rows are written (what it reads or writes next sees them)."""
+        if not self._con.in_transaction:
+            self.begin()
         if self._held or self.broken is not None:
             self.flush()
         return self._con
+
+    def begin(self):
+        """BEGIN, once something needs it. A database that refuses it refuses the whole transaction: every later
+        statement of it fails at once with the same fault (Writer._run_batch fails the batch with it), rather than
+        each job of a batch waiting for the database again."""
+        if self.refused is not None:
+            raise self.refused
+        try:
+            self.db.begin(self._con)
+        except StorageUnavailable as e:
+            self.refused = e
+            raise
 
     def execute(self, sql, params=()):
         return self.c.execute(sql, params)
 
     def insert(self, table, columns, values):
         """Holds a new row of messages or events (columns start with "id"); returns its id."""
-        row_id = self.db.next_id(self._con, table)
+        row_id = self.db.next_id(self._con if self.db.knows_next_id(table) else self.c, table)
         self._held.setdefault((table, columns), []).append((row_id,) + values)
         self.held_rows += 1
         return row_id
@@ -2065,6 +2258,25 @@ class Tx:
             self.broken = e
             raise
 
+    def finish(self):
+        """Before the commit: the rows still held are written, with one statement where the transaction has not begun
+        (then it is the transaction)."""
+        if self.broken is not None:
+            raise self.broken
+        if not self._held:
+            return
+        if not self._con.in_transaction:
+            held, self._held = self._held, {}
+            try:
+                if self.db.insert_together(self._con, held):
+                    return
+            except BaseException as e:
+                self.broken = e
+                raise
+            self._held = held  # too many for one statement
+            self.begin()
+        self.flush()
+
     def writes(self):
         """A count that moves whenever the transaction writes (or holds a row to write)."""
         return self._con.total_changes + self.held_rows
@@ -2075,6 +2287,7 @@ class Tx:
         aud = ",%s," % ",".join(sorted(audience)) if audience else None
         event_id = self.insert("events", self.EVENT_COLUMNS, (type, agent_id, aud, text, ts))
         self.events.append(Event(event_id, type, agent_id, frozenset(audience) if audience else None, text, ts))
+        return text
 
 
 class _Job:
@@ -2117,9 +2330,13 @@ class Writer:
         self._jobs = []  # group commit: jobs waiting for the next batch (group_tx)
         self._jobs_lock = threading.Lock()
         self._leading = False  # a thread is running a batch, or has been handed the next one
-        self._commit_cv = threading.Condition()
+        self._commit_lock = threading.Lock()  # guards the two below
         self._commit_due = False  # the committer thread is to lead the next batch
         self._committer = None  # started the first time a batch has no waiting thread to lead it
+        # released to wake the committer (_go): a lock, not a Condition, since a wake-up comes with most batches under
+        # load and a Condition's costs several times as much of the interpreter
+        self._commit_go = threading.Lock()
+        self._commit_go.acquire()
 
     def connect(self, put_back, callbacks_queued):
         """Relay wires in the two hooks once the parts they call exist."""
@@ -2140,10 +2357,10 @@ class Writer:
                 raise RuntimeError("Writer.tx() inside a transaction: pass the open Tx down instead")
             self._undo = {}
             try:
-                with self.db.write() as c:
+                with self.db.write(lazy=True) as c:
                     t = Tx(self.db, c)
                     yield t
-                    t.flush()
+                    t.finish()
             except BaseException:
                 self._forget(self._undo)  # not committed: the cache forgets what the transaction did
                 self._undo = None
@@ -2237,24 +2454,34 @@ class Writer:
                         log("internal error answering a request:\n" + traceback.format_exc())
 
     def _wake_committer(self):
-        with self._commit_cv:
+        with self._commit_lock:
+            if self._commit_due:
+                return  # woken already
             self._commit_due = True
             if self._committer is None:
                 self._committer = threading.Thread(target=self._commit_loop, name="committer", daemon=True)
                 self._committer.start()
-            self._commit_cv.notify()
+        self._go()
+
+    def _go(self):
+        """Wakes the committer; a wake-up that it has not taken yet is not repeated."""
+        try:
+            self._commit_go.release()
+        except RuntimeError:
+            pass  # released already
 
     def _commit_loop(self):
         """Leads the batches whose requests have no thread waiting (they are answered later), until the relay
         closes; a batch that is due then is still run."""
         while True:
-            with self._commit_cv:
-                while not self._commit_due:
-                    if self._committer is not threading.current_thread():
-                        return
-                    self._commit_cv.wait()
-                self._commit_due = False
-            self._lead_batch()
+            self._commit_go.acquire()
+            with self._commit_lock:
+                due, self._commit_due = self._commit_due, False
+                mine = self._committer is threading.current_thread()
+            if due:
+                self._lead_batch()
+            if not mine:
+                return
 
     def _take_jobs(self, batch):
         with self._jobs_lock:
@@ -2269,6 +2496,8 @@ class Writer:
                 j.result = j.job(t)
                 j.state = "done"
             except Exception as e:
+                if t.refused is not None:
+                    raise t.refused  # the database refused the transaction: every job of the batch fails with it
                 if isinstance(e, sqlite3.DatabaseError):  # damage met here fails the database before the batch commits
                     e = self.db.unavailable(e) or e
                 mine, self._undo = self._undo, outer
@@ -2289,10 +2518,10 @@ class Writer:
             self._undo = outer
 
     def close(self):
-        with self._commit_cv:  # the committer runs the batch still due, if any, and ends
+        with self._commit_lock:  # the committer runs the batch still due, if any, and ends
             committer, self._committer = self._committer, None
-            self._commit_cv.notify_all()
         if committer is not None:
+            self._go()
             committer.join(Storage.WRITE_WAIT_S * 2)
 
 
@@ -2962,7 +3191,7 @@ class Messages:
             }
             audience = set(matched) - set(held)
             audience.add(sender)
-            t.emit("message.created", {"message": msg}, agent_id=None, audience=audience)
+            encoded = t.emit("message.created", {"message": msg}, agent_id=None, audience=audience)
             for a in held:
                 t.execute("INSERT INTO receipts(message_id, agent_id, state) VALUES (?,?,'held')", (mid, a))
                 t.emit("message.held", {"message": msg, "agentId": a}, audience={sender})
@@ -2970,13 +3199,17 @@ class Messages:
                 self._replied(t, parent["id"], parent["from_agent"], sender, mid)  # held for that sender: on approval
         if sender not in SYSTEM_AGENTS and owns_tx:
             self.agents.touch(sender)  # inside a caller's transaction, the caller records the activity after it commits
-        return self._send_answer(msg, matched, held), True
+        return self._send_answer(msg, matched, held, encoded), True
 
-    def _send_answer(self, msg, matched, held):
+    def _send_answer(self, msg, matched, held, encoded=None):
         """What a send answers: the message, who it matched now, how many of those are online, whom it is held for,
-        and how many of them listen now (an open long-poll, stream or MCP session's stream: it reaches them at once)."""
-        return {"message": msg, "matched": matched, "online": self.agents.online_count(matched), "held": held,
+        and how many of them listen now (an open long-poll, stream or MCP session's stream: it reaches them at once).
+        `encoded`: dumps({"message": msg}), made for its event, which the answer's JSON reuses."""
+        rest = {"matched": matched, "online": self.agents.online_count(matched), "held": held,
                 "listening": sum(1 for a in matched if self.hub.listening(a))}
+        if encoded is None:
+            return dict({"message": msg}, **rest)
+        return Encoded({"message": msg}, encoded, rest)
 
     def _replied(self, t, message_id, original_sender, replier, reply_id):
         """A reply to message_id, visible to its sender, exists now: message.replied (ids only, no text) to that
@@ -4326,23 +4559,60 @@ class Search:
     SQLite has it, else a scan (a LIKE that passes a superset of the rows, then the words themselves, as FTS5 tokenizes
     them, decide; a simple rank). A task's announcing message is found as the task.
 
-    Owns no table (the index is Storage's, kept by triggers inside each write). May call: the Storage (reads), the
-    agent directory (through messages) and messages (the filters of history: filter_sql)."""
+    Owns the indexer, which fills the search index of messages after their sends (the index and its schema are
+    Storage's; tasks are indexed by a trigger inside each write). May call: the Storage (reads; filling the index),
+    the writer (the indexer's transactions), the agent directory (through messages) and messages (the filters of
+    history: filter_sql); the indexer ends when the relay's `stopping` is set."""
 
     # Matches ranked per search, per kind: the newest this many that pass the filters. A word that is in most rows
     # would otherwise make every search rank all of them (at a million messages, seconds).
     CANDIDATES = 1000
+    # The indexer looks this often whether messages were stored since it last filled the index (a look is two numbers
+    # in memory), and adds at most INDEX_CHUNK of them per transaction: 500 short messages hold the write lock for
+    # a few milliseconds, so sends that wait behind one are not held up for long.
+    INDEX_EVERY_S = 0.2
+    INDEX_CHUNK = 500
+    INDEX_RETRY_S = 5.0
 
-    def __init__(self, db, messages):
+    def __init__(self, db, messages, writer=None, stopping=None):
         self.db = db
         self.messages = messages
+        self.writer = writer
+        self.stopping = stopping
 
     @property
     def engine(self):
         return self.db.search
 
+    def catch_up(self):
+        """Puts every message committed so far into the search index of messages (none: search scans)."""
+        more = self.db.search_upto is not None
+        while more:
+            with self.writer.tx() as t:
+                more = self.db.fill_search_index(t.c, self.INDEX_CHUNK)
+
+    def index_loop(self):
+        """The indexer: the messages stored before the start, then those stored since, moments after their sends.
+        While the database takes no writes (locked by another process, full, read-only), it tries less and less
+        often, up to every INDEX_RETRY_S (searches meanwhile find what the index holds)."""
+        pause = None  # at start: the messages stored before it
+        while True:
+            if pause is None or pause > self.INDEX_EVERY_S or self.db.search_behind():
+                try:
+                    self.catch_up()
+                    pause = self.INDEX_EVERY_S
+                except StorageUnavailable:
+                    pause = min(max(pause or 0, self.INDEX_EVERY_S) * 2, self.INDEX_RETRY_S)
+            if sleep_unless(self.stopping, pause, pause):
+                return
+
     def search(self, q, filters, since=None, until=None, limit=20):
         terms = parse_search(q)
+        if self.engine == "fts5":
+            try:
+                self.catch_up()  # what was sent before the search is found by it
+            except StorageUnavailable:
+                pass  # the database takes no writes now (full, locked, read-only): what the index holds is searched
         mq = {k: filters.get(k) for k in ("agent", "from", "to", "channel")}
         m_where, m_params = self.messages.filter_sql(mq)  # raises unknown_agent first, for both kinds
         t_where, t_params = self.messages.filter_sql({"agent": mq["agent"], "from": mq["from"]})
@@ -4635,7 +4905,7 @@ class Relay:
         self.tasks = Tasks(config, self.db, self.writer, self.agents, self.messages, self.integrations)
         self.claims = Claims(self.writer, self.agents, self.messages, self.tasks)
         self.leases = Leases(self.db, self.writer, self.agents)
-        self.search = Search(self.db, self.messages)
+        self.search = Search(self.db, self.messages, self.writer, self.stopping)
         self.callbacks = CallbackDelivery(config, self.db, self.writer, self.stopping)
         self.housekeeping = Housekeeping(config, self.db, self.hub, self.writer, self.agents, self.claims, self.stopping,
                                          leases=self.leases)
@@ -4655,6 +4925,8 @@ class Relay:
 
     def start_workers(self):
         workers = [("sweeper", self.housekeeping.sweep_loop)]
+        if self.search.engine == "fts5":
+            workers.append(("indexer", self.search.index_loop))
         for integ in self.integrations.values():
             if integ.get("callbackUrl"):
                 workers.append(("callbacks-" + integ["name"], lambda i=integ: self.callbacks.callback_loop(i)))
@@ -5981,6 +6253,7 @@ STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified"
                501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 WRITE_METHODS = ("POST", "PATCH", "DELETE", "PUT")
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
+_JSON_HEADS = {}  # (status, close) -> the head of a JSON answer, with %d for its length (Handler.response_head)
 HTTP_VERSION_RE = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})\Z")
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a token (RFC 9110)
 CONTENT_LENGTH_RE = re.compile(r"[0-9]+\Z")
@@ -6271,7 +6544,7 @@ class Handler(BaseHTTPRequestHandler):
                  "raw_requestline", "requestline", "command", "path", "request_version", "headers", "body_length",
                  "_body_read", "_answering", "_answer_done", "_nowait", "_rest", "wait_kind", "waiter", "wait_step",
                  "wait_deadline", "ping_every", "next_ping", "ping_rest", "in_room", "watched", "timer_at", "timer_seq",
-                 "closed", "_awaiting")
+                 "closed", "_awaiting", "_host_ok")
 
     def __init__(self, request, client_address, server):
         """Sets the connection up; the server runs it (serve in the waiting room, else handle and finish)."""
@@ -6279,7 +6552,7 @@ class Handler(BaseHTTPRequestHandler):
         self.client_address = client_address
         self.server = server
         self.close_connection = False
-        self._answering = None  # an Event set once the answer to the last request is written, when another thread writes it
+        self._answering = None  # a Latch set once the answer to the last request is written, when another thread writes it
         self._answer_done = None
         self._nowait = False  # writing from the committing thread: what the client does not take at once is left in _rest
         self._rest = b""
@@ -6299,6 +6572,7 @@ class Handler(BaseHTTPRequestHandler):
         self.timer_seq = None
         self.closed = False
         self._awaiting = False  # the reader is set for the next request (its head's clock starts with its first byte)
+        self._host_ok = None  # the Host of this connection's last request that check_host let in
         self.raw_requestline = self.requestline = self.command = self.path = self.request_version = None
         self.headers = None
         self.body_length = self._body_read = None
@@ -6519,7 +6793,7 @@ class Handler(BaseHTTPRequestHandler):
         (status, body) that compute(outcome) returns; None where that is not possible."""
         if not self.ANSWER_LATER or self.connection.gettimeout() is None:
             return None
-        done = self._answer_done = threading.Event()
+        done = self._answer_done = Latch()
 
         def then(outcome):
             self._nowait, self._rest = True, b""
@@ -6664,8 +6938,17 @@ class Handler(BaseHTTPRequestHandler):
 
     @classmethod
     def response_head(cls, status, length, headers, close):
+        if headers is JSON_HEADERS:  # the commonest head: made once per status, with a place for the length
+            made = _JSON_HEADS.get((status, close))
+            if made is None:
+                made = _JSON_HEADS[(status, close)] = cls._head(status, None, headers, close)
+            return made % length
+        return cls._head(status, length, headers, close)
+
+    @classmethod
+    def _head(cls, status, length, headers, close):
         lines = ["HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, "Status")), "Server: " + cls.server_version,
-                 "Content-Length: %d" % length]
+                 "Content-Length: %d" % length if length is not None else "Content-Length: %d"]
         for k, v in headers.items():
             lines.append("%s: %s" % (k, v))
         if close:
@@ -6690,8 +6973,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"".join(buf))
 
     def send_json(self, status, obj, headers=None):
-        h = dict(JSON_HEADERS)
+        h = JSON_HEADERS
         if headers:
+            h = dict(JSON_HEADERS)
             h.update(headers)
         self.send_bytes(status, dumps(obj).encode("utf-8"), h)
 
@@ -6880,11 +7164,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def check_host(self):
+        host = self.headers.get("Host")
+        if host is None or host == self._host_ok:  # a connection's requests name the same host
+            return
         cfg = self.relay.config
         if not cfg.loopback:
-            return
-        host = self.headers.get("Host")
-        if host is None:
             return
         name = host.strip().lower()
         if name.startswith("["):
@@ -6893,11 +7177,10 @@ class Handler(BaseHTTPRequestHandler):
                 name = name[:end]
         elif ":" in name:
             name = name.rsplit(":", 1)[0]
-        if name in ("localhost", "127.0.0.1", "[::1]"):
-            return
-        if name not in {h.lower() for h in cfg.allowed_hosts}:
+        if name not in ("localhost", "127.0.0.1", "[::1]") and name not in {h.lower() for h in cfg.allowed_hosts}:
             raise ApiError(403, "forbidden", "Host %r is not this relay's name (DNS rebinding guard); add it to "
                            "AGENT_RELAY_ALLOWED_HOSTS if it is yours." % host[:100])
+        self._host_ok = host
 
     def check_origin(self):
         """The cross-site request forgery guard, for a request that changes state (Route.changes), with or
