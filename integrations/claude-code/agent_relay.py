@@ -2332,6 +2332,7 @@ class Writer:
         self._leading = False  # a thread is running a batch, or has been handed the next one
         self._commit_lock = threading.Lock()  # guards the two below
         self._commit_due = False  # the committer thread is to lead the next batch
+        self._last_batch = 0  # how many jobs the last batch took (GATHER_AFTER)
         self._committer = None  # started the first time a batch has no waiting thread to lead it
         # released to wake the committer (_go): a lock, not a Condition, since a wake-up comes with most batches under
         # load and a Condition's costs several times as much of the interpreter
@@ -2419,11 +2420,24 @@ class Writer:
             raise entry.error
         return entry.result
 
+    # Group commit's wait: a leader whose last batch had at least GATHER_AFTER jobs (several clients send at once)
+    # first waits GATHER_S, so that the requests being read meanwhile join its batch. Each batch is one call into
+    # SQLite and a commit, and the writer then has to get the interpreter back from the threads reading requests:
+    # with 8 clients about half the batches held one job, led at once by the first request to arrive after a batch;
+    # with the wait most hold 4 to 8, and the relay sent 7% more (8,308 against 7,772 messages/s, medians of 9 rounds).
+    # 1, 2 and 4 clients, whose batches seldom reach 4, seldom wait. Not on Windows, where a sleep this short may last
+    # milliseconds.
+    GATHER_AFTER = 4
+    GATHER_S = 0.0001 if os.name == "posix" else 0.0
+
     def _lead_batch(self):
         batch = []
+        if self._last_batch >= self.GATHER_AFTER and self.GATHER_S:
+            time.sleep(self.GATHER_S)
         try:
             with self.tx() as t:
-                self._take_jobs(batch)  # after BEGIN: the jobs queued while it waited for the writer join in
+                self._take_jobs(batch)  # the jobs queued while it waited for the writer join in
+                self._last_batch = len(batch)
                 self._run_batch(t, batch)
         except BaseException as e:  # the batch did not commit: each of its requests fails with the cause
             if not batch:  # the transaction did not even begin: the jobs queued for it fail
