@@ -59,6 +59,7 @@ def fault_session(relay, inject, remove, words):
     acked = [send(relay, "before the fault %d" % i).json["message"]["id"] for i in range(5)]
     inbox_before = relay.inbox("bob", since=0)["messages"]
     assert [m["id"] for m in inbox_before] == acked
+    assert sorted(r["message"]["id"] for r in relay.get("/api/search?q=before&limit=50").json["results"]) == acked
 
     inject()
     try:
@@ -84,6 +85,8 @@ def fault_session(relay, inject, remove, words):
         inbox = relay.get("/api/agents/bob/inbox?since=0")
         assert inbox.status == 200 and [m["id"] for m in inbox.json["messages"]] == acked
         assert relay.get("/api/stats").status == 200
+        found = relay.get("/api/search?q=before&limit=50")  # the index is searched as it stands (it takes no writes)
+        assert found.status == 200 and sorted(r["message"]["id"] for r in found.json["results"]) == acked
         assert relay.proc.poll() is None
     finally:
         remove()
@@ -98,6 +101,7 @@ def fault_session(relay, inject, remove, words):
         time.sleep(0.2)
     assert r.status == 201, r
     acked.append(r.json["message"]["id"])
+    assert [x["message"]["id"] for x in relay.get("/api/search?q=after").json["results"]] == [acked[-1]]  # indexed again
     assert relay.post("/api/agents", {"id": "newcomer"}).status == 201
     assert "Traceback" not in relay.log, relay.log
 

@@ -776,7 +776,7 @@ class Storage:
         self.lock = threading.RLock()
         self._writer = self._connect(statements=512)  # held inserts (Tx.insert) prepare one statement per row count
         self._last_ids = {}  # table -> the newest id handed out by next_id; forgotten at every rollback
-        self.committed_ids = {}  # table -> the newest id handed out by next_id and committed (by this process)
+        self.committed_ids = {}  # table -> the newest id committed by this process (messages: or stored before it started)
         self._together = {}  # the (table, columns) of rows written together (insert_together) -> the view that takes them
         self.search_upto = None  # the newest message id in the search index of messages (None: no index); sync_search
         self._readers = queue.LifoQueue()
@@ -878,6 +878,8 @@ class Storage:
                     c.execute(stmt)
         row = c.execute("SELECT upto FROM search_progress WHERE name = 'messages_fts'").fetchone()
         self.search_upto = row[0] if row else None
+        # messages stored before this start that the index may lack (a relay stopped before its indexer reached them)
+        self.committed_ids["messages"] = c.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
 
     @staticmethod
     def _mark_indexed(c, fts, table):
@@ -887,11 +889,14 @@ class Storage:
 
     def fill_search_index(self, c, most):
         """Inside a write transaction: adds to the search index of messages (SEARCH_LATER) the next `most` (at most)
-        of the messages stored since it was last filled, in one statement. True when more are left to add."""
+        of the messages stored since it was last filled, in one statement."""
         upto = c.execute("SELECT upto FROM search_progress WHERE name = 'messages_fts'").fetchone()
         if upto is None:
-            return False  # no index: search scans
-        upto, top = upto[0], c.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+            self.search_upto = None  # no index: search scans
+            return
+        # ids are never reused, so the newest one committed may be passed even if its row is gone (deleted since)
+        upto = upto[0]
+        top = max(c.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0], self.committed_ids.get("messages", 0))
         if top > upto:
             end = min(top, upto + most)
             c.execute("INSERT INTO messages_fts(rowid, subject, body) SELECT id, subject, body FROM messages "
@@ -899,11 +904,10 @@ class Storage:
             c.execute("UPDATE search_progress SET upto = ? WHERE name = 'messages_fts'", (end,))
             upto = end
         self.search_upto = upto  # read again at every fill: a rollback of this transaction is put right by the next
-        return top > upto
 
     def search_behind(self):
-        """Whether messages committed by this process are missing from the search index of messages (False when
-        there is no index)."""
+        """Whether messages stored before this start, or committed since, are missing from the search index of
+        messages (False when there is no index). Two numbers in memory: the relay is the database's only writer."""
         upto = self.search_upto
         return upto is not None and self.committed_ids.get("messages", 0) > upto
 
@@ -2298,7 +2302,7 @@ class _Job:
     def __init__(self, job, then=None):
         self.job = job
         self.then = then  # answers the request once the job's batch is over (when its thread did not wait)
-        self.ready = None  # a held lock that a waiting job sleeps on, released when its answer (or its turn to lead) is ready
+        self.ready = None  # a Latch that a waiting job sleeps on, set when its answer (or its turn to lead) is ready
         self.leads = False
         self.state = None  # "done", "error", or "retry" (its batch was rolled back: run it alone)
         self.result = self.error = None
@@ -2401,13 +2405,12 @@ class Writer:
             self._jobs.append(entry)
             entry.leads = not self._leading
             if not entry.leads and then is None:
-                entry.ready = threading.Lock()
-                entry.ready.acquire()
+                entry.ready = Latch()
             self._leading = True
         if not entry.leads:
             if then is not None:
                 return DEFERRED
-            entry.ready.acquire()
+            entry.ready.wait()
         if entry.leads:
             self._lead_batch()
         return self._outcome(entry)
@@ -2454,10 +2457,10 @@ class Writer:
                     nxt.leads = True  # its thread is waiting: it leads the next batch
             for j in batch:
                 if j.ready is not None:  # the leader's own job has none, nor does a request answered later
-                    j.ready.release()
+                    j.ready.set()
             if nxt is not None:
                 if nxt.ready is not None:
-                    nxt.ready.release()
+                    nxt.ready.set()
                 else:
                     self._wake_committer()
             for j in batch:
@@ -4599,24 +4602,23 @@ class Search:
         return self.db.search
 
     def catch_up(self):
-        """Puts every message committed so far into the search index of messages (none: search scans)."""
-        more = self.db.search_upto is not None
-        while more:
+        """Puts every message committed so far into the search index of messages (none: search scans); an index that
+        holds them all costs no transaction."""
+        while self.db.search_behind():
             with self.writer.tx() as t:
-                more = self.db.fill_search_index(t.c, self.INDEX_CHUNK)
+                self.db.fill_search_index(t.c, self.INDEX_CHUNK)
 
     def index_loop(self):
         """The indexer: the messages stored before the start, then those stored since, moments after their sends.
         While the database takes no writes (locked by another process, full, read-only), it tries less and less
         often, up to every INDEX_RETRY_S (searches meanwhile find what the index holds)."""
-        pause = None  # at start: the messages stored before it
+        pause = self.INDEX_EVERY_S
         while True:
-            if pause is None or pause > self.INDEX_EVERY_S or self.db.search_behind():
-                try:
-                    self.catch_up()
-                    pause = self.INDEX_EVERY_S
-                except StorageUnavailable:
-                    pause = min(max(pause or 0, self.INDEX_EVERY_S) * 2, self.INDEX_RETRY_S)
+            try:
+                self.catch_up()
+                pause = self.INDEX_EVERY_S
+            except StorageUnavailable:
+                pause = min(pause * 2, self.INDEX_RETRY_S)
             if sleep_unless(self.stopping, pause, pause):
                 return
 
